@@ -1,0 +1,141 @@
+"""Benchmark nearest_code's paths: time, peak extra memory, and on a GPU the memory-bandwidth floor.
+
+    python -m kernels.bench            # all shapes on a GPU; on a CPU the biggest is skipped
+    python -m kernels.bench --all      # include (262144, 1024, 64) on a CPU too
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from .nearest_code import HAVE_TRITON, nearest_code, nearest_code_torch
+
+SHAPES = [(4096, 512, 64), (65536, 512, 64), (262144, 1024, 64)]  # (N, K, D)
+CPU_TOO_SLOW = {(262144, 1024, 64)}
+# The contract: at this shape the chunked path needs <= 1/4 of cdist's memory and no more time.
+CHECK_SHAPE = (65536, 512, 64)
+# Spec sheet peak HBM bandwidth, B/s; first matching substring of the device name wins.
+PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+PATHS = {
+    "triton": lambda z, c: nearest_code(z, c, backend="triton"),
+    "torch chunked": nearest_code_torch,
+    "cdist+argmin": lambda z, c: torch.cdist(z, c).argmin(1),
+}
+
+
+def _inputs(N, K, D, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    return torch.randn(N, D, generator=g, device=device), torch.randn(K, D, generator=g, device=device)
+
+
+def _median_ms(fn, reps, sync):
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+# Runs in a fresh process, so ru_maxrss (the process's peak) sees this path alone.
+def _measure_cpu(path, N, K, D, reps):
+    z, c = _inputs(N, K, D, "cpu")
+    fn = PATHS[path]
+    fn(z[:256], c)  # lazy library set-up (thread pools, BLAS buffers) is not the path's memory
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn(z, c)
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024  # KiB on Linux
+    return _median_ms(lambda: fn(z, c), reps, lambda: None), peak
+
+
+def _measure_gpu(path, N, K, D, reps):
+    z, c = _inputs(N, K, D, "cuda")
+    fn = PATHS[path]
+    fn(z, c)  # warm-up: compilation and autotuning
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(z, c)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    return _median_ms(lambda: fn(z, c), reps, torch.cuda.synchronize), peak
+
+
+def _peak_bandwidth():
+    name = torch.cuda.get_device_name()
+    for key, bandwidth in PEAK_BANDWIDTH.items():
+        if key in name:
+            return bandwidth, f"{name}, spec sheet"
+    # Unknown GPU: a device-to-device copy (read + write) is close to the achievable peak.
+    x = torch.empty(2**28, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    ms = _median_ms(lambda: y.copy_(x), 20, torch.cuda.synchronize)
+    return 2 * x.numel() / (ms / 1e3), f"{name}, measured copy"
+
+
+def _cpu_in_subprocess(path, N, K, D):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-m", "kernels.bench", "--worker", path, str(N), str(K), str(D)],
+        cwd=root, check=True, capture_output=True, text=True,
+    ).stdout
+    result = json.loads(out.splitlines()[-1])
+    return result["ms"], result["peak"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--all", action="store_true", help="also run the shapes that are slow on a CPU")
+    parser.add_argument("--worker", nargs=4, metavar=("PATH", "N", "K", "D"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        path, *nkd = args.worker
+        ms, peak = _measure_cpu(path, *map(int, nkd), reps=5)
+        print(json.dumps({"ms": ms, "peak": peak}))
+        return
+
+    gpu = torch.cuda.is_available()
+    if gpu:
+        bandwidth, source = _peak_bandwidth()
+        print(f"device: {source}, peak bandwidth {bandwidth / 1e12:.2f} TB/s")
+        paths = [p for p in PATHS if p != "triton" or HAVE_TRITON]
+    else:
+        print(f"device: cpu, {torch.get_num_threads()} threads; each path runs in a fresh process")
+        paths = ["torch chunked", "cdist+argmin"]
+    print(f"{'N':>7} {'K':>5} {'D':>4}  {'path':<14} {'ms':>9} {'peak extra MB':>14}" + ("  % of BW floor" if gpu else ""))
+    results = {}
+    for N, K, D in SHAPES:
+        if not gpu and (N, K, D) in CPU_TOO_SLOW and not args.all:
+            print(f"{N:>7} {K:>5} {D:>4}  skipped on CPU (too slow; --all runs it)")
+            continue
+        for path in paths:
+            if gpu:
+                ms, peak = _measure_gpu(path, N, K, D, reps=20)
+            else:
+                ms, peak = _cpu_in_subprocess(path, N, K, D)
+            results[path, (N, K, D)] = ms, peak
+            row = f"{N:>7} {K:>5} {D:>4}  {path:<14} {ms:>9.2f} {peak / 2**20:>14.1f}"
+            if gpu:
+                # Read z and codebook once, write int64 codes and fp32 dist once: no path beats that.
+                floor_ms = 1e3 * (4 * (N * D + K * D) + N * (8 + 4)) / bandwidth
+                row += f"  {100 * floor_ms / ms:>13.1f}"
+            print(row)
+    if not gpu:
+        (t_ours, m_ours), (t_cdist, m_cdist) = results["torch chunked", CHECK_SHAPE], results["cdist+argmin", CHECK_SHAPE]
+        ok = m_ours <= m_cdist / 4 and t_ours <= t_cdist
+        print(f"chunked / cdist at {CHECK_SHAPE}: memory {m_ours / m_cdist:.2f} (needs <= 0.25), "
+              f"time {t_ours / t_cdist:.2f} (needs <= 1): {'ok' if ok else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()

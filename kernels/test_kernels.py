@@ -1,0 +1,145 @@
+"""nearest_code's Triton kernel (interpreted on the CPU) and torch path against the float64 reference."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels import HAVE_TRITON, nearest_code, nearest_code_reference, nearest_code_torch
+
+# For monkeypatching; import_module because the package re-exports the function under this name.
+nc = importlib.import_module("kernels.nearest_code")
+# Triton picks the interpreter when it is imported, and pytest imports this file's package (so
+# triton) before this module runs: setting TRITON_INTERPRET here would come too late.
+needs_triton = pytest.mark.skipif(
+    not (HAVE_TRITON and nc._INTERPRET),
+    reason="needs triton, imported with TRITON_INTERPRET=1: run `TRITON_INTERPRET=1 python -m pytest kernels`",
+)
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+
+
+def _randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _assert_matches_reference(z, codebook, codes, dist):
+    N = z.shape[0]
+    assert codes.shape == (N,) and codes.dtype == torch.int64
+    assert dist.shape == (N,) and dist.dtype == torch.float32
+    _, ref_dist = nearest_code_reference(z, codebook)
+    chosen = (z.double() - codebook.double()[codes]).pow(2).sum(1)  # (N,)
+    # Near-ties may go either way in fp32, but never to a code measurably farther away.
+    assert (chosen <= ref_dist * (1 + 1e-5) + 1e-6).all()
+    torch.testing.assert_close(dist.double(), ref_dist, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,K,D", [(1000, 513, 40), (1, 1, 3), (4097, 1024, 64), (0, 16, 8)])
+def test_random_shapes(backend, N, K, D):
+    z, codebook = _randn(N, D, seed=1), _randn(K, D, seed=2)
+    _assert_matches_reference(z, codebook, *nearest_code(z, codebook, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(backend, dtype):
+    z, codebook = _randn(300, 40, seed=3, dtype=dtype), _randn(257, 40, seed=4, dtype=dtype)
+    _assert_matches_reference(z, codebook, *nearest_code(z, codebook, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous(backend):
+    z = _randn(40, 300, seed=5).T  # (N, D) with strides (1, N)
+    codebook = _randn(257, 80, seed=6)[:, ::2]  # (K, D) with strides (80, 2)
+    assert not (z.is_contiguous() or codebook.is_contiguous())
+    _assert_matches_reference(z, codebook, *nearest_code(z, codebook, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_well_separated_codes_are_exact(backend):
+    codebook = 10 * _randn(513, 40, seed=7)
+    truth = torch.randint(0, 513, (1000,), generator=torch.Generator().manual_seed(8))
+    z = codebook[truth] + 1e-3 * _randn(1000, 40, seed=9)
+    codes, dist = nearest_code(z, codebook, backend=backend)
+    assert torch.equal(codes, truth) and torch.equal(codes, nearest_code_reference(z, codebook)[0])
+    _assert_matches_reference(z, codebook, codes, dist)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_go_to_lowest_index(backend):
+    # Small integers make every distance exact in any summation order, so ties are real ties;
+    # duplicated rows i and i + 200 straddle the interpreter's 256-code tiles for i >= 56.
+    g = torch.Generator().manual_seed(10)
+    base = torch.randint(1, 4, (200, 8), generator=g).float()
+    codebook = torch.cat([base, base])  # (K=400, D)
+    z = torch.randint(1, 4, (700, 8), generator=g).float()
+    codes, dist = nearest_code(z, codebook, backend=backend)
+    assert torch.equal(codes, nearest_code_reference(z, codebook)[0]) and (codes < 200).all()
+    assert torch.equal(dist, (z - codebook[codes]).pow(2).sum(1))
+
+
+def test_torch_path_chunks():
+    z, codebook = _randn(1000, 40, seed=11), _randn(513, 40, seed=12)
+    codes, dist = nearest_code_torch(z, codebook, chunk_size=64)  # 16 chunks, the last one short
+    _assert_matches_reference(z, codebook, codes, dist)
+    assert torch.equal(codes, nearest_code_torch(z, codebook)[0])
+
+
+@needs_triton
+def test_switch_picks_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(nc, "nearest_code_torch", lambda z, c: calls.append("torch"))
+    monkeypatch.setattr(nc, "_nearest_code_triton", lambda z, c, precision: calls.append("triton"))
+    z, codebook = _randn(5, 3), _randn(4, 3)
+    for env, backend, expected in [("torch", None, "torch"), ("triton", None, "triton"), ("auto", None, "triton"),
+                                   ("torch", "triton", "triton"), ("triton", "torch", "torch")]:
+        monkeypatch.setenv("VQ_KERNEL", env)
+        calls.clear()
+        nc.nearest_code(z, codebook, backend=backend)
+        assert calls == [expected], (env, backend)
+    monkeypatch.delenv("VQ_KERNEL")
+    calls.clear()
+    nc.nearest_code(z, codebook)
+    assert calls == ["triton"]  # auto under the interpreter
+    monkeypatch.setenv("VQ_KERNEL", "cuda")
+    with pytest.raises(ValueError, match="auto, torch, triton"):
+        nc.nearest_code(z, codebook)
+    # Outside the interpreter a CPU tensor has no Triton path: auto falls back, triton refuses.
+    monkeypatch.setattr(nc, "_INTERPRET", False)
+    monkeypatch.setenv("VQ_KERNEL", "auto")
+    calls.clear()
+    nc.nearest_code(z, codebook)
+    assert calls == ["torch"]
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        nc.nearest_code(z, codebook, backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("z,codebook,message", [
+    (_randn(10), _randn(4, 10), r"\(N, D\)"),
+    (_randn(10, 3), _randn(4, 5), "D=3"),
+    (_randn(10, 3), _randn(0, 3), "K >= 1"),
+    (torch.ones(10, 3, dtype=torch.int64), _randn(4, 3), "floating point"),
+    (_randn(10, 3), torch.empty(4, 3, device="meta"), "codebook is on meta"),
+])
+def test_bad_inputs(backend, z, codebook, message):
+    with pytest.raises(ValueError, match=message):
+        nearest_code(z, codebook, backend=backend)
+
+
+def test_imports_without_triton():
+    code = """
+import sys; sys.modules["triton"] = None  # makes `import triton` fail
+import pytest, torch, kernels
+assert not kernels.HAVE_TRITON
+z, c = torch.randn(7, 3), torch.randn(5, 3)
+assert torch.equal(kernels.nearest_code(z, c)[0], kernels.nearest_code_reference(z, c)[0])
+with pytest.raises(RuntimeError, match="triton installed: False"):
+    kernels.nearest_code(z, c, backend="triton")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "VQ_KERNEL": "auto"}
+    subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True)

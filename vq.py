@@ -26,6 +26,465 @@ except ImportError:
     _kernel_nearest_code = None
 
 # ----------------------------------------------------------------------------- data
+import gzip
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+import tempfile
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "validate", "test")
+SLICE_SUFFIXES = (".nii", ".nii.gz", ".png")
+PERCENTILES = (0.5, 99.5)  # robust range per slice: a few hot pixels must not squash the contrast
+CACHE_VERSION = 1  # part of the cache key: bump it whenever decoding changes
+SERIAL_BELOW = 64  # fewer files than this decode in-process: a pool costs more than it saves
+
+
+class DataError(ValueError):
+    """A data problem the user can fix: bad path, nothing readable, a bad file under strict."""
+
+
+class SkippedFileWarning(UserWarning):
+    """A slice file that could not be read and was left out."""
+
+
+# A warm cache load repeats the same message from the same line, which the default
+# once-per-location filter would hide; appended, so the user's own filters still win.
+warnings.filterwarnings("always", category=SkippedFileWarning, append=True)
+
+
+def _is_label_dir(name):
+    return "_seg_" in f"_{name.lower()}_"  # keras_slices_seg_train, seg_test, ...
+
+
+def _natural_key(p):
+    # slice_2 before slice_10, so a volume's slices come out in anatomical order
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)], str(p)
+
+
+def _slice_files(folder):
+    """The slice files directly inside folder, naturally sorted; label (seg_) and dot files left out."""
+    with os.scandir(folder) as entries:  # scandir: no extra stat per file on 11k-file folders
+        files = [Path(e.path) for e in entries if e.is_file() and e.name.lower().endswith(SLICE_SUFFIXES)
+                 and not e.name.lower().startswith(("seg_", "."))]  # ".": macOS "._" forks in zips
+    return sorted(files, key=_natural_key)
+
+
+def _split_dirs(root):
+    """Image sub-folders of root named like a split: keras_slices_train, ..._validate, test, ..."""
+    names = {"train": ("train",), "validate": ("validate", "validation", "val"), "test": ("test",)}
+    found = {s: [] for s in SPLITS}
+    for d in _subdirs(root):
+        for s in SPLITS:
+            if d.name.lower().rsplit("_", 1)[-1] in names[s]:
+                found[s].append(d)
+    return found
+
+
+def _subdirs(root):
+    return sorted(d for d in root.iterdir() if d.is_dir() and not _is_label_dir(d.name)
+                  and not d.name.startswith((".", "__")))  # __MACOSX
+
+
+def _case_id(name):
+    """The patient a slice belongs to: case_XXX, else the name before _slice, else the stem."""
+    m = re.search(r"case_\d+", name, re.I)
+    if m:
+        return m.group().lower()
+    return name.split("_slice")[0] if "_slice" in name else re.sub(r"(\.nii)?(\.gz|\.png)?$", "", name,
+                                                                    count=1, flags=re.I)
+
+
+def find_splits(root):
+    """Map a data root to {"train", "validate", "test"}: sorted lists of slice paths, labels never included."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"no such folder: {root}")
+    dirs = _split_dirs(root)
+    if not any(dirs.values()):  # maybe the zip's own top folder (X/keras_slices_data/keras_slices_*)
+        nested = [d for d in _subdirs(root) if any(_split_dirs(d).values())]
+        if len(nested) > 1:
+            raise DataError(f"{root} holds several data sets ({', '.join(d.name for d in nested)}): pass one")
+        if nested:
+            root, dirs = nested[0], _split_dirs(nested[0])
+    if any(dirs.values()):
+        for s, ds in dirs.items():
+            if len(ds) != 1:
+                raise DataError(f"{root} has no {s} folder" if not ds else
+                                f"{root} has several {s} folders: {', '.join(d.name for d in ds)}")
+        return {s: _slice_files(ds[0]) for s, ds in dirs.items()}
+    return _split_by_case(root)
+
+
+def _split_by_case(root):
+    """A plain folder: whole cases go to one split, ranked by a salt-free hash (reproducible, ~80/10/10)."""
+    cases = {}
+    for f in _slice_files(root):
+        cases.setdefault(_case_id(f.name), []).append(f)
+    if len(cases) < 3:
+        raise DataError(f"{root} needs train/validate/test sub-folders or slices from at least 3 cases "
+                        f"(found {len(cases)})")
+    # ranking (not bucketing) the hashes guarantees every split at least one case
+    order = sorted(cases, key=lambda c: hashlib.sha1(c.encode()).hexdigest())
+    k = max(1, round(0.1 * len(order)))
+    groups = {"validate": order[:k], "test": order[k:2 * k], "train": order[2 * k:]}
+    return {s: sorted((f for c in groups[s] for f in cases[c]), key=_natural_key) for s in SPLITS}
+
+
+def _read(path):
+    """One file's raw array as float32, singleton axes squeezed."""
+    if path.name.lower().endswith(".png"):
+        try:
+            from PIL import Image
+        except ImportError:
+            raise DataError("reading PNG slices needs Pillow: pip install pillow") from None
+        with Image.open(path) as im:
+            a = np.asarray(im if im.mode in ("L", "I", "I;16", "F") else im.convert("L"))
+    else:
+        import nibabel as nib
+        raw = path.read_bytes()  # whole file + from_bytes: half the time of nib.load on small .gz files
+        if not raw:
+            raise ValueError("empty file")
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        nifti2 = 540 in (int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big"))  # sizeof_hdr
+        img = (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(raw)
+        a = np.asanyarray(img.dataobj)  # stored dtype (scaled if the header says so), not float64
+    return np.array(np.squeeze(a), dtype=np.float32)  # a writable copy: non-finite values are zeroed in place
+
+
+def _normalise(x):
+    """(k, h, w) -> (k, h, w) in [0, 1] per slice, percentile range; constant slices become zeros."""
+    flat = x.reshape(len(x), -1)
+    ks = [round(q / 100 * (flat.shape[1] - 1)) for q in PERCENTILES]
+    part = np.partition(flat, ks, axis=1)
+    lo, hi = part[:, ks[0]], part[:, ks[1]]
+    sparse = hi <= lo  # e.g. > 99.5% background: keep what little there is via the full range
+    lo[sparse], hi[sparse] = flat[sparse].min(1), flat[sparse].max(1)
+    scale = np.divide(1, hi - lo, out=np.zeros_like(lo), where=hi > lo)
+    return np.clip((x - lo[:, None, None]) * scale[:, None, None], 0, 1)
+
+
+@lru_cache(maxsize=64)
+def _resample_matrix(n_in, n_out, n_pad):
+    """(n_pad, n_in): antialiased linear resampling to n_out samples, centred between zero rows."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)  # widening the triangle when shrinking is the antialiasing
+    centre = (np.arange(n_out) + 0.5) * scale - 0.5
+    w = np.maximum(0, 1 - np.abs(np.arange(n_in)[None, :] - centre[:, None]) / support)
+    m = np.zeros((n_pad, n_in), np.float32)
+    top = (n_pad - n_out) // 2
+    m[top:top + n_out] = w / w.sum(1, keepdims=True)
+    return m
+
+
+def _fit(x, size):
+    """(k, h, w) -> (k, H, W): scale by min(H/h, W/w), then zero-pad, centred."""
+    (H, W), (h, w) = size, x.shape[1:]
+    if (h, w) == (H, W):
+        return x
+    s = min(H / h, W / w)
+    nh, nw = min(H, max(1, round(h * s))), min(W, max(1, round(w * s)))
+    return _resample_matrix(h, nh, H) @ x @ _resample_matrix(w, nw, W).T  # (k, H, W)
+
+
+def _decode_file(path, size):
+    """One file -> ((k, H, W) float16 in [0, 1], count of NaN/inf zeroed)."""
+    a = _read(path)
+    if a.ndim not in (2, 3):
+        raise ValueError(f"{a.ndim}-D array {a.shape} after squeezing, expected a 2-D slice or a 3-D stack")
+    x = a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)  # (k, h, w): one image per slice on the last axis
+    bad = ~np.isfinite(x)
+    nonfinite = int(bad.sum())
+    if nonfinite:
+        x[bad] = 0
+    return _fit(_normalise(x), size).astype(np.float16), nonfinite
+
+
+def _decode_chunk(task):
+    """Pool task: files -> ((k, H, W) float16 stacked, [(path, reason)], non-finite count)."""
+    files, size = task
+    out, skipped, nonfinite = [np.zeros((0, *size), np.float16)], [], 0
+    for f in files:
+        try:
+            x, nf = _decode_file(f, size)
+        except DataError:
+            raise
+        except Exception as e:  # nibabel, gzip and numpy raise many kinds; each is "this file is bad"
+            skipped.append((str(f), f"{type(e).__name__}: {e}".splitlines()[0]))
+            continue
+        out.append(x)
+        nonfinite += nf
+    return np.concatenate(out), skipped, nonfinite
+
+
+def _cpu_count():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _decode_all(files, size, strict, workers):
+    """Decode files in order, over a process pool when it pays; returns (N, H, W) float16 and info."""
+    workers = max(1, workers or _cpu_count())
+    chunk = min(256, max(16, len(files) // (workers * 4) + 1))  # a few tasks per worker balance the load
+    tasks = [(files[i:i + chunk], size) for i in range(0, len(files), chunk)]
+    parts, skipped, nonfinite = [], [], 0
+    if workers == 1 or len(files) < SERIAL_BELOW:
+        pool, results = None, map(_decode_chunk, tasks)
+    else:
+        import nibabel  # noqa: F401  once here, so forked workers do not each import it
+        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+        pool = ctx.Pool(min(workers, len(tasks)))
+        results = pool.imap(_decode_chunk, tasks)  # imap: in order, so "first bad file" is well defined
+    try:
+        for x, bad, nf in results:
+            if strict and bad:
+                raise DataError(f"unreadable slice file {bad[0][0]} ({bad[0][1]})")
+            parts.append(x)
+            skipped += bad
+            nonfinite += nf
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return np.concatenate(parts), {"skipped": skipped, "nonfinite": nonfinite, "files": len(files)}
+
+
+def _cache_file(files, size, cache_dir):
+    """Where this exact file list (paths, sizes, mtimes) decoded at size is cached; None when off."""
+    if cache_dir is False:
+        return None
+    root = Path(cache_dir or os.environ.get("VQ_CACHE_DIR") or Path.home() / ".cache" / "vq_slices")
+    prints = []
+    for f in files:
+        try:
+            st = f.stat()
+            prints.append((os.path.abspath(f), st.st_size, st.st_mtime_ns))
+        except OSError:
+            prints.append((os.path.abspath(f), -1, -1))
+    key = json.dumps([CACHE_VERSION, list(size), PERCENTILES, prints])
+    return root / f"slices_{hashlib.sha1(key.encode()).hexdigest()}.npy"
+
+
+def _atomic_write(path, write):
+    """Write via a temporary file and os.replace, so a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_cache(path, arr, meta):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, lambda f: np.save(f, arr))
+        _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))  # last: marks complete
+    except OSError as e:
+        warnings.warn(f"could not write the slice cache in {path.parent}: {e}", stacklevel=3)
+
+
+def _read_cache(path, size):
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        arr = np.load(path, mmap_mode="c")  # copy-on-write: writable for torch, pages read once
+    except (OSError, ValueError):
+        return None
+    return (arr, meta) if arr.shape[1:] == tuple(size) else None
+
+
+def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, workers=None, info=None):
+    """Read 2D MR slices into one float tensor (N, 1, H, W) in [0, 1].
+
+    files_or_folder: a folder (its .nii / .nii.gz / .png slice files, naturally sorted; label files
+    named seg_* and *_seg_* folders are never read), a single file, or a list of files (kept in order).
+    Each file: singleton axes squeezed; a 2-D array is one image, a 3-D array one image per index of
+    its last axis; NaN/inf set to 0; each image mapped to [0, 1] by its 0.5 / 99.5 percentiles
+    (a constant image becomes zeros). Each slice is scaled by min(H/h, W/w) with antialiased linear
+    resampling, keeping its aspect ratio (untouched when already H x W), then zero-padded, centred,
+    to exactly H x W, where (H, W) = size. Array axis 0 stays H, as stored.
+
+    Files that cannot be read (corrupt, empty, not NIfTI, not 2-D/3-D) are each named in a
+    SkippedFileWarning and left out; strict=True raises DataError on the first one instead.
+    Raises DataError for a missing folder or when nothing is readable. PNG needs Pillow.
+
+    Decoding runs on `workers` processes (default: all cores; serial under 64 files). The result
+    is cached as float16 in cache_dir (default $VQ_CACHE_DIR, else ~/.cache/vq_slices; False turns
+    it off), keyed by the paths, sizes and mtimes of the files, size and the preprocessing version;
+    a warm load repeats the same warnings. Values are float16-exact whether cached or not.
+
+    info: if a dict, filled with {"skipped": [(path, reason), ...], "nonfinite": count of NaN/inf
+    zeroed, "files": number of files, "cached": whether this came from the cache}.
+    """
+    files, where = _resolve(files_or_folder)
+    size = (int(size[0]), int(size[1]))
+    path = _cache_file(files, size, cache_dir)
+    hit = _read_cache(path, size) if path else None
+    arr, meta = hit if hit else _decode_all(files, size, strict, workers)
+    skipped = [tuple(s) for s in meta["skipped"]]
+    if info is not None:
+        info.update(skipped=skipped, nonfinite=meta["nonfinite"], files=meta["files"], cached=hit is not None)
+    if strict and skipped:
+        raise DataError(f"unreadable slice file {skipped[0][0]} ({skipped[0][1]})")
+    for p, why in skipped:
+        warnings.warn(f"skipped {p}: {why}", SkippedFileWarning, stacklevel=2)
+    if meta["nonfinite"]:
+        warnings.warn(f"{meta['nonfinite']} NaN/inf values set to 0 in {where}", stacklevel=2)
+    if len(arr) == 0:
+        raise DataError(f"no readable slices in {where} ({len(skipped)} files skipped)")
+    if path and not hit:
+        _write_cache(path, arr, meta)
+    return torch.from_numpy(arr).to(torch.float32).unsqueeze(1)  # (N, 1, H, W)
+
+
+def _resolve(src):
+    """files_or_folder -> (list of paths, how to name it in messages)."""
+    if isinstance(src, (str, os.PathLike)):
+        src = Path(src)
+        if src.is_file():
+            return [src], str(src)
+        if not src.is_dir():
+            raise DataError(f"no such file or folder: {src}")
+        if _is_label_dir(src.name):
+            raise DataError(f"{src} is a label folder (*_seg_*), not images")
+        files = _slice_files(src)
+        if not files:
+            raise DataError(f"no slice files (.nii, .nii.gz, .png) in {src}")
+        return files, str(src)
+    files = [Path(f) for f in src]
+    if not files:
+        raise DataError("no slice files given")
+    return files, f"{len(files)} files from {files[0].parent}"
+
+
+def _phantom_params(rng, aspect):
+    """One slice's anatomy: centres and half-axes in units of half the image height, grey values."""
+    u = rng.uniform
+    level = u(0, 1)  # 0: femoral heads and a full bladder ... 1: prostate apex, no bladder
+    A, B = 0.86 * aspect * u(0.92, 1.04), 0.86 * u(0.92, 1.05)  # body half width / height
+    cx, cy = u(-0.04, 0.04) * aspect, u(-0.05, 0.05)
+    fat = B * u(0.10, 0.20)
+    mid = math.sin(math.pi * level) ** 0.5  # the prostate is widest mid-gland
+    bladder = (1 - level) * u(0.4, 1.0) * (level < 0.8)
+    p = dict(
+        body=(cx, cy, A, B, u(0.68, 0.82)),
+        muscle=(cx, cy + fat * u(0.0, 0.3), A - fat * u(0.9, 1.2), B - fat * u(0.9, 1.2), u(0.18, 0.28)),
+        cavity=(cx, cy + 0.05 * B, B * u(0.52, 0.62), B * u(0.70, 0.80), u(0.45, 0.6)),
+        head_r=B * (0.30 - 0.1 * level) * u(0.9, 1.1), head_x=A * (0.57 + 0.1 * level) * u(0.97, 1.03),
+        head_y=cy + B * u(-0.05, 0.15), marrow=u(0.5, 0.65),
+        bladder=(cx + B * u(-0.05, 0.05), cy - B * u(0.28, 0.4), B * (0.05 + 0.4 * bladder),
+                 B * (0.04 + 0.3 * bladder) * u(0.8, 1.1), u(0.88, 1.0) * (bladder > 0.04)),
+        prostate=(cx + B * u(-0.03, 0.03), cy + B * u(0.02, 0.15), B * (0.1 + 0.18 * mid) * u(0.9, 1.1),
+                  B * (0.08 + 0.14 * mid) * u(0.9, 1.1), u(0.55, 0.7) * (level > 0.2)),
+        tz=u(0.3, 0.42), rect_r=B * u(0.11, 0.17), lumen=u(0.02, 0.08) if u() < 0.6 else u(0.35, 0.5),
+        bias=rng.normal(0, 0.06, 5), gap=B * u(0.02, 0.06),
+    )
+    px_, py_, pa, pb, _ = p["prostate"]
+    p["rectum"] = (px_, py_ + pb + p["gap"] + p["rect_r"], p["rect_r"])
+    return p
+
+
+def _draw_phantoms(indices, size, seed, labels=False):
+    """Phantom slices for these indices -> (n, H, W) float32 in [0, 1] and (n, H, W) uint8 labels or None."""
+    H, W = size
+    R, C = W, H  # drawn in display orientation (rows x cols = W x H), rotated back at the end
+    R2, C2 = max(4, -(-R // 2)), max(4, -(-C // 2))  # drawn at half size; upsampling is the ~1 px blur
+    aspect, px = C / R, 2 / R2
+    X = (((np.arange(C2) + 0.5) / C2 * 2 - 1) * aspect).astype(np.float32)[None, None, :]  # (1, 1, C2)
+    Y = ((np.arange(R2) + 0.5) / R2 * 2 - 1).astype(np.float32)[None, :, None]  # (1, R2, 1)
+    rngs = [np.random.default_rng([seed, i]) for i in indices]
+    ps = [_phantom_params(r, aspect) for r in rngs]
+    n = len(ps)
+
+    def col(get):  # one parameter for every slice -> (n, 1, 1)
+        return np.array([get(p) for p in ps], np.float32)[:, None, None]
+
+    def dist(cx, cy, ax, ay):  # ~signed distance to an ellipse's outline, in low-res pixels
+        q = np.sqrt(((X - cx) / ax) ** 2 + ((Y - cy) / ay) ** 2)  # (n, R2, C2)
+        return (q - 1) * (np.sqrt(ax * ay) / px)
+
+    img = np.zeros((n, R2, C2), np.float32)
+    lab = np.zeros((n, R2, C2), np.uint8) if labels else None
+
+    def paint(mask, value, label=None):
+        img[:] += mask * (value - img)
+        if labels and label is not None:
+            lab[mask > 0.5] = label
+
+    def fill(d, value, label=None):
+        paint(np.clip(0.5 - d, 0, 1), value, label)
+
+    def ring(d, half_width, value):
+        paint(np.clip(0.5 + half_width - np.abs(d), 0, 1), value)
+
+    el = {k: [col(lambda p, k=k, j=j: p[k][j]) for j in range(5)] for k in ("body", "muscle", "cavity", "bladder",
+                                                                             "prostate")}
+    B = el["body"][3]
+    fill(dist(*el["body"][:4]), el["body"][4], 1)
+    fill(dist(*el["muscle"][:4]), el["muscle"][4])
+    cx, cy, cax, cay, cval = el["cavity"]
+    lateral = np.clip((np.abs(X - cx) / (0.55 * cax) - 1) * 4, 0, 1)  # (n, 1, C2): bone only at the sides
+    d = dist(cx, cy, cax + 0.1 * B, cay + 0.1 * B)
+    paint(np.clip(0.5 + 0.1 * B / px - np.abs(d), 0, 1) * lateral, 0.06)  # pelvic bone: dark cortex
+    paint(np.clip(0.5 + 0.04 * B / px - np.abs(d), 0, 1) * lateral, 0.5 * el["body"][4], 2)  # marrow
+    fill(dist(cx, cy, cax, cay), cval)
+    hr, hx, hy, marrow = col(lambda p: p["head_r"]), col(lambda p: p["head_x"]), col(lambda p: p["head_y"]), \
+        col(lambda p: p["marrow"])
+    for side in (-1, 1):
+        d = dist(el["body"][0] + side * hx, hy, hr, hr)
+        fill(d, 0.05, 2)
+        fill(d + 0.07 * B / px, marrow)  # marrow inside a ~0.07 B cortex
+    bx, by, bax, bay, bval = el["bladder"]
+    d = dist(bx, by, bax, bay)
+    on = (bval > 0).astype(np.float32)
+    paint(np.clip(0.5 - d, 0, 1) * on, bval, 3)
+    ring(d, 0.02 * B / px * on, 0.2)
+    rx, ry, rr = (col(lambda p, j=j: p["rectum"][j]) for j in range(3))
+    d = dist(rx, ry, rr, rr)
+    fill(d, 0.15, 4)
+    fill(d + 0.05 * B / px, col(lambda p: p["lumen"]))
+    qx, qy, qax, qay, qval = el["prostate"]
+    on = (qval > 0).astype(np.float32)
+    d = dist(qx, qy, qax, qay)
+    paint(np.clip(0.5 - d, 0, 1) * on, qval, 5)  # peripheral zone, brighter, posterior
+    paint(np.clip(0.5 - dist(qx, qy - 0.25 * qay, 0.8 * qax, 0.7 * qay), 0, 1) * on, col(lambda p: p["tz"]))
+    ring(d, 0.015 * B / px * on, 0.2)
+
+    b = [col(lambda p, j=j: p["bias"][j]) for j in range(5)]  # smooth multiplicative coil field
+    img *= 1 + b[0] * X + b[1] * Y + b[2] * X * Y + b[3] * X * X + b[4] * Y * Y
+    # coarse tissue texture: learnable at 4x down-sampling, unlike white noise
+    r3, c3 = max(2, R2 // 6), max(2, C2 // 6)
+    tex = np.stack([r.standard_normal((r3, c3), dtype=np.float32) for r in rngs])
+    img *= 1 + 0.06 * (_resample_matrix(r3, R2, R2) @ tex @ _resample_matrix(c3, C2, C2).T)
+    img = _resample_matrix(R2, R, R) @ img @ _resample_matrix(C2, C, C).T  # (n, R, C)
+    noise = np.stack([r.standard_normal((R, C), dtype=np.float32) for r in rngs])
+    img = np.clip(np.abs(img + 0.008 * noise), 0, 1)  # magnitude images: Rician-like background
+    img = np.rot90(img, -1, axes=(1, 2))  # (n, H, W), so np.rot90 shows it the right way up
+    if labels:
+        rows = (np.arange(R) + 0.5) * R2 // R
+        cols = (np.arange(C) + 0.5) * C2 // C
+        lab = np.rot90(lab[:, rows.astype(int)][:, :, cols.astype(int)], -1, axes=(1, 2))
+    return np.ascontiguousarray(img), lab
+
+
+def phantom_slices(n, size=(256, 128), seed=0):
+    """Synthetic pelvis-like axial T2 MR slices (n, 1, H, W) in [0, 1]; slice i depends only on (seed, i)."""
+    out = np.empty((n, *size), np.float32)
+    for i in range(0, n, 32):  # batches small enough to stay in cache
+        out[i:i + 32] = _draw_phantoms(range(i, min(n, i + 32)), size, seed)[0]
+    return torch.from_numpy(out).unsqueeze(1)  # (N, 1, H, W)
+
+
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -275,6 +734,21 @@ class VQVAEConfig:
     dead_threshold: float = 1.0  # restart a code whose EMA count falls below this
     kmeans_init: bool = True  # seed the codebook by k-means on the first batch
 
+    def __post_init__(self):
+        _check_positive(self, "in_channels", "channels", "n_res_blocks", "code_dim", "beta", "dead_threshold")
+        if self.downsample not in (4, 8):
+            raise ValueError(f"downsample must be 4 or 8, got {self.downsample}")
+        if self.n_codes < 2:
+            raise ValueError(f"n_codes must be at least 2, got {self.n_codes}")
+        if not 0 < self.decay < 1:
+            raise ValueError(f"decay must be between 0 and 1, got {self.decay}")
+
+
+def _check_positive(config, *names):
+    for name in names:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+
 
 class VQVAE(nn.Module):
     """Encoder, vector quantizer and decoder."""
@@ -325,6 +799,14 @@ class PriorConfig:
     prior_layers: int = 10  # gated layers; with the dilations below every earlier code is in reach
     prior_dilations: tuple = (1, 2, 4, 8, 16)  # cycled over layers: two cycles reach 63 rows up, 62 columns aside
     prior_dropout: float = 0.1  # on the gated outputs, because small data sets overfit without it
+
+    def __post_init__(self):
+        self.prior_dilations = tuple(self.prior_dilations)  # JSON and argparse hand back lists
+        _check_positive(self, "n_codes", "height", "width", "prior_channels", "prior_layers")
+        if not self.prior_dilations or min(self.prior_dilations) < 1:
+            raise ValueError(f"prior_dilations must be integers >= 1, got {self.prior_dilations}")
+        if not 0 <= self.prior_dropout < 1:
+            raise ValueError(f"prior_dropout must be in [0, 1), got {self.prior_dropout}")
 
 
 def gated_tanh(x):

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 import vq
 
-PHANTOM_SIZE = (128, 64)  # the default data set's slice size: small enough for a CPU
+# Without --data: defaults sized so both stages finish in minutes on a 2-core CPU (flags still win).
+PHANTOM_DEFAULTS = dict(size=[128, 64], epochs=10, prior_epochs=6, channels=64, prior_channels=32, prior_layers=8)
+REAL_DEFAULTS = dict(size=[256, 128], epochs=30, prior_epochs=30)
 
 
 class UsageError(Exception):
@@ -64,15 +66,14 @@ def parse_args(argv=None):
     p.add_argument("--data", help="root folder of slices; default: the embedded phantom data set")
     p.add_argument("--out", default="out", help="output folder (default out)")
     p.add_argument("--stage", choices=["vqvae", "prior", "all"], default="all")
-    p.add_argument("--epochs", type=int, default=None, help="VQ-VAE epochs (default 30; phantom 12)")
-    p.add_argument("--prior_epochs", type=int, default=None, help="prior epochs (default 30; phantom 12)")
+    p.add_argument("--epochs", type=int, help="VQ-VAE epochs (default 30; phantom 10)")
+    p.add_argument("--prior_epochs", type=int, help="prior epochs (default 30; phantom 6)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget per stage")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--prior_batch_size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--prior_lr", type=float, default=1e-3)
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="slice size (default 256 128; phantom 128 64)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="slice size (default 256 128; phantom 128 64)")
     p.add_argument("--n_train", type=int, default=2000, help="phantom slices for training")
     p.add_argument("--n_val", type=int, default=200, help="phantom slices for validation")
     p.add_argument("--n_test", type=int, default=300, help="phantom slices for testing")
@@ -85,12 +86,14 @@ def parse_args(argv=None):
     p.add_argument("--log_every", type=int, default=50, help="steps between log lines")
     _config_flags(p, vq.VQVAEConfig)
     _config_flags(p, vq.PriorConfig, skip=("n_codes", "height", "width"))
+    known, _ = p.parse_known_args(argv)
+    p.set_defaults(**(REAL_DEFAULTS if known.data else PHANTOM_DEFAULTS))
     args = p.parse_args(argv)
     for name in ("batch_size", "prior_batch_size", "n_train", "n_val", "n_test", "log_every"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("epochs", "prior_epochs"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
+        if getattr(args, name) < 0:
             fail(f"--{name} must be 0 or more, got {getattr(args, name)}")
     for name in ("lr", "prior_lr", "minutes"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
@@ -146,12 +149,12 @@ def load_data(run):
     """-> dict with train / validate / test tensors (N, 1, H, W), data settings and skipped files."""
     args = run.args
     if args.data is None:
-        size = tuple(args.size or PHANTOM_SIZE)
+        size = tuple(args.size)
         # one seed per split, so the splits share no slice
         splits = {k: vq.phantom_slices(n, size, seed=1000 * args.seed + i) for i, (k, n) in
                   enumerate([("train", args.n_train), ("validate", args.n_val), ("test", args.n_test)])}
         return dict(splits, settings={"source": "phantom", "size": list(size), "rot90": 1}, skipped=[])
-    size = tuple(args.size or (256, 128))
+    size = tuple(args.size)
     files = vq.find_splits(args.data)
     skipped, splits = [], {}
     with warnings.catch_warnings(record=True) as caught:
@@ -244,7 +247,8 @@ class Trainer:
         """Train to self.epochs or the --minutes budget; save() writes the resumable state."""
         run, args = self.run, self.run.args
         total = self.epochs * self.steps_per_epoch
-        start, start_step = time.time(), self.step
+        start = fit_start = time.time()
+        start_step = self.step
         budget = args.minutes * 60 if args.minutes else None
         while not self.done:
             self.model.train()
@@ -269,16 +273,16 @@ class Trainer:
                 meter["n"] = meter.get("n", 0) + 1
                 if self.step % args.log_every == 0 or self.batch == len(batches):
                     rate = n_img / max(time.time() - t_log, 1e-9)
-                    per_step = (time.time() - start) / max(1, self.step - start_step)
+                    per_step = (time.time() - fit_start) / max(1, self.step - start_step)
                     eta = per_step * (total - self.step)
                     if budget:
-                        eta = min(eta, budget - (time.time() - start))
+                        eta = min(eta, budget - (time.time() - fit_start))
                     n = meter.pop("n")
                     shown = " | ".join(self._fmt(k, v / n) for k, v in meter.items())
                     run.log(f"{self.name} ep {self.epoch + 1}/{self.epochs} step {self.step} | {shown} | "
                             f"{rate:.0f} img/s | eta {_fmt_time(eta)}")
                     meter, t_log, n_img = {}, time.time(), 0
-                if budget and time.time() - start > budget:
+                if budget and time.time() - fit_start > budget:
                     break
             self.seconds += time.time() - start
             start = time.time()
@@ -374,8 +378,7 @@ def train_vqvae(run, data):
                         vq.image_grid(_pairs(val_show, r[:8]), ncol=8, rot90=data["settings"]["rot90"]))
         return {"val_ssim": vq.ssim(val_x, r).mean().item(), "val_psnr": vq.psnr(val_x, r).mean().item()}
 
-    epochs = args.epochs if args.epochs is not None else (12 if args.data is None else 30)
-    trainer = Trainer(run, "vqvae", model, step_fn, len(train_x), args.batch_size, epochs, args.lr,
+    trainer = Trainer(run, "vqvae", model, step_fn, len(train_x), args.batch_size, args.epochs, args.lr,
                       validate, better=lambda a, b: a["val_ssim"] > b["val_ssim"],
                       generator=model.quantizer.generator)
     if args.resume and (run.out / "vqvae.pt").exists():
@@ -444,8 +447,8 @@ def train_prior(run, data, vqvae):
     def validate(m):
         return {"val_bits": bits(m, val_c)}
 
-    epochs = args.prior_epochs if args.prior_epochs is not None else (12 if args.data is None else 30)
-    trainer = Trainer(run, "prior", prior, step_fn, len(train_c), args.prior_batch_size, epochs, args.prior_lr,
+    trainer = Trainer(run, "prior", prior, step_fn, len(train_c), args.prior_batch_size, args.prior_epochs,
+                      args.prior_lr,
                       validate, better=lambda a, b: a["val_bits"] < b["val_bits"])
     if args.resume and (run.out / "prior.pt").exists():
         ckpt = vq.load_checkpoint(run.out / "prior.pt")

@@ -155,9 +155,9 @@ def nearest_code(z, codebook, *, backend=None, precision="tf32x3"):
         codebook: (K, D) float tensor on the same device, K >= 1, D >= 1.
         backend: None, "auto", "torch" or "triton". None reads the env var VQ_KERNEL
             (default "auto") at call time. "auto" takes the Triton kernel when triton is
-            importable and z is on a GPU (or TRITON_INTERPRET=1 was set before import, which
-            runs it on the CPU), else the chunked torch path. "triton" without triton, or with
-            a CPU tensor outside the interpreter, raises RuntimeError.
+            importable and z is on a GPU, else the chunked torch path. "triton" also runs on
+            CPU tensors when TRITON_INTERPRET=1 was set before import (slow, exact: for tests);
+            without triton, or with a CPU tensor outside the interpreter, it raises RuntimeError.
         precision: the Triton kernel's tl.dot input precision on a GPU: "tf32x3" (tensor
             cores, near-fp32 accuracy) or "ieee" (exact fp32 FMA). The interpreter and the
             torch path always compute in fp32.
@@ -173,12 +173,12 @@ def nearest_code(z, codebook, *, backend=None, precision="tf32x3"):
     choice = backend or os.environ.get("VQ_KERNEL", "auto")
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"VQ_KERNEL / backend must be one of auto, torch, triton; got {choice!r}")
-    triton_ok = HAVE_TRITON and (_INTERPRET or (torch.is_tensor(z) and z.is_cuda))
-    if choice == "triton" and not triton_ok:
+    on_gpu = HAVE_TRITON and torch.is_tensor(z) and z.is_cuda
+    if choice == "triton" and not (on_gpu or (HAVE_TRITON and _INTERPRET)):
         raise RuntimeError(
             "the Triton path needs triton installed and a CUDA tensor (or TRITON_INTERPRET=1 set before import); "
             f"triton installed: {HAVE_TRITON}"
         )
-    if choice == "torch" or not triton_ok:
+    if choice == "torch" or (choice == "auto" and not on_gpu):
         return nearest_code_torch(z, codebook)
     return _nearest_code_triton(z, codebook, precision)

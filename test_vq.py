@@ -1,0 +1,688 @@
+"""Contract tests, CPU only, minutes: data, metrics, quantizer, VQ-VAE, prior, checkpoints, scripts.
+
+Run with `TRITON_INTERPRET=1 python -m pytest -q test_vq.py kernels` (the kernel tests need the flag).
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sample
+import train
+import vq
+from vq import DataError, PixelCNN, PriorConfig, SkippedFileWarning, find_splits, load_slices, phantom_slices
+from vq import write_phantom_tree
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def save(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(arr), np.eye(4)), path)
+    return path
+
+
+def skipped_paths(records):
+    """How often each path was named in a SkippedFileWarning."""
+    counts = {}
+    for r in records:
+        if issubclass(r.category, SkippedFileWarning):
+            path = str(r.message).split("skipped ", 1)[1].split(": ", 1)[0]
+            counts[path] = counts.get(path, 0) + 1
+    return counts
+
+
+def test_hipmri_tree_mixed_shapes_dtypes_and_labels_never_read(tmp_path):
+    rng, root, cache = np.random.default_rng(0), tmp_path / "data", tmp_path / "cache"
+    train = root / "keras_slices_train"
+    for z in range(4):
+        save(train / f"case_004_week_0_slice_{z}.nii.gz", rng.uniform(0, 900, (256, 128)))  # float64
+    for z in range(2):  # the odd 256 x 144 volume
+        save(train / f"case_019_week_1_slice_{z}.nii.gz", rng.uniform(100, 200, (256, 144)).astype(np.float32))
+    save(train / "case_020_week_0_slice_0.nii.gz", rng.integers(0, 4000, (256, 128, 1)).astype(np.uint16))
+    save(train / "case_021_week_0_slice_0.nii.gz", rng.uniform(0, 1, (197, 233)).astype(np.float32))
+    save(train / "seg_004_week_0_slice_0.nii.gz", np.ones((64, 64), np.uint8))  # a stray label file
+    for z in range(2):
+        save(root / "keras_slices_validate" / f"case_036_week_0_slice_{z}.nii.gz", rng.uniform(0, 5, (256, 128)))
+    save(root / "keras_slices_test" / "case_040_week_0_slice_0.nii.gz", rng.uniform(0, 5, (256, 128)))
+    for z in range(5):  # more labels than images, all integers: would show in the counts if read
+        save(root / "keras_slices_seg_train" / f"seg_004_week_0_slice_{z}.nii.gz", np.full((256, 128), z % 6, np.uint8))
+
+    splits = find_splits(root)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 8, "validate": 2, "test": 1}
+    assert not any("seg" in p.name or "seg" in p.parent.name for v in splits.values() for p in v)
+    x = load_slices(splits["train"], cache_dir=cache)
+    assert x.shape == (8, 1, 256, 128) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() <= 1 and x.max() > 0.9
+    assert load_slices(train, cache_dir=cache).shape == (8, 1, 256, 128)  # folder: seg_ skipped
+    assert load_slices(splits["validate"], cache_dir=cache).shape == (2, 1, 256, 128)
+
+    wide = x[4, 0]  # 256 x 144 -> scaled by 128/144 to 228 x 128, padded with 14 zero rows each side
+    assert (wide[:14] == 0).all() and (wide[242:] == 0).all()
+    assert (wide[14:242].mean(1) > 0.2).all()
+    odd = x[7, 0]  # 197 x 233 -> scaled by 128/233 to 108 x 128, padded with 74 zero rows each side
+    assert (odd[:74] == 0).all() and (odd[182:] == 0).all() and (odd[74:182].mean(1) > 0.2).all()
+
+
+def salted_folder(root):
+    rng = np.random.default_rng(1)
+    good = save(root / "a_good.nii.gz", rng.uniform(0, 100, (256, 128)).astype(np.float32))
+    save(root / "b_const.nii.gz", np.full((256, 128), 7.0, np.float32))
+    nan = rng.uniform(0, 100, (256, 128)).astype(np.float32)
+    nan[:10, :10], nan[20, 20], nan[30, 30] = np.nan, np.inf, -np.inf
+    save(root / "c_nan.nii.gz", nan)
+    vol = np.zeros((256, 128, 5), np.float32)
+    for k in range(5):  # slice k: a bright band at rows 40k..40k+20, to check the order
+        vol[40 * k:40 * k + 20, :, k] = 100
+    save(root / "d_volume.nii.gz", vol)
+    bad = [root / "e_truncated.nii.gz", root / "f_empty.nii.gz", root / "g_text.nii.gz", root / "h_4d.nii.gz"]
+    bad[0].write_bytes(good.read_bytes()[:2000])
+    bad[1].write_bytes(b"")
+    bad[2].write_text("this is not a NIfTI file\n")
+    save(bad[3], rng.uniform(0, 1, (8, 8, 3, 2)).astype(np.float32))
+    return bad
+
+
+def test_salted_folder_skips_each_bad_file_once(tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    bad = salted_folder(data)
+    info = {}
+    with pytest.warns(UserWarning) as rec:  # SkippedFileWarnings, and the NaN/inf summary
+        x = load_slices(data, cache_dir=cache, info=info)
+    assert skipped_paths(rec) == {str(p): 1 for p in bad}
+    assert any("NaN/inf" in str(r.message) for r in rec)
+    assert x.shape == (8, 1, 256, 128)  # good, const, nan, 5 from the volume
+    assert not torch.isnan(x).any() and 0 <= x.min() and x.max() <= 1
+    assert (x[1] == 0).all()  # the constant slice
+    assert info["nonfinite"] == 102 and info["files"] == 8 and not info["cached"]
+    assert [p for p, _ in info["skipped"]] == [str(p) for p in bad]
+    assert "4-D" in dict(info["skipped"])[str(bad[3])]
+    for k in range(5):  # the volume, one image per slice, in order
+        assert x[3 + k, 0, 40 * k + 5:40 * k + 15].mean() > 0.9
+    for cache_dir in (False, cache):  # cold and warm
+        with pytest.raises(DataError, match="e_truncated"):
+            load_slices(data, strict=True, cache_dir=cache_dir)
+
+
+def test_nothing_readable_and_missing_folder(tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.nii.gz").write_bytes(b"")
+    (tmp_path / "junk" / "b.nii").write_text("hello")
+    with pytest.warns(SkippedFileWarning), pytest.raises(DataError, match="no readable slices"):
+        load_slices(tmp_path / "junk", cache_dir=False)
+    with pytest.raises(DataError, match="missing"):
+        load_slices(tmp_path / "missing", cache_dir=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no slice files"):
+        load_slices(tmp_path / "empty", cache_dir=False)
+    with pytest.raises(DataError, match="missing"):
+        find_splits(tmp_path / "missing")
+    (tmp_path / "keras_slices_seg_train").mkdir()
+    with pytest.raises(DataError, match="label folder"):
+        load_slices(tmp_path / "keras_slices_seg_train", cache_dir=False)
+
+
+def test_png_slices(tmp_path, monkeypatch):
+    Image = pytest.importorskip("PIL.Image")
+    images = (phantom_slices(3, size=(256, 256))[:, 0].numpy() * 255).astype(np.uint8)
+    for i, im in enumerate(images):  # OASIS-style 8-bit greyscale
+        Image.fromarray(im).save(tmp_path / f"case_001_slice_{i}.nii.png")
+    x = load_slices(tmp_path, size=(128, 128), cache_dir=False)
+    assert x.shape == (3, 1, 128, 128) and 0 <= x.min() and x.max() <= 1 and x.std() > 0.1
+    monkeypatch.setitem(sys.modules, "PIL", None)  # as if Pillow were not installed
+    with pytest.raises(DataError, match="pip install pillow"):
+        load_slices(tmp_path, cache_dir=False)
+
+
+def test_cache_hit_invalidation_and_location(tmp_path, monkeypatch):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    rng = np.random.default_rng(2)
+    # uncompressed .nii: a rewrite keeps the file size, so only the mtime can invalidate the cache
+    files = [save(data / f"case_001_slice_{z}.nii", rng.uniform(0, 50, (64, 32)).astype(np.float32)) for z in range(5)]
+    (data / "zz_bad.nii.gz").write_bytes(b"")
+    before = sorted(os.listdir(data))
+    infos = [{}, {}]
+    for info in infos:
+        with pytest.warns(SkippedFileWarning) as rec:  # again on the warm load
+            out = load_slices(data, size=(64, 32), cache_dir=cache, info=info)
+        assert skipped_paths(rec) == {str(data / "zz_bad.nii.gz"): 1}
+        if info is infos[0]:
+            first = out
+    assert not infos[0]["cached"] and infos[1]["cached"] and torch.equal(first, out)
+    assert sorted(os.listdir(data)) == before and any(cache.glob("*.npy"))  # cache beside, never inside, the data
+
+    new = rng.uniform(0, 50, (64, 32)).astype(np.float32)
+    new[:32] = 0  # different content, and a later mtime
+    size = files[2].stat().st_size
+    save(files[2], new)
+    st = files[2].stat()
+    assert st.st_size == size
+    os.utime(files[2], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    info = {}
+    with pytest.warns(SkippedFileWarning):
+        again = load_slices(data, size=(64, 32), cache_dir=cache, info=info)
+    assert not info["cached"] and (again[2, 0, :32] == 0).all() and not torch.equal(again[2], first[2])
+    assert torch.equal(again[[0, 1, 3, 4]], first[[0, 1, 3, 4]])
+
+    monkeypatch.setenv("VQ_CACHE_DIR", str(tmp_path / "env_cache"))
+    load_slices(files[:2], size=(64, 32))
+    assert any((tmp_path / "env_cache").glob("*.npy"))
+    (tmp_path / "not_a_dir").write_text("")
+    with pytest.warns(UserWarning, match="could not write the slice cache"):
+        assert len(load_slices(files[:2], size=(64, 32), cache_dir=tmp_path / "not_a_dir" / "c")) == 2
+
+
+def test_parallel_equals_serial(tmp_path):
+    rng = np.random.default_rng(3)
+    files = [save(tmp_path / f"s_{i}.nii.gz", rng.uniform(0, 9, (40, 24)).astype(np.float32)) for i in range(70)]
+    (tmp_path / "s_70.nii.gz").write_text("bad")
+    save(tmp_path / "s_35b.nii.gz", rng.uniform(0, 9, (40, 24, 3)).astype(np.float32))  # a volume: 3 images after s_35
+    infos = [{}, {}]
+    with pytest.warns(SkippedFileWarning):
+        serial = load_slices(tmp_path, size=(32, 16), cache_dir=False, workers=1, info=infos[0])
+    with pytest.warns(SkippedFileWarning):
+        parallel = load_slices(tmp_path, size=(32, 16), cache_dir=False, workers=2, info=infos[1])
+    assert serial.shape == (73, 1, 32, 16) and torch.equal(serial, parallel)
+    assert infos[0] == infos[1] and infos[0]["files"] == 72
+    single = load_slices(files, size=(32, 16), cache_dir=False, workers=2)  # a list, kept in order
+    assert torch.equal(single, torch.cat([serial[:36], serial[39:]]))
+
+
+def test_find_splits_hipmri_oasis_nested(tmp_path):
+    hip = write_phantom_tree(tmp_path / "hip", n_train=6, n_val=2, n_test=2, size=(32, 16), slices_per_volume=2)
+    splits = find_splits(hip)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 6, "validate": 2, "test": 2}
+    assert [p.name for p in splits["train"][:2]] == ["case_004_week_0_slice_0.nii.gz", "case_004_week_0_slice_1.nii.gz"]
+    cases = {k: {p.name[:8] for p in v} for k, v in splits.items()}
+    assert not (cases["train"] & cases["validate"]) and not (cases["validate"] & cases["test"])
+    seg = sorted((hip / "keras_slices_seg_train").iterdir())
+    assert len(seg) == 6 and np.asanyarray(nib.load(seg[0]).dataobj).max() <= 5
+    x = load_slices(splits["test"], size=(32, 16), cache_dir=False)
+    assert x.shape == (2, 1, 32, 16) and x.max() > 0.9
+
+    nested = tmp_path / "unzipped"
+    write_phantom_tree(nested / "keras_slices_data", n_train=2, n_val=1, n_test=1, size=(16, 8))
+    assert [len(v) for v in find_splits(nested).values()] == [2, 1, 1]
+
+    oasis = tmp_path / "oasis"
+    for split, n in (("train", 3), ("validate", 2), ("test", 1)):
+        for folder, prefix in ((f"keras_png_slices_{split}", "case"), (f"keras_png_slices_seg_{split}", "seg")):
+            (oasis / folder).mkdir(parents=True)
+            for i in range(n):
+                (oasis / folder / f"{prefix}_{i:03d}_slice_0.nii.png").write_bytes(b"\x89PNG")
+    splits = find_splits(oasis)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 3, "validate": 2, "test": 1}
+    assert all(p.parent.name == f"keras_png_slices_{k}" for k, v in splits.items() for p in v)
+
+    (tmp_path / "partial" / "keras_slices_train").mkdir(parents=True)
+    (tmp_path / "partial" / "keras_slices_test").mkdir()
+    with pytest.raises(DataError, match="no validate folder"):
+        find_splits(tmp_path / "partial")
+
+
+def test_find_splits_plain_folder_by_case(tmp_path):
+    for c in range(12):
+        for z in range(3):
+            (tmp_path / f"case_{c:03d}_week_0_slice_{z}.nii.gz").write_bytes(b"x")
+            (tmp_path / f"seg_{c:03d}_week_0_slice_{z}.nii.gz").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not a slice")
+    splits = find_splits(tmp_path)
+    assert splits == find_splits(tmp_path)
+    cases = {k: {p.name[:8] for p in v} for k, v in splits.items()}
+    assert all(cases.values()) and sum(len(c) for c in cases.values()) == 12
+    train, val, test = cases.values()
+    assert not (train & val or train & test or val & test)
+    paths = [p for v in splits.values() for p in v]
+    assert len(paths) == 36 and not any(p.name.startswith("seg_") for p in paths)
+    assert len(cases["train"]) >= 8
+
+    few = tmp_path / "few"
+    few.mkdir()
+    for name in ("case_001_slice_0.nii", "case_001_slice_1.nii", "case_002_slice_0.nii"):
+        (few / name).write_bytes(b"x")
+    with pytest.raises(DataError, match="at least 3 cases"):
+        find_splits(few)
+
+
+def test_phantom_slices():
+    x = phantom_slices(8)
+    assert x.shape == (8, 1, 256, 128) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() <= 1 and x.std() > 0.1
+    assert torch.equal(phantom_slices(5)[3], x[3])  # slice i depends on (seed, i) only
+    assert not torch.equal(phantom_slices(5, seed=1)[3], x[3])
+    assert all((x[i] - x[j]).abs().mean() > 0.01 for i in range(8) for j in range(i))
+    assert (x[:, 0, :, 0] < 0.1).all() and (x[:, 0, 128, 64] > 0.05).all()  # air at the edge, tissue in the middle
+    small = phantom_slices(3, size=(128, 64), seed=4)
+    assert small.shape == (3, 1, 128, 64) and 0 <= small.min() and small.max() <= 1 and small.std() > 0.1
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _ssim_reference(x, y, data_range=1.0):
+    """Direct float64 SSIM: weighted statistics of every 11 x 11 window, no convolution."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    r = np.arange(-5, 6)
+    g = np.exp(-0.5 * (r / 1.5) ** 2)
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    vals = []
+    for i in range(5, x.shape[0] - 5):
+        for j in range(5, x.shape[1] - 5):
+            a, b = x[i - 5:i + 6, j - 5:j + 6], y[i - 5:i + 6, j - 5:j + 6]
+            ma, mb = (w * a).sum(), (w * b).sum()
+            va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
+            cov = (w * (a - ma) * (b - mb)).sum()
+            vals.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    return float(np.mean(vals))
+
+
+def _image_pairs():
+    gen = torch.Generator().manual_seed(0)
+    pairs = []
+    for h, w in [(11, 11), (23, 40), (64, 33)]:
+        x = torch.rand(h, w, generator=gen)
+        pairs.append((x, (x + 0.1 * torch.randn(h, w, generator=gen)).clamp(0, 1)))  # noisy copy
+        pairs.append((x, torch.rand(h, w, generator=gen)))  # unrelated
+    ph = vq.phantom_slices(2, (64, 32), seed=5)[:, 0]
+    pairs.append((ph[0], ph[1]))  # structured, different anatomy
+    pairs.append((ph[0], (ph[0] * 0.8 + 0.05).clamp(0, 1)))  # contrast change
+    return pairs
+
+
+def test_ssim_matches_independent_reference():
+    for x, y in _image_pairs():
+        got = vq.ssim(x[None, None], y[None, None]).item()
+        assert abs(got - _ssim_reference(x, y)) < 1e-4
+
+
+def test_ssim_matches_scikit_image_when_installed():
+    metrics = pytest.importorskip("skimage.metrics")
+    for x, y in _image_pairs():
+        want = metrics.structural_similarity(x.double().numpy(), y.double().numpy(), gaussian_weights=True,
+                                             sigma=1.5, use_sample_covariance=False, data_range=1)
+        assert abs(vq.ssim(x[None, None], y[None, None]).item() - want) < 1e-4
+
+
+def test_ssim_batched_identity_and_errors():
+    x = vq.phantom_slices(3, (64, 32), seed=1)
+    y = x.flip(0)
+    s = vq.ssim(x, y)
+    assert s.shape == (3,)
+    assert torch.allclose(vq.ssim(x, x), torch.ones(3), atol=1e-6)
+    assert abs(s[1].item() - 1) < 1e-6 and s[0] < 0.99  # the middle image is paired with itself
+    with pytest.raises(ValueError):
+        vq.ssim(torch.rand(1, 1, 10, 30), torch.rand(1, 1, 10, 30))
+    with pytest.raises(ValueError):
+        vq.ssim(torch.rand(1, 1, 20, 30), torch.rand(1, 1, 30, 20))
+
+
+def test_psnr():
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = x + 0.1
+    assert torch.allclose(vq.psnr(x, y), torch.full((2,), 20.0), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- quantizer and VQ-VAE
+
+
+def test_vqvae_shapes_and_gradient_reaches_encoder():
+    for down in (4, 8):
+        model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, downsample=down))
+        x = vq.phantom_slices(3, (64, 32), seed=2)
+        recon, loss, stats = model(x)
+        assert recon.shape == x.shape and loss.ndim == 0
+        loss.backward()
+        enc_grad = sum(p.grad.abs().sum() for p in model.encoder.parameters())
+        assert enc_grad > 0  # the straight-through estimator carries the decoder's gradient
+        model.eval()
+        codes = model.encode(x)
+        assert codes.shape == (3, 64 // down, 32 // down) and codes.dtype == torch.long
+        out = model.decode(codes)
+        assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+        assert torch.allclose(out, model(x)[0].clamp(0, 1), atol=1e-5)  # encode/decode == forward
+
+
+def test_code_histogram_without_one_hot():
+    q = vq.VectorQuantizer(37, 5, kmeans_init=False).eval()
+    z = torch.randn(4, 5, 7, 9, generator=torch.Generator().manual_seed(3))
+    _, codes, _, stats = q(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 5).double()
+    want = torch.cdist(flat, q.codebook.double()).argmin(1)
+    assert torch.equal(codes.flatten(), want)
+    one_hot = F.one_hot(want, 37).double().sum(0)  # the reference histogram, the way the test may build it
+    p = one_hot / one_hot.sum()
+    assert abs(stats["perplexity"].item() - torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item()) < 1e-3
+    assert abs(stats["usage"].item() - (one_hot > 0).double().mean().item()) < 1e-6
+
+
+def test_unused_codes_stay_finite_and_dead_codes_restart():
+    torch.manual_seed(0)
+    q = vq.VectorQuantizer(16, 4, dead_threshold=1e-3, kmeans_init=False).train()
+    q.generator = torch.Generator().manual_seed(0)
+    q.codebook[8:] += 100.0  # codes 8..15 are far from every input: never chosen
+    q.embed_sum.copy_(q.codebook)
+    far = q.codebook[8:].clone()
+    for _ in range(400):  # 0.99 ** 400 ~ 0.018: the unused codes' counts decay but stay above 1e-3
+        q(torch.randn(2, 4, 4, 4))
+    assert torch.isfinite(q.codebook).all()
+    assert torch.allclose(q.codebook[8:], far, rtol=1e-3)  # unused codes keep their place, no blow-up
+    q.dead_threshold = 0.5
+    q(torch.randn(2, 4, 4, 4))  # now their counts are below the threshold: restarted from the batch
+    assert (q.codebook[8:] - far).abs().min() > 50
+    assert q.codebook[8:].abs().max() < 10
+
+
+def test_kmeans_init_puts_codes_on_the_data():
+    q = vq.VectorQuantizer(8, 3).train()
+    q.generator = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [-5.0, 0, 0]])
+    z = (centres[torch.arange(64) % 4] + 0.01 * torch.randn(64, 3)).T.reshape(1, 3, 8, 8)
+    q(z)
+    assert bool(q.initialised)
+    nearest = torch.cdist(centres, q.codebook).min(1).values
+    assert nearest.max() < 0.1
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32)).eval()
+    vq.save_checkpoint({"vqvae_config": asdict(model.config), "vqvae": model.state_dict()}, tmp_path / "m.pt")
+    loaded = vq.VQVAE.from_checkpoint(tmp_path / "m.pt")
+    x = vq.phantom_slices(2, (32, 32))
+    assert loaded.config == model.config
+    assert torch.equal(loaded.encode(x), model.encode(x))
+    assert not list(tmp_path.glob("*.tmp*"))  # the temporary file was renamed into place
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Evil.marker}",))
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path):
+    _Evil.marker = tmp_path / "pwned"
+    torch.save({"vqvae": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(vq.CheckpointError, match="not a safe checkpoint"):
+        vq.load_checkpoint(tmp_path / "evil.pt")
+    assert not _Evil.marker.exists()
+
+
+def test_truncated_checkpoint_gives_clear_error(tmp_path):
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32))
+    vq.save_checkpoint({"vqvae_config": asdict(model.config), "vqvae": model.state_dict()}, tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(vq.CheckpointError, match="not a readable checkpoint"):
+        vq.load_checkpoint(tmp_path / "cut.pt")
+    with pytest.raises(vq.CheckpointError, match="no checkpoint"):
+        vq.load_checkpoint(tmp_path / "missing.pt")
+
+
+# ----------------------------------------------------------------------------- prior
+
+
+# 4 layers at dilations 1, 2 reach 7 rows up and 6 columns aside: the whole past of a 6x5 map
+SMALL = dict(n_codes=7, height=6, width=5, prior_channels=16, prior_layers=4, prior_dilations=(1, 2))
+
+
+def small_prior(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return PixelCNN(PriorConfig(**{**SMALL, **overrides})).eval()
+
+
+def test_causal_and_no_blind_spot():
+    # float64: exact zeros where a logit must not move, whatever the conv algorithm
+    model = small_prior().double()
+    h, w = SMALL["height"], SMALL["width"]
+    codes = torch.randint(0, SMALL["n_codes"], (2, h, w), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(codes)
+        for i, j in [(0, 0), (0, w - 1), (2, 2), (3, 0), (4, w - 1), (h - 1, 1)]:
+            changed = codes.clone()
+            changed[:, i, j] = (changed[:, i, j] + 1) % SMALL["n_codes"]
+            moved = (model(changed) - base).abs().amax(dim=(0, 1))  # (h, w)
+            order = torch.arange(h * w).view(h, w)
+            assert moved[order <= i * w + j].max() == 0, f"logits at or before {(i, j)} moved"
+            assert (moved[order > i * w + j] > 1e-9).all(), f"some later logit missed {(i, j)}"
+            if i + 1 < h:  # below and to the left: where a masked-conv PixelCNN is blind
+                assert moved[i + 1, max(j - 1, 0)] > 1e-9 and moved[i + 1, 0] > 1e-9
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_cached_sampler_matches_naive(temperature):
+    # float64, so rounding differences between the two paths cannot flip a near-tie
+    model = small_prior(seed=2).double()
+
+    def sample(fn, seed):
+        return fn(4, temperature, torch.Generator().manual_seed(seed))
+
+    cached = sample(model.generate, 5)
+    assert cached.shape == (4, SMALL["height"], SMALL["width"]) and cached.dtype == torch.int64
+    assert torch.equal(cached, sample(model.generate_naive, 5))
+    assert not torch.equal(cached, sample(model.generate, 6))
+
+
+def test_cached_logits_match_forward():
+    model = small_prior(seed=3, n_codes=13, height=7, width=9, prior_dilations=(1, 2, 4))
+    noise = model._gumbel(3, 1.0, torch.Generator().manual_seed(0))
+    codes, logits = model._generate_cached(noise, 1.0)
+    with torch.no_grad():
+        full = model(codes).permute(0, 2, 3, 1)  # (n, h, w, K)
+    assert (full - logits).abs().max() < 1e-5
+
+
+def test_generate_ignores_dropout_in_train_mode():
+    model = small_prior(seed=4, prior_dropout=0.5).double()
+    model.train()
+    cached = model.generate(3, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(cached, model.generate_naive(3, 1.0, torch.Generator().manual_seed(0)))
+    assert model.training
+
+
+def test_loss_bits_and_training_lowers_it():
+    torch.manual_seed(0)
+    cfg = PriorConfig(**{**SMALL, "prior_dropout": 0.0})
+    model = PixelCNN(cfg)
+    # each code is its left neighbour + 1 and its upper neighbour + 2: only code (0, 0) is random
+    start = torch.randint(0, cfg.n_codes, (32, 1, 1))
+    rows, cols = torch.arange(cfg.height).view(-1, 1), torch.arange(cfg.width)
+    data = (start + 2 * rows + cols) % cfg.n_codes  # (N, h, w)
+    nats, bits = model.loss(data)
+    assert nats.dim() == 0 and torch.isfinite(nats)
+    assert math.isclose(bits.item(), nats.item() / math.log(2), rel_tol=1e-6)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        opt.zero_grad()
+        model.loss(data)[0].backward()
+        opt.step()
+    assert model.loss(data)[1].item() < 0.25 * math.log2(cfg.n_codes)
+
+
+def test_bad_arguments():
+    model = small_prior()
+    for fn in (model.generate, model.generate_naive):
+        for bad in (0.0, -1.0, float("nan")):
+            with pytest.raises(ValueError):
+                fn(2, temperature=bad)
+        for bad in (0, -3):
+            with pytest.raises(ValueError):
+                fn(bad)
+    with pytest.raises(ValueError):
+        model(torch.zeros(2, SMALL["height"] + 1, SMALL["width"], dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- train.py and sample.py
+
+ROOT = Path(__file__).resolve().parent
+# a tiny model and data set: seconds per run on a CPU
+TINY = ["--n_train", "48", "--n_val", "16", "--n_test", "16", "--size", "32", "32", "--batch_size", "8",
+        "--channels", "16", "--code_dim", "8", "--n_codes", "32", "--prior_channels", "16",
+        "--prior_layers", "3", "--prior_dilations", "1", "2", "--log_every", "3"]
+
+
+def _train(out, *extra):
+    return train.main(["--out", str(out), "--epochs", "2", "--prior_epochs", "2", *TINY, *extra])
+
+
+def test_train_and_sample_end_to_end(tmp_path, capsys):
+    result = _train(tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("test_ssim_mean", "test_ssim_std", "test_ssim_min", "test_psnr_mean", "n_train", "n_val", "n_test",
+                "val_ssim_best", "codebook_usage", "perplexity", "skipped_files", "seconds_vqvae", "device",
+                "prior_bits_per_code", "unigram_bits_per_code", "seconds_prior"):
+        assert key in s, key
+    assert (s["n_train"], s["n_val"], s["n_test"]) == (48, 16, 16)
+    assert 0 < s["test_ssim_min"] <= s["test_ssim_mean"] <= 1
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["stage"] for r in lines] == ["vqvae"] * 2 + ["prior"] * 2
+    for name in ("model.pt", "vqvae.pt", "prior.pt", "samples.png", "recon_ep001.png"):
+        assert (tmp_path / name).exists(), name
+    assert len(list(tmp_path.glob("test_best*_ssim*.png"))) == 4 == len(list(tmp_path.glob("test_worst*.png")))
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert ckpt["vqvae_config"]["n_codes"] == 32 and ckpt["prior_config"]["prior_layers"] == 3
+    assert ckpt["data"]["size"] == [32, 32]
+    assert torch.equal(ckpt["prior"]["embed.weight"], result["prior"].state_dict()["embed.weight"])
+
+    images = sample.main(["--out", str(tmp_path), "--n", "3", "--seed", "7"])
+    again = sample.main(["--out", str(tmp_path), "--n", "3", "--seed", "7", "--dest", str(tmp_path / "b")])
+    assert torch.equal(images, again)  # same seed, same samples
+    other = sample.main(["--out", str(tmp_path), "--n", "3", "--seed", "8", "--dest", str(tmp_path / "c")])
+    assert not torch.equal(images, other)
+    folder = tmp_path / "samples_seed7_t1"
+    assert (folder / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    nii = nib.load(str(folder / "sample_002.nii.gz"))
+    arr = np.asanyarray(nii.dataobj)
+    assert arr.shape == (32, 32) and arr.dtype == np.float32 and 0 <= arr.min() and arr.max() <= 1
+    assert np.allclose(arr, images[2, 0].numpy())
+
+    capsys.readouterr()
+    sims = sample.main(["--out", str(tmp_path), "--reconstruct", str(folder / "sample_000.nii.gz")])
+    assert "ssim" in capsys.readouterr().out and 0 < sims[0].item() <= 1
+
+
+def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys):
+    root = vq.write_phantom_tree(tmp_path / "data", n_train=40, n_val=12, n_test=12, size=(32, 32),
+                                 slices_per_volume=4)
+    bad = [root / "keras_slices_train" / "case_900_week_0_slice_0.nii.gz",
+           root / "keras_slices_test" / "case_901_week_0_slice_0.nii.gz"]
+    bad[0].write_bytes(b"")
+    bad[1].write_text("not an image")
+    out = tmp_path / "out"
+    train.main(["--data", str(root), "--out", str(out), "--stage", "vqvae", "--epochs", "1", *TINY[6:]])
+    s = json.loads((out / "summary.json").read_text())
+    assert sorted(Path(f["file"]).name for f in s["skipped_files"]) == sorted(p.name for p in bad)
+    assert (s["n_train"], s["n_val"], s["n_test"]) == (40, 12, 12)
+    printed = capsys.readouterr().out
+    for p in bad:
+        assert printed.count(p.name) == 1  # each bad file named once
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--data", "/no/such/folder"], "/no/such/folder"),
+    (["--epochs", "-1"], "--epochs"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--downsample", "3"], "downsample"),
+    (["--lr", "0"], "--lr"),
+    (["--resume"], "nothing to resume"),
+    (["--stage", "prior"], "needs a trained VQ-VAE"),
+    (["--size", "30", "30"], "divisible"),
+    (["--bogus"], "unrecognized"),
+])
+def test_train_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, says):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", str(tmp_path / "o"), *TINY, *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_sample_usage_errors(tmp_path, capsys):
+    for argv, says in [([], "no checkpoint"), (["--n", "0"], "--n"), (["--temperature", "0"], "temperature")]:
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--out", str(tmp_path), *argv])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    _train(tmp_path, "--stage", "vqvae")
+    with pytest.raises(SystemExit):
+        sample.main(["--out", str(tmp_path)])
+    assert "has no prior" in capsys.readouterr().err
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, capsys):
+    _train(tmp_path, "--stage", "vqvae")
+    before = (tmp_path / "vqvae.pt").read_bytes()
+    with pytest.raises(SystemExit):
+        _train(tmp_path, "--stage", "vqvae")
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "vqvae.pt").read_bytes() == before
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, capsys):
+    _train(tmp_path, "--stage", "vqvae")
+    before = (tmp_path / "vqvae.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "--stage", "vqvae", "--resume", "--epochs", "4", "--lr", "1e30")
+    assert e.value.code == 2 and "at step" in capsys.readouterr().err
+    assert (tmp_path / "vqvae.pt").read_bytes() == before
+
+
+def _script(*args):
+    return [sys.executable, str(ROOT / "train.py"), *args]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    args = ["--stage", "vqvae", "--epochs", "3", *TINY, "--n_train", "400", "--seed", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(_script("--out", str(tmp_path / "a"), *args), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_script("--out", str(tmp_path / "b"), *args), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # kill a few steps into the second epoch
+        if line.startswith("vqvae ep 2/3 step"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = subprocess.run(_script("--out", str(tmp_path / "b"), *args, "--resume"), env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resumed at epoch 1" in done.stdout
+    a = torch.load(tmp_path / "a" / "vqvae.pt", weights_only=True)["trainer"]["model"]
+    b = torch.load(tmp_path / "b" / "vqvae.pt", weights_only=True)["trainer"]["model"]
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+
+
+def test_ddp_two_cpu_processes_keep_identical_codebooks(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import train\n"
+        "out = sys.argv[1]\n"
+        "r = train.main(sys.argv[2:])\n"
+        "torch.save(r['vqvae'].quantizer.codebook, os.path.join(out, 'codebook%s.pt' % os.environ['RANK']))\n")
+    out = tmp_path / "o"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(out), "--out", str(out), "--overwrite", "--stage", "vqvae", "--epochs", "1", *TINY]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    c0, c1 = torch.load(out / "codebook0.pt"), torch.load(out / "codebook1.pt")
+    assert torch.equal(c0, c1)
+    fresh = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32)).quantizer.codebook
+    assert not torch.allclose(c0, fresh)  # it did train
+    assert json.loads((out / "summary.json").read_text())["device"] == "cpu x2"

@@ -84,6 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable file")
     p.add_argument("--log_every", type=int, default=50, help="steps between log lines")
+    p.add_argument("--bench_load", type=int, metavar="N", help="time loading N phantom .nii.gz slices, then exit")
     _config_flags(p, vq.VQVAEConfig)
     _config_flags(p, vq.PriorConfig, skip=("n_codes", "height", "width"))
     known, _ = p.parse_known_args(argv)
@@ -475,6 +476,48 @@ def train_prior(run, data, vqvae):
     }
 
 
+# ----------------------------------------------------------------------------- loader benchmark
+
+
+def _write_volume(task):
+    """Pool task: one phantom volume as raw-intensity float32 .nii.gz slices."""
+    import nibabel as nib
+    import numpy as np
+
+    folder, v, k, size = task
+    x = vq.phantom_slices(k, size, seed=v)[:, 0].numpy() * (800 + 150 * (v % 7))  # (k, H, W), raw-ish
+    for z in range(k):
+        nib.save(nib.Nifti1Image(x[z], np.eye(4)), folder / f"case_{v:03d}_week_0_slice_{z}.nii.gz")
+
+
+def bench_load(n, size):
+    """Write n phantom slices, then time the usual nibabel loop, load_slices cold and warm."""
+    import multiprocessing
+    import tempfile
+
+    import nibabel as nib
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, cache = Path(tmp) / "slices", Path(tmp) / "cache"
+        folder.mkdir()
+        tasks = [(folder, v, min(60, n - i), size) for v, i in enumerate(range(0, n, 60))]
+        with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
+            pool.map(_write_volume, tasks)
+        t = time.perf_counter()
+        np.stack([nib.load(f).get_fdata() for f in sorted(folder.glob("*.nii.gz"))])  # what people write
+        times = {"naive": time.perf_counter() - t}
+        for name in ("cold", "warm"):
+            t = time.perf_counter()
+            vq.load_slices(folder, size=size, cache_dir=cache)
+            times[name] = time.perf_counter() - t
+    print(f"{n} slices of {size[0]}x{size[1]}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    print(f"naive nib.load().get_fdata() loop  {times['naive']:7.2f} s")
+    print(f"load_slices, cold (empty cache)   {times['cold']:7.2f} s   {times['naive'] / times['cold']:.2f}x faster")
+    print(f"load_slices, warm (cached)        {times['warm']:7.2f} s")
+    return times
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -533,6 +576,8 @@ def _write_json(path, obj):
 def main(argv=None):
     """Parse flags and train; user errors print one line and exit with code 2."""
     args = parse_args(argv)
+    if args.bench_load:
+        return bench_load(args.bench_load, tuple(args.size))
     try:
         return train(args)
     except (UsageError, vq.DataError, vq.CheckpointError, FloatingPointError) as e:

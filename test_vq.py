@@ -640,6 +640,17 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, capsys):
     assert (tmp_path / "vqvae.pt").read_bytes() == before
 
 
+def test_minutes_budget_saves_mid_epoch_and_resume_finishes(tmp_path, capsys):
+    _train(tmp_path, "--stage", "vqvae", "--minutes", "0.0001")
+    assert "budget" in capsys.readouterr().out
+    state = torch.load(tmp_path / "vqvae.pt", weights_only=True)["trainer"]
+    assert (state["epoch"], state["batch"]) == (0, 1)  # stopped after one step, mid-epoch, and saved
+    assert "test_ssim_mean" in json.loads((tmp_path / "summary.json").read_text())  # evaluated all the same
+    _train(tmp_path, "--stage", "vqvae", "--resume")
+    state = torch.load(tmp_path / "vqvae.pt", weights_only=True)["trainer"]
+    assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 12)  # 48 / 8 = 6 steps per epoch
+
+
 def _script(*args):
     return [sys.executable, str(ROOT / "train.py"), *args]
 

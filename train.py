@@ -408,6 +408,8 @@ def evaluate_vqvae(run, model, data, trainer):
     order = s.argsort()
     rot = data["settings"]["rot90"]
     if run.main:
+        for old in run.out.glob("test_*_ssim*.png"):  # an earlier run's pictures would mislead
+            old.unlink()
         for tag, picks in (("best", order.flip(0)[:4]), ("worst", order[:4])):
             for rank, i in enumerate(picks.tolist(), 1):
                 vq.save_png(run.out / f"test_{tag}{rank}_ssim{s[i]:.4f}.png",
@@ -450,8 +452,7 @@ def train_prior(run, data, vqvae):
         return {"val_bits": bits(m, val_c)}
 
     trainer = Trainer(run, "prior", prior, step_fn, len(train_c), args.prior_batch_size, args.prior_epochs,
-                      args.prior_lr,
-                      validate, better=lambda a, b: a["val_bits"] < b["val_bits"])
+                      args.prior_lr, validate, better=lambda a, b: a["val_bits"] < b["val_bits"])
     if args.resume and (run.out / "prior.pt").exists():
         ckpt = vq.load_checkpoint(run.out / "prior.pt")
         trainer.load_state(ckpt["trainer"])
@@ -462,8 +463,8 @@ def train_prior(run, data, vqvae):
 
     trainer.fit(save)
     prior.eval()
-    final = vq.load_checkpoint(run.out / "model.pt") if run.main else None
     if run.main:
+        final = vq.load_checkpoint(run.out / "model.pt")
         final.update(prior_config=asdict(cfg), prior=prior.state_dict())
         run.save(final, "model.pt")
         g = torch.Generator(run.device).manual_seed(args.seed)

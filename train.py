@@ -524,6 +524,8 @@ def bench_load(n, size):
 
 
 def train(args):
+    if args.data is not None and not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data}: no such folder")
     run = Run(args)
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)

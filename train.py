@@ -351,11 +351,6 @@ def encode_all(run, model, x, batch_size=64):
     return torch.cat([model.encode(xb.to(run.device)).cpu() for xb in x.split(batch_size)])
 
 
-def _pairs(x, r):
-    """Inputs over their reconstructions: (2B, 1, H, W) for an image grid."""
-    return torch.cat([x, r])
-
-
 def train_vqvae(run, data):
     args = run.args
     cfg = _config(vq.VQVAEConfig, args)
@@ -377,7 +372,7 @@ def train_vqvae(run, data):
         r = reconstruct(run, m, val_x)
         if run.main:
             vq.save_png(run.out / f"recon_ep{trainer.epoch:03d}.png",
-                        vq.image_grid(_pairs(val_show, r[:8]), ncol=8, rot90=data["settings"]["rot90"]))
+                        vq.image_grid(torch.cat([val_show, r[:8]]), ncol=8, rot90=data["settings"]["rot90"]))
         return {"val_ssim": vq.ssim(val_x, r).mean().item(), "val_psnr": vq.psnr(val_x, r).mean().item()}
 
     trainer = Trainer(run, "vqvae", model, step_fn, len(train_x), args.batch_size, args.epochs, args.lr,
@@ -413,7 +408,7 @@ def evaluate_vqvae(run, model, data, trainer):
         for tag, picks in (("best", order.flip(0)[:4]), ("worst", order[:4])):
             for rank, i in enumerate(picks.tolist(), 1):
                 vq.save_png(run.out / f"test_{tag}{rank}_ssim{s[i]:.4f}.png",
-                            vq.image_grid(_pairs(test_x[i:i + 1], r[i:i + 1]), ncol=2, rot90=rot))
+                            vq.image_grid(torch.cat([test_x[i:i + 1], r[i:i + 1]]), ncol=2, rot90=rot))
     return {
         "test_ssim_mean": s.mean().item(), "test_ssim_std": s.std().item() if len(s) > 1 else 0.0,
         "test_ssim_min": s.min().item(), "test_psnr_mean": p.mean().item(),

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import vq
 
 # Without --data: defaults sized so both stages finish in minutes on a 2-core CPU (flags still win).
-PHANTOM_DEFAULTS = dict(size=[128, 64], epochs=10, prior_epochs=8, channels=64, n_codes=128, prior_channels=32,
+PHANTOM_DEFAULTS = dict(size=[128, 64], epochs=10, prior_epochs=12, channels=64, n_codes=128, prior_channels=32,
                         prior_layers=8)
 REAL_DEFAULTS = dict(size=[256, 128], epochs=30, prior_epochs=30)
 
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out", help="output folder (default out)")
     p.add_argument("--stage", choices=["vqvae", "prior", "all"], default="all")
     p.add_argument("--epochs", type=int, help="VQ-VAE epochs (default 30; phantom 10)")
-    p.add_argument("--prior_epochs", type=int, help="prior epochs (default 30; phantom 8)")
+    p.add_argument("--prior_epochs", type=int, help="prior epochs (default 30; phantom 12)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget per stage")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--prior_batch_size", type=int, default=32)

@@ -341,7 +341,7 @@ def reconstruct(run, model, x, batch_size=64):
 def _code_stats(codes, n_codes):
     counts = torch.bincount(codes.flatten(), minlength=n_codes).double()
     p = counts / counts.sum()
-    entropy = -(p[p > 0] * p[p > 0].log2()).sum().item()
+    entropy = max(0.0, -(p[p > 0] * p[p > 0].log2()).sum().item())  # no -0.0 when one code is used
     return {"usage": (counts > 0).double().mean().item(), "perplexity": 2 ** entropy, "bits": entropy}
 
 

@@ -575,7 +575,8 @@ def test_train_and_sample_end_to_end(tmp_path, capsys):
     assert "ssim" in capsys.readouterr().out and 0 < sims[0].item() <= 1
 
 
-def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys):
+def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VQ_CACHE_DIR", str(tmp_path / "cache"))  # keep the user's cache untouched
     root = vq.write_phantom_tree(tmp_path / "data", n_train=40, n_val=12, n_test=12, size=(32, 32),
                                  slices_per_volume=4)
     bad = [root / "keras_slices_train" / "case_900_week_0_slice_0.nii.gz",

@@ -147,8 +147,9 @@ class Run:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
 
-def load_data(run):
-    """-> dict with train / validate / test tensors (N, 1, H, W), data settings and skipped files."""
+def load_data(run, files):
+    """files: find_splits' lists, or None for the phantom set -> dict with train / validate / test
+    tensors (N, 1, H, W), data settings and skipped files."""
     args = run.args
     if args.data is None:
         size = tuple(args.size)
@@ -157,7 +158,6 @@ def load_data(run):
                   enumerate([("train", args.n_train), ("validate", args.n_val), ("test", args.n_test)])}
         return dict(splits, settings={"source": "phantom", "size": list(size), "rot90": 1}, skipped=[])
     size = tuple(args.size)
-    files = vq.find_splits(args.data)
     skipped, splits = [], {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", vq.SkippedFileWarning)
@@ -307,10 +307,8 @@ class Trainer:
 
     @staticmethod
     def _fmt(k, v):
-        if k in ("perplexity",):
+        if k in ("perplexity", "used"):
             return f"{k} {v:.0f}"
-        if k == "used":
-            return f"used {v:.0f}"
         return f"{k} {v:.4f}" if abs(v) < 100 else f"{k} {v:.1f}"
 
 
@@ -519,8 +517,7 @@ def bench_load(n, size):
 
 
 def train(args):
-    if args.data is not None and not Path(args.data).is_dir():
-        raise UsageError(f"--data {args.data}: no such folder")
+    files = vq.find_splits(args.data) if args.data is not None else None  # a bad layout fails first, fast
     run = Run(args)
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
@@ -532,7 +529,7 @@ def train(args):
             _check_fresh(run, f"{s}.pt")
     if args.stage == "prior" and not (run.out / "model.pt").exists():
         raise UsageError(f"--stage prior needs a trained VQ-VAE: {run.out / 'model.pt'} does not exist")
-    data = load_data(run)
+    data = load_data(run, files)
     n = {k: len(data[k]) for k in ("train", "validate", "test")}
     run.log(f"data: {n['train']} train, {n['validate']} validate, {n['test']} test slices of "
             f"{tuple(data['train'].shape[-2:])} from {data['settings']['source']} | device {run.device}")

@@ -83,6 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
+    p.add_argument("--bf16", type=_bool, default=True, help="bf16 autocast on CUDA (default true)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable file")
     p.add_argument("--log_every", type=int, default=50, help="steps between log lines")
     p.add_argument("--bench_load", type=int, metavar="N", help="time loading N phantom .nii.gz slices, then exit")
@@ -119,6 +120,8 @@ class Run:
         if device == "cuda" and self.world > 1:
             device = f"cuda:{local}"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # set_device needs an index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             if self.device.type == "cpu":  # share the cores between the processes
@@ -144,7 +147,7 @@ class Run:
             vq.save_checkpoint(obj, self.out / name)
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.args.bf16)
 
 
 def load_data(run, files):

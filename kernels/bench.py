@@ -2,6 +2,12 @@
 
     python -m kernels.bench            # all shapes on a GPU; on a CPU the biggest is skipped
     python -m kernels.bench --all      # include (262144, 1024, 64) on a CPU too
+
+On a GPU each path is timed twice: as a replayed CUDA graph (the device time of its kernels,
+which is what the floor compares with) and as plain calls (host launch overhead included).
+Inputs are random normal (every distance alike: the hardest case for the tf32 proof) and
+clustered (each row near one code, as encoder outputs of a trained VQ-VAE are); codes are
+checked against the float64 reference.
 """
 
 import argparse
@@ -15,7 +21,7 @@ import time
 
 import torch
 
-from .nearest_code import HAVE_TRITON, nearest_code, nearest_code_torch
+from .nearest_code import HAVE_TRITON, nearest_code, nearest_code_reference, nearest_code_torch
 
 SHAPES = [(4096, 512, 64), (65536, 512, 64), (262144, 1024, 64)]  # (N, K, D)
 CPU_TOO_SLOW = {(262144, 1024, 64)}
@@ -24,15 +30,20 @@ CHECK_SHAPE = (65536, 512, 64)
 # Spec sheet peak HBM bandwidth, B/s; first matching substring of the device name wins.
 PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 PATHS = {
-    "triton": lambda z, c: nearest_code(z, c, backend="triton"),
+    "triton tf32": lambda z, c: nearest_code(z, c, backend="triton", precision="tf32"),
+    "triton tf32x3": lambda z, c: nearest_code(z, c, backend="triton", precision="tf32x3"),
     "torch chunked": nearest_code_torch,
     "cdist+argmin": lambda z, c: torch.cdist(z, c).argmin(1),
 }
 
 
-def _inputs(N, K, D, device):
+def _inputs(N, K, D, device, clustered=False):
     g = torch.Generator(device=device).manual_seed(0)
-    return torch.randn(N, D, generator=g, device=device), torch.randn(K, D, generator=g, device=device)
+    c = torch.randn(K, D, generator=g, device=device)
+    if clustered:
+        rows = torch.randint(0, K, (N,), generator=g, device=device)
+        return c[rows] + 0.3 * torch.randn(N, D, generator=g, device=device), c
+    return torch.randn(N, D, generator=g, device=device), c
 
 
 def _median_ms(fn, reps, sync):
@@ -57,17 +68,29 @@ def _measure_cpu(path, N, K, D, reps):
     return _median_ms(lambda: fn(z, c), reps, lambda: None), peak
 
 
-def _measure_gpu(path, N, K, D, reps):
-    z, c = _inputs(N, K, D, "cuda")
+def _measure_gpu(path, z, c):
+    """(graph us, call us, peak extra bytes, codes) of one path on the GPU."""
+    from triton.testing import do_bench_cudagraph
+
     fn = PATHS[path]
-    fn(z, c)  # warm-up: compilation and autotuning
+    codes = fn(z, c)  # warm-up: compilation and autotuning
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fn(z, c)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    return _median_ms(lambda: fn(z, c), reps, torch.cuda.synchronize), peak
+    graph_us = 1e3 * do_bench_cudagraph(lambda: fn(z, c), rep=200, return_mode="median")
+    call_us = 1e3 * _median_ms(lambda: fn(z, c), 50, torch.cuda.synchronize)
+    return graph_us, call_us, peak, codes[0] if isinstance(codes, tuple) else codes
+
+
+def _check_codes(z, c, codes):
+    """(mismatches against float64, how many of them are farther than a near-tie)."""
+    ref_codes, ref_dist = nearest_code_reference(z.cpu(), c.cpu())
+    codes = codes.cpu()
+    chosen = (z.cpu().double() - c.cpu().double()[codes]).pow(2).sum(1)
+    return int((codes != ref_codes).sum()), int((chosen > ref_dist * (1 + 1e-5) + 1e-6).sum())
 
 
 def _peak_bandwidth():
@@ -104,37 +127,47 @@ def main(argv=None):
         print(json.dumps({"ms": ms, "peak": peak}))
         return
 
-    gpu = torch.cuda.is_available()
-    if gpu:
-        bandwidth, source = _peak_bandwidth()
-        print(f"device: {source}, peak bandwidth {bandwidth / 1e12:.2f} TB/s")
-        paths = [p for p in PATHS if p != "triton" or HAVE_TRITON]
-    else:
-        print(f"device: cpu, {torch.get_num_threads()} threads; each path runs in a fresh process")
-        paths = ["torch chunked", "cdist+argmin"]
-    print(f"{'N':>7} {'K':>5} {'D':>4}  {'path':<14} {'ms':>9} {'peak extra MB':>14}" + ("  % of BW floor" if gpu else ""))
+    if torch.cuda.is_available():
+        return _main_gpu()
+    print(f"device: cpu, {torch.get_num_threads()} threads; each path runs in a fresh process")
+    paths = ["torch chunked", "cdist+argmin"]
+    print(f"{'N':>7} {'K':>5} {'D':>4}  {'path':<14} {'ms':>9} {'peak extra MB':>14}")
     results = {}
     for N, K, D in SHAPES:
-        if not gpu and (N, K, D) in CPU_TOO_SLOW and not args.all:
+        if (N, K, D) in CPU_TOO_SLOW and not args.all:
             print(f"{N:>7} {K:>5} {D:>4}  skipped on CPU (too slow; --all runs it)")
             continue
         for path in paths:
-            if gpu:
-                ms, peak = _measure_gpu(path, N, K, D, reps=20)
-            else:
-                ms, peak = _cpu_in_subprocess(path, N, K, D)
+            ms, peak = _cpu_in_subprocess(path, N, K, D)
             results[path, (N, K, D)] = ms, peak
-            row = f"{N:>7} {K:>5} {D:>4}  {path:<14} {ms:>9.2f} {peak / 2**20:>14.1f}"
-            if gpu:
-                # Read z and codebook once, write int64 codes and fp32 dist once: no path beats that.
-                floor_ms = 1e3 * (4 * (N * D + K * D) + N * (8 + 4)) / bandwidth
-                row += f"  {100 * floor_ms / ms:>13.1f}"
-            print(row)
-    if not gpu:
-        (t_ours, m_ours), (t_cdist, m_cdist) = results["torch chunked", CHECK_SHAPE], results["cdist+argmin", CHECK_SHAPE]
-        ok = m_ours <= m_cdist / 4 and t_ours <= t_cdist
-        print(f"chunked / cdist at {CHECK_SHAPE}: memory {m_ours / m_cdist:.2f} (needs <= 0.25), "
-              f"time {t_ours / t_cdist:.2f} (needs <= 1): {'ok' if ok else 'FAIL'}")
+            print(f"{N:>7} {K:>5} {D:>4}  {path:<14} {ms:>9.2f} {peak / 2**20:>14.1f}")
+    (t_ours, m_ours), (t_cdist, m_cdist) = results["torch chunked", CHECK_SHAPE], results["cdist+argmin", CHECK_SHAPE]
+    ok = m_ours <= m_cdist / 4 and t_ours <= t_cdist
+    print(f"chunked / cdist at {CHECK_SHAPE}: memory {m_ours / m_cdist:.2f} (needs <= 0.25), "
+          f"time {t_ours / t_cdist:.2f} (needs <= 1): {'ok' if ok else 'FAIL'}")
+
+
+def _main_gpu():
+    from .nearest_code import _launch
+
+    bandwidth, source = _peak_bandwidth()
+    print(f"device: {source}, peak bandwidth {bandwidth / 1e12:.2f} TB/s")
+    paths = [p for p in PATHS if HAVE_TRITON or not p.startswith("triton")]
+    print(f"{'N':>7} {'K':>5} {'D':>4} {'inputs':>9}  {'path':<14} {'graph us':>9} {'call us':>9} {'% floor':>8} "
+          f"{'extra MB':>9}  codes vs float64")
+    for N, K, D in SHAPES:
+        # Read z and codebook once, write int64 codes and fp32 dist once: no path beats that.
+        floor_us = 1e6 * (4 * (N * D + K * D) + N * (8 + 4)) / bandwidth
+        for clustered in (False, True):
+            z, c = _inputs(N, K, D, "cuda", clustered)
+            for path in paths:
+                graph_us, call_us, peak, codes = _measure_gpu(path, z, c)
+                wrong, far = _check_codes(z, c, codes)
+                note = f"{wrong} differ, {far} beyond a near-tie"
+                if path == "triton tf32":
+                    note += f"; {_launch(z, c, 'tf32')[2].item() / N:.1%} rows rechecked"
+                print(f"{N:>7} {K:>5} {D:>4} {'clustered' if clustered else 'normal':>9}  {path:<14} {graph_us:>9.1f} "
+                      f"{call_us:>9.1f} {100 * floor_us / graph_us:>8.1f} {peak / 2**20:>9.1f}  {note}", flush=True)
 
 
 if __name__ == "__main__":

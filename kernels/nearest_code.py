@@ -1,5 +1,7 @@
 """Nearest-codebook search: float64 reference, chunked torch path, fused Triton kernel."""
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -64,57 +66,79 @@ def nearest_code_torch(z, codebook, chunk_size=None):
 
 
 if HAVE_TRITON:
-    # Tiles that ptxas compiles without register spills at tf32x3 on both sm_80 and sm_90 (its
-    # split operands cost registers, so mostly BLOCK_D = 16 and 8 warps); autotune picks among them.
+    # The fastest tiles of a sweep on an H100 (kernels/bench.py) for either precision; autotune picks.
+    # They are latency-bound: ~230 registers a thread leave room for 2 programs per SM.
     _CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-        for bn, bk, bd, w, s in [
-            (64, 64, 16, 4, 2), (64, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 128, 16, 8, 2),
-            (64, 128, 16, 8, 3), (128, 64, 16, 8, 2), (128, 64, 16, 8, 3), (128, 128, 16, 8, 2),
-        ]
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 4),
+                             (256, 64, 8, 3)]
     ]
-    # The interpreter runs programs one after another in numpy, so few big blocks are fastest;
-    # BLOCK_D = 32 stays below the tests' D, so the D loop and its masked tail run too.
-    _INTERPRET_BLOCKS = {"BLOCK_N": 128, "BLOCK_K": 256, "BLOCK_D": 32}
+    # The interpreter runs programs one after another in numpy, so few big blocks are fastest.
+    _INTERPRET_BLOCKS = {"BLOCK_N": 128, "BLOCK_K": 256}
+    RESIDENT_D = 128  # up to this D (padded to a power of two) a program keeps its z tile in registers
+    CHUNK_D = 32  # above it, z and codebook tiles stream in D chunks of this width
 
     @triton.jit
-    def _nearest_code_kernel(
-        z_ptr, c_ptr, codes_ptr, dist_ptr, N, K, D,
-        stride_zn, stride_zd, stride_ck, stride_cd,
-        PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        # int64 rows: rows * stride_zn overflows int32 once N * D passes 2**31.
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        row_ok = rows < N
-        best = tl.full([BLOCK_N], float("inf"), tl.float32)
-        best_k = tl.zeros([BLOCK_N], tl.int32)
+    def _search(z_ptr, c_ptr, rows, row_ok, K, D, stride_zn, stride_zd, stride_ck, stride_cd,
+                PRECISION: tl.constexpr, CERTIFY: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr):
+        """Scan every code for these rows: (best score, its code, second-best score, max ||c||^2)."""
+        # int64 offsets throughout: ks * stride_ck or rows * stride_zn pass 2**31 on big strided inputs.
+        ds = tl.arange(0, BLOCK_D).to(tl.int64)
+        if RESIDENT:  # loaded once, kept in registers for every codebook tile
+            zt = tl.load(z_ptr + rows[:, None] * stride_zn + ds[None, :] * stride_zd,
+                         mask=row_ok[:, None] & (ds[None, :] < D), other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
+        # A running minimum per (row, column of the tile), so the loop has no cross-thread reductions:
+        # slot j of a row holds the best of codes j, j + BLOCK_K, j + 2 BLOCK_K, ... and where it was.
+        best_v = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+        best_i = tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
+        second_v = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+        c_max = 0.0
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+            ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)  # (BLOCK_K,)
             k_ok = ks < K
-            dot = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-            c_sq = tl.zeros([BLOCK_K], tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                ds = d0 + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-                d_ok = ds < D
-                zt = tl.load(z_ptr + rows[:, None] * stride_zn + ds[None, :] * stride_zd,
-                             mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
+            if RESIDENT:
                 ct = tl.load(c_ptr + ks[None, :] * stride_ck + ds[:, None] * stride_cd,
-                             mask=d_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_K)
-                dot = tl.dot(zt, ct, dot, input_precision=PRECISION)
+                             mask=(ds[:, None] < D) & k_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_K)
+                dot = tl.dot(zt, ct, input_precision=PRECISION)  # (BLOCK_N, BLOCK_K)
                 # Computed here, the same way for every code, so duplicate codes score identically.
-                c_sq += tl.sum(ct * ct, axis=0)
+                c_sq = tl.sum(ct * ct, axis=0)
+            else:
+                dot = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+                c_sq = tl.zeros([BLOCK_K], tl.float32)
+                for d0 in range(0, D, BLOCK_D):
+                    dd = d0 + ds
+                    zc = tl.load(z_ptr + rows[:, None] * stride_zn + dd[None, :] * stride_zd,
+                                 mask=row_ok[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
+                    ct = tl.load(c_ptr + ks[None, :] * stride_ck + dd[:, None] * stride_cd,
+                                 mask=(dd[:, None] < D) & k_ok[None, :], other=0.0).to(tl.float32)
+                    dot = tl.dot(zc, ct, dot, input_precision=PRECISION)
+                    c_sq += tl.sum(ct * ct, axis=0)
             # ||z||^2 is the same for every code of a row, so the argmin does without it;
             # padded codes score inf so they never win.
             score = tl.where(k_ok[None, :], c_sq[None, :] - 2.0 * dot, float("inf"))  # (BLOCK_N, BLOCK_K)
-            tile_best, tile_k = tl.min(score, axis=1, return_indices=True)  # lowest index among equal minima
-            # Strict <: an equal minimum in a later tile keeps the earlier, lower index.
-            better = tile_best < best
-            best = tl.where(better, tile_best, best)
-            best_k = tl.where(better, k0 + tile_k, best_k)
-        # Exact fp32 distance to the chosen code from differences, immune to ||z||^2 cancellation.
+            better = score < best_v  # strict: an equal score in a later tile keeps the lower index
+            if CERTIFY:  # the runner-up of each slot too, to prove the winner despite rounding
+                second_v = tl.where(better, best_v, tl.minimum(second_v, score))
+                c_max = tl.maximum(c_max, tl.max(c_sq, axis=0))
+            best_v = tl.where(better, score, best_v)
+            best_i = tl.where(better, k0, best_i)
+        best = tl.min(best_v, axis=1)  # (BLOCK_N,)
+        code = best_i + tl.arange(0, BLOCK_K)[None, :]  # (BLOCK_N, BLOCK_K) the code each slot holds
+        best_k = tl.min(tl.where(best_v == best[:, None], code, K - 1), axis=1)  # lowest index among equal minima
+        second = best
+        if CERTIFY:  # the winning slot's runner-up, or any other slot's best
+            second = tl.min(tl.where(code == best_k[:, None], second_v, best_v), axis=1)
+        return best, best_k.to(tl.int64), second, c_max
+
+    @triton.jit
+    def _finish(z_ptr, c_ptr, codes_ptr, dist_ptr, rows, row_ok, best_k, D, stride_zn, stride_zd, stride_ck,
+                stride_cd, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Store the codes and the exact fp32 distances, recomputed from differences; returns ||z||^2."""
         dist = tl.zeros([BLOCK_N], tl.float32)
+        z_sq = tl.zeros([BLOCK_N], tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
+            ds = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
             mask = row_ok[:, None] & (ds[None, :] < D)
             zt = tl.load(z_ptr + rows[:, None] * stride_zn + ds[None, :] * stride_zd,
                          mask=mask, other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
@@ -122,32 +146,118 @@ if HAVE_TRITON:
                          mask=mask, other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
             diff = zt - ct
             dist += tl.sum(diff * diff, axis=1)
-        tl.store(codes_ptr + rows, best_k.to(tl.int64), mask=row_ok)
+            z_sq += tl.sum(zt * zt, axis=1)
+        tl.store(codes_ptr + rows, best_k, mask=row_ok)
         tl.store(dist_ptr + rows, dist, mask=row_ok)
+        return z_sq
+
+    @triton.jit
+    def _nearest_code_kernel(
+        z_ptr, c_ptr, codes_ptr, dist_ptr, queue_ptr, count_ptr, N, K, D,
+        stride_zn, stride_zd, stride_ck, stride_cd, EPS,
+        PRECISION: tl.constexpr, CERTIFY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
+    ):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        row_ok = rows < N
+        best, best_k, second, c_max = _search(z_ptr, c_ptr, rows, row_ok, K, D, stride_zn, stride_zd, stride_ck,
+                                              stride_cd, PRECISION, CERTIFY, BLOCK_N, BLOCK_K, BLOCK_D, RESIDENT)
+        z_sq = _finish(z_ptr, c_ptr, codes_ptr, dist_ptr, rows, row_ok, best_k, D, stride_zn, stride_zd,
+                       stride_ck, stride_cd, BLOCK_N, BLOCK_D)
+        if CERTIFY:
+            # Every score is off by at most EPS * ||z|| * max||c|| + EPS * max||c||^2 (operands rounded
+            # to tf32, fp32 sums); a runner-up more than twice that behind proves the winner exact.
+            # Rows without that proof (near-ties, NaN) are queued for the fp32 recheck kernel.
+            bound = EPS * (tl.sqrt(z_sq * c_max) + c_max)
+            doubt = row_ok & ~(second - best > 2.0 * bound)
+            n = tl.sum(doubt.to(tl.int32), axis=0)
+            base = tl.atomic_add(count_ptr, n)  # one atomic per program; then a prefix sum places the rows
+            slot = base + tl.cumsum(doubt.to(tl.int32), axis=0) - 1
+            tl.store(queue_ptr + slot, rows, mask=doubt)
+
+    @triton.jit
+    def _recheck_kernel(
+        z_ptr, c_ptr, codes_ptr, dist_ptr, queue_ptr, count_ptr, K, D,
+        stride_zn, stride_zd, stride_ck, stride_cd,
+        PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        RESIDENT: tl.constexpr,
+    ):
+        # A fixed grid walks the queue, so no host round trip is needed to size it.
+        count = tl.load(count_ptr)
+        for start in range(tl.program_id(0) * BLOCK_N, count, tl.num_programs(0) * BLOCK_N):
+            i = start + tl.arange(0, BLOCK_N)
+            ok = i < count
+            rows = tl.load(queue_ptr + i, mask=ok, other=0)
+            _, best_k, _, _ = _search(z_ptr, c_ptr, rows, ok, K, D, stride_zn, stride_zd, stride_ck, stride_cd,
+                                      PRECISION, False, BLOCK_N, BLOCK_K, BLOCK_D, RESIDENT)
+            _finish(z_ptr, c_ptr, codes_ptr, dist_ptr, rows, ok, best_k, D, stride_zn, stride_zd, stride_ck,
+                    stride_cd, BLOCK_N, BLOCK_D)
 
     # K and D set the work per program; N only sets the grid, so it stays out of the key.
-    _nearest_code_tuned = triton.autotune(configs=_CONFIGS, key=["K", "D", "PRECISION"])(_nearest_code_kernel)
+    _nearest_code_tuned = triton.autotune(configs=_CONFIGS, key=["K", "D", "PRECISION", "CERTIFY"],
+                                          reset_to_zero=["count_ptr"])(_nearest_code_kernel)
+
+# Rounding bound of the tf32 pass. tf32 keeps 10 of fp32's 23 mantissa bits, so each product
+# z_d c_d is off by under 2**-9 relative (operands truncated or rounded), and fp32 sums add
+# D * 2**-23 (<= 2**-11 for D <= 4096): by Cauchy-Schwarz |2 z.c computed - exact| stays under
+# (2**-8 + 2**-10) ||z|| ||c||, and ||c||^2 under 2**-12 ||c||^2; 2**-7 covers both.
+_TF32_EPS = 2**-7
 
 
 def _nearest_code_triton(z, codebook, precision):
+    return _launch(z, codebook, precision)[:2]
+
+
+def _launch(z, codebook, precision, eps=_TF32_EPS):
+    """The Triton search: (codes, dist, number of rows the tf32 pass could not prove, on the device)."""
     N, K, D = _check_inputs(z, codebook)
-    if precision not in ("tf32x3", "ieee"):
-        raise ValueError(f"precision must be 'tf32x3' or 'ieee', got {precision!r}")
+    if precision not in ("tf32", "tf32x3", "ieee"):
+        raise ValueError(f"precision must be 'tf32', 'tf32x3' or 'ieee', got {precision!r}")
     codes = torch.empty(N, dtype=torch.int64, device=z.device)
     dist = torch.empty(N, dtype=torch.float32, device=z.device)
+    count = torch.zeros(1, dtype=torch.int32, device=z.device)
     if N == 0:
-        return codes, dist
+        return codes, dist, count
+    certify = precision == "tf32"
+    queue = torch.empty(N if certify else 1, dtype=torch.int64, device=z.device)
     # Strides go to the kernel, so non-contiguous inputs need no copy.
-    args = (z, codebook, codes, dist, N, K, D, *z.stride(), *codebook.stride())
+    args = (z, codebook, codes, dist, queue, count)
+    with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():  # launch where the tensors live
+        if _INTERPRET:  # the interpreter computes in fp32 whatever the precision; certify still runs
+            grid = (triton.cdiv(N, _INTERPRET_BLOCKS["BLOCK_N"]),)
+            _nearest_code_kernel[grid](*args, N, K, D, *z.stride(), *codebook.stride(), eps, PRECISION="ieee",
+                                       CERTIFY=certify, **_INTERPRET_BLOCKS, **_d_blocks(D))
+        else:
+            _nearest_code_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+                *args, N, K, D, *z.stride(), *codebook.stride(), eps, PRECISION=precision, CERTIFY=certify,
+                **_d_blocks(D))
+        if certify:
+            _recheck(*args)
+    return codes, dist, count
+
+
+def _d_blocks(D):
+    block_d = triton.next_power_of_2(D)
+    return dict(BLOCK_D=block_d, RESIDENT=True) if block_d <= RESIDENT_D else dict(BLOCK_D=CHUNK_D, RESIDENT=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _recheck(z, codebook, codes, dist, queue, count):
+    """Search the count[0] rows listed in queue again, at near-fp32 precision; nothing to do when empty."""
+    (K, D), strides = codebook.shape, (*z.stride(), *codebook.stride())
     if _INTERPRET:
-        grid = (triton.cdiv(N, _INTERPRET_BLOCKS["BLOCK_N"]),)
-        _nearest_code_kernel[grid](*args, PRECISION="ieee", **_INTERPRET_BLOCKS)
-    else:
-        _nearest_code_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, PRECISION=precision)
-    return codes, dist
+        grid, blocks = (2,), dict(PRECISION="ieee", **_INTERPRET_BLOCKS)
+    else:  # one program per SM walks the queue: a fixed grid, so no host round trip to size it
+        grid = (_sm_count(z.device),)
+        blocks = dict(PRECISION="tf32x3", BLOCK_N=128, BLOCK_K=64, num_warps=8)
+    _recheck_kernel[grid](z, codebook, codes, dist, queue, count, K, D, *strides, **blocks, **_d_blocks(D))
 
 
-def nearest_code(z, codebook, *, backend=None, precision="tf32x3"):
+def nearest_code(z, codebook, *, backend=None, precision="tf32"):
     """Nearest codebook entry for each row of z, in squared Euclidean distance.
 
     Args:
@@ -158,9 +268,11 @@ def nearest_code(z, codebook, *, backend=None, precision="tf32x3"):
             importable and z is on a GPU, else the chunked torch path. "triton" also runs on
             CPU tensors when TRITON_INTERPRET=1 was set before import (slow, exact: for tests);
             without triton, or with a CPU tensor outside the interpreter, it raises RuntimeError.
-        precision: the Triton kernel's tl.dot input precision on a GPU: "tf32x3" (tensor
-            cores, near-fp32 accuracy) or "ieee" (exact fp32 FMA). The interpreter and the
-            torch path always compute in fp32.
+        precision: the Triton kernel's arithmetic on a GPU. "tf32" (default): one tensor-core
+            pass in tf32 that also proves, row by row, that its winner beats the runner-up by
+            more than tf32 rounding could account for; rows it cannot prove (near-ties) are
+            searched again in "tf32x3". "tf32x3": three tf32 passes, near-fp32 accuracy.
+            "ieee": fp32 FMA, slowest. The interpreter and the torch path compute in fp32.
 
     Returns:
         codes: (N,) int64, the index of the nearest code. Ties go to the lowest index.

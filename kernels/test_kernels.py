@@ -18,7 +18,14 @@ needs_triton = pytest.mark.skipif(
     not (HAVE_TRITON and nc._INTERPRET),
     reason="needs triton, imported with TRITON_INTERPRET=1: run `TRITON_INTERPRET=1 python -m pytest kernels`",
 )
-BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+# (backend, precision): the Triton kernel with its tf32 proof and recheck queue, and without them
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton), pytest.param("triton-x3", marks=needs_triton)]
+
+
+def search(z, codebook, backend):
+    if backend == "triton-x3":
+        return nearest_code(z, codebook, backend="triton", precision="tf32x3")
+    return nearest_code(z, codebook, backend=backend)
 
 
 def _randn(*shape, seed=0, dtype=torch.float32):
@@ -37,17 +44,17 @@ def _assert_matches_reference(z, codebook, codes, dist):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("N,K,D", [(1000, 513, 40), (1, 1, 3), (4097, 1024, 64), (0, 16, 8)])
-def test_random_shapes(backend, N, K, D):
+@pytest.mark.parametrize("N,K,D", [(1000, 513, 40), (1, 1, 3), (4097, 1024, 64), (0, 16, 8), (300, 257, 200)])
+def test_random_shapes(backend, N, K, D):  # D = 200 is past the resident z tile: D streams in chunks
     z, codebook = _randn(N, D, seed=1), _randn(K, D, seed=2)
-    _assert_matches_reference(z, codebook, *nearest_code(z, codebook, backend=backend))
+    _assert_matches_reference(z, codebook, *search(z, codebook, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs(backend, dtype):
     z, codebook = _randn(300, 40, seed=3, dtype=dtype), _randn(257, 40, seed=4, dtype=dtype)
-    _assert_matches_reference(z, codebook, *nearest_code(z, codebook, backend=backend))
+    _assert_matches_reference(z, codebook, *search(z, codebook, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -55,7 +62,7 @@ def test_non_contiguous(backend):
     z = _randn(40, 300, seed=5).T  # (N, D) with strides (1, N)
     codebook = _randn(257, 80, seed=6)[:, ::2]  # (K, D) with strides (80, 2)
     assert not (z.is_contiguous() or codebook.is_contiguous())
-    _assert_matches_reference(z, codebook, *nearest_code(z, codebook, backend=backend))
+    _assert_matches_reference(z, codebook, *search(z, codebook, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -63,7 +70,7 @@ def test_well_separated_codes_are_exact(backend):
     codebook = 10 * _randn(513, 40, seed=7)
     truth = torch.randint(0, 513, (1000,), generator=torch.Generator().manual_seed(8))
     z = codebook[truth] + 1e-3 * _randn(1000, 40, seed=9)
-    codes, dist = nearest_code(z, codebook, backend=backend)
+    codes, dist = search(z, codebook, backend)
     assert torch.equal(codes, truth) and torch.equal(codes, nearest_code_reference(z, codebook)[0])
     _assert_matches_reference(z, codebook, codes, dist)
 
@@ -76,9 +83,58 @@ def test_ties_go_to_lowest_index(backend):
     base = torch.randint(1, 4, (200, 8), generator=g).float()
     codebook = torch.cat([base, base])  # (K=400, D)
     z = torch.randint(1, 4, (700, 8), generator=g).float()
-    codes, dist = nearest_code(z, codebook, backend=backend)
+    codes, dist = search(z, codebook, backend)
     assert torch.equal(codes, nearest_code_reference(z, codebook)[0]) and (codes < 200).all()
     assert torch.equal(dist, (z - codebook[codes]).pow(2).sum(1))
+
+
+@needs_triton
+def test_unproven_rows_are_queued_and_searched_again():
+    z, codebook = _randn(700, 40, seed=13), _randn(300, 40, seed=14)
+    want = nearest_code_reference(z, codebook)
+    # An error bound too big to prove any row: every row goes through the recheck kernel.
+    codes, dist, queued = nc._launch(z, codebook, "tf32", eps=1e3)
+    assert queued.item() == 700 and torch.equal(codes, want[0])
+    _assert_matches_reference(z, codebook, codes, dist)
+    # A bound of about fp32 rounding proves every row with a real gap; rows whose nearest code is
+    # duplicated are real ties, and are queued.
+    dup = torch.cat([codebook, codebook[:150]])  # codes 300.. repeat codes 0..149
+    codes, dist, queued = nc._launch(z, dup, "tf32", eps=2**-20)
+    assert queued.item() == (want[0] < 150).sum().item() > 0
+    _assert_matches_reference(z, dup, codes, dist)  # either copy of a duplicate: they differ by rounding
+    # The recheck kernel alone fills exactly the queued rows, and only those.
+    rows = torch.randperm(700, generator=torch.Generator().manual_seed(15))[:333]
+    codes, dist = torch.full((700,), -1), torch.full((700,), float("nan"))
+    nc._recheck(z, codebook, codes, dist, rows, torch.tensor([len(rows)], dtype=torch.int32))
+    assert torch.equal(codes[rows], want[0][rows]) and (codes == -1).sum() == 700 - 333
+    torch.testing.assert_close(dist[rows].double(), want[1][rows], rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+def test_offsets_past_int32_on_strided_inputs():
+    # Column offsets d * stride and k * stride pass 2**31 elements here. Only a few pages of the
+    # 4 GiB buffer are touched. In a subprocess: int32 offsets would crash it, not return.
+    code = """
+import torch, kernels
+from kernels import nearest_code_reference
+base = torch.empty(2**31 + 256, dtype=torch.float16)
+g = torch.Generator().manual_seed(0)
+codes = torch.randn(3, 8, generator=g).half()
+for k in range(3):
+    base[k * 2**30:k * 2**30 + 8] = codes[k]
+codebook = base.as_strided((3, 8), (2**30, 1))  # code k at element k * 2**30
+z = torch.randn(50, 8, generator=g)
+assert torch.equal(kernels.nearest_code(z, codebook, backend="triton")[0], nearest_code_reference(z, codes.float())[0])
+zt = base.as_strided((40, 3), (1, 2**30), 64)  # column-major: column d at element d * 2**30 + 64
+for d in range(3):
+    base[d * 2**30 + 64:d * 2**30 + 104] = torch.randn(40, generator=g).half()
+assert torch.equal(kernels.nearest_code(zt, codebook[:, :3], backend="triton")[0],
+                   nearest_code_reference(zt.float(), codes[:, :3].float())[0])
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_torch_path_chunks():
@@ -127,7 +183,7 @@ def test_switch_picks_path(monkeypatch):
 ])
 def test_bad_inputs(backend, z, codebook, message):
     with pytest.raises(ValueError, match=message):
-        nearest_code(z, codebook, backend=backend)
+        search(z, codebook, backend)
 
 
 def test_imports_without_triton():

@@ -184,6 +184,28 @@ def test_cache_hit_invalidation_and_location(tmp_path, monkeypatch):
         assert len(load_slices(files[:2], size=(64, 32), cache_dir=tmp_path / "not_a_dir" / "c")) == 2
 
 
+def test_cache_keeps_no_reading_failure(tmp_path, monkeypatch):
+    files = [save(tmp_path / "d" / f"case_001_slice_{z}.nii.gz", np.random.default_rng(z).uniform(0, 9, (32, 16)))
+             for z in range(3)]
+    real = Path.read_bytes
+
+    def denied(self):  # as a file without read permission would (root ignores chmod, so simulated)
+        if self == files[1]:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    info = {}
+    with pytest.warns(SkippedFileWarning, match="Permission denied"):
+        assert len(load_slices(tmp_path / "d", size=(32, 16), cache_dir=tmp_path / "c", info=info)) == 2
+    monkeypatch.setattr(Path, "read_bytes", real)  # the permission is fixed; the file did not change
+    info = {}
+    assert len(load_slices(tmp_path / "d", size=(32, 16), cache_dir=tmp_path / "c", info=info)) == 3
+    assert info["skipped"] == [] and not info["cached"]
+    assert len(load_slices(tmp_path / "d", size=(32, 16), cache_dir=tmp_path / "c", info=info)) == 3
+    assert info["cached"]  # a clean read is cached as usual
+
+
 def test_parallel_equals_serial(tmp_path):
     rng = np.random.default_rng(3)
     files = [save(tmp_path / f"s_{i}.nii.gz", rng.uniform(0, 9, (40, 24)).astype(np.float32)) for i in range(70)]
@@ -254,6 +276,23 @@ def test_find_splits_plain_folder_by_case(tmp_path):
         (few / name).write_bytes(b"x")
     with pytest.raises(DataError, match="at least 3 cases"):
         find_splits(few)
+
+
+def test_plain_folder_grouped_by_patient_prefix(tmp_path):
+    for p in range(10):  # no case_XXX: patient 'p07', slice 's012'
+        for z in range(4):
+            (tmp_path / f"p{p:02d}_s{z:03d}.nii.gz").write_bytes(b"x")
+    splits = find_splits(tmp_path)
+    owners = {k: {f.name[:3] for f in v} for k, v in splits.items()}
+    assert sum(len(o) for o in owners.values()) == 10  # every patient in exactly one split
+    assert all(len(v) % 4 == 0 for v in splits.values())
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for z in range(12):  # nothing names a patient
+        (bare / f"img_{z:04d}.nii").write_bytes(b"x")
+    with pytest.warns(vq.SplitWarning, match="slice by slice"):
+        splits = find_splits(bare)
+    assert sorted(len(v) for v in splits.values()) == [1, 1, 10]
 
 
 def test_phantom_slices():
@@ -550,9 +589,13 @@ def test_train_and_sample_end_to_end(tmp_path, capsys):
     assert 0 < s["test_ssim_min"] <= s["test_ssim_mean"] <= 1
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["stage"] for r in lines] == ["vqvae"] * 2 + ["prior"] * 2
-    for name in ("model.pt", "vqvae.pt", "prior.pt", "samples.png", "recon_ep001.png"):
+    pictures = ("recon.png", "progress.png", "test_best.png", "test_worst.png", "curves.png", "samples.png")
+    for name in ("model.pt", "vqvae.pt", "prior.pt", "summary.json", "metrics.jsonl", *pictures):
         assert (tmp_path / name).exists(), name
-    assert len(list(tmp_path.glob("test_best*_ssim*.png"))) == 4 == len(list(tmp_path.glob("test_worst*.png")))
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(pictures)  # no picture per epoch
+    curves = (tmp_path / "curves.png").read_bytes()
+    assert curves[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(curves[16:20], "big") > 3 * 200  # three panels
+    assert 0 < s["test_ssim_body_mean"] <= 1 and len(s["test_best"]) == 4
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
     assert ckpt["vqvae_config"]["n_codes"] == 32 and ckpt["prior_config"]["prior_layers"] == 3
     assert ckpt["data"]["size"] == [32, 32]
@@ -652,6 +695,68 @@ def test_minutes_budget_saves_mid_epoch_and_resume_finishes(tmp_path, capsys):
     assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 12)  # 48 / 8 = 6 steps per epoch
 
 
+def test_two_stage_commands_keep_summary_and_model_in_agreement(tmp_path, capsys):
+    _train(tmp_path, "--stage", "vqvae")
+    _train(tmp_path, "--stage", "prior")  # no --resume: the VQ-VAE's figures must survive
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert "test_ssim_mean" in s and "prior_bits_per_code" in s
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert "prior" in ckpt and s["vqvae_fingerprint"] == ckpt["vqvae_fingerprint"]
+    assert [json.loads(r)["stage"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == \
+        ["vqvae"] * 2 + ["prior"] * 2
+    _train(tmp_path, "--stage", "vqvae", "--overwrite", "--seed", "1")  # a new VQ-VAE: model.pt has no prior
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert "prior" not in torch.load(tmp_path / "model.pt", weights_only=True)
+    assert "test_ssim_mean" in s and not any(k in s for k in train.PRIOR_KEYS)
+    assert [json.loads(r)["stage"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == ["vqvae"] * 2
+    # prior.pt belongs to the old VQ-VAE: --stage prior trains afresh, with no --resume asked for
+    capsys.readouterr()
+    _train(tmp_path, "--stage", "prior")
+    assert "belongs to another VQ-VAE" in capsys.readouterr().out
+    prior = torch.load(tmp_path / "prior.pt", weights_only=True)
+    assert prior["vqvae_fingerprint"] == json.loads((tmp_path / "summary.json").read_text())["vqvae_fingerprint"]
+    assert prior["trainer"]["step"] == 4  # 2 epochs of 2 steps, from scratch
+
+
+def test_prior_restarts_when_its_vqvae_trained_on(tmp_path, capsys):
+    # A budget stops the VQ-VAE early; --resume trains it further, so its codes change: the
+    # prior trained on the old codes must not be resumed, nor compete as the best.
+    _train(tmp_path, "--minutes", "0.0001")
+    capsys.readouterr()
+    _train(tmp_path, "--resume")
+    assert "belongs to another VQ-VAE" in capsys.readouterr().out
+    prior = torch.load(tmp_path / "prior.pt", weights_only=True)
+    assert prior["trainer"]["step"] == 4 and prior["trainer"]["epoch"] == 2
+    assert prior["vqvae_fingerprint"] == torch.load(tmp_path / "model.pt", weights_only=True)["vqvae_fingerprint"]
+    # a changed prior configuration is refused in one line, not a shape-mismatch traceback
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "--resume", "--prior_epochs", "3", "--prior_dilations", "1", "4")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "other prior flags" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_refuses_other_data_and_keeps_the_schedule(tmp_path, capsys):
+    _train(tmp_path, "--stage", "vqvae")
+    for flags, says in ((["--size", "32", "16"], "--size"), (["--n_train", "56"], "--data"),
+                        (["--seed", "1"], "--data")):
+        with pytest.raises(SystemExit) as e:
+            _train(tmp_path, "--stage", "vqvae", "--resume", "--epochs", "3", *flags)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1
+    _train(tmp_path, "--stage", "vqvae", "--resume", "--epochs", "4")
+    lrs = [json.loads(r)["lr"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lrs) == 4 and lrs[2] <= lrs[1] + 1e-12 and lrs[3] <= lrs[2] + 1e-12  # no jump back up
+
+
+def test_budget_spent_on_an_epochs_last_batch_stops_there(tmp_path, monkeypatch):
+    # out of time right after the last step of epoch 1: that epoch is validated, nothing more runs
+    monkeypatch.setattr(train.Trainer, "_out_of_time", lambda self, elapsed, done: done == self.steps_per_epoch)
+    _train(tmp_path, "--stage", "vqvae", "--epochs", "3", "--minutes", "5")
+    state = torch.load(tmp_path / "vqvae.pt", weights_only=True)["trainer"]
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 6)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 def _script(*args):
     return [sys.executable, str(ROOT / "train.py"), *args]
 
@@ -678,23 +783,75 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
 
 
-def test_ddp_two_cpu_processes_keep_identical_codebooks(tmp_path):
+def _torchrun(tmp_path, out, *args, skew=0.0, timeout=300):
+    """train.main in two gloo processes; rank 1's clock runs `skew` seconds ahead; each rank saves
+    its codebook and a draw from its random stream."""
     script = tmp_path / "ddp_run.py"
     script.write_text(
-        "import os, sys, torch\n"
+        "import os, sys, time, torch\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import train\n"
+        "if os.environ['RANK'] == '1':\n"
+        f"    real = time.time; time.time = lambda: real() + {skew}\n"
         "out = sys.argv[1]\n"
         "r = train.main(sys.argv[2:])\n"
-        "torch.save(r['vqvae'].quantizer.codebook, os.path.join(out, 'codebook%s.pt' % os.environ['RANK']))\n")
-    out = tmp_path / "o"
-    out.mkdir()
+        "rank = os.environ['RANK']\n"
+        "torch.save(r['vqvae'].quantizer.codebook, os.path.join(out, 'codebook%s.pt' % rank))\n"
+        "torch.save(torch.rand(4), os.path.join(out, 'draw%s.pt' % rank))\n")
+    out.mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(out), "--out", str(out), "--overwrite", "--stage", "vqvae", "--epochs", "1", *TINY]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+           str(out), "--out", str(out), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_ddp_two_cpu_processes_keep_identical_codebooks(tmp_path, capsys):
+    out = tmp_path / "o"
+    done = _torchrun(tmp_path, out, "--overwrite", "--stage", "vqvae", "--epochs", "1", *TINY)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    c0, c1 = torch.load(out / "codebook0.pt"), torch.load(out / "codebook1.pt")
+    c0, c1 = torch.load(out / "codebook0.pt", weights_only=True), torch.load(out / "codebook1.pt", weights_only=True)
     assert torch.equal(c0, c1)
     fresh = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32)).quantizer.codebook
     assert not torch.allclose(c0, fresh)  # it did train
     assert json.loads((out / "summary.json").read_text())["device"] == "cpu x2"
+    # each rank has its own random stream (dropout masks, restarts), saved for each rank
+    assert not torch.equal(torch.load(out / "draw0.pt"), torch.load(out / "draw1.pt"))
+    states = torch.load(out / "vqvae.pt", weights_only=True)["trainer"]["rng"]
+    assert len(states) == 2 and not torch.equal(states[0]["cpu"], states[1]["cpu"])
+    # resuming needs the same number of processes: another one would shard the epoch differently
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", str(out), "--stage", "vqvae", "--epochs", "2", "--resume", *TINY])
+    assert e.value.code == 2 and "2 process(es)" in capsys.readouterr().err
+
+
+def test_ddp_minutes_budget_is_one_decision(tmp_path):
+    # Rank 1's clock is 29 s ahead: alone it would stop almost at once, while rank 0 waits in the
+    # quantizer's all-reduce for a step that never comes (a hang, or mismatched collectives).
+    out = tmp_path / "o"
+    done = _torchrun(tmp_path, out, "--epochs", "200", "--prior_epochs", "1", "--minutes", "0.5", *TINY,
+                     skew=29.0, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.count("--minutes budget of 0.5 reached") == 1  # rank 0's log: one decision
+    state = torch.load(out / "vqvae.pt", weights_only=True)["trainer"]
+    assert state["step"] % train.SYNC_EVERY == 0 and state["epoch"] < 200
+    assert torch.equal(torch.load(out / "codebook0.pt"), torch.load(out / "codebook1.pt"))
+
+
+def test_fewer_training_slices_than_processes(tmp_path):
+    done = _torchrun(tmp_path, tmp_path / "o", "--stage", "vqvae", "--epochs", "1", *TINY, "--n_train", "1")
+    assert done.returncode != 0
+    # one line from each process; the only traceback is torchrun's own report of a failed child
+    assert done.stderr.count("error: vqvae: 1 training slice(s) cannot be shared by 2 processes") == 2
+    assert "train.py\", line" not in done.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_metrics_and_reference_search_ignore_tf32_on_gpu():
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
+    from kernels import nearest_code_reference, nearest_code_torch
+    for x, y in _image_pairs():
+        got = vq.ssim(x[None, None].cuda(), y[None, None].cuda()).item()
+        assert abs(got - _ssim_reference(x, y)) < 1e-4
+    g = torch.Generator().manual_seed(0)
+    z, c = torch.randn(5000, 64, generator=g), torch.randn(512, 64, generator=g)
+    assert torch.equal(nearest_code_torch(z.cuda(), c.cuda())[0].cpu(), nearest_code_reference(z, c)[0])

@@ -5,11 +5,12 @@
     torchrun --standalone --nproc_per_node=N train.py --data ROOT     # several GPUs or processes
 
 Writes to --out: vqvae.pt and prior.pt (resumable training state), model.pt (what sample.py
-reads), metrics.jsonl, summary.json and PNG pictures.
+reads), metrics.jsonl, summary.json (the figures of the model in model.pt) and PNG pictures.
 """
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ import vq
 PHANTOM_DEFAULTS = dict(size=[128, 64], epochs=10, prior_epochs=12, channels=64, n_codes=128, prior_channels=32,
                         prior_layers=8)
 REAL_DEFAULTS = dict(size=[256, 128], epochs=30, prior_epochs=30)
+SYNC_EVERY = 16  # under DDP, steps between the shared "is the --minutes budget spent?" votes
 
 
 class UsageError(Exception):
@@ -128,6 +131,8 @@ class Run:
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            # Training matmuls and convolutions may use TF32; metrics and the reference code search
+            # run in float64 or with their own settings, so reported figures do not move.
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.main = self.rank == 0
         self.out = Path(args.out)
@@ -149,18 +154,47 @@ class Run:
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.args.bf16)
 
+    def vote(self, flag):
+        """True on every rank when flag is true on any: one decision, so no rank leaves the others waiting."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def rng_states(self):
+        """Every rank's random state, gathered (a collective: all ranks call it together)."""
+        mine = {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        if self.world == 1:
+            return [mine]
+        every = [None] * self.world
+        dist.all_gather_object(every, mine)
+        return every
+
+    def set_rng_state(self, states):
+        mine = states[self.rank]
+        torch.set_rng_state(mine["cpu"])
+        if self.device.type == "cuda" and mine["cuda"] is not None:
+            torch.cuda.set_rng_state(mine["cuda"], self.device)
+
+    def seed(self, salt=0):
+        """Seed for what should differ between ranks (dropout, restarts): seed, rank and salt."""
+        torch.manual_seed(self.args.seed * 1_000_003 + self.rank * 7919 + salt)
+
 
 def load_data(run, files):
     """files: find_splits' lists, or None for the phantom set -> dict with train / validate / test
     tensors (N, 1, H, W), data settings and skipped files."""
     args = run.args
+    size = tuple(args.size)
     if args.data is None:
-        size = tuple(args.size)
         # one seed per split, so the splits share no slice
         splits = {k: vq.phantom_slices(n, size, seed=1000 * args.seed + i) for i, (k, n) in
                   enumerate([("train", args.n_train), ("validate", args.n_val), ("test", args.n_test)])}
-        return dict(splits, settings={"source": "phantom", "size": list(size), "rot90": 1}, skipped=[])
-    size = tuple(args.size)
+        settings = {"source": f"phantom seed {args.seed}: {args.n_train} / {args.n_val} / {args.n_test} slices",
+                    "size": list(size), "rot90": 1}
+        return dict(splits, settings=settings, skipped=[])
     skipped, splits = [], {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", vq.SkippedFileWarning)
@@ -180,30 +214,45 @@ def load_data(run, files):
     return dict(splits, settings=settings, skipped=skipped)
 
 
-def _check_fresh(run, name):
-    path = run.out / name
-    if path.exists() and not run.args.resume and not run.args.overwrite:
-        raise UsageError(f"{path} holds an earlier run: add --resume to continue it or --overwrite to replace it")
-
-
 def _fmt_time(s):
     s = int(max(s, 0))
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def _lr_at(step, total, lr):
+    """Linear warm-up, cosine down to 0.1 lr at step `total`, then flat (extra epochs of a resumed run)."""
     warmup = min(100, max(1, total // 20))
     if step < warmup:
         return lr * (step + 1) / warmup
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
 
 
-def _epoch_batches(run, n, batch_size, epoch):
-    """This rank's batches of one epoch: a permutation fixed by (seed, epoch), so resuming replays it."""
+def _epoch_order(run, n, epoch):
+    """This rank's slice order for one epoch: a permutation fixed by (seed, epoch), so resuming replays it."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(run.args.seed * 100003 + epoch))
-    per_rank = n // run.world if run.world > 1 else n
-    mine = perm[run.rank * per_rank:(run.rank + 1) * per_rank]
-    return list(mine.split(batch_size))
+    per_rank = n // run.world
+    return perm[run.rank * per_rank:(run.rank + 1) * per_rank]
+
+
+def _fingerprint(model):
+    """A short hash of a model's weights: ties a prior and a summary to the VQ-VAE they describe."""
+    h = hashlib.sha1()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_resumable(run, path, ckpt, settings):
+    """Refuse to resume a checkpoint written for other data, another size or another number of processes."""
+    saved, world = ckpt.get("data", {}), ckpt["trainer"].get("world", 1)
+    for key, flag in (("source", "--data"), ("size", "--size")):
+        if saved.get(key) != settings[key]:
+            raise UsageError(f"{path} was trained with {flag} {saved.get(key)}, not {settings[key]}: "
+                             f"resume with the same {flag}, or start afresh with --overwrite")
+    if world != run.world:
+        raise UsageError(f"{path} was written by {world} process(es), this run has {run.world}: "
+                         "resume with the same number of processes")
 
 
 class Trainer:
@@ -215,10 +264,17 @@ class Trainer:
         self.generator = generator  # a model's own random stream, saved with the training state
         self.n_train, self.batch_size, self.epochs, self.lr = n_train, batch_size, epochs, lr
         self.validate, self.better = validate, better
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        self.steps_per_epoch = len(_epoch_batches(run, n_train, batch_size, 0))
+        if n_train < run.world:
+            raise UsageError(f"{name}: {n_train} training slice(s) cannot be shared by {run.world} processes: "
+                             "use fewer processes or more data")
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0,
+                                     fused=run.device.type == "cuda")
+        self.steps_per_epoch = math.ceil(n_train // run.world / batch_size)
+        # The schedule's length is fixed when training starts: resuming with more --epochs must not
+        # jump the learning rate back up; the extra epochs run at the schedule's final rate.
+        self.schedule_steps = epochs * self.steps_per_epoch
         self.epoch = self.batch = self.step = 0
-        self.best, self.best_state, self.seconds = None, None, 0.0
+        self.best, self.best_state, self.seconds, self.history = None, None, 0.0, []
         self.ddp = model
         if run.world > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -228,10 +284,12 @@ class Trainer:
             self.ddp = torch.compile(self.ddp)
 
     def state(self):
+        """The resumable state; a collective under DDP (every rank's random state is gathered)."""
         return {
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "epoch": self.epoch,
             "batch": self.batch, "step": self.step, "best": self.best, "best_state": self.best_state,
-            "seconds": self.seconds, "rng": torch.get_rng_state(),
+            "seconds": self.seconds, "rng": self.run.rng_states(), "world": self.run.world,
+            "schedule_steps": self.schedule_steps, "history": self.history,
             "generator": self.generator.get_state() if self.generator is not None else None,
         }
 
@@ -240,55 +298,81 @@ class Trainer:
         self.opt.load_state_dict(s["optimizer"])
         self.epoch, self.batch, self.step = s["epoch"], s["batch"], s["step"]
         self.best, self.best_state, self.seconds = s["best"], s["best_state"], s["seconds"]
-        torch.set_rng_state(s["rng"])
+        self.schedule_steps, self.history = s["schedule_steps"], s["history"]
+        self.run.set_rng_state(s["rng"])
         if self.generator is not None:
             self.generator.set_state(s["generator"])
+        _trim_metrics(self.run, lambda r: r["stage"] != self.name or r["epoch"] <= self.epoch)  # a crash's leftovers
+        if self.epochs * self.steps_per_epoch > self.schedule_steps:
+            self.run.log(f"{self.name}: training on to epoch {self.epochs}; the epochs past the original schedule "
+                         f"run at its final learning rate")
 
     @property
     def done(self):
         return self.epoch >= self.epochs
 
+    def _out_of_time(self, elapsed, steps_done):
+        budget = self.run.args.minutes
+        if not budget or steps_done == 0:  # every call makes progress, however small the budget
+            return False
+        if self.run.world == 1:
+            return elapsed > budget * 60
+        # Each rank has its own clock: they vote every SYNC_EVERY steps, and all stop together.
+        return steps_done % SYNC_EVERY == 0 and self.run.vote(elapsed > budget * 60)
+
+    def _check_finite(self, bad_step):
+        s = int(bad_step)  # one host sync, at log lines and before anything is saved
+        if s >= 0:
+            raise FloatingPointError(
+                f"{self.name}: the loss became non-finite at step {s} (epoch {self.epoch + 1}); stopped, the last "
+                f"checkpoint in {self.run.out} is intact: try a lower learning rate")
+
     def fit(self, save):
         """Train to self.epochs or the --minutes budget; save() writes the resumable state."""
         run, args = self.run, self.run.args
-        total = self.epochs * self.steps_per_epoch
+        dev = run.device
         start = fit_start = time.time()
         start_step = self.step
-        budget = args.minutes * 60 if args.minutes else None
-        while not self.done:
+        bad_step = torch.tensor(-1, device=dev)  # the first step whose loss was not finite, kept on the device
+        stopped = False
+        while not self.done and not stopped:
             self.model.train()
-            batches = _epoch_batches(run, self.n_train, self.batch_size, self.epoch)
-            meter, t_log, n_img = {}, time.time(), 0
+            order = _epoch_order(run, self.n_train, self.epoch).to(dev)
+            batches = order.split(self.batch_size)
+            meter, n_meter, t_log, n_img = {}, 0, time.time(), 0
+            epoch_loss, epoch_steps = torch.zeros((), device=dev), 0
             while self.batch < len(batches):
+                if self._out_of_time(time.time() - fit_start, self.step - start_step):
+                    stopped = True
+                    break
                 idx = batches[self.batch]
                 for g in self.opt.param_groups:
-                    g["lr"] = _lr_at(self.step, total, self.lr)
+                    g["lr"] = _lr_at(self.step, self.schedule_steps, self.lr)
                 with run.autocast():
                     loss, parts = self.step_fn(self.ddp, idx)
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(
-                        f"{self.name}: the loss became {loss.item()} at step {self.step} (epoch {self.epoch + 1}); "
-                        f"stopped, the last checkpoint in {run.out} is intact: try a lower learning rate")
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
+                loss = loss.detach()
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), self.step, bad_step)
+                epoch_loss, epoch_steps = epoch_loss + loss, epoch_steps + 1
                 self.batch, self.step, n_img = self.batch + 1, self.step + 1, n_img + len(idx) * run.world
-                for k, v in dict(parts, loss=loss.detach()).items():
-                    meter[k] = meter.get(k, 0.0) + float(v)
-                meter["n"] = meter.get("n", 0) + 1
+                for k, v in dict(parts, loss=loss).items():
+                    meter[k] = meter.get(k, 0.0) + v.detach().float()
+                n_meter += 1
                 if self.step % args.log_every == 0 or self.batch == len(batches):
+                    self._check_finite(bad_step)
+                    values = torch.stack(list(meter.values())).div(n_meter).tolist()  # one sync per line
                     rate = n_img / max(time.time() - t_log, 1e-9)
                     per_step = (time.time() - fit_start) / max(1, self.step - start_step)
-                    eta = per_step * (total - self.step)
-                    if budget:
-                        eta = min(eta, budget - (time.time() - fit_start))
-                    n = meter.pop("n")
-                    shown = " | ".join(self._fmt(k, v / n) for k, v in meter.items())
+                    eta = per_step * (self.epochs * len(batches) - self.step)
+                    if args.minutes:
+                        eta = min(eta, args.minutes * 60 - (time.time() - fit_start))
+                    shown = " | ".join(self._fmt(k, v) for k, v in zip(meter, values))
                     run.log(f"{self.name} ep {self.epoch + 1}/{self.epochs} step {self.step} | {shown} | "
                             f"{rate:.0f} img/s | eta {_fmt_time(eta)}")
-                    meter, t_log, n_img = {}, time.time(), 0
-                if budget and time.time() - fit_start > budget:
-                    break
+                    meter, n_meter, t_log, n_img = {}, 0, time.time(), 0
+            self._check_finite(bad_step)
             self.seconds += time.time() - start
             start = time.time()
             if self.batch == len(batches):
@@ -296,15 +380,18 @@ class Trainer:
                 record = self.validate(self.model)
                 if self.best is None or self.better(record, self.best):
                     self.best, self.best_state = record, copy.deepcopy(self.model.state_dict())
+                record = dict(train_loss=(epoch_loss / max(1, epoch_steps)).item(),
+                              lr=_lr_at(self.step - 1, self.schedule_steps, self.lr), **record)
                 run.write_metrics(dict(stage=self.name, epoch=self.epoch, step=self.step,
                                        seconds=round(self.seconds, 1), **record))
+                if run.main:
+                    draw_curves(_read_metrics(run), run.out / "curves.png")
                 run.log(f"{self.name} ep {self.epoch}/{self.epochs} validation | " +
-                        " | ".join(self._fmt(k, v) for k, v in record.items()))
+                        " | ".join(self._fmt(k, v) for k, v in record.items() if k != "lr"))
                 save()
-            else:
+            if stopped:
                 run.log(f"{self.name}: --minutes budget of {args.minutes} reached at step {self.step}")
                 save()
-                break
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
 
@@ -313,6 +400,75 @@ class Trainer:
         if k in ("perplexity", "used"):
             return f"{k} {v:.0f}"
         return f"{k} {v:.4f}" if abs(v) < 100 else f"{k} {v:.1f}"
+
+
+# ----------------------------------------------------------------------------- pictures
+
+# 3 x 5 pixel digits for the axis labels of curves.png (no font or plotting library needed)
+_GLYPHS = {"0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+           "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
+           "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000"}
+
+
+def _text(canvas, s, row, col, scale=2):
+    for ch in s:
+        glyph = np.array([int(b) for b in _GLYPHS[ch]], np.float32).reshape(5, 3)
+        block = np.kron(glyph, np.ones((scale, scale), np.float32))
+        h, w = block.shape
+        view = canvas[row:row + h, col:col + w]
+        view[block[:view.shape[0], :view.shape[1]] > 0] = 0.0
+        col += w + scale
+
+
+def _panel(series, log=False, size=(150, 260)):
+    """One chart: series is [(xs, ys, grey level)]; y range and first / last x written in digits."""
+    H, W = size
+    canvas = np.ones(size, np.float32)
+    left, bottom, top, right = 44, 16, 6, 6
+    pts = [(np.asarray(x, float), np.log10(np.maximum(np.asarray(y, float), 1e-12)) if log else np.asarray(y, float), g)
+           for x, y, g in series if len(x)]
+    if not pts:
+        return canvas
+    xs, ys = np.concatenate([p[0] for p in pts]), np.concatenate([p[1] for p in pts])
+    x0, x1, y0, y1 = xs.min(), max(xs.max(), xs.min() + 1), ys.min(), ys.max()
+    y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-9 else (y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0))
+    canvas[top:H - bottom, left] = canvas[H - bottom, left:W - right] = 0.0  # axes
+    for x, y, grey in pts:
+        px = left + 1 + (x - x0) / (x1 - x0) * (W - right - left - 2)
+        py = H - bottom - 1 - (y - y0) / (y1 - y0) * (H - bottom - top - 2)
+        for k in range(len(px)):  # short straight segments, drawn two pixels thick
+            a, b = (k - 1 if k else 0), k
+            t = np.linspace(0, 1, 2 + int(abs(px[b] - px[a]) + abs(py[b] - py[a])))
+            r = np.round(py[a] + t * (py[b] - py[a])).astype(int)
+            c = np.round(px[a] + t * (px[b] - px[a])).astype(int)
+            for dr in (0, 1):
+                canvas[np.clip(r + dr, 0, H - 1), np.clip(c, 0, W - 1)] = grey
+    label = (lambda v: f"{10 ** v:.4g}") if log else (lambda v: f"{v:.4g}")
+    _text(canvas, label(y1).replace("e", ""), top, 2)
+    _text(canvas, label(y0).replace("e", ""), H - bottom - 12, 2)
+    _text(canvas, f"{x0:.0f}", H - bottom + 3, left)
+    _text(canvas, f"{x1:.0f}", H - bottom + 3, W - right - 4 * len(f"{x1:.0f}") * 2)
+    return canvas
+
+
+def draw_curves(records, path):
+    """curves.png from metrics.jsonl records: validation SSIM (whole slice black, body grey), VQ-VAE
+    training loss (log scale), prior bits per code (validation black, training grey)."""
+    v = [r for r in records if r["stage"] == "vqvae"]
+    p = [r for r in records if r["stage"] == "prior"]
+    col = lambda rs, k: ([r["epoch"] for r in rs if k in r], [r[k] for r in rs if k in r])  # noqa: E731
+    panels = [
+        _panel([(*col(v, "val_ssim"), 0.0), (*col(v, "val_ssim_body"), 0.55)]),
+        _panel([(*col(v, "train_loss"), 0.0)], log=True),
+        _panel([(*col(p, "val_bits"), 0.0), ([r["epoch"] for r in p], [r["train_loss"] / math.log(2) for r in p], 0.55)]),
+    ]
+    gap = np.ones((panels[0].shape[0], 8), np.float32)
+    vq.save_png(path, np.concatenate([panels[0], gap, panels[1], gap, panels[2]], 1))
+
+
+def _pairs(x, r, rot90):
+    """Inputs over their reconstructions, as one picture."""
+    return vq.image_grid(torch.cat([x, r]), ncol=len(x), rot90=rot90)
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -335,7 +491,7 @@ def reconstruct(run, model, x, batch_size=64):
     out = []
     for xb in x.split(batch_size):
         with run.autocast():
-            out.append(model(xb.to(run.device))[0].float().clamp(0, 1).cpu())
+            out.append(model(xb.to(run.device).float())[0].float().clamp(0, 1).cpu())
     return torch.cat(out)
 
 
@@ -349,7 +505,23 @@ def _code_stats(codes, n_codes):
 @torch.no_grad()
 def encode_all(run, model, x, batch_size=64):
     model.eval()
-    return torch.cat([model.encode(xb.to(run.device)).cpu() for xb in x.split(batch_size)])
+    return torch.cat([model.encode(xb.to(run.device).float()).cpu() for xb in x.split(batch_size)])
+
+
+def _on_device(run, x):
+    """Training data on the GPU as float16 (HipMRI: 0.75 GB), so no step waits for a host copy."""
+    return x.to(run.device, torch.float16) if run.device.type == "cuda" else x
+
+
+def _resume_state(run, name, settings, check_config):
+    """The checkpoint to resume from, checked, or None when this run starts the stage afresh."""
+    path = run.out / f"{name}.pt"
+    if not (run.args.resume and path.exists()):
+        return None
+    ckpt = vq.load_checkpoint(path)
+    check_config(ckpt)
+    _check_resumable(run, path, ckpt, settings)
+    return ckpt
 
 
 def train_vqvae(run, data):
@@ -358,31 +530,44 @@ def train_vqvae(run, data):
     H, W = data["settings"]["size"]
     if H % cfg.downsample or W % cfg.downsample:
         raise UsageError(f"--size {H} {W} must be divisible by --downsample {cfg.downsample}")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = vq.VQVAE(cfg).to(run.device)
     model.quantizer.generator = torch.Generator().manual_seed(args.seed + 1)
-    train_x, val_x = data["train"], data["validate"]
-    val_show = val_x[:8]
+    run.seed()
+    train_x, val_x = _on_device(run, data["train"]), data["validate"]
+    rot = data["settings"]["rot90"]
 
     def step_fn(net, idx):
-        _, loss, stats = net(train_x[idx].to(run.device, non_blocking=True))
+        _, loss, stats = net(train_x[idx].float())
         return loss, {"recon": stats["recon"], "perplexity": stats["perplexity"],
                       "used": stats["usage"] * cfg.n_codes}
 
     def validate(m):
         r = reconstruct(run, m, val_x)
+        trainer.history.append(r[0, 0].half())  # one slice over the epochs, for progress.png
+        codes = _code_stats(encode_all(run, m, val_x), cfg.n_codes)
         if run.main:
-            vq.save_png(run.out / f"recon_ep{trainer.epoch:03d}.png",
-                        vq.image_grid(torch.cat([val_show, r[:8]]), ncol=8, rot90=data["settings"]["rot90"]))
-        return {"val_ssim": vq.ssim(val_x, r).mean().item(), "val_psnr": vq.psnr(val_x, r).mean().item()}
+            vq.save_png(run.out / "recon.png", _pairs(val_x[:8], r[:8], rot))
+            shown = [trainer.history[round(i)] for i in np.linspace(0, len(trainer.history) - 1,
+                                                                      min(10, len(trainer.history)))]
+            vq.save_png(run.out / "progress.png",
+                        vq.image_grid(torch.stack([val_x[0, 0], *[h.float() for h in shown]])[:, None], ncol=11,
+                                      rot90=rot))
+        return {"val_ssim": vq.ssim(val_x, r).mean().item(),
+                "val_ssim_body": vq.ssim(val_x, r, foreground=0.1).nanmean().item(),
+                "val_psnr": vq.psnr(val_x, r).mean().item(),
+                "val_usage": codes["usage"], "val_perplexity": codes["perplexity"]}
 
     trainer = Trainer(run, "vqvae", model, step_fn, len(train_x), args.batch_size, args.epochs, args.lr,
                       validate, better=lambda a, b: a["val_ssim"] > b["val_ssim"],
                       generator=model.quantizer.generator)
-    if args.resume and (run.out / "vqvae.pt").exists():
-        ckpt = vq.load_checkpoint(run.out / "vqvae.pt")
+
+    def same_config(ckpt):
         if ckpt["vqvae_config"] != asdict(cfg):
             raise UsageError(f"{run.out / 'vqvae.pt'} was trained with other model flags: {ckpt['vqvae_config']}")
+
+    ckpt = _resume_state(run, "vqvae", data["settings"], same_config)
+    if ckpt:
         trainer.load_state(ckpt["trainer"])
         run.log(f"vqvae: resumed at epoch {trainer.epoch} step {trainer.step}")
 
@@ -391,38 +576,42 @@ def train_vqvae(run, data):
 
     trainer.fit(save)
     model.eval()
-    # the final model file: best weights by validation, plain configs, nothing else
-    run.save({"vqvae_config": asdict(cfg), "vqvae": model.state_dict(), "data": data["settings"]}, "model.pt")
+    # the final model file: best weights by validation, plain configs, nothing else (no prior yet)
+    run.save({"vqvae_config": asdict(cfg), "vqvae": model.state_dict(), "data": data["settings"],
+              "vqvae_fingerprint": _fingerprint(model)}, "model.pt")
     return model, trainer
 
 
-def evaluate_vqvae(run, model, data, trainer):
+def evaluate_vqvae(run, model, data, trainer=None):
     test_x = data["test"]
     r = reconstruct(run, model, test_x)
     s, p = vq.ssim(test_x, r), vq.psnr(test_x, r)
+    body = vq.ssim(test_x, r, foreground=0.1)
     stats = _code_stats(encode_all(run, model, test_x), model.config.n_codes)
     order = s.argsort()
     rot = data["settings"]["rot90"]
+    best, worst = order.flip(0)[:4], order[:4]
     if run.main:
-        for old in run.out.glob("test_*_ssim*.png"):  # an earlier run's pictures would mislead
-            old.unlink()
-        for tag, picks in (("best", order.flip(0)[:4]), ("worst", order[:4])):
-            for rank, i in enumerate(picks.tolist(), 1):
-                vq.save_png(run.out / f"test_{tag}{rank}_ssim{s[i]:.4f}.png",
-                            vq.image_grid(torch.cat([test_x[i:i + 1], r[i:i + 1]]), ncol=2, rot90=rot))
+        vq.save_png(run.out / "test_best.png", _pairs(test_x[best], r[best], rot))
+        vq.save_png(run.out / "test_worst.png", _pairs(test_x[worst], r[worst], rot))
     return {
+        "vqvae_fingerprint": _fingerprint(model),
         "test_ssim_mean": s.mean().item(), "test_ssim_std": s.std().item() if len(s) > 1 else 0.0,
-        "test_ssim_min": s.min().item(), "test_psnr_mean": p.mean().item(),
-        "val_ssim_best": trainer.best["val_ssim"] if trainer.best else None,
+        "test_ssim_min": s.min().item(), "test_ssim_body_mean": body.nanmean().item(),
+        "test_psnr_mean": p.mean().item(),
+        "test_best": [{"index": i, "ssim": s[i].item()} for i in best.tolist()],
+        "test_worst": [{"index": i, "ssim": s[i].item()} for i in worst.tolist()],
+        "val_ssim_best": trainer.best["val_ssim"] if trainer and trainer.best else None,
         "codebook_usage": stats["usage"], "perplexity": stats["perplexity"],
-        "seconds_vqvae": round(trainer.seconds, 1), "epochs_vqvae": trainer.epoch,
+        "seconds_vqvae": round(trainer.seconds, 1) if trainer else None,
+        "epochs_vqvae": trainer.epoch if trainer else None,
     }
 
 
 # ----------------------------------------------------------------------------- stage 2
 
 
-def train_prior(run, data, vqvae):
+def train_prior(run, data, vqvae, fingerprint):
     args = run.args
     t0 = time.time()
     codes = {k: encode_all(run, vqvae, data[k]) for k in ("train", "validate", "test")}  # (N, h, w)
@@ -430,11 +619,12 @@ def train_prior(run, data, vqvae):
     cfg = _config(vq.PriorConfig, args, n_codes=vqvae.config.n_codes, height=h, width=w)
     torch.manual_seed(args.seed)
     prior = vq.PixelCNN(cfg).to(run.device)
-    train_c, val_c = codes["train"], codes["validate"]
+    run.seed(salt=1)
+    train_c, val_c = codes["train"].to(run.device), codes["validate"]
     run.log(f"prior: encoded {len(train_c)} train maps of {h}x{w} codes in {time.time() - t0:.1f}s")
 
     def step_fn(net, idx):
-        c = train_c[idx].to(run.device)
+        c = train_c[idx]
         nats = F.cross_entropy(net(c).float(), c)
         return nats, {"bits": nats.detach() / math.log(2)}
 
@@ -449,13 +639,23 @@ def train_prior(run, data, vqvae):
 
     trainer = Trainer(run, "prior", prior, step_fn, len(train_c), args.prior_batch_size, args.prior_epochs,
                       args.prior_lr, validate, better=lambda a, b: a["val_bits"] < b["val_bits"])
-    if args.resume and (run.out / "prior.pt").exists():
-        ckpt = vq.load_checkpoint(run.out / "prior.pt")
+    path = run.out / "prior.pt"
+
+    def same_config(ckpt):
+        if ckpt["prior_config"] != asdict(cfg):
+            raise UsageError(f"{path} was trained with other prior flags: {ckpt['prior_config']}")
+
+    stale = path.exists() and vq.load_checkpoint(path).get("vqvae_fingerprint") != fingerprint
+    if stale:  # its codes are another VQ-VAE's: nothing in it applies to this one
+        run.log(f"prior: {path} belongs to another VQ-VAE than {run.out / 'model.pt'}: training the prior afresh")
+    ckpt = None if stale else _resume_state(run, "prior", data["settings"], same_config)
+    if ckpt:
         trainer.load_state(ckpt["trainer"])
         run.log(f"prior: resumed at epoch {trainer.epoch} step {trainer.step}")
 
     def save():
-        run.save({"prior_config": asdict(cfg), "trainer": trainer.state()}, "prior.pt")
+        run.save({"prior_config": asdict(cfg), "data": data["settings"], "vqvae_fingerprint": fingerprint,
+                  "trainer": trainer.state()}, "prior.pt")
 
     trainer.fit(save)
     prior.eval()
@@ -468,7 +668,7 @@ def train_prior(run, data, vqvae):
         vq.save_png(run.out / "samples.png", vq.image_grid(samples, ncol=8, rot90=data["settings"]["rot90"]))
     return prior, {
         "prior_bits_per_code": bits(prior, codes["test"]),
-        "unigram_bits_per_code": _code_stats(train_c, cfg.n_codes)["bits"],
+        "unigram_bits_per_code": _code_stats(codes["train"], cfg.n_codes)["bits"],
         "prior_val_bits_best": trainer.best["val_bits"] if trainer.best else None,
         "seconds_prior": round(trainer.seconds, 1), "epochs_prior": trainer.epoch,
     }
@@ -518,6 +718,38 @@ def bench_load(n, size):
 
 # ----------------------------------------------------------------------------- main
 
+# ----------------------------------------------------------------------------- main
+
+PRIOR_KEYS = ("prior_bits_per_code", "unigram_bits_per_code", "prior_val_bits_best", "seconds_prior", "epochs_prior")
+
+
+def _read_metrics(run):
+    path = run.out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _trim_metrics(run, keep):
+    """Drop the records that no longer describe the checkpoints: keep(record) says which stay."""
+    if run.main and (run.out / "metrics.jsonl").exists():
+        kept = [r for r in _read_metrics(run) if keep(r)]
+        _write_json(run.out / "metrics.jsonl", None, lines=kept)
+
+
+def _refuse_overwrite(run, stages):
+    args = run.args
+    if args.resume or args.overwrite:
+        return
+    for s in stages:
+        path = run.out / f"{s}.pt"
+        if not path.exists():
+            continue
+        if s == "prior" and "vqvae" not in stages:  # a prior of another VQ-VAE is no work to protect
+            model = run.out / "model.pt"
+            fingerprint = vq.load_checkpoint(model).get("vqvae_fingerprint") if model.exists() else None
+            if vq.load_checkpoint(path).get("vqvae_fingerprint") != fingerprint:
+                continue
+        raise UsageError(f"{path} holds an earlier run: add --resume to continue it or --overwrite to replace it")
+
 
 def train(args):
     files = vq.find_splits(args.data) if args.data is not None else None  # a bad layout fails first, fast
@@ -527,48 +759,58 @@ def train(args):
     stages = ["vqvae", "prior"] if args.stage == "all" else [args.stage]
     if args.resume and not any((run.out / f"{s}.pt").exists() for s in stages):
         raise UsageError(f"--resume: nothing to resume in {run.out} (no {' or '.join(s + '.pt' for s in stages)})")
-    for s in stages:
-        if not (args.resume and s == "prior" and "vqvae" in stages):
-            _check_fresh(run, f"{s}.pt")
     if args.stage == "prior" and not (run.out / "model.pt").exists():
         raise UsageError(f"--stage prior needs a trained VQ-VAE: {run.out / 'model.pt'} does not exist")
+    _refuse_overwrite(run, stages)
     data = load_data(run, files)
     n = {k: len(data[k]) for k in ("train", "validate", "test")}
     run.log(f"data: {n['train']} train, {n['validate']} validate, {n['test']} test slices of "
             f"{tuple(data['train'].shape[-2:])} from {data['settings']['source']} | device {run.device}")
     summary_path = run.out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if args.resume and summary_path.exists() else {}
-    summary.update(n_train=n["train"], n_val=n["validate"], n_test=n["test"], skipped_files=data["skipped"],
-                   device=str(run.device) + (f" x{run.world}" if run.world > 1 else ""),
-                   data=data["settings"])
-    if args.stage in ("vqvae", "all"):
+    common = dict(n_train=n["train"], n_val=n["validate"], n_test=n["test"], skipped_files=data["skipped"],
+                  device=str(run.device) + (f" x{run.world}" if run.world > 1 else ""), data=data["settings"])
+    # summary.json always describes model.pt: both are rewritten together after every stage
+    if "vqvae" in stages:
+        if not args.resume:
+            _trim_metrics(run, lambda r: False)
         vqvae, trainer = train_vqvae(run, data)
-        summary.update(evaluate_vqvae(run, vqvae, data, trainer))
+        summary = {**common, **evaluate_vqvae(run, vqvae, data, trainer)}
+        _trim_metrics(run, lambda r: r["stage"] == "vqvae")  # a prior of the old codes no longer applies
         run.log(f"vqvae test | ssim {summary['test_ssim_mean']:.4f} +- {summary['test_ssim_std']:.4f} "
-                f"(min {summary['test_ssim_min']:.4f}) | psnr {summary['test_psnr_mean']:.2f} | "
-                f"codebook usage {summary['codebook_usage']:.2f} | perplexity {summary['perplexity']:.0f}")
+                f"(min {summary['test_ssim_min']:.4f}) | body ssim {summary['test_ssim_body_mean']:.4f} | "
+                f"psnr {summary['test_psnr_mean']:.2f} | codebook usage {summary['codebook_usage']:.2f} | "
+                f"perplexity {summary['perplexity']:.0f}")
     else:
-        vqvae = vq.VQVAE.from_checkpoint(run.out / "model.pt").to(run.device)
-        if list(data["train"].shape[-2:]) != list(vq.load_checkpoint(run.out / "model.pt")["data"]["size"]):
+        ckpt = vq.load_checkpoint(run.out / "model.pt")
+        if list(data["train"].shape[-2:]) != list(ckpt["data"]["size"]):
             raise UsageError("--size differs from the size the VQ-VAE in --out was trained at")
+        vqvae = vq.VQVAE.from_checkpoint(ckpt).to(run.device)
+        before = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        fingerprint = _fingerprint(vqvae)
+        summary = {**(before if before.get("vqvae_fingerprint") == fingerprint else
+                      evaluate_vqvae(run, vqvae, data)), **common}
     if run.main:
         _write_json(summary_path, summary)
     prior = None
-    if args.stage in ("prior", "all"):
-        prior, stats = train_prior(run, data, vqvae)
+    if "prior" in stages:
+        if not args.resume:
+            _trim_metrics(run, lambda r: r["stage"] != "prior")
+        prior, stats = train_prior(run, data, vqvae, summary["vqvae_fingerprint"])
         summary.update(stats)
         run.log(f"prior test | {summary['prior_bits_per_code']:.3f} bits per code "
                 f"(unigram {summary['unigram_bits_per_code']:.3f}) | samples in {run.out / 'samples.png'}")
     summary["seconds_total"] = round(time.time() - run.t0, 1)
     if run.main:
         _write_json(summary_path, summary)
-        run.log(f"wrote {run.out}/model.pt, metrics.jsonl, summary.json and pictures")
+        draw_curves(_read_metrics(run), run.out / "curves.png")
+        run.log(f"wrote {run.out}/model.pt, summary.json, metrics.jsonl and pictures (recon.png, progress.png, "
+                f"test_best.png, test_worst.png, curves.png{', samples.png' if prior else ''})")
     return {"summary": summary, "vqvae": vqvae, "prior": prior}
 
 
-def _write_json(path, obj):
+def _write_json(path, obj, lines=None):
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n" if lines is None else "".join(json.dumps(r) + "\n" for r in lines))
     os.replace(tmp, path)
 
 

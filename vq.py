@@ -37,7 +37,7 @@ except ImportError:
 SPLITS = ("train", "validate", "test")
 SLICE_SUFFIXES = (".nii", ".nii.gz", ".png")
 PERCENTILES = (0.5, 99.5)  # robust range per slice: a few hot pixels must not squash the contrast
-CACHE_VERSION = 1  # part of the cache key: bump it whenever decoding changes
+CACHE_VERSION = 2  # part of the cache key: bump it whenever decoding changes
 SERIAL_BELOW = 64  # fewer files than this decode in-process: a pool costs more than it saves
 
 
@@ -47,6 +47,14 @@ class DataError(ValueError):
 
 class SkippedFileWarning(UserWarning):
     """A slice file that could not be read and was left out."""
+
+
+class SplitWarning(UserWarning):
+    """A plain folder whose names carry no patient id was split slice by slice."""
+
+
+class _IOFailure(Exception):
+    """Reading a file failed (permissions, I/O, open files): says nothing about its content, so never cached."""
 
 
 # A warm cache load repeats the same message from the same line, which the default
@@ -88,12 +96,12 @@ def _subdirs(root):
 
 
 def _case_id(name):
-    """The patient a slice belongs to: case_XXX, else the name before _slice, else the stem."""
+    """The patient a slice belongs to: case_XXX, else the name without its last number (p07_s012 -> p07_s)."""
     m = re.search(r"case_\d+", name, re.I)
     if m:
         return m.group().lower()
-    return name.split("_slice")[0] if "_slice" in name else re.sub(r"(\.nii)?(\.gz|\.png)?$", "", name,
-                                                                    count=1, flags=re.I)
+    stem = re.sub(r"(\.nii)?(\.gz|\.png)?$", "", name, count=1, flags=re.I)
+    return re.sub(r"\d+(?=\D*$)", "", stem)  # the last number is the slice's; what is left names the patient
 
 
 def find_splits(root):
@@ -120,8 +128,14 @@ def find_splits(root):
 def _split_by_case(root):
     """A plain folder: whole cases go to one split, ranked by a salt-free hash (reproducible, ~80/10/10)."""
     cases = {}
-    for f in _slice_files(root):
+    files = _slice_files(root)
+    for f in files:
         cases.setdefault(_case_id(f.name), []).append(f)
+    if len(cases) == 1 and len(files) >= 3:  # names like img_0001: nothing tells the patients apart
+        warnings.warn(f"{root}: the file names carry no patient id (such as case_XXX), so the folder is split "
+                      "slice by slice and one patient's neighbouring slices can land in train and test; give it "
+                      "train / validate / test sub-folders to split by patient", SplitWarning, stacklevel=3)
+        cases = {f.name: [f] for f in files}
     if len(cases) < 3:
         raise DataError(f"{root} needs train/validate/test sub-folders or slices from at least 3 cases "
                         f"(found {len(cases)})")
@@ -134,16 +148,19 @@ def _split_by_case(root):
 
 def _read(path):
     """One file's raw array as float32, singleton axes squeezed."""
+    try:  # the only I/O: what fails after this is about the file's content
+        raw = path.read_bytes()
+    except OSError as e:
+        raise _IOFailure(f"{type(e).__name__}: {e}") from None
     if path.name.lower().endswith(".png"):
         try:
             from PIL import Image
         except ImportError:
             raise DataError("reading PNG slices needs Pillow: pip install pillow") from None
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(raw)) as im:
             a = np.asarray(im if im.mode in ("L", "I", "I;16", "F") else im.convert("L"))
     else:
         import nibabel as nib
-        raw = path.read_bytes()
         if not raw:
             raise ValueError("empty file")
         if raw[:2] == b"\x1f\x8b":
@@ -211,14 +228,19 @@ _OUT = None  # (files, H, W) float16 while decoding; forked workers write one-sl
 
 
 def _decode_chunk(task):
-    """Pool task: files from index start -> ({index: (k, H, W), or None if in _OUT}, [(path, reason)], NaN count)."""
+    """Pool task: files from index start -> ({index: (k, H, W), or None if in _OUT}, [(path, reason)], NaN
+    count, whether a failure was about reading rather than content)."""
     start, files, size = task
-    done, skipped, nonfinite = {}, [], 0
+    done, skipped, nonfinite, transient = {}, [], 0, False
     for i, f in enumerate(files, start):
         try:
             x, nf = _decode_file(f, size)
         except DataError:
             raise
+        except (_IOFailure, ImportError, MemoryError) as e:  # may be fixed without touching the file
+            skipped.append((str(f), f"{str(e).splitlines()[0]} (not cached: read again next time)"))
+            transient = True
+            continue
         except Exception as e:  # nibabel, gzip and numpy raise many kinds; each is "this file is bad"
             why = str(e) if type(e) is ValueError else f"{type(e).__name__}: {e}"  # ours are plain ValueErrors
             skipped.append((str(f), why.splitlines()[0]))
@@ -228,7 +250,7 @@ def _decode_chunk(task):
             _OUT[i], done[i] = x[0], None
         else:
             done[i] = x  # volumes, or no shared buffer (spawn): sent back through the pipe
-    return done, skipped, nonfinite
+    return done, skipped, nonfinite, transient
 
 
 def _cpu_count():
@@ -242,7 +264,7 @@ def _decode_all(files, size, strict, workers):
     chunk = min(256, max(16, len(files) // (workers * 4) + 1))  # a few tasks per worker balance the load
     tasks = [(i, files[i:i + chunk], size) for i in range(0, len(files), chunk)]
     shape = (len(files), *size)
-    pool, done, skipped, nonfinite = None, {}, [], 0
+    pool, done, skipped, nonfinite, transient = None, {}, [], 0, False
     try:
         if workers == 1 or len(files) < SERIAL_BELOW:
             _OUT = np.empty(shape, np.float16)
@@ -254,17 +276,18 @@ def _decode_all(files, size, strict, workers):
             ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
             pool = ctx.Pool(min(workers, len(tasks)))
             results = pool.imap(_decode_chunk, tasks)  # in order, so "first bad file" is well defined
-        for got, bad, nf in results:
+        for got, bad, nf, tr in results:
             if strict and bad:
                 raise DataError(f"unreadable slice file {bad[0][0]} ({bad[0][1]})")
             done.update(got)
             skipped += bad
             nonfinite += nf
+            transient |= tr
     finally:
         out, _OUT = _OUT, None
         if pool is not None:
             pool.terminate()
-    info = {"skipped": skipped, "nonfinite": nonfinite, "files": len(files)}
+    info = {"skipped": skipped, "nonfinite": nonfinite, "files": len(files), "transient": transient}
     if len(done) == len(files) and all(x is None for x in done.values()):
         return out, info  # the usual case: one slice per file, already in place
     parts = [out[i:i + 1] if x is None else x for i, x in sorted(done.items())]
@@ -375,7 +398,7 @@ def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, 
         warnings.warn(f"{meta['nonfinite']} NaN/inf values set to 0 in {where}", stacklevel=2)
     if len(arr) == 0:
         raise DataError(f"no readable slices in {where} ({len(skipped)} files skipped)")
-    if path and not hit:
+    if path and not hit and not meta["transient"]:  # only verdicts about content are kept
         _write_cache(path, arr, meta)
     return torch.from_numpy(arr).to(torch.float32).unsqueeze(1)  # (N, 1, H, W)
 
@@ -546,7 +569,7 @@ def _gaussian_window(sigma=1.5, truncate=3.5, device=None, dtype=torch.float32):
     return g / g.sum()
 
 
-def ssim(x, y, data_range=1.0):
+def ssim(x, y, data_range=1.0, foreground=None):
     """Structural similarity per image, as scikit-image computes it.
 
     Equal to `skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
@@ -554,10 +577,13 @@ def ssim(x, y, data_range=1.0):
     over the pixels at least 5 from the border, which is where scikit-image averages too.
 
     Args:
-        x, y: (B, 1, H, W) or (B, H, W) tensors, H and W at least 11.
+        x, y: (B, 1, H, W) or (B, H, W) tensors, H and W at least 11; x is the original.
         data_range: the value range of the images (1.0 for [0, 1] images).
+        foreground: None, or a fraction of data_range: then average only over the body, the
+            pixels where the Gaussian-weighted local mean of x exceeds it (0.1 leaves out the
+            black background, whose easy SSIM would flatter a blurry reconstruction).
     Returns:
-        (B,) float32 tensor of SSIM values.
+        (B,) float32 tensor of SSIM values (NaN for an image with no foreground pixel).
     """
     if x.shape != y.shape:
         raise ValueError(f"ssim needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -565,9 +591,9 @@ def ssim(x, y, data_range=1.0):
     y = y.reshape(-1, 1, *y.shape[-2:])
     if min(x.shape[-2:]) < 11:
         raise ValueError(f"ssim needs images of at least 11 x 11, got {tuple(x.shape[-2:])}")
-    dtype = torch.float64 if x.device.type == "cpu" else torch.float32
-    x, y = x.to(dtype), y.to(dtype)
-    g = _gaussian_window(device=x.device, dtype=dtype)
+    # float64 on every device: float32 loses digits in E[x^2] - E[x]^2, and a GPU may run float32 in TF32
+    x, y = x.double(), y.double()
+    g = _gaussian_window(device=x.device, dtype=torch.float64)
     k = len(g)
 
     def blur(t):  # separable Gaussian, 'valid' region only: the border scikit-image crops away
@@ -579,7 +605,10 @@ def ssim(x, y, data_range=1.0):
     vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.mean((-2, -1)).float()
+    if foreground is None:
+        return s.mean((-2, -1)).float()
+    body = (ux > foreground * data_range).double()
+    return ((s * body).sum((-2, -1)) / body.sum((-2, -1))).float()
 
 
 def psnr(x, y, data_range=1.0):
@@ -654,10 +683,12 @@ class Decoder(nn.Module):
 
 
 def _nearest_code_torch(z, codebook, chunk=8192):
-    # Used only when vq.py is copied without kernels/: chunked so memory stays bounded for any N.
+    # Used only when vq.py is copied without kernels/: chunked so memory stays bounded for any N;
+    # float64 on a GPU, where float32 matmuls may run in TF32.
+    z, codebook = (z.double(), codebook.double()) if z.is_cuda else (z.float(), codebook.float())
     c_sq = codebook.pow(2).sum(1)
     codes = torch.cat([torch.addmm(c_sq, zc, codebook.t(), alpha=-2).argmin(1) for zc in z.split(chunk)])
-    return codes, (z - codebook[codes]).pow(2).sum(1)
+    return codes, (z - codebook[codes]).pow(2).sum(1).float()
 
 
 def nearest_code(z, codebook):
@@ -671,7 +702,7 @@ def nearest_code(z, codebook):
         return torch.empty(0, dtype=torch.long, device=z.device), z.new_empty(0, dtype=torch.float32)
     if _kernel_nearest_code is not None:
         return _kernel_nearest_code(z, codebook)
-    return _nearest_code_torch(z.float(), codebook.float())
+    return _nearest_code_torch(z, codebook)
 
 
 def _all_reduce(t):

@@ -49,13 +49,15 @@ def nearest_code_reference(z, codebook):
 # Chunked torch path: the (chunk, K) score matrix is the only big temporary, whatever N is.
 def nearest_code_torch(z, codebook, chunk_size=None):
     N, K, D = _check_inputs(z, codebook)
-    c = codebook.float()  # (K, D)
+    # float64 on a GPU: its float32 matmuls may run in TF32, and this path is the full-precision one
+    dtype = torch.float64 if z.is_cuda else torch.float32
+    c = codebook.to(dtype)  # (K, D)
     c_sq = c.pow(2).sum(1)  # (K,)
-    chunk = chunk_size or max(1, _CHUNK_BYTES // (4 * K))
+    chunk = chunk_size or max(1, _CHUNK_BYTES // (c.element_size() * K))
     codes = torch.empty(N, dtype=torch.int64, device=z.device)
     dist = torch.empty(N, dtype=torch.float32, device=z.device)
     for i in range(0, N, chunk):
-        zc = z[i : i + chunk].float()  # (chunk, D)
+        zc = z[i : i + chunk].to(dtype)  # (chunk, D)
         # ||z||^2 is the same for every code of a row, so the argmin does without it.
         # min(1) picks the first of equal minima like argmin, and runs ~2x faster on CPU.
         best = torch.addmm(c_sq, zc, c.T, alpha=-2).min(1).indices  # (chunk,)

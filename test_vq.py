@@ -409,19 +409,57 @@ def test_code_histogram_without_one_hot():
 
 def test_unused_codes_stay_finite_and_dead_codes_restart():
     torch.manual_seed(0)
-    q = vq.VectorQuantizer(16, 4, dead_threshold=1e-3, kmeans_init=False).train()
+    q = vq.VectorQuantizer(16, 4, dead_threshold=0.0, kmeans_init=False).train()  # restarts off
     q.generator = torch.Generator().manual_seed(0)
     q.codebook[8:] += 100.0  # codes 8..15 are far from every input: never chosen
     q.embed_sum.copy_(q.codebook)
     far = q.codebook[8:].clone()
-    for _ in range(400):  # 0.99 ** 400 ~ 0.018: the unused codes' counts decay but stay above 1e-3
+    for _ in range(400):  # 0.99 ** 400 ~ 0.018: the unused codes' counts decay toward zero
         q(torch.randn(2, 4, 4, 4))
     assert torch.isfinite(q.codebook).all()
     assert torch.allclose(q.codebook[8:], far, rtol=1e-3)  # unused codes keep their place, no blow-up
-    q.dead_threshold = 0.5
-    q(torch.randn(2, 4, 4, 4))  # now their counts are below the threshold: restarted from the batch
+    q.dead_threshold = 0.01
+    q(torch.randn(2, 4, 4, 4))  # no hit in this step: restarted from the batch
     assert (q.codebook[8:] - far).abs().min() > 50
     assert q.codebook[8:].abs().max() < 10
+
+
+def test_dead_codes_restart_where_the_data_is_worst_served():
+    # 4000 vectors in a tight background cluster that code 0 serves, 40 far apart, one dead code:
+    # a uniform draw would restart it in the background 99 times in 100
+    q = vq.VectorQuantizer(2, 3, kmeans_init=False).train()
+    q.generator = torch.Generator().manual_seed(0)
+    q.codebook.copy_(torch.tensor([[0.0, 0, 0], [-50.0, -50, -50]]))
+    q.embed_sum.copy_(q.codebook)
+    g = torch.Generator().manual_seed(1)
+    flat = torch.cat([0.01 * torch.randn(4000, 3, generator=g), torch.tensor([8.0, 0, 0]) + torch.randn(40, 3, generator=g)])
+    q(flat.T.reshape(1, 3, 4040, 1))
+    assert q.codebook[1, 0] > 4  # restarted among the far vectors
+
+
+def test_restarts_keep_the_codebook_in_use_from_the_start():
+    # The encoder's first outputs are nearly constant and drift by more than their spread each
+    # step, which left k-means-seeded codes behind: 3 of 128 codes in use after 8 steps.
+    def used_codes(dead_threshold):
+        torch.manual_seed(0)
+        x = vq.phantom_slices(160, (64, 32), seed=3)
+        model = vq.VQVAE(vq.VQVAEConfig(channels=32, code_dim=16, n_codes=64, dead_threshold=dead_threshold))
+        model.quantizer.generator = torch.Generator().manual_seed(1)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        used = []
+        for step in range(30):
+            for group in opt.param_groups:
+                group["lr"] = train._lr_at(step, 300, 1e-3)
+            _, loss, stats = model(x[step * 16 % 160:][:16])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            used.append(round(stats["usage"].item() * 64))
+        return used
+
+    with_restarts, without = used_codes(0.01), used_codes(0.0)
+    assert min(with_restarts[10:]) >= 32, with_restarts
+    assert min(without[10:]) < 16, without  # the collapse this guards against
 
 
 def test_kmeans_init_puts_codes_on_the_data():

@@ -11,6 +11,7 @@ reads), metrics.jsonl, summary.json (the figures of the model in model.pt) and P
 import argparse
 import copy
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -277,9 +278,12 @@ class Trainer:
         self.best, self.best_state, self.seconds, self.history = None, None, 0.0, []
         self.ddp = model
         if run.world > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-                broadcast_buffers=False)  # the quantizer all-reduces its own statistics
+            ddp = torch.nn.parallel.DistributedDataParallel
+            # the quantizer all-reduces its own statistics (the flag was renamed in torch 2.13)
+            no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else \
+                "broadcast_buffers"
+            self.ddp = ddp(model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                           **{no_sync: False})
         if run.args.compile:
             self.ddp = torch.compile(self.ddp)
 
@@ -340,7 +344,7 @@ class Trainer:
             order = _epoch_order(run, self.n_train, self.epoch).to(dev)
             batches = order.split(self.batch_size)
             meter, n_meter, t_log, n_img = {}, 0, time.time(), 0
-            epoch_loss, epoch_steps = torch.zeros((), device=dev), 0
+            epoch_sums, epoch_steps = {}, 0  # on the device: per-epoch means for metrics.jsonl
             while self.batch < len(batches):
                 if self._out_of_time(time.time() - fit_start, self.step - start_step):
                     stopped = True
@@ -355,10 +359,11 @@ class Trainer:
                 self.opt.step()
                 loss = loss.detach()
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), self.step, bad_step)
-                epoch_loss, epoch_steps = epoch_loss + loss, epoch_steps + 1
+                epoch_steps += 1
                 self.batch, self.step, n_img = self.batch + 1, self.step + 1, n_img + len(idx) * run.world
                 for k, v in dict(parts, loss=loss).items():
                     meter[k] = meter.get(k, 0.0) + v.detach().float()
+                    epoch_sums[k] = epoch_sums.get(k, 0.0) + v.detach().float()
                 n_meter += 1
                 if self.step % args.log_every == 0 or self.batch == len(batches):
                     self._check_finite(bad_step)
@@ -380,14 +385,15 @@ class Trainer:
                 record = self.validate(self.model)
                 if self.best is None or self.better(record, self.best):
                     self.best, self.best_state = record, copy.deepcopy(self.model.state_dict())
-                record = dict(train_loss=(epoch_loss / max(1, epoch_steps)).item(),
+                means = torch.stack(list(epoch_sums.values())).div(max(1, epoch_steps)).tolist() if epoch_sums else []
+                record = dict({f"train_{k}": v for k, v in zip(epoch_sums, means)},
                               lr=_lr_at(self.step - 1, self.schedule_steps, self.lr), **record)
                 run.write_metrics(dict(stage=self.name, epoch=self.epoch, step=self.step,
                                        seconds=round(self.seconds, 1), **record))
                 if run.main:
                     draw_curves(_read_metrics(run), run.out / "curves.png")
                 run.log(f"{self.name} ep {self.epoch}/{self.epochs} validation | " +
-                        " | ".join(self._fmt(k, v) for k, v in record.items() if k != "lr"))
+                        " | ".join(self._fmt(k, v) for k, v in record.items() if k == "train_loss" or k[:4] == "val_"))
                 save()
             if stopped:
                 run.log(f"{self.name}: --minutes budget of {args.minutes} reached at step {self.step}")
@@ -460,7 +466,7 @@ def draw_curves(records, path):
     panels = [
         _panel([(*col(v, "val_ssim"), 0.0), (*col(v, "val_ssim_body"), 0.55)]),
         _panel([(*col(v, "train_loss"), 0.0)], log=True),
-        _panel([(*col(p, "val_bits"), 0.0), ([r["epoch"] for r in p], [r["train_loss"] / math.log(2) for r in p], 0.55)]),
+        _panel([(*col(p, "val_bits"), 0.0), (*col(p, "train_bits"), 0.55)]),
     ]
     gap = np.ones((panels[0].shape[0], 8), np.float32)
     vq.save_png(path, np.concatenate([panels[0], gap, panels[1], gap, panels[2]], 1))

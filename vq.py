@@ -714,7 +714,7 @@ def _all_reduce(t):
 class VectorQuantizer(nn.Module):
     """EMA codebook with Laplace smoothing, commitment loss, dead-code restart, k-means init."""
 
-    def __init__(self, n_codes, code_dim, beta=0.25, decay=0.99, dead_threshold=1.0, kmeans_init=True,
+    def __init__(self, n_codes, code_dim, beta=0.25, decay=0.99, dead_threshold=0.01, kmeans_init=True,
                  eps=1e-5):
         super().__init__()
         self.n_codes, self.code_dim, self.beta, self.decay = n_codes, code_dim, beta, decay
@@ -736,10 +736,10 @@ class VectorQuantizer(nn.Module):
             flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (N, D)
             if self.training and not bool(self.initialised):
                 self._kmeans(flat.detach())
-            codes, _ = nearest_code(flat.detach(), self.codebook)
+            codes, dist = nearest_code(flat.detach(), self.codebook)
             counts = torch.bincount(codes, minlength=self.n_codes).float()  # (K,) no N x K one-hot
             if self.training:
-                self._ema_update(flat.detach(), codes, counts)
+                self._ema_update(flat.detach(), codes, counts, dist)
             z_q = self.codebook[codes].view(B, h, w, D).permute(0, 3, 1, 2)  # (B, D, h, w)
             loss = self.beta * F.mse_loss(z, z_q.detach())
             z_q = z + (z_q - z).detach()  # straight-through: the decoder's gradient reaches the encoder
@@ -751,7 +751,7 @@ class VectorQuantizer(nn.Module):
         return z_q, codes.view(B, h, w), loss, stats
 
     @torch.no_grad()
-    def _ema_update(self, flat, codes, counts):
+    def _ema_update(self, flat, codes, counts, dist):
         embed_sum = torch.zeros_like(self.embed_sum).index_add_(0, codes, flat)  # (K, D)
         counts = _all_reduce(counts.clone())  # every rank sees every rank's vectors
         _all_reduce(embed_sum)
@@ -760,19 +760,26 @@ class VectorQuantizer(nn.Module):
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + self.n_codes * self.eps) * n  # Laplace
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
-        self._restart_dead(flat)
+        self._restart_dead(flat, dist, counts)
 
     @torch.no_grad()
-    def _restart_dead(self, flat):
-        # cluster_size is identical on every rank (all-reduced), so every rank agrees on `dead`.
-        dead = self.cluster_size < self.dead_threshold
+    def _restart_dead(self, flat, dist, counts):
+        # Dead: fewer assignments in this step than dead_threshold of an even share. Early in
+        # training the encoder's outputs drift faster than the EMA codebook follows and leave
+        # codes behind; a test on the EMA counts would notice only hundreds of steps later.
+        # counts are all-reduced, so every rank agrees on `dead`.
+        dead = counts < self.dead_threshold * counts.sum() / self.n_codes
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
-        pick = torch.randint(len(flat), (n_dead,), generator=self.generator, device="cpu").to(flat.device)
+        # Restart at vectors drawn in proportion to their squared distance from their code, as
+        # k-means++ seeds: the worst-served data (often the anatomy, not the dominant background).
+        w = dist.detach().double().cpu().clamp_min(0) + 1e-12
+        pick = torch.multinomial(w, n_dead, replacement=n_dead > len(w), generator=self.generator).to(flat.device)
         self.codebook[dead] = flat[pick]
-        self.cluster_size[dead] = self.dead_threshold
-        self.embed_sum[dead] = flat[pick] * self.dead_threshold
+        share = self.cluster_size.sum() / self.n_codes
+        self.cluster_size[dead] = share  # an even share of the EMA statistics, so it moves like the others
+        self.embed_sum[dead] = flat[pick] * share
         self._broadcast()
 
     @torch.no_grad()
@@ -786,9 +793,11 @@ class VectorQuantizer(nn.Module):
             sums = torch.zeros_like(centres).index_add_(0, codes, flat)
             used = counts > 0
             centres[used] = sums[used] / counts[used].unsqueeze(1)
+        # the seeding batch stands in for the history of the EMA statistics; empty clusters are dead
+        counts = torch.bincount(nearest_code(flat, centres)[0], minlength=self.n_codes).float()
         self.codebook.copy_(centres)
-        self.embed_sum.copy_(centres)
-        self.cluster_size.fill_(1.0)
+        self.cluster_size.copy_(counts)
+        self.embed_sum.copy_(centres * self.cluster_size.unsqueeze(1))
         self.initialised.fill_(True)
         self._broadcast()
 
@@ -812,11 +821,13 @@ class VQVAEConfig:
     n_codes: int = 512  # K, codebook size
     beta: float = 0.25  # commitment loss weight
     decay: float = 0.99  # EMA decay of the codebook statistics
-    dead_threshold: float = 1.0  # restart a code whose EMA count falls below this
+    dead_threshold: float = 0.01  # restart a code with fewer hits in a step than this fraction of an even share
     kmeans_init: bool = True  # seed the codebook by k-means on the first batch
 
     def __post_init__(self):
-        _check_positive(self, "in_channels", "channels", "n_res_blocks", "code_dim", "beta", "dead_threshold")
+        _check_positive(self, "in_channels", "channels", "n_res_blocks", "code_dim", "beta")
+        if not 0 <= self.dead_threshold < 1:
+            raise ValueError(f"dead_threshold must be in [0, 1) (0: no restarts), got {self.dead_threshold}")
         if self.downsample not in (4, 8):
             raise ValueError(f"downsample must be 4 or 8, got {self.downsample}")
         if self.n_codes < 2:

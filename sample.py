@@ -1,17 +1,22 @@
-"""Generate new slices with the trained prior, or reconstruct given slices with the VQ-VAE.
+"""Generate new slices with the trained prior, reconstruct given slices, or measure how real samples look.
 
     python sample.py --n 16                        # PNG grid + one .nii.gz per sample
+    python sample.py --n 8 --position 0.3          # slices from 30% of the way through a volume
     python sample.py --reconstruct a.nii.gz b.nii.gz
+    python sample.py --evaluate                    # realism report against the held-out test slices
     python sample.py --bench --n 16                # cached sampler against the naive one
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import vq
 
@@ -31,16 +36,21 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out", help="the training output folder holding model.pt (default out)")
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--position", type=float, default=None,
+                   help="slice position in its volume, 0 (first) to 1 (last); default: drawn as in the training data")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu or cuda (default cuda when present)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:1 (default cuda when present)")
     p.add_argument("--dest", default=None, help="where to write (default OUT/samples_seedS_tT)")
     p.add_argument("--reconstruct", nargs="+", metavar="PATH", help="slices to reconstruct")
+    p.add_argument("--evaluate", action="store_true", help="realism report against the test slices, into summary.json")
     p.add_argument("--bench", action="store_true", help="time the cached sampler against the naive one")
     args = p.parse_args(argv)
     if args.n < 1:
         fail(f"--n must be at least 1, got {args.n}")
     if not args.temperature > 0:
         fail(f"--temperature must be positive, got {args.temperature}")
+    if args.position is not None and not 0 <= args.position <= 1:
+        fail(f"--position must be between 0 and 1, got {args.position}")
     return args
 
 
@@ -56,6 +66,8 @@ def _load(args, need_prior):
         if "prior" not in ckpt:
             raise vq.CheckpointError(f"{path} has no prior: train it with `python train.py --stage prior`")
         prior = vq.PixelCNN.from_checkpoint(ckpt).to(device)
+        if args.position is not None and not prior.config.positional:
+            raise vq.CheckpointError(f"the prior in {path} was trained without slice positions: drop --position")
     return ckpt, vqvae, prior, device
 
 
@@ -67,10 +79,12 @@ def _save_nifti(path, image):
 
 def generate(args):
     ckpt, vqvae, prior, device = _load(args, need_prior=True)
-    dest = Path(args.dest or Path(args.out) / f"samples_seed{args.seed}_t{args.temperature:g}")
+    where = "" if args.position is None else f"_p{args.position:g}"
+    dest = Path(args.dest or Path(args.out) / f"samples_seed{args.seed}_t{args.temperature:g}{where}")
     dest.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device).manual_seed(args.seed)
-    images = vqvae.decode(prior.generate(args.n, args.temperature, generator=g)).float().cpu()  # (n, 1, H, W)
+    codes = prior.generate(args.n, args.temperature, generator=g, position=args.position)
+    images = vqvae.decode(codes).float().cpu()  # (n, 1, H, W)
     vq.save_png(dest / "grid.png", vq.image_grid(images, ncol=8, rot90=ckpt["data"]["rot90"]))
     for i, im in enumerate(images):
         _save_nifti(dest / f"sample_{i:03d}.nii.gz", im[0].numpy())  # as stored: the input slices' orientation
@@ -98,18 +112,146 @@ def reconstruct(args):
 
 def bench(args):
     _, _, prior, device = _load(args, need_prior=True)
+    c = prior.config
     times = {}
+    one = torch.zeros(args.n, c.height, c.width, dtype=torch.long, device=device)
+    pos = torch.full((args.n,), 0.5, device=device) if c.positional else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        prior(one, pos)  # warm-up
+        sync()
+        t = time.perf_counter()
+        for _ in range(3):
+            prior(one, pos)
+        sync()
+        forward = (time.perf_counter() - t) / 3
+    prior.generate(1, generator=torch.Generator(device).manual_seed(0))  # warm-up: first-call set-up
     for name, fn in (("cached", prior.generate), ("naive", prior.generate_naive)):
         g = torch.Generator(device).manual_seed(args.seed)
+        sync()
         t = time.perf_counter()
-        codes = fn(args.n, args.temperature, generator=g)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        codes = fn(args.n, args.temperature, generator=g, position=args.position)
+        sync()
         times[name] = (time.perf_counter() - t, codes)
-        print(f"{name:6s} sampler: {times[name][0]:.2f} s for {args.n} maps of {tuple(codes.shape[1:])} codes")
+        print(f"{name:6s} sampler: {times[name][0]:.2f} s for {args.n} maps of {tuple(codes.shape[1:])} codes "
+              f"= {times[name][0] / forward:.1f} forward passes of {forward * 1e3:.1f} ms", flush=True)
     same = torch.equal(times["cached"][1], times["naive"][1])
-    print(f"speed-up {times['naive'][0] / times['cached'][0]:.1f}x | identical codes: {same}")
+    print(f"speed-up {times['naive'][0] / times['cached'][0]:.1f}x | identical codes: {same} | {device}")
     return times
+
+
+# ----------------------------------------------------------------------------- realism report
+
+
+class _Critic(nn.Module):
+    """A small CNN that tells two sets of slices apart; global pooling makes it judge texture and
+    structure rather than memorise where things are."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 1
+        for w in (16, 32, 64, 64):
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            c = w
+        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 1))
+
+    def forward(self, x):
+        return self.net(x * 2 - 1)[:, 0]
+
+
+def two_sample_score(a, b, seed=0, steps=200, batch_size=32, device="cpu"):
+    """How well a small CNN, trained for a fixed budget, tells slices a from slices b: its accuracy on
+    the half of the pairs it did not train on, averaged over both halves (2-fold). 0.5: it cannot tell
+    them apart; 1.0: trivially apart. a, b: (N, 1, H, W) in [0, 1]; the first min(len) of each are used."""
+    n = min(len(a), len(b))
+    if n < 4:
+        raise ValueError(f"two_sample_score needs at least 4 slices in each set, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    folds = torch.randperm(n, generator=g).chunk(2)
+    x = torch.cat([a[:n], b[:n]]).float()
+    y = torch.cat([torch.zeros(n), torch.ones(n)])
+    accuracy = []
+    for k in range(2):
+        train_idx, test_idx = folds[k], folds[1 - k]
+        train_idx, test_idx = torch.cat([train_idx, train_idx + n]), torch.cat([test_idx, test_idx + n])
+        torch.manual_seed(seed * 7 + k)
+        critic = _Critic().to(device)
+        opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+        for _ in range(steps):
+            idx = train_idx[torch.randint(len(train_idx), (batch_size,), generator=g)]
+            loss = F.binary_cross_entropy_with_logits(critic(x[idx].to(device)), y[idx].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            logits = torch.cat([critic(x[i].to(device)).cpu() for i in test_idx.split(256)])
+        accuracy.append(((logits > 0).float() == y[test_idx]).float().mean().item())
+    return sum(accuracy) / 2
+
+
+def nearest_ssim(x, pool, shortlist=8):
+    """For each slice of x, its highest SSIM against the slices of pool, searched among the
+    `shortlist` nearest in L2 on 4x-reduced images (an exact SSIM search would cost len(x) * len(pool))."""
+    small = lambda t: F.avg_pool2d(t.float(), 4).flatten(1)  # noqa: E731
+    ps = small(pool)
+    best = []
+    for xb in x.split(64):
+        near = torch.cdist(small(xb), ps).topk(min(shortlist, len(pool)), largest=False).indices  # (b, shortlist)
+        s = vq.ssim(xb.repeat_interleave(near.shape[1], 0), pool[near.flatten()]).view(near.shape)
+        best.append(s.max(1).values)
+    return torch.cat(best)
+
+
+def pair_ssim(x, pairs=256, seed=0):
+    """Mean SSIM of random pairs of different slices of x: lower is more varied."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randint(len(x), (pairs,), generator=g)
+    j = (i + torch.randint(1, len(x), (pairs,), generator=g)) % len(x)
+    return vq.ssim(x[i], x[j]).mean().item()
+
+
+@torch.no_grad()
+def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print):
+    """How far decoded samples are from real held-out slices, beside the floor the decoder sets:
+    two-sample scores, memorisation and diversity (see the README). test, train: (N, 1, H, W)."""
+    n = len(test)
+    g = torch.Generator(device).manual_seed(seed)
+    codes = torch.cat([prior.generate(len(c), generator=g) for c in torch.arange(n).split(128)])
+    samples = torch.cat([vqvae.decode(c).float().cpu() for c in codes.split(64)])
+    recon = torch.cat([vqvae.decode(vqvae.encode(x.to(device).float())).float().cpu() for x in test.split(64)])
+    with torch.enable_grad():
+        scores = {"samples": two_sample_score(test, samples, seed, device=device),
+                  "floor": two_sample_score(test, recon, seed, device=device)}
+    near_samples, near_real = nearest_ssim(samples, train), nearest_ssim(test, train)
+    report = {
+        "realism_n": n,
+        "two_sample_samples": scores["samples"], "two_sample_recon_floor": scores["floor"],
+        "nearest_train_ssim_samples": near_samples.median().item(),
+        "nearest_train_ssim_real": near_real.median().item(),
+        "copies": (near_samples > near_real.max()).float().mean().item(),
+        "diversity_samples": pair_ssim(samples, seed=seed), "diversity_real": pair_ssim(test, seed=seed),
+    }
+    log(f"realism | two-sample {report['two_sample_samples']:.3f} (reconstruction floor "
+        f"{report['two_sample_recon_floor']:.3f}; 0.5 = indistinguishable) | nearest training slice ssim "
+        f"{report['nearest_train_ssim_samples']:.3f} (real test slices {report['nearest_train_ssim_real']:.3f}; "
+        f"copies {report['copies']:.1%}) | pair ssim {report['diversity_samples']:.3f} "
+        f"(real {report['diversity_real']:.3f})")
+    return report
+
+
+def evaluate(args):
+    import train
+
+    ckpt, vqvae, prior, device = _load(args, need_prior=True)
+    data = train.load_data(train.data_args(ckpt["data"]), print)
+    report = realism_report(vqvae, prior, data["test"], data["train"], args.seed, device)
+    path = Path(args.out) / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    if summary.get("vqvae_fingerprint") == ckpt.get("vqvae_fingerprint"):  # it describes this model.pt
+        summary.update(report)
+        train.write_json(path, summary)
+        print(f"added to {path}")
+    return report
 
 
 def main(argv=None):
@@ -118,6 +260,8 @@ def main(argv=None):
     try:
         if args.reconstruct:
             return reconstruct(args)
+        if args.evaluate:
+            return evaluate(args)
         return bench(args) if args.bench else generate(args)
     except (vq.CheckpointError, vq.DataError) as e:
         fail(str(e))

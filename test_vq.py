@@ -22,7 +22,6 @@ import sample
 import train
 import vq
 from vq import DataError, PixelCNN, PriorConfig, SkippedFileWarning, find_splits, load_slices, phantom_slices
-from vq import write_phantom_tree
 
 
 # ----------------------------------------------------------------------------- data
@@ -223,7 +222,7 @@ def test_parallel_equals_serial(tmp_path):
 
 
 def test_find_splits_hipmri_oasis_nested(tmp_path):
-    hip = write_phantom_tree(tmp_path / "hip", n_train=6, n_val=2, n_test=2, size=(32, 16), slices_per_volume=2)
+    hip = train.write_phantom_tree(tmp_path / "hip", n_train=6, n_val=2, n_test=2, size=(32, 16), slices_per_volume=2)
     splits = find_splits(hip)
     assert {k: len(v) for k, v in splits.items()} == {"train": 6, "validate": 2, "test": 2}
     assert [p.name for p in splits["train"][:2]] == ["case_004_week_0_slice_0.nii.gz", "case_004_week_0_slice_1.nii.gz"]
@@ -235,7 +234,7 @@ def test_find_splits_hipmri_oasis_nested(tmp_path):
     assert x.shape == (2, 1, 32, 16) and x.max() > 0.9
 
     nested = tmp_path / "unzipped"
-    write_phantom_tree(nested / "keras_slices_data", n_train=2, n_val=1, n_test=1, size=(16, 8))
+    train.write_phantom_tree(nested / "keras_slices_data", n_train=2, n_val=1, n_test=1, size=(16, 8))
     assert [len(v) for v in find_splits(nested).values()] == [2, 1, 1]
 
     oasis = tmp_path / "oasis"
@@ -515,24 +514,35 @@ def test_truncated_checkpoint_gives_clear_error(tmp_path):
 
 # 4 layers at dilations 1, 2 reach 7 rows up and 6 columns aside: the whole past of a 6x5 map
 SMALL = dict(n_codes=7, height=6, width=5, prior_channels=16, prior_layers=4, prior_dilations=(1, 2))
+# the same with two attention layers and a slice-position condition
+RICH = dict(SMALL, prior_attention=2, positional=True)
 
 
 def small_prior(seed=0, **overrides):
     torch.manual_seed(seed)
-    return PixelCNN(PriorConfig(**{**SMALL, **overrides})).eval()
+    model = PixelCNN(PriorConfig(**{**SMALL, **overrides})).eval()
+    if model.config.positional:  # non-trivial weights for the condition (PyTorch's init is small)
+        torch.nn.init.normal_(model.cond.weight, std=1.0)
+    return model
 
 
-def test_causal_and_no_blind_spot():
+def _position(model, n, seed=9):
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) if model.config.positional else None
+
+
+@pytest.mark.parametrize("kind", [SMALL, RICH], ids=["gated", "attention+position"])
+def test_causal_and_no_blind_spot(kind):
     # float64: exact zeros where a logit must not move, whatever the conv algorithm
-    model = small_prior().double()
+    model = small_prior(**kind).double()
     h, w = SMALL["height"], SMALL["width"]
     codes = torch.randint(0, SMALL["n_codes"], (2, h, w), generator=torch.Generator().manual_seed(1))
+    pos = _position(model, 2)
     with torch.no_grad():
-        base = model(codes)
+        base = model(codes, pos)
         for i, j in [(0, 0), (0, w - 1), (2, 2), (3, 0), (4, w - 1), (h - 1, 1)]:
             changed = codes.clone()
             changed[:, i, j] = (changed[:, i, j] + 1) % SMALL["n_codes"]
-            moved = (model(changed) - base).abs().amax(dim=(0, 1))  # (h, w)
+            moved = (model(changed, pos) - base).abs().amax(dim=(0, 1))  # (h, w)
             order = torch.arange(h * w).view(h, w)
             assert moved[order <= i * w + j].max() == 0, f"logits at or before {(i, j)} moved"
             assert (moved[order > i * w + j] > 1e-9).all(), f"some later logit missed {(i, j)}"
@@ -540,26 +550,51 @@ def test_causal_and_no_blind_spot():
                 assert moved[i + 1, max(j - 1, 0)] > 1e-9 and moved[i + 1, 0] > 1e-9
 
 
+def test_position_reaches_every_logit_only_through_the_condition():
+    model = small_prior(**RICH).double()
+    codes = torch.randint(0, SMALL["n_codes"], (3, SMALL["height"], SMALL["width"]),
+                          generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = model(codes, torch.full((3,), 0.2)), model(codes, torch.full((3,), 0.7))
+        assert ((a - b).abs().amax(1) > 1e-6).all()  # every position's logits, (0, 0) included
+        assert torch.equal(model(codes, torch.tensor(0.2)), a)  # a number stands for every map
+    with pytest.raises(ValueError, match="conditioned on the slice position"):
+        model(codes)
+    with pytest.raises(ValueError, match="without slice positions"):
+        small_prior()(codes, torch.full((3,), 0.5))
+    # with no position given, positions are drawn from the training quantiles
+    model.position_quantiles.copy_(torch.linspace(0.8, 0.9, 101))
+    drawn, _ = model._noise(500, 1.0, torch.Generator().manual_seed(0), None)
+    assert 0.8 <= drawn.min() and drawn.max() <= 0.9 and drawn.std() > 0.02
+
+
+@pytest.mark.parametrize("kind", [SMALL, RICH], ids=["gated", "attention+position"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_cached_sampler_matches_naive(temperature):
+def test_cached_sampler_matches_naive(kind, temperature):
     # float64, so rounding differences between the two paths cannot flip a near-tie
-    model = small_prior(seed=2).double()
+    model = small_prior(seed=2, **kind).double()
+    pos = _position(model, 4)
 
     def sample(fn, seed):
-        return fn(4, temperature, torch.Generator().manual_seed(seed))
+        return fn(4, temperature, torch.Generator().manual_seed(seed), position=pos)
 
     cached = sample(model.generate, 5)
     assert cached.shape == (4, SMALL["height"], SMALL["width"]) and cached.dtype == torch.int64
     assert torch.equal(cached, sample(model.generate_naive, 5))
     assert not torch.equal(cached, sample(model.generate, 6))
+    if model.config.positional:  # positions drawn from the training data: the same draws in both samplers
+        drawn = model.generate(4, temperature, torch.Generator().manual_seed(7))
+        assert torch.equal(drawn, model.generate_naive(4, temperature, torch.Generator().manual_seed(7)))
 
 
-def test_cached_logits_match_forward():
-    model = small_prior(seed=3, n_codes=13, height=7, width=9, prior_dilations=(1, 2, 4))
-    noise = model._gumbel(3, 1.0, torch.Generator().manual_seed(0))
-    codes, logits = model._generate_cached(noise, 1.0)
+@pytest.mark.parametrize("kind", [SMALL, RICH], ids=["gated", "attention+position"])
+def test_cached_logits_match_forward(kind):
+    model = small_prior(seed=3, **{**kind, "n_codes": 13, "height": 7, "width": 9, "prior_dilations": (1, 2, 4)})
+    pos = _position(model, 3)
+    _, noise = model._noise(3, 1.0, torch.Generator().manual_seed(0), pos)
+    codes, logits = model._generate_cached(noise, 1.0, pos, keep_logits=True)
     with torch.no_grad():
-        full = model(codes).permute(0, 2, 3, 1)  # (n, h, w, K)
+        full = model(codes, pos).permute(0, 2, 3, 1)  # (n, h, w, K)
     assert (full - logits).abs().max() < 1e-5
 
 
@@ -627,16 +662,18 @@ def test_train_and_sample_end_to_end(tmp_path, capsys):
     assert 0 < s["test_ssim_min"] <= s["test_ssim_mean"] <= 1
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["stage"] for r in lines] == ["vqvae"] * 2 + ["prior"] * 2
-    pictures = ("recon.png", "progress.png", "test_best.png", "test_worst.png", "curves.png", "samples.png")
+    pictures = ("recon.png", "progress.png", "test_best.png", "test_worst.png", "curves.png", "samples.png",
+                "positions.png")
     for name in ("model.pt", "vqvae.pt", "prior.pt", "summary.json", "metrics.jsonl", *pictures):
         assert (tmp_path / name).exists(), name
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(pictures)  # no picture per epoch
     curves = (tmp_path / "curves.png").read_bytes()
     assert curves[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(curves[16:20], "big") > 3 * 200  # three panels
     assert 0 < s["test_ssim_body_mean"] <= 1 and len(s["test_best"]) == 4
+    assert 0 <= s["two_sample_samples"] <= 1 and 0 <= s["copies"] <= 1 and s["realism_n"] == 16
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
     assert ckpt["vqvae_config"]["n_codes"] == 32 and ckpt["prior_config"]["prior_layers"] == 3
-    assert ckpt["data"]["size"] == [32, 32]
+    assert ckpt["data"]["size"] == [32, 32] and ckpt["prior_config"]["positional"]  # phantom levels
     assert torch.equal(ckpt["prior"]["embed.weight"], result["prior"].state_dict()["embed.weight"])
 
     images = sample.main(["--out", str(tmp_path), "--n", "3", "--seed", "7"])
@@ -654,19 +691,25 @@ def test_train_and_sample_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     sims = sample.main(["--out", str(tmp_path), "--reconstruct", str(folder / "sample_000.nii.gz")])
     assert "ssim" in capsys.readouterr().out and 0 < sims[0].item() <= 1
+    at = sample.main(["--out", str(tmp_path), "--n", "3", "--seed", "7", "--position", "0.9"])
+    assert (tmp_path / "samples_seed7_t1_p0.9" / "grid.png").exists() and not torch.equal(at, images)
+    report = sample.main(["--out", str(tmp_path), "--evaluate", "--seed", "3"])
+    assert json.loads((tmp_path / "summary.json").read_text())["two_sample_samples"] == report["two_sample_samples"]
 
 
 def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VQ_CACHE_DIR", str(tmp_path / "cache"))  # keep the user's cache untouched
-    root = vq.write_phantom_tree(tmp_path / "data", n_train=40, n_val=12, n_test=12, size=(32, 32),
+    root = train.write_phantom_tree(tmp_path / "data", n_train=40, n_val=12, n_test=12, size=(32, 32),
                                  slices_per_volume=4)
     bad = [root / "keras_slices_train" / "case_900_week_0_slice_0.nii.gz",
            root / "keras_slices_test" / "case_901_week_0_slice_0.nii.gz"]
     bad[0].write_bytes(b"")
     bad[1].write_text("not an image")
     out = tmp_path / "out"
-    train.main(["--data", str(root), "--out", str(out), "--stage", "vqvae", "--epochs", "1", *TINY[6:]])
+    train.main(["--data", str(root), "--out", str(out), "--epochs", "1", "--prior_epochs", "1", *TINY[6:]])
     s = json.loads((out / "summary.json").read_text())
+    # positions from the names (slice_Z of volumes of 4), skipped files and all: the prior is conditioned
+    assert torch.load(out / "model.pt", weights_only=True)["prior_config"]["positional"]
     assert sorted(Path(f["file"]).name for f in s["skipped_files"]) == sorted(p.name for p in bad)
     assert (s["n_train"], s["n_val"], s["n_test"]) == (40, 12, 12)
     printed = capsys.readouterr().out
@@ -881,6 +924,18 @@ def test_fewer_training_slices_than_processes(tmp_path):
     # one line from each process; the only traceback is torchrun's own report of a failed child
     assert done.stderr.count("error: vqvae: 1 training slice(s) cannot be shared by 2 processes") == 2
     assert "train.py\", line" not in done.stderr
+
+
+def test_realism_report_sanity():
+    a, b = vq.phantom_slices(80, (64, 32), seed=11), vq.phantom_slices(80, (64, 32), seed=12)
+    blurred = F.interpolate(F.avg_pool2d(b, 2), scale_factor=2, mode="bilinear")  # what a smooth decoder draws
+    same = sample.two_sample_score(a, b, steps=120)
+    apart = sample.two_sample_score(a, blurred, steps=120)
+    assert abs(same - 0.5) < 0.15 and apart > 0.85, (same, apart)
+    # a copy of a training slice is as near as can be; real held-out slices are not
+    assert torch.allclose(sample.nearest_ssim(b[:4], torch.cat([a, b[:4]])), torch.ones(4))
+    assert sample.nearest_ssim(b[:4], a).max() < 0.99
+    assert sample.pair_ssim(a[:1].repeat(6, 1, 1, 1)) == pytest.approx(1.0) and sample.pair_ssim(a) < 0.8
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

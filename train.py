@@ -92,7 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--log_every", type=int, default=50, help="steps between log lines")
     p.add_argument("--bench_load", type=int, metavar="N", help="time loading N phantom .nii.gz slices, then exit")
     _config_flags(p, vq.VQVAEConfig)
-    _config_flags(p, vq.PriorConfig, skip=("n_codes", "height", "width"))
+    _config_flags(p, vq.PriorConfig, skip=("n_codes", "height", "width", "positional"))
     known, _ = p.parse_known_args(argv)
     p.set_defaults(**(REAL_DEFAULTS if known.data else PHANTOM_DEFAULTS))
     args = p.parse_args(argv)
@@ -184,35 +184,47 @@ class Run:
         torch.manual_seed(self.args.seed * 1_000_003 + self.rank * 7919 + salt)
 
 
-def load_data(run, files):
-    """files: find_splits' lists, or None for the phantom set -> dict with train / validate / test
-    tensors (N, 1, H, W), data settings and skipped files."""
-    args = run.args
+def load_data(args, log, files=None):
+    """The phantom set, or args.data's splits (files: find_splits' lists, if already found) -> dict
+    with train / validate / test tensors (N, 1, H, W), their slice positions ("positions": split ->
+    (N,) tensor, or None when the names carry none), data settings and skipped files."""
     size = tuple(args.size)
     if args.data is None:
-        # one seed per split, so the splits share no slice
-        splits = {k: vq.phantom_slices(n, size, seed=1000 * args.seed + i) for i, (k, n) in
-                  enumerate([("train", args.n_train), ("validate", args.n_val), ("test", args.n_test)])}
+        # one seed per split, so the splits share no slice; a phantom's level is its position
+        counts = {"train": args.n_train, "validate": args.n_val, "test": args.n_test}
+        splits = {k: vq.phantom_slices(n, size, seed=1000 * args.seed + i) for i, (k, n) in enumerate(counts.items())}
+        positions = {k: vq.phantom_positions(n, seed=1000 * args.seed + i) for i, (k, n) in enumerate(counts.items())}
         settings = {"source": f"phantom seed {args.seed}: {args.n_train} / {args.n_val} / {args.n_test} slices",
-                    "size": list(size), "rot90": 1}
-        return dict(splits, settings=settings, skipped=[])
-    skipped, splits = [], {}
+                    "size": list(size), "rot90": 1, "phantom": [args.seed, args.n_train, args.n_val, args.n_test]}
+        return dict(splits, settings=settings, skipped=[], positions=positions)
+    files = files or vq.find_splits(args.data)
+    skipped, splits, positions = [], {}, {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", vq.SkippedFileWarning)
         for k in ("train", "validate", "test"):
             info = {}
             splits[k] = vq.load_slices(files[k], size, strict=args.strict, info=info)
             skipped += [{"file": str(p), "reason": r} for p, r in info.get("skipped", [])]
+            positions[k] = None if info["positions"] is None else torch.tensor(info["positions"])
     for w in caught:
         if not issubclass(w.category, vq.SkippedFileWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if skipped:
-        run.log(f"skipped {len(skipped)} unreadable file(s):")
+        log(f"skipped {len(skipped)} unreadable file(s):")
         for s in skipped:
-            run.log(f"  {s['file']}: {s['reason']}")
+            log(f"  {s['file']}: {s['reason']}")
     pngs = any(str(f).endswith(".png") for f in files["train"])
     settings = {"source": str(Path(args.data).resolve()), "size": list(size), "rot90": 0 if pngs else 1}
-    return dict(splits, settings=settings, skipped=skipped)
+    if any(p is None for p in positions.values()):  # a prior conditioned on positions needs them everywhere
+        positions = {k: None for k in positions}
+    return dict(splits, settings=settings, skipped=skipped, positions=positions)
+
+
+def data_args(settings):
+    """What load_data needs to load again the data a checkpoint was trained on (its data settings)."""
+    seed, n_train, n_val, n_test = settings.get("phantom", [0, 0, 0, 0])
+    return argparse.Namespace(data=None if "phantom" in settings else settings["source"], size=settings["size"],
+                              strict=False, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test)
 
 
 def _fmt_time(s):
@@ -622,26 +634,33 @@ def train_prior(run, data, vqvae, fingerprint):
     t0 = time.time()
     codes = {k: encode_all(run, vqvae, data[k]) for k in ("train", "validate", "test")}  # (N, h, w)
     h, w = codes["train"].shape[1:]
-    cfg = _config(vq.PriorConfig, args, n_codes=vqvae.config.n_codes, height=h, width=w)
+    pos = data["positions"]
+    cfg = _config(vq.PriorConfig, args, n_codes=vqvae.config.n_codes, height=h, width=w,
+                  positional=pos["train"] is not None)
     torch.manual_seed(args.seed)
     prior = vq.PixelCNN(cfg).to(run.device)
+    if cfg.positional:  # so generate() draws positions as the training slices have them
+        prior.position_quantiles.copy_(torch.quantile(pos["train"].float(), torch.linspace(0, 1, 101)))
     run.seed(salt=1)
     train_c, val_c = codes["train"].to(run.device), codes["validate"]
-    run.log(f"prior: encoded {len(train_c)} train maps of {h}x{w} codes in {time.time() - t0:.1f}s")
+    train_p = pos["train"].to(run.device) if cfg.positional else None
+    run.log(f"prior: encoded {len(train_c)} train maps of {h}x{w} codes in {time.time() - t0:.1f}s"
+            + (" | conditioned on slice positions" if cfg.positional else ""))
 
     def step_fn(net, idx):
         c = train_c[idx]
-        nats = F.cross_entropy(net(c).float(), c)
+        nats = F.cross_entropy(net(c, None if train_p is None else train_p[idx]).float(), c)
         return nats, {"bits": nats.detach() / math.log(2)}
 
     @torch.no_grad()
-    def bits(m, c):
+    def bits(m, c, p):
         m.eval()
-        total = sum(m.loss(cb.to(run.device))[1].item() * len(cb) for cb in c.split(128))
+        total = sum(m.loss(c[i:i + 128].to(run.device), None if p is None else p[i:i + 128].to(run.device))[1].item()
+                    * len(c[i:i + 128]) for i in range(0, len(c), 128))
         return total / len(c)
 
     def validate(m):
-        return {"val_bits": bits(m, val_c)}
+        return {"val_bits": bits(m, val_c, pos["validate"])}
 
     trainer = Trainer(run, "prior", prior, step_fn, len(train_c), args.prior_batch_size, args.prior_epochs,
                       args.prior_lr, validate, better=lambda a, b: a["val_bits"] < b["val_bits"])
@@ -665,15 +684,24 @@ def train_prior(run, data, vqvae, fingerprint):
 
     trainer.fit(save)
     prior.eval()
+    stats = {}
     if run.main:
         final = vq.load_checkpoint(run.out / "model.pt")
         final.update(prior_config=asdict(cfg), prior=prior.state_dict())
         run.save(final, "model.pt")
+        rot = data["settings"]["rot90"]
         g = torch.Generator(run.device).manual_seed(args.seed)
         samples = vqvae.decode(prior.generate(16, generator=g)).float().cpu()
-        vq.save_png(run.out / "samples.png", vq.image_grid(samples, ncol=8, rot90=data["settings"]["rot90"]))
-    return prior, {
-        "prior_bits_per_code": bits(prior, codes["test"]),
+        vq.save_png(run.out / "samples.png", vq.image_grid(samples, ncol=8, rot90=rot))
+        if cfg.positional:  # columns from the first slice of a volume (0) to the last (1), two rows
+            where = torch.linspace(0, 1, 8, device=run.device).repeat(2)
+            strip = vqvae.decode(prior.generate(16, generator=g, position=where)).float().cpu()
+            vq.save_png(run.out / "positions.png", vq.image_grid(strip, ncol=8, rot90=rot))
+        import sample  # the realism report lives with the other script-side evaluation
+
+        stats = sample.realism_report(vqvae, prior, data["test"], data["train"], args.seed, run.device, run.log)
+    return prior, {**stats,
+        "prior_bits_per_code": bits(prior, codes["test"], pos["test"]),
         "unigram_bits_per_code": _code_stats(codes["train"], cfg.n_codes)["bits"],
         "prior_val_bits_best": trainer.best["val_bits"] if trainer.best else None,
         "seconds_prior": round(trainer.seconds, 1), "epochs_prior": trainer.epoch,
@@ -684,30 +712,50 @@ def train_prior(run, data, vqvae, fingerprint):
 
 
 def _write_volume(task):
-    """Pool task: one phantom volume as raw-intensity float32 .nii.gz slices."""
+    """Pool task: one phantom volume, as raw-intensity image and label slices (.nii.gz)."""
     import nibabel as nib
-    import numpy as np
 
-    folder, v, k, size = task
-    x = vq.phantom_slices(k, size, seed=v)[:, 0].numpy() * (800 + 150 * (v % 7))  # (k, H, W), raw-ish
+    root, split, case, week, start, k, size, seed = task
+    x, lab = vq._draw_phantoms(range(start, start + k), size, seed, labels=True, levels=np.arange(k) / max(1, k - 1))
+    scale, offset = 800 + 150 * (case % 7), 10 * (case % 3)  # raw intensities differ per volume, like MR
     for z in range(k):
-        nib.save(nib.Nifti1Image(x[z], np.eye(4)), folder / f"case_{v:03d}_week_0_slice_{z}.nii.gz")
+        name = f"{case:03d}_week_{week}_slice_{z}.nii.gz"
+        nib.save(nib.Nifti1Image(x[z] * scale + offset, np.eye(4)), root / f"keras_slices_{split}" / f"case_{name}")
+        nib.save(nib.Nifti1Image(lab[z], np.eye(4)), root / f"keras_slices_seg_{split}" / f"seg_{name}")
+
+
+def write_phantom_tree(root, n_train=240, n_val=60, n_test=60, size=(256, 128), seed=0, slices_per_volume=60,
+                       workers=None):
+    """Write phantom slices as a HipMRI-style tree (keras_slices_*, keras_slices_seg_*) of .nii.gz, on
+    `workers` processes (default all cores); returns root. Slice z of a volume of k is drawn at level
+    z / (k - 1), so names and anatomy agree on the position. The HipMRI size: 11460, 660, 540."""
+    import multiprocessing
+
+    root, start, case, tasks = Path(root), 0, 4, []  # case ids run on across splits, as in the real data
+    for split, n in zip(vq.SPLITS, (n_train, n_val, n_test)):
+        for kind in ("", "seg_"):
+            (root / f"keras_slices_{kind}{split}").mkdir(parents=True, exist_ok=True)
+        volumes = range(0, n, slices_per_volume)
+        for v, first in enumerate(volumes):  # two weeks (volumes) per case
+            tasks.append((root, split, case + v // 2, v % 2, start + first, min(slices_per_volume, n - first), size, seed))
+        start, case = start + n, case + -(-len(volumes) // 2)
+    workers = min(len(tasks), workers or os.cpu_count() or 1)
+    if workers < 2:
+        list(map(_write_volume, tasks))
+    else:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pool.map(_write_volume, tasks)
+    return root
 
 
 def bench_load(n, size):
     """Write n phantom slices, then time the usual nibabel loop, load_slices cold and warm."""
-    import multiprocessing
     import tempfile
 
     import nibabel as nib
-    import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder, cache = Path(tmp) / "slices", Path(tmp) / "cache"
-        folder.mkdir()
-        tasks = [(folder, v, min(60, n - i), size) for v, i in enumerate(range(0, n, 60))]
-        with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
-            pool.map(_write_volume, tasks)
+        folder, cache = write_phantom_tree(tmp, n, 0, 0, size) / "keras_slices_train", Path(tmp) / "cache"
         t = time.perf_counter()
         np.stack([nib.load(f).get_fdata() for f in sorted(folder.glob("*.nii.gz"))])  # what people write
         times = {"naive": time.perf_counter() - t}
@@ -726,7 +774,8 @@ def bench_load(n, size):
 
 # ----------------------------------------------------------------------------- main
 
-PRIOR_KEYS = ("prior_bits_per_code", "unigram_bits_per_code", "prior_val_bits_best", "seconds_prior", "epochs_prior")
+PRIOR_KEYS = ("prior_bits_per_code", "unigram_bits_per_code", "prior_val_bits_best", "seconds_prior", "epochs_prior",
+              "two_sample_samples", "two_sample_recon_floor", "nearest_train_ssim_samples", "copies", "diversity_samples")
 
 
 def _read_metrics(run):
@@ -738,7 +787,7 @@ def _trim_metrics(run, keep):
     """Drop the records that no longer describe the checkpoints: keep(record) says which stay."""
     if run.main and (run.out / "metrics.jsonl").exists():
         kept = [r for r in _read_metrics(run) if keep(r)]
-        _write_json(run.out / "metrics.jsonl", None, lines=kept)
+        write_json(run.out / "metrics.jsonl", None, lines=kept)
 
 
 def _refuse_overwrite(run, stages):
@@ -768,7 +817,7 @@ def train(args):
     if args.stage == "prior" and not (run.out / "model.pt").exists():
         raise UsageError(f"--stage prior needs a trained VQ-VAE: {run.out / 'model.pt'} does not exist")
     _refuse_overwrite(run, stages)
-    data = load_data(run, files)
+    data = load_data(args, run.log, files)
     n = {k: len(data[k]) for k in ("train", "validate", "test")}
     run.log(f"data: {n['train']} train, {n['validate']} validate, {n['test']} test slices of "
             f"{tuple(data['train'].shape[-2:])} from {data['settings']['source']} | device {run.device}")
@@ -796,7 +845,7 @@ def train(args):
         summary = {**(before if before.get("vqvae_fingerprint") == fingerprint else
                       evaluate_vqvae(run, vqvae, data)), **common}
     if run.main:
-        _write_json(summary_path, summary)
+        write_json(summary_path, summary)
     prior = None
     if "prior" in stages:
         if not args.resume:
@@ -807,14 +856,15 @@ def train(args):
                 f"(unigram {summary['unigram_bits_per_code']:.3f}) | samples in {run.out / 'samples.png'}")
     summary["seconds_total"] = round(time.time() - run.t0, 1)
     if run.main:
-        _write_json(summary_path, summary)
+        write_json(summary_path, summary)
         draw_curves(_read_metrics(run), run.out / "curves.png")
         run.log(f"wrote {run.out}/model.pt, summary.json, metrics.jsonl and pictures (recon.png, progress.png, "
-                f"test_best.png, test_worst.png, curves.png{', samples.png' if prior else ''})")
+                f"test_best.png, test_worst.png, curves.png{', samples.png' if prior else ''}"
+                f"{', positions.png' if prior and prior.config.positional else ''})")
     return {"summary": summary, "vqvae": vqvae, "prior": prior}
 
 
-def _write_json(path, obj, lines=None):
+def write_json(path, obj, lines=None):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n" if lines is None else "".join(json.dumps(r) + "\n" for r in lines))
     os.replace(tmp, path)

@@ -287,7 +287,8 @@ def _decode_all(files, size, strict, workers):
         out, _OUT = _OUT, None
         if pool is not None:
             pool.terminate()
-    info = {"skipped": skipped, "nonfinite": nonfinite, "files": len(files), "transient": transient}
+    counts = [0 if i not in done else 1 if done[i] is None else len(done[i]) for i in range(len(files))]
+    info = {"skipped": skipped, "nonfinite": nonfinite, "files": len(files), "transient": transient, "counts": counts}
     if len(done) == len(files) and all(x is None for x in done.values()):
         return out, info  # the usual case: one slice per file, already in place
     parts = [out[i:i + 1] if x is None else x for i, x in sorted(done.items())]
@@ -380,7 +381,10 @@ def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, 
     a warm load repeats the same warnings. Values are float16-exact whether cached or not.
 
     info: if a dict, filled with {"skipped": [(path, reason), ...], "nonfinite": count of NaN/inf
-    zeroed, "files": number of files, "cached": whether this came from the cache}.
+    zeroed, "files": number of files, "cached": whether this came from the cache, "positions": each
+    image's position in its volume in [0, 1] (Z / the largest Z of its volume for names like
+    case_004_week_0_slice_Z; k / (n - 1) for image k of an n-slice file), or None when a name
+    carries no slice number}.
     """
     files, where = _resolve(files_or_folder)
     size = (int(size[0]), int(size[1]))
@@ -389,7 +393,8 @@ def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, 
     arr, meta = hit if hit else _decode_all(files, size, strict, workers)
     skipped = [tuple(s) for s in meta["skipped"]]
     if info is not None:
-        info.update(skipped=skipped, nonfinite=meta["nonfinite"], files=meta["files"], cached=hit is not None)
+        info.update(skipped=skipped, nonfinite=meta["nonfinite"], files=meta["files"], cached=hit is not None,
+                    positions=_positions(files, meta["counts"]))
     if strict and skipped:
         raise DataError(f"unreadable slice file {skipped[0][0]} ({skipped[0][1]})")
     for p, why in skipped:
@@ -403,10 +408,29 @@ def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, 
     return torch.from_numpy(arr).to(torch.float32).unsqueeze(1)  # (N, 1, H, W)
 
 
-def _phantom_params(rng, aspect):
+def _positions(files, counts):
+    """Each decoded image's position in its volume, from slice_Z in the names; None if a name has none."""
+    found = [re.fullmatch(r"(.*slice_?)(\d+)(\.nii|\.nii\.gz|\.png)?", f.name.lower()) for f in files]
+    top = {}
+    for m in found:
+        if m:
+            top[m[1]] = max(top.get(m[1], 0), int(m[2]))
+    pos = []
+    for m, n in zip(found, counts):
+        if n > 1:  # a volume in one file: its own slice order
+            pos += (np.arange(n) / (n - 1)).tolist()
+        elif n == 1:
+            if not m:
+                return None
+            pos.append(int(m[2]) / max(1, top[m[1]]))
+    return pos
+
+
+def _phantom_params(rng, aspect, level=None):
     """One slice's anatomy: centres and half-axes in units of half the image height, grey values."""
     u = rng.uniform
-    level = u(0, 1)  # 0: femoral heads and a full bladder ... 1: prostate apex, pubic bones, no bladder
+    drawn = u(0, 1)  # 0: femoral heads and a full bladder ... 1: prostate apex, pubic bones, no bladder
+    level = drawn if level is None else level  # drawn all the same, so the other draws stay in step
     mid = math.sin(math.pi * level) ** 0.5  # the prostate is widest mid-gland
     full = (1 - level) * u(0.3, 1.0) * (level < 0.75)  # bladder filling
     p = dict(A=0.88 * aspect * u(0.92, 1.04), B=0.88 * u(0.92, 1.04),
@@ -438,8 +462,9 @@ def _stretch(a, n):
     return lo + (a[:, i1] - lo) * w[:, None]
 
 
-def _draw_phantoms(indices, size, seed, labels=False):
-    """Phantom slices for these indices -> (n, H, W) float32 in [0, 1] and (n, H, W) uint8 labels or None."""
+def _draw_phantoms(indices, size, seed, labels=False, levels=None):
+    """Phantom slices for these indices (at these levels, else drawn) -> (n, H, W) float32 in [0, 1]
+    and (n, H, W) uint8 labels or None."""
     H, W = size
     R, C = W, H  # drawn in display orientation (rows x cols = W x H), rotated back at the end
     R2, C2 = max(4, -(-R // 2)), max(4, -(-C // 2))  # drawn at half size; upsampling is the ~1 px blur
@@ -447,7 +472,7 @@ def _draw_phantoms(indices, size, seed, labels=False):
     xs = ((np.arange(C2) + 0.5) / C2 * 2 - 1) * aspect
     ys = (np.arange(R2) + 0.5) / R2 * 2 - 1
     rngs = [np.random.default_rng([seed, i]) for i in indices]
-    ps = [_phantom_params(r, aspect) for r in rngs]
+    ps = [_phantom_params(r, aspect, None if levels is None else levels[k]) for k, r in enumerate(rngs)]
     v = {k: np.array([p[k] for p in ps], np.float32)[:, None, None] for k in ps[0]}  # each (n, 1, 1)
     img = np.zeros((len(ps), R2, C2), np.float32)
     lab = np.zeros(img.shape, np.uint8) if labels else None
@@ -530,33 +555,17 @@ def _draw_phantoms(indices, size, seed, labels=False):
     return img, lab
 
 
+def phantom_positions(n, seed=0):
+    """The level of each of phantom_slices(n, seed=seed), in [0, 1]: the slice's position in its volume."""
+    return torch.tensor([np.random.default_rng([seed, i]).uniform(0, 1) for i in range(n)], dtype=torch.float32)
+
+
 def phantom_slices(n, size=(256, 128), seed=0):
     """Synthetic pelvis-like axial T2 MR slices (n, 1, H, W) in [0, 1]; slice i depends only on (seed, i)."""
     out = np.empty((n, *size), np.float32)
     for i in range(0, n, 32):  # batches small enough to stay in cache
         out[i:i + 32] = _draw_phantoms(range(i, min(n, i + 32)), size, seed)[0]
     return torch.from_numpy(out).unsqueeze(1)  # (N, 1, H, W)
-
-
-def write_phantom_tree(root, n_train=240, n_val=60, n_test=60, size=(256, 128), seed=0, slices_per_volume=60):
-    """Write phantom slices as a HipMRI-style tree (keras_slices_*, keras_slices_seg_*) of .nii.gz; returns root."""
-    import nibabel as nib
-    root, start, case = Path(root), 0, 4  # case ids run on across splits, as in the real data (004-042)
-    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
-        images, segs = root / f"keras_slices_{split}", root / f"keras_slices_seg_{split}"
-        images.mkdir(parents=True, exist_ok=True)
-        segs.mkdir(parents=True, exist_ok=True)
-        volumes = range(0, n, slices_per_volume)
-        for v, first in enumerate(volumes):  # two weeks (volumes) per case
-            c, k = case + v // 2, min(slices_per_volume, n - first)
-            x, lab = _draw_phantoms(range(start + first, start + first + k), size, seed, labels=True)
-            scale, offset = 800 + 150 * (c % 7), 10 * (c % 3)  # raw intensities differ per volume, like MR
-            for z in range(k):
-                name = f"{c:03d}_week_{v % 2}_slice_{z}.nii.gz"
-                nib.save(nib.Nifti1Image(x[z] * scale + offset, np.eye(4)), images / f"case_{name}")
-                nib.save(nib.Nifti1Image(lab[z], np.eye(4)), segs / f"seg_{name}")
-        start, case = start + n, case + -(-len(volumes) // 2)
-    return root
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -567,6 +576,22 @@ def _gaussian_window(sigma=1.5, truncate=3.5, device=None, dtype=torch.float32):
     x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
     g = torch.exp(-0.5 * (x / sigma) ** 2)
     return g / g.sum()
+
+
+def _ssim_terms(x, y, data_range=1.0):
+    """x, y (B, 1, H, W) -> (SSIM per pixel of the valid region (B, H-10, W-10), local mean of x), in x's dtype."""
+    g = _gaussian_window(device=x.device, dtype=x.dtype)
+    k = len(g)
+
+    def blur(t):  # separable Gaussian, 'valid' region only: the border scikit-image crops away
+        t = F.conv2d(t, g.view(1, 1, k, 1))
+        return F.conv2d(t, g.view(1, 1, 1, k))
+
+    stats = blur(torch.cat([x, y, x * x, y * y, x * y], 1).view(-1, 1, *x.shape[-2:]))
+    ux, uy, uxx, uyy, uxy = stats.view(x.shape[0], 5, *stats.shape[-2:]).unbind(1)
+    vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    return ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2)), ux
 
 
 def ssim(x, y, data_range=1.0, foreground=None):
@@ -592,19 +617,7 @@ def ssim(x, y, data_range=1.0, foreground=None):
     if min(x.shape[-2:]) < 11:
         raise ValueError(f"ssim needs images of at least 11 x 11, got {tuple(x.shape[-2:])}")
     # float64 on every device: float32 loses digits in E[x^2] - E[x]^2, and a GPU may run float32 in TF32
-    x, y = x.double(), y.double()
-    g = _gaussian_window(device=x.device, dtype=torch.float64)
-    k = len(g)
-
-    def blur(t):  # separable Gaussian, 'valid' region only: the border scikit-image crops away
-        t = F.conv2d(t, g.view(1, 1, k, 1))
-        return F.conv2d(t, g.view(1, 1, 1, k))
-
-    stats = blur(torch.cat([x, y, x * x, y * y, x * y], 1).view(-1, 1, *x.shape[-2:]))
-    ux, uy, uxx, uyy, uxy = stats.view(x.shape[0], 5, *stats.shape[-2:]).unbind(1)
-    vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    s, ux = _ssim_terms(x.double(), y.double(), data_range)
     if foreground is None:
         return s.mean((-2, -1)).float()
     body = (ux > foreground * data_range).double()
@@ -623,12 +636,11 @@ def psnr(x, y, data_range=1.0):
 class ResBlock(nn.Module):
     """Pre-activation residual block: 3x3 then 1x1 convolution."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, norm=False):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1),
-            nn.ReLU(), nn.Conv2d(channels, channels, 1),
-        )
+        pre = (lambda: [nn.GroupNorm(8, channels), nn.ReLU()]) if norm else (lambda: [nn.ReLU()])
+        self.net = nn.Sequential(*pre(), nn.Conv2d(channels, channels, 3, padding=1),
+                                 *pre(), nn.Conv2d(channels, channels, 1))
 
     def forward(self, x):
         return x + self.net(x)
@@ -643,16 +655,23 @@ def _n_halvings(downsample):
 class Encoder(nn.Module):
     """Strided 4x4 convolutions halve the image log2(downsample) times, then residual blocks."""
 
-    def __init__(self, in_channels, channels, code_dim, downsample, n_res_blocks):
+    def __init__(self, in_channels, channels, code_dim, downsample, n_res_blocks, arch="v0"):
         super().__init__()
         n = _n_halvings(downsample)
-        widths = [channels // 2 ** (n - 1 - i) for i in range(n)]  # widen as resolution drops
-        layers, c = [], in_channels
-        for i, w in enumerate(widths):
-            layers += [nn.Conv2d(c, w, 4, stride=2, padding=1)] + ([nn.ReLU()] if i < n - 1 else [])
-            c = w
-        layers += [nn.Conv2d(c, channels, 3, padding=1)]
-        layers += [ResBlock(channels) for _ in range(n_res_blocks)]
+        norm = "gn" in arch
+        if arch == "v0":
+            widths = [channels // 2 ** (n - 1 - i) for i in range(n)]  # widen as resolution drops
+            layers, c = [], in_channels
+            for i, w in enumerate(widths):
+                layers += [nn.Conv2d(c, w, 4, stride=2, padding=1)] + ([nn.ReLU()] if i < n - 1 else [])
+                c = w
+            layers += [nn.Conv2d(c, channels, 3, padding=1)]
+        else:
+            widths = [channels // 2 ** (n - i) for i in range(n + 1)]  # full resolution ... code resolution
+            layers = [nn.Conv2d(in_channels, widths[0], 3, padding=1)]
+            for i in range(n):
+                layers += [ResBlock(widths[i], norm), nn.ReLU(), nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1)]
+        layers += [ResBlock(channels, norm) for _ in range(n_res_blocks)]
         layers += [nn.ReLU(), nn.Conv2d(channels, code_dim, 1)]
         self.net = nn.Sequential(*layers)
 
@@ -663,16 +682,25 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Mirror of the encoder: residual blocks, then 4x4 transposed convolutions back to full size."""
 
-    def __init__(self, out_channels, channels, code_dim, downsample, n_res_blocks):
+    def __init__(self, out_channels, channels, code_dim, downsample, n_res_blocks, arch="v0"):
         super().__init__()
         n = _n_halvings(downsample)
+        norm = "gn" in arch
         layers = [nn.Conv2d(code_dim, channels, 3, padding=1)]
-        layers += [ResBlock(channels) for _ in range(n_res_blocks)]
-        c = channels
-        for i in range(n):
-            w = out_channels if i == n - 1 else c // 2
-            layers += [nn.ReLU(), nn.ConvTranspose2d(c, w, 4, stride=2, padding=1)]
-            c = w
+        layers += [ResBlock(channels, norm) for _ in range(n_res_blocks)]
+        if arch == "v0":
+            c = channels
+            for i in range(n):
+                w = out_channels if i == n - 1 else c // 2
+                layers += [nn.ReLU(), nn.ConvTranspose2d(c, w, 4, stride=2, padding=1)]
+                c = w
+        else:
+            widths = [channels // 2 ** (n - i) for i in range(n + 1)]
+            for i in reversed(range(n)):
+                up = ([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(widths[i + 1], widths[i], 3, padding=1)]
+                      if "up" in arch else [nn.ConvTranspose2d(widths[i + 1], widths[i], 4, stride=2, padding=1)])
+                layers += [nn.ReLU(), *up, ResBlock(widths[i], norm)]
+            layers += [nn.ReLU(), nn.Conv2d(widths[0], out_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):
@@ -823,6 +851,9 @@ class VQVAEConfig:
     decay: float = 0.99  # EMA decay of the codebook statistics
     dead_threshold: float = 0.01  # restart a code with fewer hits in a step than this fraction of an even share
     kmeans_init: bool = True  # seed the codebook by k-means on the first batch
+    ssim_weight: float = 0.0  # weight of 1 - SSIM beside the MSE in the reconstruction loss
+    l1_weight: float = 0.0  # weight of the mean absolute error beside the MSE
+    arch: str = "v0"  # EXPERIMENT
 
     def __post_init__(self):
         _check_positive(self, "in_channels", "channels", "n_res_blocks", "code_dim", "beta")
@@ -848,19 +879,26 @@ class VQVAE(nn.Module):
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         self.config = c = config
-        self.encoder = Encoder(c.in_channels, c.channels, c.code_dim, c.downsample, c.n_res_blocks)
+        self.encoder = Encoder(c.in_channels, c.channels, c.code_dim, c.downsample, c.n_res_blocks, c.arch)
         self.quantizer = VectorQuantizer(c.n_codes, c.code_dim, c.beta, c.decay, c.dead_threshold,
                                          c.kmeans_init)
-        self.decoder = Decoder(c.in_channels, c.channels, c.code_dim, c.downsample, c.n_res_blocks)
+        self.decoder = Decoder(c.in_channels, c.channels, c.code_dim, c.downsample, c.n_res_blocks, c.arch)
 
     def forward(self, x):
-        """x (B, C, H, W) -> (recon, loss, stats); loss = reconstruction MSE + commitment."""
+        """x (B, C, H, W) -> (recon, loss, stats); loss = MSE (+ L1, + 1 - SSIM, as configured) + commitment."""
         z = self.encoder(x)  # (B, D, h, w)
         z_q, codes, commit, stats = self.quantizer(z)
         recon = self.decoder(z_q)  # (B, C, H, W)
-        mse = F.mse_loss(recon.float(), x.float())
+        with torch.autocast(x.device.type, enabled=False):  # SSIM's variances need float32
+            r, x = recon.float(), x.float()
+            mse = F.mse_loss(r, x)
+            loss = mse + commit
+            if self.config.l1_weight:
+                loss = loss + self.config.l1_weight * (r - x).abs().mean()
+            if self.config.ssim_weight:
+                loss = loss + self.config.ssim_weight * (1 - _ssim_terms(x, r)[0].mean())
         stats.update(recon=mse.detach(), commit=commit.detach())
-        return recon, mse + commit, stats
+        return recon, loss, stats
 
     @torch.no_grad()
     def encode(self, x):
@@ -891,6 +929,8 @@ class PriorConfig:
     prior_layers: int = 10  # gated layers; with the dilations below every earlier code is in reach
     prior_dilations: tuple = (1, 2, 4, 8, 16)  # cycled over layers: two cycles reach 63 rows up, 62 columns aside
     prior_dropout: float = 0.1  # on the gated outputs, because small data sets overfit without it
+    prior_attention: int = 0  # causal self-attention layers, spread between the gated ones (PixelSNAIL)
+    positional: bool = False  # conditioned on the slice's position in its volume (set from the data)
 
     def __post_init__(self):
         self.prior_dilations = tuple(self.prior_dilations)  # JSON and argparse hand back lists
@@ -899,11 +939,13 @@ class PriorConfig:
             raise ValueError(f"prior_dilations must be integers >= 1, got {self.prior_dilations}")
         if not 0 <= self.prior_dropout < 1:
             raise ValueError(f"prior_dropout must be in [0, 1), got {self.prior_dropout}")
+        if not 0 <= self.prior_attention <= self.prior_layers:
+            raise ValueError(f"prior_attention must be in [0, prior_layers], got {self.prior_attention}")
 
 
-def gated_tanh(x):
+def gated_tanh(x, dim=1):
     """tanh of the first half of the channels times sigmoid of the second half."""
-    a, b = x.chunk(2, dim=1)
+    a, b = x.chunk(2, dim=dim)
     return torch.tanh(a) * torch.sigmoid(b)
 
 
@@ -920,135 +962,261 @@ class GatedLayer(nn.Module):
         self.hout = nn.Conv2d(C, C, 1)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, v, h):
+    def forward(self, v, h, cv, ch):
+        """cv, ch (B, 2C, 1, 1): the position's bias on each stack (zeros when unconditioned)."""
         d = self.dilation
-        v_pre = self.vconv(F.pad(v, (d, d, d, 0)))  # (B, 2C, h, w), from rows <= i
+        v_pre = self.vconv(F.pad(v, (d, d, d, 0))) + cv  # (B, 2C, h, w), from rows <= i
         above = F.pad(v_pre, (0, 0, 1, 0))[:, :, :-1]  # shifted down a row: from rows < i only
-        h_pre = self.hconv(F.pad(h, (d, 0))) + self.v2h(above)  # (B, 2C, h, w)
+        h_pre = self.hconv(F.pad(h, (d, 0))) + self.v2h(above) + ch  # (B, 2C, h, w)
         v = v + self.drop(gated_tanh(v_pre))
         h = h + self.hout(self.drop(gated_tanh(h_pre)))  # residual: the horizontal stack goes deep
         return v, h
 
 
+class CausalAttention(nn.Module):
+    """Self-attention over the horizontal stack in raster order: position t sees positions <= t."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.heads = max(1, channels // 32)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.out = nn.Linear(channels, channels)
+
+    def split(self, x):
+        """(..., 3C) -> q, k, v, each (..., heads, C / heads)."""
+        return [t.unflatten(-1, (self.heads, -1)) for t in self.qkv(x).chunk(3, -1)]
+
+    def forward(self, h):
+        B, C, H, W = h.shape
+        q, k, v = (t.transpose(1, 2) for t in self.split(h.flatten(2).transpose(1, 2)))  # (B, heads, T, C/heads)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, heads, T, C/heads)
+        return h + self.out(y.transpose(1, 2).flatten(2)).transpose(1, 2).view(B, C, H, W)
+
+
+N_FREQ = 8  # sin / cos pairs that describe a slice position to the prior
+
+
+def _position_features(position):
+    """(B,) positions in [0, 1] -> (B, 2 N_FREQ) sines and cosines."""
+    angles = math.pi * position[:, None] * torch.arange(1, N_FREQ + 1, device=position.device, dtype=position.dtype)
+    return torch.cat([angles.sin(), angles.cos()], 1)
+
+
 class PixelCNN(nn.Module):
-    """Gated PixelCNN prior over VQ-VAE code maps, with a learned position embedding."""
+    """Gated PixelCNN prior over VQ-VAE code maps, with a learned position embedding, optional causal
+    attention and an optional condition on the slice's position in its volume."""
 
     def __init__(self, config: PriorConfig):
         super().__init__()
         self.config = c = config
-        self.embed = nn.Embedding(c.n_codes, c.prior_channels)
+        C, L = c.prior_channels, c.prior_layers
+        self.embed = nn.Embedding(c.n_codes, C)
         # where in the map a code sits, so the prior can place anatomy consistently
-        self.pos = nn.Parameter(torch.randn(1, c.prior_channels, c.height, c.width))
-        self.layers = nn.ModuleList(
-            GatedLayer(c.prior_channels, c.prior_dilations[k % len(c.prior_dilations)], c.prior_dropout)
-            for k in range(c.prior_layers)
-        )
+        self.pos = nn.Parameter(torch.randn(1, C, c.height, c.width))
+        self.layers = nn.ModuleList(GatedLayer(C, c.prior_dilations[k % len(c.prior_dilations)], c.prior_dropout)
+                                    for k in range(L))
+        # attention after gated layer k for k in attend_after, evenly spread
+        self.attend_after = [round((a + 1) * L / (c.prior_attention + 1)) - 1 for a in range(c.prior_attention)]
+        self.attention = nn.ModuleList(CausalAttention(C) for _ in self.attend_after)
+        if c.positional:  # one bias per layer and stack, the same at every code: causality is untouched
+            self.cond = nn.Linear(2 * N_FREQ, L * 4 * C)
+            # quantiles of the training positions, to draw positions as the data has them
+            self.register_buffer("position_quantiles", torch.linspace(0, 1, 101))
         # channel-last, so the cached sampler calls the same modules on (n, C) rows
-        self.head = nn.Sequential(nn.ReLU(), nn.Linear(c.prior_channels, c.prior_channels), nn.ReLU(),
-                                  nn.Linear(c.prior_channels, c.n_codes))
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(C, C), nn.ReLU(), nn.Linear(C, c.n_codes))
 
-    def forward(self, codes):
-        """codes (B, h, w) int64 -> logits (B, K, h, w); logits at (i, j) see codes before (i, j) only."""
+    def _biases(self, n, position):
+        """Per layer (cv, ch), each (n, 2C): the position's bias on the vertical and horizontal stacks."""
+        c, C = self.config, self.config.prior_channels
+        if not c.positional:
+            if position is not None:
+                raise ValueError("this prior was trained without slice positions: position must be None")
+            zero = self.pos.new_zeros(n, 2 * C)
+            return [(zero, zero)] * c.prior_layers
+        if position is None:
+            raise ValueError("this prior is conditioned on the slice position: pass position (B,) in [0, 1]")
+        position = torch.as_tensor(position, dtype=self.pos.dtype, device=self.pos.device).expand(n)
+        b = self.cond(_position_features(position)).view(n, c.prior_layers, 2, 2 * C)
+        return [(b[:, k, 0], b[:, k, 1]) for k in range(c.prior_layers)]
+
+    def forward(self, codes, position=None):
+        """codes (B, h, w) int64, position (B,) in [0, 1] for a positional prior -> logits (B, K, h, w);
+        logits at (i, j) see codes before (i, j) only."""
         c = self.config
         if codes.dim() != 3 or tuple(codes.shape[1:]) != (c.height, c.width):
             raise ValueError(f"codes must be (B, {c.height}, {c.width}), got {tuple(codes.shape)}")
+        biases = self._biases(len(codes), position)
         x = self.embed(codes).permute(0, 3, 1, 2)  # (B, C, h, w)
         v = x + self.pos
         h = F.pad(x, (1, 0))[..., :-1] + self.pos  # shifted right a column: codes left of j only
-        for layer in self.layers:
-            v, h = layer(v, h)
+        attention = dict(zip(self.attend_after, self.attention))
+        for k, layer in enumerate(self.layers):
+            cv, ch = biases[k]
+            v, h = layer(v, h, cv[:, :, None, None], ch[:, :, None, None])
+            if k in attention:
+                h = attention[k](h)
         return self.head(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, K, h, w)
 
-    def loss(self, codes):
+    def loss(self, codes, position=None):
         """Mean cross-entropy per code as (nats, bits)."""
-        nats = F.cross_entropy(self(codes), codes)
+        nats = F.cross_entropy(self(codes, position), codes)
         return nats, nats / math.log(2)
 
-    def _gumbel(self, n, temperature, generator):
-        """Gumbel noise (n, h, w, K), drawn up front so both samplers use the same numbers."""
+    def _noise(self, n, temperature, generator, position):
+        """Positions (drawn as in the training data when None) and Gumbel noise (n, h, w, K), drawn up
+        front from generator, so both samplers use the same numbers."""
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n}")
         c, p = self.config, self.pos
+        if c.positional and position is None:  # inverse CDF of the training positions
+            u = torch.rand(n, generator=generator, device=p.device) * 100
+            q, lo = self.position_quantiles, u.floor().long().clamp(max=99)
+            position = q[lo] + (q[lo + 1] - q[lo]) * (u - lo)
         u = torch.rand(n, c.height, c.width, c.n_codes, generator=generator, dtype=p.dtype, device=p.device)
         eps = torch.finfo(p.dtype).eps
-        return -torch.log(-torch.log(u.clamp_(eps, 1 - eps)))
+        return position, -torch.log(-torch.log(u.clamp_(eps, 1 - eps)))
 
     @torch.no_grad()
-    def generate(self, n, temperature=1.0, generator=None):
+    def generate(self, n, temperature=1.0, generator=None, position=None):
         """Sample n code maps in raster order: returns codes (n, h, w) int64.
 
-        Incremental: the vertical stack runs once per finished row, on cached activations of the
-        rows above; the horizontal stack runs once per position, on the cached columns its
-        kernels reach; so a position costs a few (n, 2C) matmuls per layer instead of a forward.
-        Code (i, j) is argmax(logits / temperature + Gumbel noise), the noise drawn up front from
-        `generator`, so `generate_naive` returns the same codes for the same generator state (up
-        to float rounding at near-ties). Dropout is never applied.
+        Incremental: the vertical stack runs once per finished row on a rolling window of the rows
+        its kernels reach; the horizontal stack and attention run once per position on cached
+        columns and keys; so a position costs a few (n, 2C) matmuls per layer instead of a
+        forward. On a GPU each row is one replayed CUDA graph. Code (i, j) is
+        argmax(logits / temperature + Gumbel noise), the noise drawn up front from `generator`,
+        so `generate_naive` returns the same codes for the same generator state (up to float
+        rounding at near-ties). Dropout is never applied.
 
         n: number of maps, >= 1. temperature: > 0; below 1 sharpens, above 1 flattens.
         generator: a torch.Generator on the model's device, for reproducible samples.
+        position: for a positional prior, the slices' position in their volume in [0, 1], a number
+            or (n,) tensor; None draws positions as the training data has them.
         """
-        return self._generate_cached(self._gumbel(n, temperature, generator), temperature)[0]
+        position, g = self._noise(n, temperature, generator, position)
+        return self._generate_cached(g, temperature, position)[0]
 
-    def _generate_cached(self, g, temperature):
-        """The cached sampler on noise g (n, h, w, K): returns codes (n, h, w) and logits (n, h, w, K)."""
-        c, layers, emb = self.config, self.layers, self.embed.weight
-        n, H, W, C = g.shape[0], c.height, c.width, c.prior_channels
-        pos = self.pos[0].permute(1, 2, 0)  # (h, w, C)
-        # per layer: its vertical input for every row so far, zero-padded as forward pads it
-        vbuf = [g.new_zeros(n, C, L.dilation + H, W + 2 * L.dilation) for L in layers]
-        # per layer: its horizontal input along the current row, channel-last, left-padded
-        hbuf = [g.new_zeros(n, L.dilation + W, C) for L in layers]
-        # per layer: the row above's v2h term plus the hconv bias, (n, w, 2C); nothing above row 0
-        vh = [(L.v2h.bias + L.hconv.bias).expand(n, W, 2 * C) for L in layers]
-        # hconv's two taps as one (2C, 2C) matrix for the (n, 2, C) window [j - d, j]
-        wh = [L.hconv.weight[:, :, 0].permute(0, 2, 1).reshape(2 * C, 2 * C).t() for L in layers]
-        wo = [L.hout.weight.flatten(1).t() for L in layers]
-        codes = torch.zeros(n, H, W, dtype=torch.long, device=g.device)
-        logits = torch.empty_like(g)
-        for i in range(H):
-            for j in range(W):
-                x = pos[i, j] + emb[codes[:, i, j - 1]] if j else pos[i, j].expand(n, C)  # (n, C)
-                for L, hb, b, w1, w2 in zip(layers, hbuf, vh, wh, wo):
-                    d = L.dilation
-                    hb[:, d + j] = x
-                    pre = torch.addmm(b[:, j], hb[:, j:j + d + 1:d].reshape(n, 2 * C), w1)  # (n, 2C)
-                    x = x + torch.addmm(L.hout.bias, gated_tanh(pre), w2)
-                logits[:, i, j] = self.head(x)
-                codes[:, i, j] = (logits[:, i, j] / temperature + g[:, i, j]).argmax(-1)
-            if i + 1 == H:
-                break
-            v = pos[i].t() + emb[codes[:, i]].transpose(1, 2)  # (n, C, w)
-            for k, L in enumerate(layers):
-                d = L.dilation
-                vbuf[k][:, :, d + i, d:d + W] = v
-                v_pre = F.conv2d(vbuf[k][:, :, i:i + d + 1], L.vconv.weight, L.vconv.bias, dilation=d)
-                vh[k] = (L.v2h(v_pre)[:, :, 0] + L.hconv.bias[:, None]).transpose(1, 2)  # (n, w, 2C)
-                v = v + gated_tanh(v_pre[:, :, 0])
-        return codes, logits
+    def _generate_cached(self, g, temperature, position=None, keep_logits=False):
+        """The cached sampler on noise g (n, h, w, K): returns codes (n, h, w) and, if asked, logits (n, h, w, K)."""
+        c, n = self.config, g.shape[0]
+        state = _SamplerState(self, g, temperature, self._biases(n, position), keep_logits)
+        if g.is_cuda:  # one graph per row: thousands of small launches become one
+            for _ in range(2):  # warm-up on a side stream, as capture wants; then start afresh
+                side = torch.cuda.Stream(g.device)
+                side.wait_stream(torch.cuda.current_stream(g.device))
+                with torch.cuda.stream(side):
+                    state.row()
+                torch.cuda.current_stream(g.device).wait_stream(side)
+            state.reset()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                state.row()
+            for _ in range(c.height):
+                graph.replay()
+        else:
+            for _ in range(c.height):
+                state.row()
+        return state.codes, state.logits
 
     @torch.no_grad()
-    def generate_naive(self, n, temperature=1.0, generator=None):
+    def generate_naive(self, n, temperature=1.0, generator=None, position=None):
         """Reference sampler: a full forward per position, same noise and codes as `generate`."""
-        g = self._gumbel(n, temperature, generator)
+        position, g = self._noise(n, temperature, generator, position)
         codes = torch.zeros(g.shape[:3], dtype=torch.long, device=g.device)
         training = self.training
         self.eval()  # no dropout, as in the cached sampler
         try:
             for i in range(self.config.height):
                 for j in range(self.config.width):
-                    logits = self(codes)[:, :, i, j]  # (n, K)
+                    logits = self(codes, position)[:, :, i, j]  # (n, K)
                     codes[:, i, j] = (logits / temperature + g[:, i, j]).argmax(-1)
         finally:
             self.train(training)
         return codes
 
-
     @classmethod
     def from_checkpoint(cls, path_or_ckpt, map_location="cpu"):
         ckpt = _as_checkpoint(path_or_ckpt, map_location)
         return _build(cls, PriorConfig, ckpt, "prior")
+
+
+class _SamplerState:
+    """Buffers of the cached sampler, so that sampling a row is the same sequence of operations on
+    the same memory for every row (what a CUDA graph replays): the row index lives on the device."""
+
+    def __init__(self, model, g, temperature, biases, keep_logits):
+        c, n = model.config, g.shape[0]
+        C, H, W = c.prior_channels, c.height, c.width
+        self.m, self.g, self.temperature, self.n = model, g, temperature, n
+        self.i = torch.zeros((), dtype=torch.long, device=g.device)  # the row being sampled
+        self.codes = torch.zeros(n, H, W, dtype=torch.long, device=g.device)
+        self.logits = torch.zeros_like(g) if keep_logits else None
+        self.row_codes = torch.zeros(n, W, dtype=torch.long, device=g.device)
+        # per layer: vertical-stack inputs of rows i-d .. i, zero-padded as forward pads them
+        self.vwin = [g.new_zeros(n, C, L.dilation + 1, W + 2 * L.dilation) for L in model.layers]
+        # per layer: horizontal-stack inputs along the row, channel-last, left-padded by d zeros
+        self.hbuf = [g.new_zeros(n, L.dilation + W, C) for L in model.layers]
+        # per layer: the row above's share of the horizontal pre-activation, (n, w, 2C)
+        self.vh = [g.new_zeros(n, W, 2 * C) for _ in model.layers]
+        self.cv, self.ch = [b[0] for b in biases], [b[1] for b in biases]
+        # per attention layer: keys and values of every position so far, (n, heads, T, C / heads)
+        self.keys = [g.new_zeros(n, a.heads, H * W, C // a.heads) for a in model.attention]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.slots = torch.arange(H * W, device=g.device)
+        # hconv's two taps as one (2C, 2C) matrix for the (n, 2, C) window [j - d, j]
+        self.wh = [L.hconv.weight[:, :, 0].permute(0, 2, 1).reshape(2 * C, 2 * C).t() for L in model.layers]
+        self.wo = [L.hout.weight.flatten(1).t() for L in model.layers]
+        self.reset()
+
+    def reset(self):
+        self.i.zero_()
+        for t in (*self.vwin, *self.hbuf, *self.keys, *self.values):
+            t.zero_()
+        for L, vh, ch in zip(self.m.layers, self.vh, self.ch):  # nothing above row 0: biases only
+            vh.copy_((L.v2h.bias + L.hconv.bias + ch)[:, None].expand_as(vh))
+
+    def row(self):
+        """Sample row i and advance i: the horizontal stack position by position, then the vertical stack."""
+        m, n, W, C = self.m, self.n, self.m.config.width, self.m.config.prior_channels
+        pos = m.pos[0].index_select(1, self.i)[:, 0].t()  # (w, C)
+        g = self.g.index_select(1, self.i)[:, 0]  # (n, w, K)
+        attention = dict(zip(m.attend_after, range(len(m.attention))))
+        for j in range(W):
+            x = pos[j] + m.embed(self.row_codes[:, j - 1]) if j else pos[j].expand(n, C)  # (n, C)
+            t = self.i * W + j  # raster position, on the device
+            for k, L in enumerate(m.layers):
+                d, hb = L.dilation, self.hbuf[k]
+                hb[:, d + j] = x
+                pre = torch.addmm(self.vh[k][:, j], hb[:, j:j + d + 1:d].reshape(n, 2 * C), self.wh[k])  # (n, 2C)
+                x = x + torch.addmm(L.hout.bias, gated_tanh(pre), self.wo[k])
+                if k in attention:
+                    x = self._attend(attention[k], x, t)
+            logits = m.head(x)  # (n, K)
+            if self.logits is not None:
+                self.logits[:, :, j].index_copy_(1, self.i, logits[:, None])
+            self.row_codes[:, j] = (logits / self.temperature + g[:, j]).argmax(-1)
+        self.codes.index_copy_(1, self.i, self.row_codes[:, None])
+        v = pos.t() + m.embed(self.row_codes).transpose(1, 2)  # (n, C, w)
+        for k, L in enumerate(m.layers):
+            d, win = L.dilation, self.vwin[k]
+            win.copy_(torch.cat([win[:, :, 1:], F.pad(v, (d, d))[:, :, None]], 2))  # roll in row i
+            v_pre = F.conv2d(win, L.vconv.weight, L.vconv.bias, dilation=d)[:, :, 0] + self.cv[k][:, :, None]  # (n, 2C, w)
+            self.vh[k].copy_((L.v2h(v_pre[..., None])[..., 0] + (L.hconv.bias + self.ch[k])[:, :, None]).transpose(1, 2))
+            v = v + gated_tanh(v_pre)
+        self.i += 1
+
+    def _attend(self, a, x, t):
+        """Attention layer a at raster position t (a device scalar) for x (n, C): cache k, v; attend to <= t."""
+        att = self.m.attention[a]
+        q, k, v = att.split(x)  # (n, heads, C / heads)
+        self.keys[a].index_copy_(2, t[None], k[:, :, None])
+        self.values[a].index_copy_(2, t[None], v[:, :, None])
+        scores = torch.einsum("nhc,nhtc->nht", q, self.keys[a]) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(self.slots > t, float("-inf"))  # later slots hold nothing yet
+        y = torch.einsum("nht,nhtc->nhc", scores.softmax(-1), self.values[a])
+        return x + att.out(y.flatten(1))
 
 
 

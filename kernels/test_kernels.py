@@ -1,4 +1,5 @@
-"""nearest_code's Triton kernel (interpreted on the CPU) and torch path against the float64 reference."""
+"""nearest_code's Triton kernel (interpreted on the CPU, or compiled on a GPU when there is one) and
+torch path against the float64 reference."""
 
 import importlib
 import os
@@ -14,18 +15,23 @@ from kernels import HAVE_TRITON, nearest_code, nearest_code_reference, nearest_c
 nc = importlib.import_module("kernels.nearest_code")
 # Triton picks the interpreter when it is imported, and pytest imports this file's package (so
 # triton) before this module runs: setting TRITON_INTERPRET here would come too late.
+# On a GPU (and not interpreting) the same tests run the compiled kernel, in real tf32.
+DEVICE = "cuda" if torch.cuda.is_available() and not nc._INTERPRET else "cpu"
 needs_triton = pytest.mark.skipif(
-    not (HAVE_TRITON and nc._INTERPRET),
-    reason="needs triton, imported with TRITON_INTERPRET=1: run `TRITON_INTERPRET=1 python -m pytest kernels`",
+    not (HAVE_TRITON and (nc._INTERPRET or DEVICE == "cuda")),
+    reason="needs triton, imported with TRITON_INTERPRET=1 (or a GPU): run `TRITON_INTERPRET=1 python -m pytest kernels`",
 )
 # (backend, precision): the Triton kernel with its tf32 proof and recheck queue, and without them
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton), pytest.param("triton-x3", marks=needs_triton)]
 
 
-def search(z, codebook, backend):
+def search(z, codebook, backend, device=DEVICE):
+    """The search on `device` (None: where the tensors are), results back on the CPU."""
+    if device is not None:
+        z, codebook = z.to(device), codebook.to(device)
     if backend == "triton-x3":
-        return nearest_code(z, codebook, backend="triton", precision="tf32x3")
-    return nearest_code(z, codebook, backend=backend)
+        return [t.cpu() for t in nearest_code(z, codebook, backend="triton", precision="tf32x3")]
+    return [t.cpu() for t in nearest_code(z, codebook, backend=backend)]
 
 
 def _randn(*shape, seed=0, dtype=torch.float32):
@@ -93,19 +99,23 @@ def test_unproven_rows_are_queued_and_searched_again():
     z, codebook = _randn(700, 40, seed=13), _randn(300, 40, seed=14)
     want = nearest_code_reference(z, codebook)
     # An error bound too big to prove any row: every row goes through the recheck kernel.
-    codes, dist, queued = nc._launch(z, codebook, "tf32", eps=1e3)
+    launch = lambda z, c, eps: [t.cpu() for t in nc._launch(z.to(DEVICE), c.to(DEVICE), "tf32", eps=eps)]  # noqa: E731
+    codes, dist, queued = launch(z, codebook, 1e3)
     assert queued.item() == 700 and torch.equal(codes, want[0])
     _assert_matches_reference(z, codebook, codes, dist)
-    # A bound of about fp32 rounding proves every row with a real gap; rows whose nearest code is
-    # duplicated are real ties, and are queued.
+    # Rows whose nearest code is duplicated are real ties: always queued. In the interpreter (exact
+    # fp32) a bound of about fp32 rounding proves every other row; on a GPU the tf32 bound is needed.
     dup = torch.cat([codebook, codebook[:150]])  # codes 300.. repeat codes 0..149
-    codes, dist, queued = nc._launch(z, dup, "tf32", eps=2**-20)
-    assert queued.item() == (want[0] < 150).sum().item() > 0
+    codes, dist, queued = launch(z, dup, 2**-20 if DEVICE == "cpu" else nc._TF32_EPS)
+    ties = (want[0] < 150).sum().item()
+    assert (queued.item() == ties if DEVICE == "cpu" else queued.item() >= ties) and ties > 0
     _assert_matches_reference(z, dup, codes, dist)  # either copy of a duplicate: they differ by rounding
     # The recheck kernel alone fills exactly the queued rows, and only those.
     rows = torch.randperm(700, generator=torch.Generator().manual_seed(15))[:333]
-    codes, dist = torch.full((700,), -1), torch.full((700,), float("nan"))
-    nc._recheck(z, codebook, codes, dist, rows, torch.tensor([len(rows)], dtype=torch.int32))
+    codes, dist = torch.full((700,), -1, device=DEVICE), torch.full((700,), float("nan"), device=DEVICE)
+    nc._recheck(z.to(DEVICE), codebook.to(DEVICE), codes, dist, rows.to(DEVICE),
+                torch.tensor([len(rows)], dtype=torch.int32, device=DEVICE))
+    codes, dist = codes.cpu(), dist.cpu()
     assert torch.equal(codes[rows], want[0][rows]) and (codes == -1).sum() == 700 - 333
     torch.testing.assert_close(dist[rows].double(), want[1][rows], rtol=1e-5, atol=1e-6)
 
@@ -183,7 +193,7 @@ def test_switch_picks_path(monkeypatch):
 ])
 def test_bad_inputs(backend, z, codebook, message):
     with pytest.raises(ValueError, match=message):
-        search(z, codebook, backend)
+        search(z, codebook, backend, device=None)
 
 
 def test_imports_without_triton():

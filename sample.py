@@ -9,6 +9,7 @@
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -85,7 +86,7 @@ def generate(args):
     g = torch.Generator(device).manual_seed(args.seed)
     codes = prior.generate(args.n, args.temperature, generator=g, position=args.position)
     images = vqvae.decode(codes).float().cpu()  # (n, 1, H, W)
-    vq.save_png(dest / "grid.png", vq.image_grid(images, ncol=8, rot90=ckpt["data"]["rot90"]))
+    save_png(dest / "grid.png", image_grid(images, ncol=8, rot90=ckpt["data"]["rot90"]))
     for i, im in enumerate(images):
         _save_nifti(dest / f"sample_{i:03d}.nii.gz", im[0].numpy())  # as stored: the input slices' orientation
     print(f"wrote {args.n} samples to {dest} (grid.png and sample_*.nii.gz)")
@@ -103,7 +104,7 @@ def reconstruct(args):
             r = vqvae.decode(vqvae.encode(x.to(device))).float().cpu()
         s = vq.ssim(x, r)
         name = Path(path).name.split(".")[0]
-        vq.save_png(dest / f"{name}.png", vq.image_grid(torch.cat([x, r]), ncol=len(x), rot90=ckpt["data"]["rot90"]))
+        save_png(dest / f"{name}.png", image_grid(torch.cat([x, r]), ncol=len(x), rot90=ckpt["data"]["rot90"]))
         print(f"{path}: ssim " + " ".join(f"{v:.4f}" for v in s.tolist()))
         results.append(s)
     print(f"input over reconstruction pictures in {dest}")
@@ -140,6 +141,39 @@ def bench(args):
     return times
 
 
+# ----------------------------------------------------------------------------- pictures
+
+
+def save_png(path, image):
+    """Write a 2-D array in [0, 1] as an 8-bit greyscale PNG, with zlib alone (no imaging library)."""
+    import struct
+    import zlib
+
+    a = (np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
+    raw = b"".join(b"\x00" + row.tobytes() for row in a)  # filter type 0 per scanline
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 8, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(png)
+
+
+def image_grid(images, ncol=8, rot90=1, pad=2):
+    """(B, 1, H, W) in [0, 1] -> one 2-D array, each image turned np.rot90 k=rot90 for display."""
+    imgs = [np.rot90(im[0].detach().float().cpu().numpy(), rot90) for im in images]
+    h, w = imgs[0].shape
+    nrow = math.ceil(len(imgs) / ncol)
+    ncol = min(ncol, len(imgs))
+    grid = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad), np.float32)
+    for i, im in enumerate(imgs):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = im
+    return grid
+
+
 # ----------------------------------------------------------------------------- realism report
 
 
@@ -150,7 +184,7 @@ class _Critic(nn.Module):
     def __init__(self):
         super().__init__()
         layers, c = [], 1
-        for w in (16, 32, 64, 64):
+        for w in (8, 16, 32, 32):
             layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
             c = w
         self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 1))

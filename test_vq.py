@@ -393,6 +393,32 @@ def test_vqvae_shapes_and_gradient_reaches_encoder():
         assert torch.allclose(out, model(x)[0].clamp(0, 1), atol=1e-5)  # encode/decode == forward
 
 
+def test_losses_reach_what_they_should():
+    torch.manual_seed(0)
+    x = vq.phantom_slices(3, (64, 32), seed=2)
+    plain = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32))
+    torch.manual_seed(0)
+    full = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, ssim_weight=0.5, l1_weight=0.3, adv_weight=0.1))
+    recon, loss, stats = full(x)
+    r = recon.detach().float()
+    want = (F.mse_loss(r, x) + stats["commit"] + 0.3 * (r - x).abs().mean() + 0.5 * (1 - vq.ssim(x, r).mean())
+            + 0.1 * stats["adv"] + stats["critic"])
+    assert abs(loss.item() - want.item()) < 1e-4  # every term, with its weight (SSIM: the metric's own)
+    # the SSIM term's gradient: a finite difference along the gradient agrees with it
+    y = x.clone().requires_grad_(True)
+    loss_fn = lambda t: 1 - vq._ssim_terms(x.double(), t)[0].mean()  # noqa: E731
+    loss_fn(y.double()).backward()
+    step = 1e-3 * y.grad / y.grad.norm()
+    with torch.no_grad():
+        fd = (loss_fn(y.double() + step.double()) - loss_fn(y.double() - step.double())) / 2
+    assert abs(fd.item() - (y.grad * step).sum().item()) < 1e-6
+    # the adversarial term trains the decoder, never the critic; the critic's own loss trains only it
+    adv = -full.critic(recon, frozen=True).mean()
+    grads = torch.autograd.grad(adv, [full.decoder.net[0].weight, full.critic.score.weight], allow_unused=True)
+    assert grads[0].abs().sum() > 0 and grads[1] is None
+    assert not hasattr(plain, "critic")
+
+
 def test_code_histogram_without_one_hot():
     q = vq.VectorQuantizer(37, 5, kmeans_init=False).eval()
     z = torch.randn(4, 5, 7, 9, generator=torch.Generator().manual_seed(3))
@@ -581,6 +607,9 @@ def test_cached_sampler_matches_naive(kind, temperature):
     cached = sample(model.generate, 5)
     assert cached.shape == (4, SMALL["height"], SMALL["width"]) and cached.dtype == torch.int64
     assert torch.equal(cached, sample(model.generate_naive, 5))
+    # the GPU's graph-ready path (fixed shapes, masked attention cache), run eagerly here
+    drawn, noise = model._noise(4, temperature, torch.Generator().manual_seed(5), pos)
+    assert torch.equal(model._generate_cached(noise, temperature, drawn, fixed_shapes=True)[0], cached)
     assert not torch.equal(cached, sample(model.generate, 6))
     if model.config.positional:  # positions drawn from the training data: the same draws in both samplers
         drawn = model.generate(4, temperature, torch.Generator().manual_seed(7))
@@ -948,3 +977,17 @@ def test_metrics_and_reference_search_ignore_tf32_on_gpu():
     g = torch.Generator().manual_seed(0)
     z, c = torch.randn(5000, 64, generator=g), torch.randn(512, 64, generator=g)
     assert torch.equal(nearest_code_torch(z.cuda(), c.cuda())[0].cpu(), nearest_code_reference(z, c)[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", [SMALL, RICH], ids=["gated", "attention+position"])
+def test_cuda_graph_sampler_matches_naive_on_gpu(kind):
+    model = small_prior(seed=2, **kind).double().cuda()
+    pos = _position(model, 4)
+    pos = None if pos is None else pos.cuda()
+    cached = model.generate(4, 0.9, torch.Generator("cuda").manual_seed(5), position=pos)
+    assert torch.equal(cached, model.generate_naive(4, 0.9, torch.Generator("cuda").manual_seed(5), position=pos))
+    _, noise = model._noise(3, 1.0, torch.Generator("cuda").manual_seed(0), pos[:3] if pos is not None else None)
+    codes, logits = model._generate_cached(noise, 1.0, pos[:3] if pos is not None else None, keep_logits=True)
+    with torch.no_grad():
+        assert (model(codes, pos[:3] if pos is not None else None).permute(0, 2, 3, 1) - logits).abs().max() < 1e-9

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import sample
 import vq
 
 # Without --data: defaults sized so both stages finish in minutes on a 2-core CPU (flags still win).
@@ -481,12 +482,12 @@ def draw_curves(records, path):
         _panel([(*col(p, "val_bits"), 0.0), (*col(p, "train_bits"), 0.55)]),
     ]
     gap = np.ones((panels[0].shape[0], 8), np.float32)
-    vq.save_png(path, np.concatenate([panels[0], gap, panels[1], gap, panels[2]], 1))
+    sample.save_png(path, np.concatenate([panels[0], gap, panels[1], gap, panels[2]], 1))
 
 
 def _pairs(x, r, rot90):
     """Inputs over their reconstructions, as one picture."""
-    return vq.image_grid(torch.cat([x, r]), ncol=len(x), rot90=rot90)
+    return sample.image_grid(torch.cat([x, r]), ncol=len(x), rot90=rot90)
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -557,19 +558,19 @@ def train_vqvae(run, data):
 
     def step_fn(net, idx):
         _, loss, stats = net(train_x[idx].float())
-        return loss, {"recon": stats["recon"], "perplexity": stats["perplexity"],
-                      "used": stats["usage"] * cfg.n_codes}
+        return loss, {"recon": stats["recon"], "perplexity": stats["perplexity"], "used": stats["usage"] * cfg.n_codes,
+                      **{k: stats[k] for k in ("adv", "critic") if k in stats}}
 
     def validate(m):
         r = reconstruct(run, m, val_x)
         trainer.history.append(r[0, 0].half())  # one slice over the epochs, for progress.png
         codes = _code_stats(encode_all(run, m, val_x), cfg.n_codes)
         if run.main:
-            vq.save_png(run.out / "recon.png", _pairs(val_x[:8], r[:8], rot))
+            sample.save_png(run.out / "recon.png", _pairs(val_x[:8], r[:8], rot))
             shown = [trainer.history[round(i)] for i in np.linspace(0, len(trainer.history) - 1,
                                                                       min(10, len(trainer.history)))]
-            vq.save_png(run.out / "progress.png",
-                        vq.image_grid(torch.stack([val_x[0, 0], *[h.float() for h in shown]])[:, None], ncol=11,
+            sample.save_png(run.out / "progress.png",
+                        sample.image_grid(torch.stack([val_x[0, 0], *[h.float() for h in shown]])[:, None], ncol=11,
                                       rot90=rot))
         return {"val_ssim": vq.ssim(val_x, r).mean().item(),
                 "val_ssim_body": vq.ssim(val_x, r, foreground=0.1).nanmean().item(),
@@ -610,8 +611,8 @@ def evaluate_vqvae(run, model, data, trainer=None):
     rot = data["settings"]["rot90"]
     best, worst = order.flip(0)[:4], order[:4]
     if run.main:
-        vq.save_png(run.out / "test_best.png", _pairs(test_x[best], r[best], rot))
-        vq.save_png(run.out / "test_worst.png", _pairs(test_x[worst], r[worst], rot))
+        sample.save_png(run.out / "test_best.png", _pairs(test_x[best], r[best], rot))
+        sample.save_png(run.out / "test_worst.png", _pairs(test_x[worst], r[worst], rot))
     return {
         "vqvae_fingerprint": _fingerprint(model),
         "test_ssim_mean": s.mean().item(), "test_ssim_std": s.std().item() if len(s) > 1 else 0.0,
@@ -692,13 +693,11 @@ def train_prior(run, data, vqvae, fingerprint):
         rot = data["settings"]["rot90"]
         g = torch.Generator(run.device).manual_seed(args.seed)
         samples = vqvae.decode(prior.generate(16, generator=g)).float().cpu()
-        vq.save_png(run.out / "samples.png", vq.image_grid(samples, ncol=8, rot90=rot))
+        sample.save_png(run.out / "samples.png", sample.image_grid(samples, ncol=8, rot90=rot))
         if cfg.positional:  # columns from the first slice of a volume (0) to the last (1), two rows
             where = torch.linspace(0, 1, 8, device=run.device).repeat(2)
             strip = vqvae.decode(prior.generate(16, generator=g, position=where)).float().cpu()
-            vq.save_png(run.out / "positions.png", vq.image_grid(strip, ncol=8, rot90=rot))
-        import sample  # the realism report lives with the other script-side evaluation
-
+            sample.save_png(run.out / "positions.png", sample.image_grid(strip, ncol=8, rot90=rot))
         stats = sample.realism_report(vqvae, prior, data["test"], data["train"], args.seed, run.device, run.log)
     return prior, {**stats,
         "prior_bits_per_code": bits(prior, codes["test"], pos["test"]),

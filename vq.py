@@ -5,6 +5,7 @@ Copy this file alone into another project: at top level it needs only torch and 
 (nibabel is imported by the NIfTI reader, the Triton kernel is optional).
 """
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -636,11 +637,12 @@ def psnr(x, y, data_range=1.0):
 class ResBlock(nn.Module):
     """Pre-activation residual block: 3x3 then 1x1 convolution."""
 
-    def __init__(self, channels, norm=False):
+    def __init__(self, channels):
         super().__init__()
-        pre = (lambda: [nn.GroupNorm(8, channels), nn.ReLU()]) if norm else (lambda: [nn.ReLU()])
-        self.net = nn.Sequential(*pre(), nn.Conv2d(channels, channels, 3, padding=1),
-                                 *pre(), nn.Conv2d(channels, channels, 1))
+        self.net = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(channels, channels, 1),
+        )
 
     def forward(self, x):
         return x + self.net(x)
@@ -655,23 +657,16 @@ def _n_halvings(downsample):
 class Encoder(nn.Module):
     """Strided 4x4 convolutions halve the image log2(downsample) times, then residual blocks."""
 
-    def __init__(self, in_channels, channels, code_dim, downsample, n_res_blocks, arch="v0"):
+    def __init__(self, in_channels, channels, code_dim, downsample, n_res_blocks):
         super().__init__()
         n = _n_halvings(downsample)
-        norm = "gn" in arch
-        if arch == "v0":
-            widths = [channels // 2 ** (n - 1 - i) for i in range(n)]  # widen as resolution drops
-            layers, c = [], in_channels
-            for i, w in enumerate(widths):
-                layers += [nn.Conv2d(c, w, 4, stride=2, padding=1)] + ([nn.ReLU()] if i < n - 1 else [])
-                c = w
-            layers += [nn.Conv2d(c, channels, 3, padding=1)]
-        else:
-            widths = [channels // 2 ** (n - i) for i in range(n + 1)]  # full resolution ... code resolution
-            layers = [nn.Conv2d(in_channels, widths[0], 3, padding=1)]
-            for i in range(n):
-                layers += [ResBlock(widths[i], norm), nn.ReLU(), nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1)]
-        layers += [ResBlock(channels, norm) for _ in range(n_res_blocks)]
+        widths = [channels // 2 ** (n - 1 - i) for i in range(n)]  # widen as resolution drops
+        layers, c = [], in_channels
+        for i, w in enumerate(widths):
+            layers += [nn.Conv2d(c, w, 4, stride=2, padding=1)] + ([nn.ReLU()] if i < n - 1 else [])
+            c = w
+        layers += [nn.Conv2d(c, channels, 3, padding=1)]
+        layers += [ResBlock(channels) for _ in range(n_res_blocks)]
         layers += [nn.ReLU(), nn.Conv2d(channels, code_dim, 1)]
         self.net = nn.Sequential(*layers)
 
@@ -682,25 +677,16 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Mirror of the encoder: residual blocks, then 4x4 transposed convolutions back to full size."""
 
-    def __init__(self, out_channels, channels, code_dim, downsample, n_res_blocks, arch="v0"):
+    def __init__(self, out_channels, channels, code_dim, downsample, n_res_blocks):
         super().__init__()
         n = _n_halvings(downsample)
-        norm = "gn" in arch
         layers = [nn.Conv2d(code_dim, channels, 3, padding=1)]
-        layers += [ResBlock(channels, norm) for _ in range(n_res_blocks)]
-        if arch == "v0":
-            c = channels
-            for i in range(n):
-                w = out_channels if i == n - 1 else c // 2
-                layers += [nn.ReLU(), nn.ConvTranspose2d(c, w, 4, stride=2, padding=1)]
-                c = w
-        else:
-            widths = [channels // 2 ** (n - i) for i in range(n + 1)]
-            for i in reversed(range(n)):
-                up = ([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(widths[i + 1], widths[i], 3, padding=1)]
-                      if "up" in arch else [nn.ConvTranspose2d(widths[i + 1], widths[i], 4, stride=2, padding=1)])
-                layers += [nn.ReLU(), *up, ResBlock(widths[i], norm)]
-            layers += [nn.ReLU(), nn.Conv2d(widths[0], out_channels, 3, padding=1)]
+        layers += [ResBlock(channels) for _ in range(n_res_blocks)]
+        c = channels
+        for i in range(n):
+            w = out_channels if i == n - 1 else c // 2
+            layers += [nn.ReLU(), nn.ConvTranspose2d(c, w, 4, stride=2, padding=1)]
+            c = w
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):
@@ -802,7 +788,7 @@ class VectorQuantizer(nn.Module):
             return
         # Restart at vectors drawn in proportion to their squared distance from their code, as
         # k-means++ seeds: the worst-served data (often the anatomy, not the dominant background).
-        w = dist.detach().double().cpu().clamp_min(0) + 1e-12
+        w = dist.detach().double().cpu().nan_to_num(0.0, 0.0, 0.0).clamp_min(0) + 1e-12  # a diverged run: uniform
         pick = torch.multinomial(w, n_dead, replacement=n_dead > len(w), generator=self.generator).to(flat.device)
         self.codebook[dead] = flat[pick]
         share = self.cluster_size.sum() / self.n_codes
@@ -853,7 +839,7 @@ class VQVAEConfig:
     kmeans_init: bool = True  # seed the codebook by k-means on the first batch
     ssim_weight: float = 0.0  # weight of 1 - SSIM beside the MSE in the reconstruction loss
     l1_weight: float = 0.0  # weight of the mean absolute error beside the MSE
-    arch: str = "v0"  # EXPERIMENT
+    adv_weight: float = 0.0  # weight of an adversarial patch loss on the decoder (0: no critic)
 
     def __post_init__(self):
         _check_positive(self, "in_channels", "channels", "n_res_blocks", "code_dim", "beta")
@@ -873,19 +859,41 @@ def _check_positive(config, *names):
             raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
 
 
+class PatchCritic(nn.Module):
+    """PatchGAN-style critic: a real-or-decoded score for each overlapping patch of about 34 x 34 pixels."""
+
+    def __init__(self, in_channels, width):
+        super().__init__()
+        chans = [in_channels, width // 2, width, width]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 4, stride=2 if k < 2 else 1, padding=1)
+                                   for k, (a, b) in enumerate(zip(chans, chans[1:])))
+        self.score = nn.Conv2d(width, 1, 3, padding=1)
+
+    def forward(self, x, frozen=False):
+        """x (B, C, H, W) -> scores (B, 1, h, w); frozen: no gradient reaches the critic's weights."""
+        for conv in [*self.convs, self.score]:
+            w, b = (conv.weight.detach(), conv.bias.detach()) if frozen else (conv.weight, conv.bias)
+            x = F.conv2d(x, w, b, stride=conv.stride, padding=conv.padding)
+            x = x if conv is self.score else F.leaky_relu(x, 0.2)
+        return x
+
+
 class VQVAE(nn.Module):
-    """Encoder, vector quantizer and decoder."""
+    """Encoder, vector quantizer and decoder (and, with adv_weight, a patch critic)."""
 
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         self.config = c = config
-        self.encoder = Encoder(c.in_channels, c.channels, c.code_dim, c.downsample, c.n_res_blocks, c.arch)
+        self.encoder = Encoder(c.in_channels, c.channels, c.code_dim, c.downsample, c.n_res_blocks)
         self.quantizer = VectorQuantizer(c.n_codes, c.code_dim, c.beta, c.decay, c.dead_threshold,
                                          c.kmeans_init)
-        self.decoder = Decoder(c.in_channels, c.channels, c.code_dim, c.downsample, c.n_res_blocks, c.arch)
+        self.decoder = Decoder(c.in_channels, c.channels, c.code_dim, c.downsample, c.n_res_blocks)
+        if c.adv_weight:
+            self.critic = PatchCritic(c.in_channels, c.channels // 2)
 
     def forward(self, x):
-        """x (B, C, H, W) -> (recon, loss, stats); loss = MSE (+ L1, + 1 - SSIM, as configured) + commitment."""
+        """x (B, C, H, W) -> (recon, loss, stats); loss = MSE (+ L1, + 1 - SSIM, + adversarial and critic
+        terms, as configured) + commitment."""
         z = self.encoder(x)  # (B, D, h, w)
         z_q, codes, commit, stats = self.quantizer(z)
         recon = self.decoder(z_q)  # (B, C, H, W)
@@ -897,6 +905,13 @@ class VQVAE(nn.Module):
                 loss = loss + self.config.l1_weight * (r - x).abs().mean()
             if self.config.ssim_weight:
                 loss = loss + self.config.ssim_weight * (1 - _ssim_terms(x, r)[0].mean())
+            if self.config.adv_weight and self.training:
+                # hinge losses: the decoder is judged by a frozen copy of the critic, the critic on
+                # detached reconstructions, so one backward pass trains each against the other
+                adv = -self.critic(r, frozen=True).mean()
+                critic = F.relu(1 - self.critic(x)).mean() + F.relu(1 + self.critic(r.detach())).mean()
+                loss = loss + self.config.adv_weight * adv + critic
+                stats.update(adv=adv.detach(), critic=critic.detach())
         stats.update(recon=mse.detach(), commit=commit.detach())
         return recon, loss, stats
 
@@ -1096,28 +1111,35 @@ class PixelCNN(nn.Module):
             or (n,) tensor; None draws positions as the training data has them.
         """
         position, g = self._noise(n, temperature, generator, position)
-        return self._generate_cached(g, temperature, position)[0]
+        with _no_tf32():
+            return self._generate_cached(g, temperature, position)[0]
 
-    def _generate_cached(self, g, temperature, position=None, keep_logits=False):
-        """The cached sampler on noise g (n, h, w, K): returns codes (n, h, w) and, if asked, logits (n, h, w, K)."""
+    def _generate_cached(self, g, temperature, position=None, keep_logits=False, fixed_shapes=None):
+        """The cached sampler on noise g (n, h, w, K): returns codes (n, h, w) and, if asked, logits
+        (n, h, w, K). fixed_shapes (default: on a GPU) runs the graph-ready path, one graph per row."""
         c, n = self.config, g.shape[0]
-        state = _SamplerState(self, g, temperature, self._biases(n, position), keep_logits)
+        fixed = g.is_cuda if fixed_shapes is None else fixed_shapes
+        state = _SamplerState(self, g, temperature, self._biases(n, position), keep_logits, fixed)
+        rows = c.height
         if g.is_cuda:  # one graph per row: thousands of small launches become one
-            for _ in range(2):  # warm-up on a side stream, as capture wants; then start afresh
-                side = torch.cuda.Stream(g.device)
+            try:
+                side = torch.cuda.Stream(g.device)  # warm-up on a side stream, as capture wants
                 side.wait_stream(torch.cuda.current_stream(g.device))
                 with torch.cuda.stream(side):
                     state.row()
                 torch.cuda.current_stream(g.device).wait_stream(side)
-            state.reset()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                state.row()
-            for _ in range(c.height):
-                graph.replay()
-        else:
-            for _ in range(c.height):
-                state.row()
+                state.reset()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    state.row()
+                for _ in range(c.height):
+                    graph.replay()
+                rows = 0
+            except RuntimeError as e:  # a driver or build without graph capture: the same rows, eagerly
+                warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0]}); sampling without graphs")
+                state.reset()
+        for _ in range(rows):
+            state.row()
         return state.codes, state.logits
 
     @torch.no_grad()
@@ -1128,10 +1150,11 @@ class PixelCNN(nn.Module):
         training = self.training
         self.eval()  # no dropout, as in the cached sampler
         try:
-            for i in range(self.config.height):
-                for j in range(self.config.width):
-                    logits = self(codes, position)[:, :, i, j]  # (n, K)
-                    codes[:, i, j] = (logits / temperature + g[:, i, j]).argmax(-1)
+            with _no_tf32():
+                for i in range(self.config.height):
+                    for j in range(self.config.width):
+                        logits = self(codes, position)[:, :, i, j]  # (n, K)
+                        codes[:, i, j] = (logits / temperature + g[:, i, j]).argmax(-1)
         finally:
             self.train(training)
         return codes
@@ -1142,14 +1165,25 @@ class PixelCNN(nn.Module):
         return _build(cls, PriorConfig, ckpt, "prior")
 
 
+@contextlib.contextmanager
+def _no_tf32():
+    """Full float32 matmuls and convolutions on a GPU, so both samplers round alike (TF32 would not)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 class _SamplerState:
     """Buffers of the cached sampler, so that sampling a row is the same sequence of operations on
     the same memory for every row (what a CUDA graph replays): the row index lives on the device."""
 
-    def __init__(self, model, g, temperature, biases, keep_logits):
+    def __init__(self, model, g, temperature, biases, keep_logits, fixed_shapes):
         c, n = model.config, g.shape[0]
         C, H, W = c.prior_channels, c.height, c.width
-        self.m, self.g, self.temperature, self.n = model, g, temperature, n
+        self.m, self.g, self.temperature, self.n, self.fixed = model, g, temperature, n, fixed_shapes
         self.i = torch.zeros((), dtype=torch.long, device=g.device)  # the row being sampled
         self.codes = torch.zeros(n, H, W, dtype=torch.long, device=g.device)
         self.logits = torch.zeros_like(g) if keep_logits else None
@@ -1213,14 +1247,19 @@ class _SamplerState:
         q, k, v = att.split(x)  # (n, heads, C / heads)
         self.keys[a].index_copy_(2, t[None], k[:, :, None])
         self.values[a].index_copy_(2, t[None], v[:, :, None])
-        scores = torch.einsum("nhc,nhtc->nht", q, self.keys[a]) / math.sqrt(q.shape[-1])
-        scores = scores.masked_fill(self.slots > t, float("-inf"))  # later slots hold nothing yet
-        y = torch.einsum("nht,nhtc->nhc", scores.softmax(-1), self.values[a])
+        # a graph needs fixed shapes: the whole cache, later slots masked; eagerly, just the filled part
+        keys, values = self.keys[a], self.values[a]
+        if not self.fixed:
+            keys, values = keys[:, :, :int(t) + 1], values[:, :, :int(t) + 1]
+        scores = torch.einsum("nhc,nhtc->nht", q, keys) / math.sqrt(q.shape[-1])
+        if self.fixed:
+            scores = scores.masked_fill(self.slots > t, float("-inf"))  # later slots hold nothing yet
+        y = torch.einsum("nht,nhtc->nhc", scores.softmax(-1), values)
         return x + att.out(y.flatten(1))
 
 
 
-# ----------------------------------------------------------------------------- checkpoints and files
+# ----------------------------------------------------------------------------- checkpoints
 
 
 class CheckpointError(ValueError):
@@ -1256,36 +1295,10 @@ def _build(cls, config_cls, ckpt, name):
     if name not in ckpt or f"{name}_config" not in ckpt:
         raise CheckpointError(f"the checkpoint has no {name}")
     known = {f.name for f in fields(config_cls)}
-    model = cls(config_cls(**{k: v for k, v in ckpt[f"{name}_config"].items() if k in known}))
-    model.load_state_dict(ckpt[name])
+    try:
+        model = cls(config_cls(**{k: v for k, v in ckpt[f"{name}_config"].items() if k in known}))
+        model.load_state_dict(ckpt[name])
+    except (ValueError, RuntimeError) as e:  # a checkpoint from another version of this file
+        raise CheckpointError(f"the checkpoint's {name} does not fit this vq.py ({str(e).strip().splitlines()[0]}):"
+                              " train it again with this version") from None
     return model.eval()
-
-
-def save_png(path, image):
-    """Write a 2-D array in [0, 1] as an 8-bit greyscale PNG, with zlib alone (no imaging library)."""
-    import struct
-    import zlib
-
-    a = (np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
-    raw = b"".join(b"\x00" + row.tobytes() for row in a)  # filter type 0 per scanline
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 8, 0, 0, 0, 0)
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(png)
-
-
-def image_grid(images, ncol=8, rot90=1, pad=2):
-    """(B, 1, H, W) in [0, 1] -> one 2-D array, each image turned np.rot90 k=rot90 for display."""
-    imgs = [np.rot90(im[0].detach().float().cpu().numpy(), rot90) for im in images]
-    h, w = imgs[0].shape
-    nrow = math.ceil(len(imgs) / ncol)
-    ncol = min(ncol, len(imgs))
-    grid = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad), np.float32)
-    for i, im in enumerate(imgs):
-        r, c = divmod(i, ncol)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = im
-    return grid

@@ -259,7 +259,7 @@ def _recheck(z, codebook, codes, dist, queue, count):
     _recheck_kernel[grid](z, codebook, codes, dist, queue, count, K, D, *strides, **blocks, **_d_blocks(D))
 
 
-def nearest_code(z, codebook, *, backend=None, precision="tf32"):
+def nearest_code(z, codebook, *, backend=None, precision="tf32x3"):
     """Nearest codebook entry for each row of z, in squared Euclidean distance.
 
     Args:
@@ -270,11 +270,12 @@ def nearest_code(z, codebook, *, backend=None, precision="tf32"):
             importable and z is on a GPU, else the chunked torch path. "triton" also runs on
             CPU tensors when TRITON_INTERPRET=1 was set before import (slow, exact: for tests);
             without triton, or with a CPU tensor outside the interpreter, it raises RuntimeError.
-        precision: the Triton kernel's arithmetic on a GPU. "tf32" (default): one tensor-core
-            pass in tf32 that also proves, row by row, that its winner beats the runner-up by
-            more than tf32 rounding could account for; rows it cannot prove (near-ties) are
-            searched again in "tf32x3". "tf32x3": three tf32 passes, near-fp32 accuracy.
-            "ieee": fp32 FMA, slowest. The interpreter and the torch path compute in fp32.
+        precision: the Triton kernel's arithmetic on a GPU. "tf32x3" (default): three tf32
+            tensor-core passes, near-fp32 accuracy. "tf32": one tf32 pass that also proves, row by
+            row, that its winner beats the runner-up by more than tf32 rounding could explain;
+            rows it cannot prove (near-ties) are searched again in "tf32x3" (faster when encoder
+            outputs sit near their codes, as in training; see kernels/NOTES.md). "ieee": fp32
+            FMA, slowest. The interpreter and the torch path compute in fp32.
 
     Returns:
         codes: (N,) int64, the index of the nearest code. Ties go to the lowest index.

@@ -29,9 +29,9 @@ def search(z, codebook, backend, device=DEVICE):
     """The search on `device` (None: where the tensors are), results back on the CPU."""
     if device is not None:
         z, codebook = z.to(device), codebook.to(device)
-    if backend == "triton-x3":
-        return [t.cpu() for t in nearest_code(z, codebook, backend="triton", precision="tf32x3")]
-    return [t.cpu() for t in nearest_code(z, codebook, backend=backend)]
+    precision = {"triton": "tf32", "triton-x3": "tf32x3"}.get(backend)  # tf32: the proof and recheck queue
+    return [t.cpu() for t in nearest_code(z, codebook, backend=backend.split("-")[0], **({"precision": precision}
+                                                                                          if precision else {}))]
 
 
 def _randn(*shape, seed=0, dtype=torch.float32):

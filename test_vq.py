@@ -858,6 +858,16 @@ def test_resume_refuses_other_data_and_keeps_the_schedule(tmp_path, capsys):
     assert len(lrs) == 4 and lrs[2] <= lrs[1] + 1e-12 and lrs[3] <= lrs[2] + 1e-12  # no jump back up
 
 
+def test_small_folders_get_small_batches(tmp_path, capsys):
+    i = TINY.index("--batch_size")
+    flags = TINY[:i] + TINY[i + 2:]
+    train.main(["--out", str(tmp_path), "--stage", "vqvae", "--epochs", "1", *flags])  # 48 slices: 6 a batch
+    assert "vqvae: batches of 6, 8 steps an epoch" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # resumed with another batch size: the epoch would be cut differently
+        train.main(["--out", str(tmp_path), "--stage", "vqvae", "--epochs", "2", "--resume", *TINY])
+    assert e.value.code == 2 and "batch size 6" in capsys.readouterr().err
+
+
 def test_budget_spent_on_an_epochs_last_batch_stops_there(tmp_path, monkeypatch):
     # out of time right after the last step of epoch 1: that epoch is validated, nothing more runs
     monkeypatch.setattr(train.Trainer, "_out_of_time", lambda self, elapsed, done: done == self.steps_per_epoch)

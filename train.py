@@ -75,8 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, help="VQ-VAE epochs (default 30; phantom 10)")
     p.add_argument("--prior_epochs", type=int, help="prior epochs (default 30; phantom 12)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget per stage")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--prior_batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=int, help="default 32, less for small folders: at least 8 steps an epoch")
+    p.add_argument("--prior_batch_size", type=int, help="default as --batch_size")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--prior_lr", type=float, default=1e-3)
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="slice size (default 256 128; phantom 128 64)")
@@ -98,7 +98,7 @@ def parse_args(argv=None):
     p.set_defaults(**(REAL_DEFAULTS if known.data else PHANTOM_DEFAULTS))
     args = p.parse_args(argv)
     for name in ("batch_size", "prior_batch_size", "n_train", "n_val", "n_test", "log_every"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("epochs", "prior_epochs"):
         if getattr(args, name) < 0:
@@ -276,6 +276,8 @@ class Trainer:
                  generator=None):
         self.run, self.name, self.model, self.step_fn = run, name, model, step_fn
         self.generator = generator  # a model's own random stream, saved with the training state
+        # A small folder gets smaller batches: some hundreds of updates in the default epochs, not tens.
+        batch_size = batch_size or min(32, max(1, n_train // run.world // 8))
         self.n_train, self.batch_size, self.epochs, self.lr = n_train, batch_size, epochs, lr
         self.validate, self.better = validate, better
         if n_train < run.world:
@@ -284,6 +286,8 @@ class Trainer:
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0,
                                      fused=run.device.type == "cuda")
         self.steps_per_epoch = math.ceil(n_train // run.world / batch_size)
+        run.log(f"{name}: batches of {batch_size}{f' per process x {run.world}' if run.world > 1 else ''}, "
+                f"{self.steps_per_epoch} steps an epoch")
         # The schedule's length is fixed when training starts: resuming with more --epochs must not
         # jump the learning rate back up; the extra epochs run at the schedule's final rate.
         self.schedule_steps = epochs * self.steps_per_epoch
@@ -306,11 +310,14 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "epoch": self.epoch,
             "batch": self.batch, "step": self.step, "best": self.best, "best_state": self.best_state,
             "seconds": self.seconds, "rng": self.run.rng_states(), "world": self.run.world,
-            "schedule_steps": self.schedule_steps, "history": self.history,
+            "schedule_steps": self.schedule_steps, "history": self.history, "batch_size": self.batch_size,
             "generator": self.generator.get_state() if self.generator is not None else None,
         }
 
     def load_state(self, s):
+        if s["batch_size"] != self.batch_size:  # the position in the epoch would index other batches
+            raise UsageError(f"{self.name} was trained with batch size {s['batch_size']}, not {self.batch_size}: "
+                             "resume with the same batch size")
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["optimizer"])
         self.epoch, self.batch, self.step = s["epoch"], s["batch"], s["step"]
@@ -663,8 +670,8 @@ def train_prior(run, data, vqvae, fingerprint):
     def validate(m):
         return {"val_bits": bits(m, val_c, pos["validate"])}
 
-    trainer = Trainer(run, "prior", prior, step_fn, len(train_c), args.prior_batch_size, args.prior_epochs,
-                      args.prior_lr, validate, better=lambda a, b: a["val_bits"] < b["val_bits"])
+    trainer = Trainer(run, "prior", prior, step_fn, len(train_c), args.prior_batch_size or args.batch_size,
+                      args.prior_epochs, args.prior_lr, validate, better=lambda a, b: a["val_bits"] < b["val_bits"])
     path = run.out / "prior.pt"
 
     def same_config(ckpt):

@@ -184,7 +184,7 @@ class _Critic(nn.Module):
     def __init__(self):
         super().__init__()
         layers, c = [], 1
-        for w in (8, 16, 32, 32):
+        for w in (16, 32, 64, 64):
             layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
             c = w
         self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 1))

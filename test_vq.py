@@ -825,7 +825,7 @@ def test_two_stage_commands_keep_summary_and_model_in_agreement(tmp_path, capsys
     assert "belongs to another VQ-VAE" in capsys.readouterr().out
     prior = torch.load(tmp_path / "prior.pt", weights_only=True)
     assert prior["vqvae_fingerprint"] == json.loads((tmp_path / "summary.json").read_text())["vqvae_fingerprint"]
-    assert prior["trainer"]["step"] == 4  # 2 epochs of 2 steps, from scratch
+    assert prior["trainer"]["step"] == 12  # 2 epochs of 6 steps (batches of 8), from scratch
 
 
 def test_prior_restarts_when_its_vqvae_trained_on(tmp_path, capsys):
@@ -836,7 +836,7 @@ def test_prior_restarts_when_its_vqvae_trained_on(tmp_path, capsys):
     _train(tmp_path, "--resume")
     assert "belongs to another VQ-VAE" in capsys.readouterr().out
     prior = torch.load(tmp_path / "prior.pt", weights_only=True)
-    assert prior["trainer"]["step"] == 4 and prior["trainer"]["epoch"] == 2
+    assert prior["trainer"]["step"] == 12 and prior["trainer"]["epoch"] == 2
     assert prior["vqvae_fingerprint"] == torch.load(tmp_path / "model.pt", weights_only=True)["vqvae_fingerprint"]
     # a changed prior configuration is refused in one line, not a shape-mismatch traceback
     with pytest.raises(SystemExit) as e:

@@ -64,7 +64,8 @@ def _config_flags(parser, config_cls, skip=()):
             continue
         kind = {bool: _bool, tuple: int}.get(type(f.default), type(f.default))
         nargs = "+" if isinstance(f.default, tuple) else None
-        parser.add_argument(f"--{f.name}", type=kind, nargs=nargs, default=f.default, help="config field")
+        parser.add_argument(f"--{f.name}", type=kind, nargs=nargs, default=f.default,
+                            help=f"{config_cls.__name__}.{f.name} (default %(default)s)")
 
 
 def parse_args(argv=None):
@@ -94,7 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--bench_load", type=int, metavar="N", help="time loading N phantom .nii.gz slices, then exit")
     _config_flags(p, vq.VQVAEConfig)
     _config_flags(p, vq.PriorConfig, skip=("n_codes", "height", "width", "positional"))
-    known, _ = p.parse_known_args(argv)
+    known, _ = p.parse_known_args([a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")])
     p.set_defaults(**(REAL_DEFAULTS if known.data else PHANTOM_DEFAULTS))
     args = p.parse_args(argv)
     for name in ("batch_size", "prior_batch_size", "n_train", "n_val", "n_test", "log_every"):

@@ -837,8 +837,7 @@ class VQVAEConfig:
     decay: float = 0.99  # EMA decay of the codebook statistics
     dead_threshold: float = 0.01  # restart a code with fewer hits in a step than this fraction of an even share
     kmeans_init: bool = True  # seed the codebook by k-means on the first batch
-    ssim_weight: float = 0.0  # weight of 1 - SSIM beside the MSE in the reconstruction loss
-    l1_weight: float = 0.0  # weight of the mean absolute error beside the MSE
+    ssim_weight: float = 0.1  # weight of 1 - SSIM beside the MSE in the reconstruction loss (0.1: see README)
     adv_weight: float = 0.0  # weight of an adversarial patch loss on the decoder (0: no critic)
 
     def __post_init__(self):
@@ -892,7 +891,7 @@ class VQVAE(nn.Module):
             self.critic = PatchCritic(c.in_channels, c.channels // 2)
 
     def forward(self, x):
-        """x (B, C, H, W) -> (recon, loss, stats); loss = MSE (+ L1, + 1 - SSIM, + adversarial and critic
+        """x (B, C, H, W) -> (recon, loss, stats); loss = MSE (+ weighted 1 - SSIM, + adversarial and critic
         terms, as configured) + commitment."""
         z = self.encoder(x)  # (B, D, h, w)
         z_q, codes, commit, stats = self.quantizer(z)
@@ -901,8 +900,6 @@ class VQVAE(nn.Module):
             r, x = recon.float(), x.float()
             mse = F.mse_loss(r, x)
             loss = mse + commit
-            if self.config.l1_weight:
-                loss = loss + self.config.l1_weight * (r - x).abs().mean()
             if self.config.ssim_weight:
                 loss = loss + self.config.ssim_weight * (1 - _ssim_terms(x, r)[0].mean())
             if self.config.adv_weight and self.training:

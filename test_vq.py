@@ -183,6 +183,21 @@ def test_cache_hit_invalidation_and_location(tmp_path, monkeypatch):
         assert len(load_slices(files[:2], size=(64, 32), cache_dir=tmp_path / "not_a_dir" / "c")) == 2
 
 
+def test_cache_from_an_older_version_is_read_again(tmp_path):
+    # the previous version wrote no "counts" into the cache's metadata: a traceback on the next run
+    rng = np.random.default_rng(5)
+    for z in range(3):
+        save(tmp_path / "d" / f"case_001_slice_{z}.nii.gz", rng.uniform(0, 9, (32, 16)).astype(np.float32))
+    first = load_slices(tmp_path / "d", size=(32, 16), cache_dir=tmp_path / "c")
+    meta_file = next((tmp_path / "c").glob("*.json"))
+    meta = json.loads(meta_file.read_text())
+    del meta["counts"]
+    meta_file.write_text(json.dumps(meta))
+    info = {}
+    again = load_slices(tmp_path / "d", size=(32, 16), cache_dir=tmp_path / "c", info=info)
+    assert not info["cached"] and torch.equal(again, first) and info["positions"] == [0.0, 0.5, 1.0]
+
+
 def test_cache_keeps_no_reading_failure(tmp_path, monkeypatch):
     files = [save(tmp_path / "d" / f"case_001_slice_{z}.nii.gz", np.random.default_rng(z).uniform(0, 9, (32, 16)))
              for z in range(3)]

@@ -38,7 +38,7 @@ except ImportError:
 SPLITS = ("train", "validate", "test")
 SLICE_SUFFIXES = (".nii", ".nii.gz", ".png")
 PERCENTILES = (0.5, 99.5)  # robust range per slice: a few hot pixels must not squash the contrast
-CACHE_VERSION = 2  # part of the cache key: bump it whenever decoding changes
+CACHE_VERSION = 3  # part of the cache key: bump it whenever decoding or the cached metadata changes
 SERIAL_BELOW = 64  # fewer files than this decode in-process: a pool costs more than it saves
 
 
@@ -336,6 +336,8 @@ def _write_cache(path, arr, meta):
 def _read_cache(path):
     try:
         meta = json.loads(path.with_suffix(".json").read_text())  # written last, so its presence means complete
+        if not {"skipped", "nonfinite", "files", "transient", "counts"} <= set(meta):
+            return None  # written by another version: decode again
         return np.load(path, mmap_mode="c"), meta  # copy-on-write: writable for torch, pages read once
     except (OSError, ValueError):
         return None

@@ -1008,6 +1008,7 @@ class CausalAttention(nn.Module):
 
 
 N_FREQ = 8  # sin / cos pairs that describe a slice position to the prior
+N_MAPS = 4  # position-dependent maps mixed into the position embedding (the anatomy moves with the position)
 
 
 def _position_features(position):
@@ -1032,26 +1033,32 @@ class PixelCNN(nn.Module):
         # attention after gated layer k for k in attend_after, evenly spread
         self.attend_after = [round((a + 1) * L / (c.prior_attention + 1)) - 1 for a in range(c.prior_attention)]
         self.attention = nn.ModuleList(CausalAttention(C) for _ in self.attend_after)
-        if c.positional:  # one bias per layer and stack, the same at every code: causality is untouched
-            self.cond = nn.Linear(2 * N_FREQ, L * 4 * C)
+        if c.positional:  # none of it depends on a code, so causality is untouched
+            self.cond = nn.Linear(2 * N_FREQ, L * 4 * C)  # one bias per layer and stack
+            # and a mix of N_MAPS maps added to the position embedding: where anatomy sits at this position
+            self.cond_mix = nn.Linear(2 * N_FREQ, N_MAPS)
+            self.cond_maps = nn.Parameter(torch.zeros(N_MAPS, C, c.height, c.width))
             # quantiles of the training positions, to draw positions as the data has them
             self.register_buffer("position_quantiles", torch.linspace(0, 1, 101))
         # channel-last, so the cached sampler calls the same modules on (n, C) rows
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(C, C), nn.ReLU(), nn.Linear(C, c.n_codes))
 
-    def _biases(self, n, position):
-        """Per layer (cv, ch), each (n, 2C): the position's bias on the vertical and horizontal stacks."""
+    def _condition(self, n, position):
+        """The position embedding (n, C, h, w) and, per layer, the biases (cv, ch), each (n, 2C), of the
+        vertical and horizontal stacks, for n maps at these slice positions."""
         c, C = self.config, self.config.prior_channels
         if not c.positional:
             if position is not None:
                 raise ValueError("this prior was trained without slice positions: position must be None")
             zero = self.pos.new_zeros(n, 2 * C)
-            return [(zero, zero)] * c.prior_layers
+            return self.pos.expand(n, -1, -1, -1), [(zero, zero)] * c.prior_layers
         if position is None:
             raise ValueError("this prior is conditioned on the slice position: pass position (B,) in [0, 1]")
         position = torch.as_tensor(position, dtype=self.pos.dtype, device=self.pos.device).expand(n)
-        b = self.cond(_position_features(position)).view(n, c.prior_layers, 2, 2 * C)
-        return [(b[:, k, 0], b[:, k, 1]) for k in range(c.prior_layers)]
+        f = _position_features(position)
+        pos = self.pos + torch.einsum("nm,mchw->nchw", self.cond_mix(f), self.cond_maps)
+        b = self.cond(f).view(n, c.prior_layers, 2, 2 * C)
+        return pos, [(b[:, k, 0], b[:, k, 1]) for k in range(c.prior_layers)]
 
     def forward(self, codes, position=None):
         """codes (B, h, w) int64, position (B,) in [0, 1] for a positional prior -> logits (B, K, h, w);
@@ -1059,10 +1066,10 @@ class PixelCNN(nn.Module):
         c = self.config
         if codes.dim() != 3 or tuple(codes.shape[1:]) != (c.height, c.width):
             raise ValueError(f"codes must be (B, {c.height}, {c.width}), got {tuple(codes.shape)}")
-        biases = self._biases(len(codes), position)
+        pos, biases = self._condition(len(codes), position)
         x = self.embed(codes).permute(0, 3, 1, 2)  # (B, C, h, w)
-        v = x + self.pos
-        h = F.pad(x, (1, 0))[..., :-1] + self.pos  # shifted right a column: codes left of j only
+        v = x + pos
+        h = F.pad(x, (1, 0))[..., :-1] + pos  # shifted right a column: codes left of j only
         attention = dict(zip(self.attend_after, self.attention))
         for k, layer in enumerate(self.layers):
             cv, ch = biases[k]
@@ -1118,7 +1125,7 @@ class PixelCNN(nn.Module):
         (n, h, w, K). fixed_shapes (default: on a GPU) runs the graph-ready path, one graph per row."""
         c, n = self.config, g.shape[0]
         fixed = g.is_cuda if fixed_shapes is None else fixed_shapes
-        state = _SamplerState(self, g, temperature, self._biases(n, position), keep_logits, fixed)
+        state = _SamplerState(self, g, temperature, *self._condition(n, position), keep_logits, fixed)
         rows = c.height
         if g.is_cuda:  # one graph per row: thousands of small launches become one
             try:
@@ -1179,10 +1186,11 @@ class _SamplerState:
     """Buffers of the cached sampler, so that sampling a row is the same sequence of operations on
     the same memory for every row (what a CUDA graph replays): the row index lives on the device."""
 
-    def __init__(self, model, g, temperature, biases, keep_logits, fixed_shapes):
+    def __init__(self, model, g, temperature, pos, biases, keep_logits, fixed_shapes):
         c, n = model.config, g.shape[0]
         C, H, W = c.prior_channels, c.height, c.width
         self.m, self.g, self.temperature, self.n, self.fixed = model, g, temperature, n, fixed_shapes
+        self.pos = pos.contiguous()  # (n, C, h, w): the position embedding of each map
         self.i = torch.zeros((), dtype=torch.long, device=g.device)  # the row being sampled
         self.codes = torch.zeros(n, H, W, dtype=torch.long, device=g.device)
         self.logits = torch.zeros_like(g) if keep_logits else None
@@ -1213,11 +1221,11 @@ class _SamplerState:
     def row(self):
         """Sample row i and advance i: the horizontal stack position by position, then the vertical stack."""
         m, n, W, C = self.m, self.n, self.m.config.width, self.m.config.prior_channels
-        pos = m.pos[0].index_select(1, self.i)[:, 0].t()  # (w, C)
+        pos = self.pos.index_select(2, self.i)[:, :, 0]  # (n, C, w)
         g = self.g.index_select(1, self.i)[:, 0]  # (n, w, K)
         attention = dict(zip(m.attend_after, range(len(m.attention))))
         for j in range(W):
-            x = pos[j] + m.embed(self.row_codes[:, j - 1]) if j else pos[j].expand(n, C)  # (n, C)
+            x = pos[:, :, j] + m.embed(self.row_codes[:, j - 1]) if j else pos[:, :, j]  # (n, C)
             t = self.i * W + j  # raster position, on the device
             for k, L in enumerate(m.layers):
                 d, hb = L.dilation, self.hbuf[k]
@@ -1231,7 +1239,7 @@ class _SamplerState:
                 self.logits[:, :, j].index_copy_(1, self.i, logits[:, None])
             self.row_codes[:, j] = (logits / self.temperature + g[:, j]).argmax(-1)
         self.codes.index_copy_(1, self.i, self.row_codes[:, None])
-        v = pos.t() + m.embed(self.row_codes).transpose(1, 2)  # (n, C, w)
+        v = pos + m.embed(self.row_codes).transpose(1, 2)  # (n, C, w)
         for k, L in enumerate(m.layers):
             d, win = L.dilation, self.vwin[k]
             win.copy_(torch.cat([win[:, :, 1:], F.pad(v, (d, d))[:, :, None]], 2))  # roll in row i

@@ -664,9 +664,8 @@ def train_prior(run, data, vqvae, fingerprint):
     @torch.no_grad()
     def bits(m, c, p):
         m.eval()
-        total = sum(m.loss(c[i:i + 128].to(run.device), None if p is None else p[i:i + 128].to(run.device))[1].item()
-                    * len(c[i:i + 128]) for i in range(0, len(c), 128))
-        return total / len(c)
+        parts = zip(c.split(128), [None] * len(c) if p is None else p.to(run.device).split(128))
+        return sum(m.loss(cb.to(run.device), pb)[1].item() * len(cb) for cb, pb in parts) / len(c)
 
     def validate(m):
         return {"val_bits": bits(m, val_c, pos["validate"])}

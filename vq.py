@@ -943,7 +943,6 @@ class PriorConfig:
     prior_layers: int = 10  # gated layers; with the dilations below every earlier code is in reach
     prior_dilations: tuple = (1, 2, 4, 8, 16)  # cycled over layers: two cycles reach 63 rows up, 62 columns aside
     prior_dropout: float = 0.1  # on the gated outputs, because small data sets overfit without it
-    prior_attention: int = 0  # causal self-attention layers, spread between the gated ones (PixelSNAIL)
     positional: bool = False  # conditioned on the slice's position in its volume (set from the data)
 
     def __post_init__(self):
@@ -953,8 +952,6 @@ class PriorConfig:
             raise ValueError(f"prior_dilations must be integers >= 1, got {self.prior_dilations}")
         if not 0 <= self.prior_dropout < 1:
             raise ValueError(f"prior_dropout must be in [0, 1), got {self.prior_dropout}")
-        if not 0 <= self.prior_attention <= self.prior_layers:
-            raise ValueError(f"prior_attention must be in [0, prior_layers], got {self.prior_attention}")
 
 
 def gated_tanh(x, dim=1):
@@ -987,26 +984,6 @@ class GatedLayer(nn.Module):
         return v, h
 
 
-class CausalAttention(nn.Module):
-    """Self-attention over the horizontal stack in raster order: position t sees positions <= t."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.heads = max(1, channels // 32)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.out = nn.Linear(channels, channels)
-
-    def split(self, x):
-        """(..., 3C) -> q, k, v, each (..., heads, C / heads)."""
-        return [t.unflatten(-1, (self.heads, -1)) for t in self.qkv(x).chunk(3, -1)]
-
-    def forward(self, h):
-        B, C, H, W = h.shape
-        q, k, v = (t.transpose(1, 2) for t in self.split(h.flatten(2).transpose(1, 2)))  # (B, heads, T, C/heads)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, heads, T, C/heads)
-        return h + self.out(y.transpose(1, 2).flatten(2)).transpose(1, 2).view(B, C, H, W)
-
-
 N_FREQ = 8  # sin / cos pairs that describe a slice position to the prior
 N_MAPS = 4  # position-dependent maps mixed into the position embedding (the anatomy moves with the position)
 
@@ -1018,8 +995,8 @@ def _position_features(position):
 
 
 class PixelCNN(nn.Module):
-    """Gated PixelCNN prior over VQ-VAE code maps, with a learned position embedding, optional causal
-    attention and an optional condition on the slice's position in its volume."""
+    """Gated PixelCNN prior over VQ-VAE code maps, with a learned position embedding and an optional
+    condition on the slice's position in its volume."""
 
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -1030,9 +1007,6 @@ class PixelCNN(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, C, c.height, c.width))
         self.layers = nn.ModuleList(GatedLayer(C, c.prior_dilations[k % len(c.prior_dilations)], c.prior_dropout)
                                     for k in range(L))
-        # attention after gated layer k for k in attend_after, evenly spread
-        self.attend_after = [round((a + 1) * L / (c.prior_attention + 1)) - 1 for a in range(c.prior_attention)]
-        self.attention = nn.ModuleList(CausalAttention(C) for _ in self.attend_after)
         if c.positional:  # none of it depends on a code, so causality is untouched
             self.cond = nn.Linear(2 * N_FREQ, L * 4 * C)  # one bias per layer and stack
             # and a mix of N_MAPS maps added to the position embedding: where anatomy sits at this position
@@ -1070,12 +1044,8 @@ class PixelCNN(nn.Module):
         x = self.embed(codes).permute(0, 3, 1, 2)  # (B, C, h, w)
         v = x + pos
         h = F.pad(x, (1, 0))[..., :-1] + pos  # shifted right a column: codes left of j only
-        attention = dict(zip(self.attend_after, self.attention))
-        for k, layer in enumerate(self.layers):
-            cv, ch = biases[k]
+        for layer, (cv, ch) in zip(self.layers, biases):
             v, h = layer(v, h, cv[:, :, None, None], ch[:, :, None, None])
-            if k in attention:
-                h = attention[k](h)
         return self.head(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, K, h, w)
 
     def loss(self, codes, position=None):
@@ -1104,8 +1074,8 @@ class PixelCNN(nn.Module):
         """Sample n code maps in raster order: returns codes (n, h, w) int64.
 
         Incremental: the vertical stack runs once per finished row on a rolling window of the rows
-        its kernels reach; the horizontal stack and attention run once per position on cached
-        columns and keys; so a position costs a few (n, 2C) matmuls per layer instead of a
+        its kernels reach; the horizontal stack runs once per position on the cached columns its
+        kernels reach; so a position costs a few (n, 2C) matmuls per layer instead of a
         forward. On a GPU each row is one replayed CUDA graph. Code (i, j) is
         argmax(logits / temperature + Gumbel noise), the noise drawn up front from `generator`,
         so `generate_naive` returns the same codes for the same generator state (up to float
@@ -1120,12 +1090,11 @@ class PixelCNN(nn.Module):
         with _no_tf32():
             return self._generate_cached(g, temperature, position)[0]
 
-    def _generate_cached(self, g, temperature, position=None, keep_logits=False, fixed_shapes=None):
+    def _generate_cached(self, g, temperature, position=None, keep_logits=False):
         """The cached sampler on noise g (n, h, w, K): returns codes (n, h, w) and, if asked, logits
-        (n, h, w, K). fixed_shapes (default: on a GPU) runs the graph-ready path, one graph per row."""
+        (n, h, w, K). On a GPU each row is one replayed CUDA graph."""
         c, n = self.config, g.shape[0]
-        fixed = g.is_cuda if fixed_shapes is None else fixed_shapes
-        state = _SamplerState(self, g, temperature, *self._condition(n, position), keep_logits, fixed)
+        state = _SamplerState(self, g, temperature, *self._condition(n, position), keep_logits)
         rows = c.height
         if g.is_cuda:  # one graph per row: thousands of small launches become one
             try:
@@ -1186,10 +1155,10 @@ class _SamplerState:
     """Buffers of the cached sampler, so that sampling a row is the same sequence of operations on
     the same memory for every row (what a CUDA graph replays): the row index lives on the device."""
 
-    def __init__(self, model, g, temperature, pos, biases, keep_logits, fixed_shapes):
+    def __init__(self, model, g, temperature, pos, biases, keep_logits):
         c, n = model.config, g.shape[0]
         C, H, W = c.prior_channels, c.height, c.width
-        self.m, self.g, self.temperature, self.n, self.fixed = model, g, temperature, n, fixed_shapes
+        self.m, self.g, self.temperature, self.n = model, g, temperature, n
         self.pos = pos.contiguous()  # (n, C, h, w): the position embedding of each map
         self.i = torch.zeros((), dtype=torch.long, device=g.device)  # the row being sampled
         self.codes = torch.zeros(n, H, W, dtype=torch.long, device=g.device)
@@ -1202,10 +1171,6 @@ class _SamplerState:
         # per layer: the row above's share of the horizontal pre-activation, (n, w, 2C)
         self.vh = [g.new_zeros(n, W, 2 * C) for _ in model.layers]
         self.cv, self.ch = [b[0] for b in biases], [b[1] for b in biases]
-        # per attention layer: keys and values of every position so far, (n, heads, T, C / heads)
-        self.keys = [g.new_zeros(n, a.heads, H * W, C // a.heads) for a in model.attention]
-        self.values = [torch.zeros_like(k) for k in self.keys]
-        self.slots = torch.arange(H * W, device=g.device)
         # hconv's two taps as one (2C, 2C) matrix for the (n, 2, C) window [j - d, j]
         self.wh = [L.hconv.weight[:, :, 0].permute(0, 2, 1).reshape(2 * C, 2 * C).t() for L in model.layers]
         self.wo = [L.hout.weight.flatten(1).t() for L in model.layers]
@@ -1213,7 +1178,7 @@ class _SamplerState:
 
     def reset(self):
         self.i.zero_()
-        for t in (*self.vwin, *self.hbuf, *self.keys, *self.values):
+        for t in (*self.vwin, *self.hbuf):
             t.zero_()
         for L, vh, ch in zip(self.m.layers, self.vh, self.ch):  # nothing above row 0: biases only
             vh.copy_((L.v2h.bias + L.hconv.bias + ch)[:, None].expand_as(vh))
@@ -1223,17 +1188,13 @@ class _SamplerState:
         m, n, W, C = self.m, self.n, self.m.config.width, self.m.config.prior_channels
         pos = self.pos.index_select(2, self.i)[:, :, 0]  # (n, C, w)
         g = self.g.index_select(1, self.i)[:, 0]  # (n, w, K)
-        attention = dict(zip(m.attend_after, range(len(m.attention))))
         for j in range(W):
             x = pos[:, :, j] + m.embed(self.row_codes[:, j - 1]) if j else pos[:, :, j]  # (n, C)
-            t = self.i * W + j  # raster position, on the device
             for k, L in enumerate(m.layers):
                 d, hb = L.dilation, self.hbuf[k]
                 hb[:, d + j] = x
                 pre = torch.addmm(self.vh[k][:, j], hb[:, j:j + d + 1:d].reshape(n, 2 * C), self.wh[k])  # (n, 2C)
                 x = x + torch.addmm(L.hout.bias, gated_tanh(pre), self.wo[k])
-                if k in attention:
-                    x = self._attend(attention[k], x, t)
             logits = m.head(x)  # (n, K)
             if self.logits is not None:
                 self.logits[:, :, j].index_copy_(1, self.i, logits[:, None])
@@ -1247,23 +1208,6 @@ class _SamplerState:
             self.vh[k].copy_((L.v2h(v_pre[..., None])[..., 0] + (L.hconv.bias + self.ch[k])[:, :, None]).transpose(1, 2))
             v = v + gated_tanh(v_pre)
         self.i += 1
-
-    def _attend(self, a, x, t):
-        """Attention layer a at raster position t (a device scalar) for x (n, C): cache k, v; attend to <= t."""
-        att = self.m.attention[a]
-        q, k, v = att.split(x)  # (n, heads, C / heads)
-        self.keys[a].index_copy_(2, t[None], k[:, :, None])
-        self.values[a].index_copy_(2, t[None], v[:, :, None])
-        # a graph needs fixed shapes: the whole cache, later slots masked; eagerly, just the filled part
-        keys, values = self.keys[a], self.values[a]
-        if not self.fixed:
-            keys, values = keys[:, :, :int(t) + 1], values[:, :, :int(t) + 1]
-        scores = torch.einsum("nhc,nhtc->nht", q, keys) / math.sqrt(q.shape[-1])
-        if self.fixed:
-            scores = scores.masked_fill(self.slots > t, float("-inf"))  # later slots hold nothing yet
-        y = torch.einsum("nht,nhtc->nhc", scores.softmax(-1), values)
-        return x + att.out(y.flatten(1))
-
 
 
 # ----------------------------------------------------------------------------- checkpoints

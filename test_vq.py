@@ -563,7 +563,6 @@ def small_prior(seed=0, **overrides):
     torch.manual_seed(seed)
     model = PixelCNN(PriorConfig(**{**SMALL, **overrides})).eval()
     if model.config.positional:  # non-trivial weights for the condition (PyTorch's init is small)
-        torch.nn.init.normal_(model.cond.weight, std=1.0)
         torch.nn.init.normal_(model.cond_maps, std=1.0)  # zero at init in vq.py
     return model
 

@@ -973,12 +973,11 @@ class GatedLayer(nn.Module):
         self.hout = nn.Conv2d(C, C, 1)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, v, h, cv, ch):
-        """cv, ch (B, 2C, 1, 1): the position's bias on each stack (zeros when unconditioned)."""
+    def forward(self, v, h):
         d = self.dilation
-        v_pre = self.vconv(F.pad(v, (d, d, d, 0))) + cv  # (B, 2C, h, w), from rows <= i
+        v_pre = self.vconv(F.pad(v, (d, d, d, 0)))  # (B, 2C, h, w), from rows <= i
         above = F.pad(v_pre, (0, 0, 1, 0))[:, :, :-1]  # shifted down a row: from rows < i only
-        h_pre = self.hconv(F.pad(h, (d, 0))) + self.v2h(above) + ch  # (B, 2C, h, w)
+        h_pre = self.hconv(F.pad(h, (d, 0))) + self.v2h(above)  # (B, 2C, h, w)
         v = v + self.drop(gated_tanh(v_pre))
         h = h + self.hout(self.drop(gated_tanh(h_pre)))  # residual: the horizontal stack goes deep
         return v, h
@@ -1007,9 +1006,8 @@ class PixelCNN(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, C, c.height, c.width))
         self.layers = nn.ModuleList(GatedLayer(C, c.prior_dilations[k % len(c.prior_dilations)], c.prior_dropout)
                                     for k in range(L))
-        if c.positional:  # none of it depends on a code, so causality is untouched
-            self.cond = nn.Linear(2 * N_FREQ, L * 4 * C)  # one bias per layer and stack
-            # and a mix of N_MAPS maps added to the position embedding: where anatomy sits at this position
+        if c.positional:  # a mix of N_MAPS maps added to the position embedding: where anatomy sits at
+            # this slice position; it depends on no code, so causality is untouched
             self.cond_mix = nn.Linear(2 * N_FREQ, N_MAPS)
             self.cond_maps = nn.Parameter(torch.zeros(N_MAPS, C, c.height, c.width))
             # quantiles of the training positions, to draw positions as the data has them
@@ -1017,22 +1015,16 @@ class PixelCNN(nn.Module):
         # channel-last, so the cached sampler calls the same modules on (n, C) rows
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(C, C), nn.ReLU(), nn.Linear(C, c.n_codes))
 
-    def _condition(self, n, position):
-        """The position embedding (n, C, h, w) and, per layer, the biases (cv, ch), each (n, 2C), of the
-        vertical and horizontal stacks, for n maps at these slice positions."""
-        c, C = self.config, self.config.prior_channels
-        if not c.positional:
+    def _pos_embedding(self, n, position):
+        """The position embedding (n, C, h, w) of n maps at these slice positions."""
+        if not self.config.positional:
             if position is not None:
                 raise ValueError("this prior was trained without slice positions: position must be None")
-            zero = self.pos.new_zeros(n, 2 * C)
-            return self.pos.expand(n, -1, -1, -1), [(zero, zero)] * c.prior_layers
+            return self.pos.expand(n, -1, -1, -1)
         if position is None:
             raise ValueError("this prior is conditioned on the slice position: pass position (B,) in [0, 1]")
         position = torch.as_tensor(position, dtype=self.pos.dtype, device=self.pos.device).expand(n)
-        f = _position_features(position)
-        pos = self.pos + torch.einsum("nm,mchw->nchw", self.cond_mix(f), self.cond_maps)
-        b = self.cond(f).view(n, c.prior_layers, 2, 2 * C)
-        return pos, [(b[:, k, 0], b[:, k, 1]) for k in range(c.prior_layers)]
+        return self.pos + torch.einsum("nm,mchw->nchw", self.cond_mix(_position_features(position)), self.cond_maps)
 
     def forward(self, codes, position=None):
         """codes (B, h, w) int64, position (B,) in [0, 1] for a positional prior -> logits (B, K, h, w);
@@ -1040,12 +1032,12 @@ class PixelCNN(nn.Module):
         c = self.config
         if codes.dim() != 3 or tuple(codes.shape[1:]) != (c.height, c.width):
             raise ValueError(f"codes must be (B, {c.height}, {c.width}), got {tuple(codes.shape)}")
-        pos, biases = self._condition(len(codes), position)
+        pos = self._pos_embedding(len(codes), position)
         x = self.embed(codes).permute(0, 3, 1, 2)  # (B, C, h, w)
         v = x + pos
         h = F.pad(x, (1, 0))[..., :-1] + pos  # shifted right a column: codes left of j only
-        for layer, (cv, ch) in zip(self.layers, biases):
-            v, h = layer(v, h, cv[:, :, None, None], ch[:, :, None, None])
+        for layer in self.layers:
+            v, h = layer(v, h)
         return self.head(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, K, h, w)
 
     def loss(self, codes, position=None):
@@ -1094,7 +1086,7 @@ class PixelCNN(nn.Module):
         """The cached sampler on noise g (n, h, w, K): returns codes (n, h, w) and, if asked, logits
         (n, h, w, K). On a GPU each row is one replayed CUDA graph."""
         c, n = self.config, g.shape[0]
-        state = _SamplerState(self, g, temperature, *self._condition(n, position), keep_logits)
+        state = _SamplerState(self, g, temperature, self._pos_embedding(n, position), keep_logits)
         rows = c.height
         if g.is_cuda:  # one graph per row: thousands of small launches become one
             try:
@@ -1155,7 +1147,7 @@ class _SamplerState:
     """Buffers of the cached sampler, so that sampling a row is the same sequence of operations on
     the same memory for every row (what a CUDA graph replays): the row index lives on the device."""
 
-    def __init__(self, model, g, temperature, pos, biases, keep_logits):
+    def __init__(self, model, g, temperature, pos, keep_logits):
         c, n = model.config, g.shape[0]
         C, H, W = c.prior_channels, c.height, c.width
         self.m, self.g, self.temperature, self.n = model, g, temperature, n
@@ -1170,7 +1162,6 @@ class _SamplerState:
         self.hbuf = [g.new_zeros(n, L.dilation + W, C) for L in model.layers]
         # per layer: the row above's share of the horizontal pre-activation, (n, w, 2C)
         self.vh = [g.new_zeros(n, W, 2 * C) for _ in model.layers]
-        self.cv, self.ch = [b[0] for b in biases], [b[1] for b in biases]
         # hconv's two taps as one (2C, 2C) matrix for the (n, 2, C) window [j - d, j]
         self.wh = [L.hconv.weight[:, :, 0].permute(0, 2, 1).reshape(2 * C, 2 * C).t() for L in model.layers]
         self.wo = [L.hout.weight.flatten(1).t() for L in model.layers]
@@ -1180,8 +1171,8 @@ class _SamplerState:
         self.i.zero_()
         for t in (*self.vwin, *self.hbuf):
             t.zero_()
-        for L, vh, ch in zip(self.m.layers, self.vh, self.ch):  # nothing above row 0: biases only
-            vh.copy_((L.v2h.bias + L.hconv.bias + ch)[:, None].expand_as(vh))
+        for L, vh in zip(self.m.layers, self.vh):  # nothing above row 0: biases only
+            vh.copy_((L.v2h.bias + L.hconv.bias).expand_as(vh))
 
     def row(self):
         """Sample row i and advance i: the horizontal stack position by position, then the vertical stack."""
@@ -1204,8 +1195,8 @@ class _SamplerState:
         for k, L in enumerate(m.layers):
             d, win = L.dilation, self.vwin[k]
             win.copy_(torch.cat([win[:, :, 1:], F.pad(v, (d, d))[:, :, None]], 2))  # roll in row i
-            v_pre = F.conv2d(win, L.vconv.weight, L.vconv.bias, dilation=d)[:, :, 0] + self.cv[k][:, :, None]  # (n, 2C, w)
-            self.vh[k].copy_((L.v2h(v_pre[..., None])[..., 0] + (L.hconv.bias + self.ch[k])[:, :, None]).transpose(1, 2))
+            v_pre = F.conv2d(win, L.vconv.weight, L.vconv.bias, dilation=d)[:, :, 0]  # (n, 2C, w)
+            self.vh[k].copy_((L.v2h(v_pre[..., None])[..., 0] + L.hconv.bias[:, None]).transpose(1, 2))
             v = v + gated_tanh(v_pre)
         self.i += 1
 

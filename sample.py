@@ -22,18 +22,22 @@ import torch.nn.functional as F
 import vq
 
 
+class UsageError(Exception):
+    """A mistake the user can fix: reported as one line, exit code 2."""
+
+
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
         fail(f"{message} (see --help)")
 
 
 def parse_args(argv=None):
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="out", help="the training output folder holding model.pt (default out)")
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -85,7 +89,7 @@ def generate(args):
     dest.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device).manual_seed(args.seed)
     codes = prior.generate(args.n, args.temperature, generator=g, position=args.position)
-    images = vqvae.decode(codes).float().cpu()  # (n, 1, H, W)
+    images = vqvae.decode(codes).cpu()  # (n, 1, H, W)
     save_png(dest / "grid.png", image_grid(images, ncol=8, rot90=ckpt["data"]["rot90"]))
     for i, im in enumerate(images):
         _save_nifti(dest / f"sample_{i:03d}.nii.gz", im[0].numpy())  # as stored: the input slices' orientation
@@ -100,8 +104,7 @@ def reconstruct(args):
     results = []
     for path in args.reconstruct:
         x = vq.load_slices([path], size, strict=True, cache_dir=False)  # (S, 1, H, W): S slices of one file
-        with torch.no_grad():
-            r = vqvae.decode(vqvae.encode(x.to(device))).float().cpu()
+        r = vqvae.reconstruct(x)
         s = vq.ssim(x, r)
         name = Path(path).name.split(".")[0]
         save_png(dest / f"{name}.png", image_grid(torch.cat([x, r]), ncol=len(x), rot90=ckpt["data"]["rot90"]))
@@ -257,8 +260,7 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print):
     n = len(test)
     g = torch.Generator(device).manual_seed(seed)
     codes = torch.cat([prior.generate(len(c), generator=g) for c in torch.arange(n).split(128)])
-    samples = torch.cat([vqvae.decode(c).float().cpu() for c in codes.split(64)])
-    recon = torch.cat([vqvae.decode(vqvae.encode(x.to(device).float())).float().cpu() for x in test.split(64)])
+    samples, recon = vqvae.decode(codes).cpu(), vqvae.reconstruct(test)
     with torch.enable_grad():
         scores = {"samples": two_sample_score(test, samples, seed, device=device),
                   "floor": two_sample_score(test, recon, seed, device=device)}
@@ -280,16 +282,14 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print):
 
 
 def evaluate(args):
-    import train
-
     ckpt, vqvae, prior, device = _load(args, need_prior=True)
-    data = train.load_data(train.data_args(ckpt["data"]), print)
+    data = vq.load_splits(ckpt["data"])
     report = realism_report(vqvae, prior, data["test"], data["train"], args.seed, device)
     path = Path(args.out) / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
     if summary.get("vqvae_fingerprint") == ckpt.get("vqvae_fingerprint"):  # it describes this model.pt
         summary.update(report)
-        train.write_json(path, summary)
+        vq.save_json(path, summary)
         print(f"added to {path}")
     return report
 
@@ -303,7 +303,7 @@ def main(argv=None):
         if args.evaluate:
             return evaluate(args)
         return bench(args) if args.bench else generate(args)
-    except (vq.CheckpointError, vq.DataError) as e:
+    except (UsageError, vq.CheckpointError, vq.DataError) as e:
         fail(str(e))
 
 

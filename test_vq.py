@@ -237,7 +237,7 @@ def test_parallel_equals_serial(tmp_path):
 
 
 def test_find_splits_hipmri_oasis_nested(tmp_path):
-    hip = train.write_phantom_tree(tmp_path / "hip", n_train=6, n_val=2, n_test=2, size=(32, 16), slices_per_volume=2)
+    hip = vq.write_phantom_tree(tmp_path / "hip", n_train=6, n_val=2, n_test=2, size=(32, 16), slices_per_volume=2)
     splits = find_splits(hip)
     assert {k: len(v) for k, v in splits.items()} == {"train": 6, "validate": 2, "test": 2}
     assert [p.name for p in splits["train"][:2]] == ["case_004_week_0_slice_0.nii.gz", "case_004_week_0_slice_1.nii.gz"]
@@ -249,7 +249,7 @@ def test_find_splits_hipmri_oasis_nested(tmp_path):
     assert x.shape == (2, 1, 32, 16) and x.max() > 0.9
 
     nested = tmp_path / "unzipped"
-    train.write_phantom_tree(nested / "keras_slices_data", n_train=2, n_val=1, n_test=1, size=(16, 8))
+    vq.write_phantom_tree(nested / "keras_slices_data", n_train=2, n_val=1, n_test=1, size=(16, 8))
     assert [len(v) for v in find_splits(nested).values()] == [2, 1, 1]
 
     oasis = tmp_path / "oasis"
@@ -740,7 +740,7 @@ def test_train_and_sample_end_to_end(tmp_path, capsys):
 
 def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VQ_CACHE_DIR", str(tmp_path / "cache"))  # keep the user's cache untouched
-    root = train.write_phantom_tree(tmp_path / "data", n_train=40, n_val=12, n_test=12, size=(32, 32),
+    root = vq.write_phantom_tree(tmp_path / "data", n_train=40, n_val=12, n_test=12, size=(32, 32),
                                  slices_per_volume=4)
     bad = [root / "keras_slices_train" / "case_900_week_0_slice_0.nii.gz",
            root / "keras_slices_test" / "case_901_week_0_slice_0.nii.gz"]
@@ -829,7 +829,7 @@ def test_two_stage_commands_keep_summary_and_model_in_agreement(tmp_path, capsys
     _train(tmp_path, "--stage", "vqvae", "--overwrite", "--seed", "1")  # a new VQ-VAE: model.pt has no prior
     s = json.loads((tmp_path / "summary.json").read_text())
     assert "prior" not in torch.load(tmp_path / "model.pt", weights_only=True)
-    assert "test_ssim_mean" in s and not any(k in s for k in train.PRIOR_KEYS)
+    assert "test_ssim_mean" in s and not any("prior" in k or "two_sample" in k for k in s)
     assert [json.loads(r)["stage"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == ["vqvae"] * 2
     # prior.pt belongs to the old VQ-VAE: --stage prior trains afresh, with no --resume asked for
     capsys.readouterr()

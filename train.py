@@ -26,28 +26,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import sample
 import vq
+from sample import Parser, UsageError, fail, image_grid, realism_report, save_png
 
 # Without --data: defaults sized so both stages finish in minutes on a 2-core CPU (flags still win).
 PHANTOM_DEFAULTS = dict(size=[128, 64], epochs=10, prior_epochs=12, channels=64, n_codes=128, prior_channels=32,
                         prior_layers=8)
 REAL_DEFAULTS = dict(size=[256, 128], epochs=30, prior_epochs=30)
 SYNC_EVERY = 16  # under DDP, steps between the shared "is the --minutes budget spent?" votes
-
-
-class UsageError(Exception):
-    """A mistake the user can fix: reported as one line, exit code 2."""
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        fail(f"{message} (see --help)")
 
 
 def _bool(s):
@@ -69,7 +55,7 @@ def _config_flags(parser, config_cls, skip=()):
 
 
 def parse_args(argv=None):
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="root folder of slices; default: the embedded phantom data set")
     p.add_argument("--out", default="out", help="output folder (default out)")
     p.add_argument("--stage", choices=["vqvae", "prior", "all"], default="all")
@@ -187,46 +173,18 @@ class Run:
 
 
 def load_data(args, log, files=None):
-    """The phantom set, or args.data's splits (files: find_splits' lists, if already found) -> dict
-    with train / validate / test tensors (N, 1, H, W), their slice positions ("positions": split ->
-    (N,) tensor, or None when the names carry none), data settings and skipped files."""
-    size = tuple(args.size)
-    if args.data is None:
-        # one seed per split, so the splits share no slice; a phantom's level is its position
-        counts = {"train": args.n_train, "validate": args.n_val, "test": args.n_test}
-        splits = {k: vq.phantom_slices(n, size, seed=1000 * args.seed + i) for i, (k, n) in enumerate(counts.items())}
-        positions = {k: vq.phantom_positions(n, seed=1000 * args.seed + i) for i, (k, n) in enumerate(counts.items())}
-        settings = {"source": f"phantom seed {args.seed}: {args.n_train} / {args.n_val} / {args.n_test} slices",
-                    "size": list(size), "rot90": 1, "phantom": [args.seed, args.n_train, args.n_val, args.n_test]}
-        return dict(splits, settings=settings, skipped=[], positions=positions)
-    files = files or vq.find_splits(args.data)
-    skipped, splits, positions = [], {}, {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", vq.SkippedFileWarning)
-        for k in ("train", "validate", "test"):
-            info = {}
-            splits[k] = vq.load_slices(files[k], size, strict=args.strict, info=info)
-            skipped += [{"file": str(p), "reason": r} for p, r in info.get("skipped", [])]
-            positions[k] = None if info["positions"] is None else torch.tensor(info["positions"])
-    for w in caught:
-        if not issubclass(w.category, vq.SkippedFileWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if skipped:
-        log(f"skipped {len(skipped)} unreadable file(s):")
-        for s in skipped:
+    """The splits of args.data, or the phantom set (files: find_splits' lists, if already found); the
+    skipped files are logged once each."""
+    settings = {"source": args.data, "size": args.size,
+                "phantom": None if args.data else [args.seed, args.n_train, args.n_val, args.n_test]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", vq.SkippedFileWarning)  # logged below, once each
+        data = vq.load_splits(settings, strict=args.strict, files=files)
+    if data["skipped"]:
+        log(f"skipped {len(data['skipped'])} unreadable file(s):")
+        for s in data["skipped"]:
             log(f"  {s['file']}: {s['reason']}")
-    pngs = any(str(f).endswith(".png") for f in files["train"])
-    settings = {"source": str(Path(args.data).resolve()), "size": list(size), "rot90": 0 if pngs else 1}
-    if any(p is None for p in positions.values()):  # a prior conditioned on positions needs them everywhere
-        positions = {k: None for k in positions}
-    return dict(splits, settings=settings, skipped=skipped, positions=positions)
-
-
-def data_args(settings):
-    """What load_data needs to load again the data a checkpoint was trained on (its data settings)."""
-    seed, n_train, n_val, n_test = settings.get("phantom", [0, 0, 0, 0])
-    return argparse.Namespace(data=None if "phantom" in settings else settings["source"], size=settings["size"],
-                              strict=False, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test)
+    return data
 
 
 def _fmt_time(s):
@@ -431,71 +389,40 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- pictures
 
-# 3 x 5 pixel digits for the axis labels of curves.png (no font or plotting library needed)
-_GLYPHS = {"0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-           "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-           "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000"}
-
-
-def _text(canvas, s, row, col, scale=2):
-    for ch in s:
-        glyph = np.array([int(b) for b in _GLYPHS[ch]], np.float32).reshape(5, 3)
-        block = np.kron(glyph, np.ones((scale, scale), np.float32))
-        h, w = block.shape
-        view = canvas[row:row + h, col:col + w]
-        view[block[:view.shape[0], :view.shape[1]] > 0] = 0.0
-        col += w + scale
-
-
-def _panel(series, log=False, size=(150, 260)):
-    """One chart: series is [(xs, ys, grey level)]; y range and first / last x written in digits."""
-    H, W = size
-    canvas = np.ones(size, np.float32)
-    left, bottom, top, right = 44, 16, 6, 6
-    pts = [(np.asarray(x, float), np.log10(np.maximum(np.asarray(y, float), 1e-12)) if log else np.asarray(y, float), g)
-           for x, y, g in series if len(x)]
-    if not pts:
-        return canvas
-    xs, ys = np.concatenate([p[0] for p in pts]), np.concatenate([p[1] for p in pts])
-    x0, x1, y0, y1 = xs.min(), max(xs.max(), xs.min() + 1), ys.min(), ys.max()
-    y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-9 else (y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0))
-    canvas[top:H - bottom, left] = canvas[H - bottom, left:W - right] = 0.0  # axes
-    for x, y, grey in pts:
-        px = left + 1 + (x - x0) / (x1 - x0) * (W - right - left - 2)
-        py = H - bottom - 1 - (y - y0) / (y1 - y0) * (H - bottom - top - 2)
-        for k in range(len(px)):  # short straight segments, drawn two pixels thick
-            a, b = (k - 1 if k else 0), k
-            t = np.linspace(0, 1, 2 + int(abs(px[b] - px[a]) + abs(py[b] - py[a])))
-            r = np.round(py[a] + t * (py[b] - py[a])).astype(int)
-            c = np.round(px[a] + t * (px[b] - px[a])).astype(int)
-            for dr in (0, 1):
-                canvas[np.clip(r + dr, 0, H - 1), np.clip(c, 0, W - 1)] = grey
-    label = (lambda v: f"{10 ** v:.4g}") if log else (lambda v: f"{v:.4g}")
-    _text(canvas, label(y1).replace("e", ""), top, 2)
-    _text(canvas, label(y0).replace("e", ""), H - bottom - 12, 2)
-    _text(canvas, f"{x0:.0f}", H - bottom + 3, left)
-    _text(canvas, f"{x1:.0f}", H - bottom + 3, W - right - 4 * len(f"{x1:.0f}") * 2)
-    return canvas
-
 
 def draw_curves(records, path):
-    """curves.png from metrics.jsonl records: validation SSIM (whole slice black, body grey), VQ-VAE
-    training loss (log scale), prior bits per code (validation black, training grey)."""
-    v = [r for r in records if r["stage"] == "vqvae"]
-    p = [r for r in records if r["stage"] == "prior"]
-    col = lambda rs, k: ([r["epoch"] for r in rs if k in r], [r[k] for r in rs if k in r])  # noqa: E731
-    panels = [
-        _panel([(*col(v, "val_ssim"), 0.0), (*col(v, "val_ssim_body"), 0.55)]),
-        _panel([(*col(v, "train_loss"), 0.0)], log=True),
-        _panel([(*col(p, "val_bits"), 0.0), (*col(p, "train_bits"), 0.55)]),
-    ]
-    gap = np.ones((panels[0].shape[0], 8), np.float32)
-    sample.save_png(path, np.concatenate([panels[0], gap, panels[1], gap, panels[2]], 1))
+    """curves.png from metrics.jsonl records, drawn with matplotlib when it is installed; returns whether it was."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        return False
+    stages = {s: [r for r in records if r["stage"] == s] for s in ("vqvae", "prior")}
+    panels = [("VQ-VAE: validation SSIM", "vqvae", [("val_ssim", "whole slice"), ("val_ssim_body", "body")], "SSIM"),
+              ("VQ-VAE: training loss", "vqvae", [("train_loss", "loss"), ("train_recon", "MSE")], "loss (log)"),
+              ("Prior: bits per code", "prior", [("val_bits", "validation"), ("train_bits", "training")], "bits")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (title, stage, series, ylabel) in zip(axes, panels):
+        for key, label in series:
+            pts = [(r["epoch"], r[key]) for r in stages[stage] if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel, yscale="log" if "log" in ylabel else "linear")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.lines:
+            ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def _pairs(x, r, rot90):
     """Inputs over their reconstructions, as one picture."""
-    return sample.image_grid(torch.cat([x, r]), ncol=len(x), rot90=rot90)
+    return image_grid(torch.cat([x, r]), ncol=len(x), rot90=rot90)
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -511,28 +438,11 @@ def _config(config_cls, args, **derived):
         raise UsageError(str(e)) from None
 
 
-@torch.no_grad()
-def reconstruct(run, model, x, batch_size=64):
-    """(N, 1, H, W) -> reconstructions (N, 1, H, W) in [0, 1], batched, on CPU."""
-    model.eval()
-    out = []
-    for xb in x.split(batch_size):
-        with run.autocast():
-            out.append(model(xb.to(run.device).float())[0].float().clamp(0, 1).cpu())
-    return torch.cat(out)
-
-
 def _code_stats(codes, n_codes):
     counts = torch.bincount(codes.flatten(), minlength=n_codes).double()
     p = counts / counts.sum()
     entropy = max(0.0, -(p[p > 0] * p[p > 0].log2()).sum().item())  # no -0.0 when one code is used
     return {"usage": (counts > 0).double().mean().item(), "perplexity": 2 ** entropy, "bits": entropy}
-
-
-@torch.no_grad()
-def encode_all(run, model, x, batch_size=64):
-    model.eval()
-    return torch.cat([model.encode(xb.to(run.device).float()).cpu() for xb in x.split(batch_size)])
 
 
 def _on_device(run, x):
@@ -570,15 +480,16 @@ def train_vqvae(run, data):
                       **{k: stats[k] for k in ("adv", "critic") if k in stats}}
 
     def validate(m):
-        r = reconstruct(run, m, val_x)
+        m.eval()
+        r = m.reconstruct(val_x)
         trainer.history.append(r[0, 0].half())  # one slice over the epochs, for progress.png
-        codes = _code_stats(encode_all(run, m, val_x), cfg.n_codes)
+        codes = _code_stats(m.encode(val_x), cfg.n_codes)
         if run.main:
-            sample.save_png(run.out / "recon.png", _pairs(val_x[:8], r[:8], rot))
+            save_png(run.out / "recon.png", _pairs(val_x[:8], r[:8], rot))
             shown = [trainer.history[round(i)] for i in np.linspace(0, len(trainer.history) - 1,
                                                                       min(10, len(trainer.history)))]
-            sample.save_png(run.out / "progress.png",
-                        sample.image_grid(torch.stack([val_x[0, 0], *[h.float() for h in shown]])[:, None], ncol=11,
+            save_png(run.out / "progress.png",
+                        image_grid(torch.stack([val_x[0, 0], *[h.float() for h in shown]])[:, None], ncol=11,
                                       rot90=rot))
         return {"val_ssim": vq.ssim(val_x, r).mean().item(),
                 "val_ssim_body": vq.ssim(val_x, r, foreground=0.1).nanmean().item(),
@@ -611,16 +522,16 @@ def train_vqvae(run, data):
 
 def evaluate_vqvae(run, model, data, trainer=None):
     test_x = data["test"]
-    r = reconstruct(run, model, test_x)
+    r = model.eval().reconstruct(test_x)
     s, p = vq.ssim(test_x, r), vq.psnr(test_x, r)
     body = vq.ssim(test_x, r, foreground=0.1)
-    stats = _code_stats(encode_all(run, model, test_x), model.config.n_codes)
+    stats = _code_stats(model.encode(test_x), model.config.n_codes)
     order = s.argsort()
     rot = data["settings"]["rot90"]
     best, worst = order.flip(0)[:4], order[:4]
     if run.main:
-        sample.save_png(run.out / "test_best.png", _pairs(test_x[best], r[best], rot))
-        sample.save_png(run.out / "test_worst.png", _pairs(test_x[worst], r[worst], rot))
+        save_png(run.out / "test_best.png", _pairs(test_x[best], r[best], rot))
+        save_png(run.out / "test_worst.png", _pairs(test_x[worst], r[worst], rot))
     return {
         "vqvae_fingerprint": _fingerprint(model),
         "test_ssim_mean": s.mean().item(), "test_ssim_std": s.std().item() if len(s) > 1 else 0.0,
@@ -641,7 +552,7 @@ def evaluate_vqvae(run, model, data, trainer=None):
 def train_prior(run, data, vqvae, fingerprint):
     args = run.args
     t0 = time.time()
-    codes = {k: encode_all(run, vqvae, data[k]) for k in ("train", "validate", "test")}  # (N, h, w)
+    codes = {k: vqvae.eval().encode(data[k]) for k in ("train", "validate", "test")}  # (N, h, w)
     h, w = codes["train"].shape[1:]
     pos = data["positions"]
     cfg = _config(vq.PriorConfig, args, n_codes=vqvae.config.n_codes, height=h, width=w,
@@ -661,14 +572,8 @@ def train_prior(run, data, vqvae, fingerprint):
         nats = F.cross_entropy(net(c, None if train_p is None else train_p[idx]).float(), c)
         return nats, {"bits": nats.detach() / math.log(2)}
 
-    @torch.no_grad()
-    def bits(m, c, p):
-        m.eval()
-        parts = zip(c.split(128), [None] * len(c) if p is None else p.to(run.device).split(128))
-        return sum(m.loss(cb.to(run.device), pb)[1].item() * len(cb) for cb, pb in parts) / len(c)
-
     def validate(m):
-        return {"val_bits": bits(m, val_c, pos["validate"])}
+        return {"val_bits": vq.prior_bits(m, val_c, pos["validate"])}
 
     trainer = Trainer(run, "prior", prior, step_fn, len(train_c), args.prior_batch_size or args.batch_size,
                       args.prior_epochs, args.prior_lr, validate, better=lambda a, b: a["val_bits"] < b["val_bits"])
@@ -699,15 +604,15 @@ def train_prior(run, data, vqvae, fingerprint):
         run.save(final, "model.pt")
         rot = data["settings"]["rot90"]
         g = torch.Generator(run.device).manual_seed(args.seed)
-        samples = vqvae.decode(prior.generate(16, generator=g)).float().cpu()
-        sample.save_png(run.out / "samples.png", sample.image_grid(samples, ncol=8, rot90=rot))
+        samples = vqvae.decode(prior.generate(16, generator=g)).cpu()
+        save_png(run.out / "samples.png", image_grid(samples, ncol=8, rot90=rot))
         if cfg.positional:  # columns from the first slice of a volume (0) to the last (1), two rows
             where = torch.linspace(0, 1, 8, device=run.device).repeat(2)
-            strip = vqvae.decode(prior.generate(16, generator=g, position=where)).float().cpu()
-            sample.save_png(run.out / "positions.png", sample.image_grid(strip, ncol=8, rot90=rot))
-        stats = sample.realism_report(vqvae, prior, data["test"], data["train"], args.seed, run.device, run.log)
+            strip = vqvae.decode(prior.generate(16, generator=g, position=where)).cpu()
+            save_png(run.out / "positions.png", image_grid(strip, ncol=8, rot90=rot))
+        stats = realism_report(vqvae, prior, data["test"], data["train"], args.seed, run.device, run.log)
     return prior, {**stats,
-        "prior_bits_per_code": bits(prior, codes["test"], pos["test"]),
+        "prior_bits_per_code": vq.prior_bits(prior, codes["test"], pos["test"]),
         "unigram_bits_per_code": _code_stats(codes["train"], cfg.n_codes)["bits"],
         "prior_val_bits_best": trainer.best["val_bits"] if trainer.best else None,
         "seconds_prior": round(trainer.seconds, 1), "epochs_prior": trainer.epoch,
@@ -717,43 +622,6 @@ def train_prior(run, data, vqvae, fingerprint):
 # ----------------------------------------------------------------------------- loader benchmark
 
 
-def _write_volume(task):
-    """Pool task: one phantom volume, as raw-intensity image and label slices (.nii.gz)."""
-    import nibabel as nib
-
-    root, split, case, week, start, k, size, seed = task
-    x, lab = vq._draw_phantoms(range(start, start + k), size, seed, labels=True, levels=np.arange(k) / max(1, k - 1))
-    scale, offset = 800 + 150 * (case % 7), 10 * (case % 3)  # raw intensities differ per volume, like MR
-    for z in range(k):
-        name = f"{case:03d}_week_{week}_slice_{z}.nii.gz"
-        nib.save(nib.Nifti1Image(x[z] * scale + offset, np.eye(4)), root / f"keras_slices_{split}" / f"case_{name}")
-        nib.save(nib.Nifti1Image(lab[z], np.eye(4)), root / f"keras_slices_seg_{split}" / f"seg_{name}")
-
-
-def write_phantom_tree(root, n_train=240, n_val=60, n_test=60, size=(256, 128), seed=0, slices_per_volume=60,
-                       workers=None):
-    """Write phantom slices as a HipMRI-style tree (keras_slices_*, keras_slices_seg_*) of .nii.gz, on
-    `workers` processes (default all cores); returns root. Slice z of a volume of k is drawn at level
-    z / (k - 1), so names and anatomy agree on the position. The HipMRI size: 11460, 660, 540."""
-    import multiprocessing
-
-    root, start, case, tasks = Path(root), 0, 4, []  # case ids run on across splits, as in the real data
-    for split, n in zip(vq.SPLITS, (n_train, n_val, n_test)):
-        for kind in ("", "seg_"):
-            (root / f"keras_slices_{kind}{split}").mkdir(parents=True, exist_ok=True)
-        volumes = range(0, n, slices_per_volume)
-        for v, first in enumerate(volumes):  # two weeks (volumes) per case
-            tasks.append((root, split, case + v // 2, v % 2, start + first, min(slices_per_volume, n - first), size, seed))
-        start, case = start + n, case + -(-len(volumes) // 2)
-    workers = min(len(tasks), workers or os.cpu_count() or 1)
-    if workers < 2:
-        list(map(_write_volume, tasks))
-    else:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            pool.map(_write_volume, tasks)
-    return root
-
-
 def bench_load(n, size):
     """Write n phantom slices, then time the usual nibabel loop, load_slices cold and warm."""
     import tempfile
@@ -761,7 +629,7 @@ def bench_load(n, size):
     import nibabel as nib
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder, cache = write_phantom_tree(tmp, n, 0, 0, size) / "keras_slices_train", Path(tmp) / "cache"
+        folder, cache = vq.write_phantom_tree(tmp, n, 0, 0, size) / "keras_slices_train", Path(tmp) / "cache"
         t = time.perf_counter()
         np.stack([nib.load(f).get_fdata() for f in sorted(folder.glob("*.nii.gz"))])  # what people write
         times = {"naive": time.perf_counter() - t}
@@ -778,12 +646,6 @@ def bench_load(n, size):
 
 # ----------------------------------------------------------------------------- main
 
-# ----------------------------------------------------------------------------- main
-
-PRIOR_KEYS = ("prior_bits_per_code", "unigram_bits_per_code", "prior_val_bits_best", "seconds_prior", "epochs_prior",
-              "two_sample_samples", "two_sample_recon_floor", "nearest_train_ssim_samples", "copies", "diversity_samples")
-
-
 def _read_metrics(run):
     path = run.out / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -793,7 +655,7 @@ def _trim_metrics(run, keep):
     """Drop the records that no longer describe the checkpoints: keep(record) says which stay."""
     if run.main and (run.out / "metrics.jsonl").exists():
         kept = [r for r in _read_metrics(run) if keep(r)]
-        write_json(run.out / "metrics.jsonl", None, lines=kept)
+        vq.save_json(run.out / "metrics.jsonl", lines=kept)
 
 
 def _refuse_overwrite(run, stages):
@@ -851,7 +713,7 @@ def train(args):
         summary = {**(before if before.get("vqvae_fingerprint") == fingerprint else
                       evaluate_vqvae(run, vqvae, data)), **common}
     if run.main:
-        write_json(summary_path, summary)
+        vq.save_json(summary_path, summary)
     prior = None
     if "prior" in stages:
         if not args.resume:
@@ -862,18 +724,14 @@ def train(args):
                 f"(unigram {summary['unigram_bits_per_code']:.3f}) | samples in {run.out / 'samples.png'}")
     summary["seconds_total"] = round(time.time() - run.t0, 1)
     if run.main:
-        write_json(summary_path, summary)
-        draw_curves(_read_metrics(run), run.out / "curves.png")
+        vq.save_json(summary_path, summary)
+        curves = draw_curves(_read_metrics(run), run.out / "curves.png")
+        if not curves:
+            run.log("curves.png needs matplotlib (pip install matplotlib); metrics.jsonl holds the same figures")
         run.log(f"wrote {run.out}/model.pt, summary.json, metrics.jsonl and pictures (recon.png, progress.png, "
-                f"test_best.png, test_worst.png, curves.png{', samples.png' if prior else ''}"
+                f"test_best.png, test_worst.png{', curves.png' if curves else ''}{', samples.png' if prior else ''}"
                 f"{', positions.png' if prior and prior.config.positional else ''})")
     return {"summary": summary, "vqvae": vqvae, "prior": prior}
-
-
-def write_json(path, obj, lines=None):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n" if lines is None else "".join(json.dumps(r) + "\n" for r in lines))
-    os.replace(tmp, path)
 
 
 def main(argv=None):

@@ -571,6 +571,72 @@ def phantom_slices(n, size=(256, 128), seed=0):
     return torch.from_numpy(out).unsqueeze(1)  # (N, 1, H, W)
 
 
+def _write_volume(task):
+    """Pool task: one phantom volume, as raw-intensity image and label slices (.nii.gz)."""
+    import nibabel as nib
+
+    root, split, case, week, start, k, size, seed = task
+    x, lab = _draw_phantoms(range(start, start + k), size, seed, labels=True, levels=np.arange(k) / max(1, k - 1))
+    scale, offset = 800 + 150 * (case % 7), 10 * (case % 3)  # raw intensities differ per volume, like MR
+    for z in range(k):
+        name = f"{case:03d}_week_{week}_slice_{z}.nii.gz"
+        nib.save(nib.Nifti1Image(x[z] * scale + offset, np.eye(4)), root / f"keras_slices_{split}" / f"case_{name}")
+        nib.save(nib.Nifti1Image(lab[z], np.eye(4)), root / f"keras_slices_seg_{split}" / f"seg_{name}")
+
+
+def write_phantom_tree(root, n_train=240, n_val=60, n_test=60, size=(256, 128), seed=0, slices_per_volume=60,
+                       workers=None):
+    """Write phantom slices as a HipMRI-style tree (keras_slices_*, keras_slices_seg_*) of .nii.gz, on
+    `workers` processes (default all cores); returns root. Slice z of a volume of k is drawn at level
+    z / (k - 1), so names and anatomy agree on the position. The HipMRI size: 11460, 660, 540."""
+    root, start, case, tasks = Path(root), 0, 4, []  # case ids run on across splits, as in the real data
+    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
+        for kind in ("", "seg_"):
+            (root / f"keras_slices_{kind}{split}").mkdir(parents=True, exist_ok=True)
+        volumes = range(0, n, slices_per_volume)
+        for v, first in enumerate(volumes):  # two weeks (volumes) per case
+            tasks.append((root, split, case + v // 2, v % 2, start + first, min(slices_per_volume, n - first), size, seed))
+        start, case = start + n, case + -(-len(volumes) // 2)
+    workers = min(len(tasks), workers or _cpu_count())
+    if workers < 2:
+        list(map(_write_volume, tasks))
+    else:
+        with multiprocessing.get_context("fork" if sys.platform == "linux" else None).Pool(workers) as pool:
+            pool.map(_write_volume, tasks)
+    return root
+
+
+def load_splits(settings, strict=False, files=None):
+    """The train / validate / test slices that settings describe: {"source": a data root, or None for
+    the phantom set, "size": [H, W], "phantom": [seed, n_train, n_val, n_test] (phantom only)}, as
+    stored in a checkpoint's "data". files: find_splits(source), if already found.
+
+    Returns a dict: "train", "validate", "test" (N, 1, H, W); "positions": split -> (N,) slice
+    positions, or None for every split when some names carry none; "settings": what loads the same
+    slices again (source resolved, plus "rot90": the np.rot90 that shows them upright); "skipped":
+    [{"file", "reason"}] of the files left out (each also a SkippedFileWarning)."""
+    size = [int(s) for s in settings["size"]]
+    if settings.get("phantom"):  # one seed per split, so the splits share no slice; a level is a position
+        seed, *counts = settings["phantom"]
+        data = {k: phantom_slices(n, size, seed=1000 * seed + i) for i, (k, n) in enumerate(zip(SPLITS, counts))}
+        positions = {k: phantom_positions(n, seed=1000 * seed + i) for i, (k, n) in enumerate(zip(SPLITS, counts))}
+        source = f"phantom seed {seed}: {' / '.join(map(str, counts))} slices"
+        return dict(data, positions=positions, skipped=[],
+                    settings={"source": source, "size": size, "rot90": 1, "phantom": [seed, *counts]})
+    files = files or find_splits(settings["source"])
+    data, positions, skipped = {}, {}, []
+    for k in SPLITS:
+        info = {}
+        data[k] = load_slices(files[k], size, strict=strict, info=info)
+        skipped += [{"file": str(p), "reason": r} for p, r in info["skipped"]]
+        positions[k] = None if info["positions"] is None else torch.tensor(info["positions"])
+    if any(p is None for p in positions.values()):  # a prior conditioned on positions needs them everywhere
+        positions = dict.fromkeys(SPLITS)
+    pngs = any(str(f).lower().endswith(".png") for f in files["train"])
+    settings = {"source": str(Path(settings["source"]).resolve()), "size": size, "rot90": 0 if pngs else 1}
+    return dict(data, positions=positions, skipped=skipped, settings=settings)
+
+
 # ----------------------------------------------------------------------------- metrics
 
 
@@ -879,6 +945,13 @@ class PatchCritic(nn.Module):
         return x
 
 
+def _batched(fn, x, model, batch_size):
+    """fn over x in batches on the model's device, in float32 (no autocast); results on x's device."""
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, enabled=False):
+        return torch.cat([fn(xb.to(device)).to(x.device) for xb in x.split(batch_size)])
+
+
 class VQVAE(nn.Module):
     """Encoder, vector quantizer and decoder (and, with adv_weight, a patch critic)."""
 
@@ -915,15 +988,21 @@ class VQVAE(nn.Module):
         return recon, loss, stats
 
     @torch.no_grad()
-    def encode(self, x):
-        """x (B, C, H, W) -> codes (B, h, w) int64."""
-        return self.quantizer(self.encoder(x))[1]
+    def encode(self, x, batch_size=64):
+        """x (B, C, H, W) -> codes (B, h, w) int64, on x's device; in batches on the model's device,
+        in float32 (no autocast)."""
+        return _batched(lambda xb: self.quantizer(self.encoder(xb.float()))[1], x, self, batch_size)
 
     @torch.no_grad()
-    def decode(self, codes):
-        """codes (B, h, w) -> images (B, C, H, W), clamped to [0, 1]."""
-        z_q = self.quantizer.codebook[codes].permute(0, 3, 1, 2)  # (B, D, h, w)
-        return self.decoder(z_q).clamp(0, 1)
+    def decode(self, codes, batch_size=64):
+        """codes (B, h, w) -> images (B, C, H, W) in float32, clamped to [0, 1], on codes' device."""
+        def run(c):
+            return self.decoder(self.quantizer.codebook[c].permute(0, 3, 1, 2)).float().clamp(0, 1)  # from (B, D, h, w)
+        return _batched(run, codes, self, batch_size)
+
+    def reconstruct(self, x, batch_size=64):
+        """x (B, C, H, W) -> decode(encode(x)): what the model makes of each slice."""
+        return self.decode(self.encode(x, batch_size), batch_size)
 
     @classmethod
     def from_checkpoint(cls, path_or_ckpt, map_location="cpu"):
@@ -1132,6 +1211,20 @@ class PixelCNN(nn.Module):
         return _build(cls, PriorConfig, ckpt, "prior")
 
 
+@torch.no_grad()
+def prior_bits(prior, codes, position=None, batch_size=128):
+    """Mean bits per code of code maps (N, h, w) under prior (positions (N,) for a positional one), in
+    batches on the prior's device, without dropout."""
+    training, device = prior.training, next(prior.parameters()).device
+    prior.eval()
+    try:
+        parts = zip(codes.split(batch_size), [None] * len(codes) if position is None else position.split(batch_size))
+        total = sum(prior.loss(c.to(device), None if p is None else p.to(device))[1].item() * len(c) for c, p in parts)
+    finally:
+        prior.train(training)
+    return total / len(codes)
+
+
 @contextlib.contextmanager
 def _no_tf32():
     """Full float32 matmuls and convolutions on a GPU, so both samplers round alike (TF32 would not)."""
@@ -1206,6 +1299,12 @@ class _SamplerState:
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, unsafe or lacks a part."""
+
+
+def save_json(path, obj=None, lines=None):
+    """Write obj as indented JSON, or each of lines as one JSON line (.jsonl), atomically."""
+    text = json.dumps(obj, indent=2) + "\n" if lines is None else "".join(json.dumps(r) + "\n" for r in lines)
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def save_checkpoint(obj, path):

@@ -70,7 +70,7 @@ def _load(args, need_prior):
     if need_prior:
         if "prior" not in ckpt:
             raise vq.CheckpointError(f"{path} has no prior: train it with `python train.py --stage prior`")
-        prior = vq.PixelCNN.from_checkpoint(ckpt).to(device)
+        prior = vq.load_prior(ckpt).to(device)
         if args.position is not None and not prior.config.positional:
             raise vq.CheckpointError(f"the prior in {path} was trained without slice positions: drop --position")
     return ckpt, vqvae, prior, device
@@ -88,8 +88,7 @@ def generate(args):
     dest = Path(args.dest or Path(args.out) / f"samples_seed{args.seed}_t{args.temperature:g}{where}")
     dest.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device).manual_seed(args.seed)
-    codes = prior.generate(args.n, args.temperature, generator=g, position=args.position)
-    images = vqvae.decode(codes).cpu()  # (n, 1, H, W)
+    images = vq.sample_slices(vqvae, prior, args.n, args.temperature, generator=g, position=args.position)  # (n, 1, H, W)
     save_png(dest / "grid.png", image_grid(images, ncol=8, rot90=ckpt["data"]["rot90"]))
     for i, im in enumerate(images):
         _save_nifti(dest / f"sample_{i:03d}.nii.gz", im[0].numpy())  # as stored: the input slices' orientation
@@ -116,10 +115,13 @@ def reconstruct(args):
 
 def bench(args):
     _, _, prior, device = _load(args, need_prior=True)
-    c = prior.config
+    levels = (prior.top, prior.bottom) if isinstance(prior, vq.TwoLevelPrior) else (prior,)
+    maps = tuple(torch.zeros(args.n, m.config.height, m.config.width, dtype=torch.long, device=device) for m in levels)
+    one = maps if len(maps) == 2 else maps[0]
+    n_codes = sum(m.config.height * m.config.width for m in levels)
+    shapes = " + ".join(f"{m.config.height}x{m.config.width}" for m in levels)
+    pos = torch.full((args.n,), 0.5, device=device) if prior.config.positional else None
     times = {}
-    one = torch.zeros(args.n, c.height, c.width, dtype=torch.long, device=device)
-    pos = torch.full((args.n,), 0.5, device=device) if c.positional else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         prior(one, pos)  # warm-up
@@ -131,9 +133,9 @@ def bench(args):
         forward = (time.perf_counter() - t) / 3
     prior.generate(1, generator=torch.Generator(device).manual_seed(0))  # warm-up: first-call set-up
     samplers = [("cached", prior.generate), ("naive", prior.generate_naive)]
-    if c.height * c.width > 1024:  # a forward per code: at 64 x 32 that is minutes on a CPU
-        print(f"naive sampler skipped: {c.height * c.width} forward passes, about "
-              f"{c.height * c.width * forward:.0f} s (the tests compare the two on small maps)")
+    if n_codes > 1024:  # a forward per code: at 64 x 32 that is minutes on a CPU
+        print(f"naive sampler skipped: {n_codes} forward passes, about "
+              f"{n_codes * forward:.0f} s (the tests compare the two on small maps)")
         samplers = samplers[:1]
     for name, fn in samplers:
         g = torch.Generator(device).manual_seed(args.seed)
@@ -142,10 +144,10 @@ def bench(args):
         codes = fn(args.n, args.temperature, generator=g, position=args.position)
         sync()
         times[name] = (time.perf_counter() - t, codes)
-        print(f"{name:6s} sampler: {times[name][0]:.2f} s for {args.n} maps of {tuple(codes.shape[1:])} codes "
+        print(f"{name:6s} sampler: {times[name][0]:.2f} s for {args.n} maps of {shapes} codes "
               f"= {times[name][0] / forward:.1f} forward passes of {forward * 1e3:.1f} ms", flush=True)
     if "naive" in times:
-        same = torch.equal(times["cached"][1], times["naive"][1])
+        same = all(map(torch.equal, *(vq.as_levels(times[k][1]) for k in ("cached", "naive"))))
         print(f"speed-up {times['naive'][0] / times['cached'][0]:.1f}x | identical codes: {same} | {device}")
     return times
 
@@ -187,32 +189,35 @@ def image_grid(images, ncol=8, rot90=1, pad=2):
 
 
 class _Critic(nn.Module):
-    """A small CNN that tells two sets of slices apart; global pooling makes it judge texture and
-    structure rather than memorise where things are."""
+    """A CNN that tells two sets of slices apart, at half resolution (the anatomy's layout, at a quarter
+    of the cost); global pooling makes it judge texture and structure rather than memorise where
+    things are."""
 
-    def __init__(self):
+    def __init__(self, widths=(32, 64, 128, 128)):
         super().__init__()
         layers, c = [], 1
-        for w in (16, 32, 64, 64):
+        for w in widths:
             layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
             c = w
         self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 1))
 
     def forward(self, x):
-        return self.net(x * 2 - 1)[:, 0]
+        return self.net(F.avg_pool2d(x, 2) * 2 - 1)[:, 0]
 
 
-def two_sample_score(a, b, seed=0, steps=200, batch_size=32, device="cpu"):
-    """How well a small CNN, trained for a fixed budget, tells slices a from slices b: its accuracy on
-    the half of the pairs it did not train on, averaged over both halves (2-fold). 0.5: it cannot tell
-    them apart; 1.0: trivially apart. a, b: (N, 1, H, W) in [0, 1]; the first min(len) of each are used."""
+def two_sample_score(a, b, seed=0, steps=600, batch_size=32, device="cpu", flip_dim=-2):
+    """How well a CNN, trained for a fixed budget, tells slices a from slices b: its accuracy on the
+    half of the pairs it did not train on, for each of the two halves (2-fold). 0.5: it cannot tell
+    them apart; 1.0: trivially apart. a, b: (N, 1, H, W) in [0, 1]; the first min(len) of each are
+    used. Training batches are mirrored at random along flip_dim (the body's left-right axis), so
+    the critic needs the anatomy, not one side of it. Returns (mean accuracy, [fold accuracies])."""
     n = min(len(a), len(b))
     if n < 4:
         raise ValueError(f"two_sample_score needs at least 4 slices in each set, got {n}")
     g = torch.Generator().manual_seed(seed)
     folds = torch.randperm(n, generator=g).chunk(2)
-    x = torch.cat([a[:n], b[:n]]).float()
-    y = torch.cat([torch.zeros(n), torch.ones(n)])
+    x = torch.cat([a[:n], b[:n]]).float().to(device)
+    y = torch.cat([torch.zeros(n), torch.ones(n)]).to(device)
     accuracy = []
     for k in range(2):
         train_idx, test_idx = folds[k], folds[1 - k]
@@ -221,15 +226,18 @@ def two_sample_score(a, b, seed=0, steps=200, batch_size=32, device="cpu"):
         critic = _Critic().to(device)
         opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
         for _ in range(steps):
-            idx = train_idx[torch.randint(len(train_idx), (batch_size,), generator=g)]
-            loss = F.binary_cross_entropy_with_logits(critic(x[idx].to(device)), y[idx].to(device))
+            idx = train_idx[torch.randint(len(train_idx), (batch_size,), generator=g)].to(device)
+            xb = x[idx]
+            flip = (torch.rand(batch_size, generator=g) < 0.5).to(device)
+            xb = torch.where(flip[:, None, None, None], xb.flip(flip_dim), xb)
+            loss = F.binary_cross_entropy_with_logits(critic(xb), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
-            logits = torch.cat([critic(x[i].to(device)).cpu() for i in test_idx.split(256)])
-        accuracy.append(((logits > 0).float() == y[test_idx]).float().mean().item())
-    return sum(accuracy) / 2
+            logits = torch.cat([critic(x[i.to(device)]) for i in test_idx.split(256)])
+        accuracy.append(((logits > 0).float() == y[test_idx.to(device)]).float().mean().item())
+    return sum(accuracy) / 2, accuracy
 
 
 def nearest_ssim(x, pool, shortlist=8):
@@ -254,37 +262,46 @@ def pair_ssim(x, pairs=256, seed=0):
 
 
 @torch.no_grad()
-def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print):
-    """How far decoded samples are from real held-out slices, beside the floor the decoder sets:
-    two-sample scores, memorisation and diversity (see the README). test, train: (N, 1, H, W)."""
+def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, rot90=1):
+    """How far decoded samples are from real held-out slices, beside the floor the decoder sets and
+    the score of real against real: two-sample scores (each with its two folds), memorisation and
+    diversity (see the README). test, train: (N, 1, H, W); rot90 as the data's settings say, so the
+    critic mirrors along the body's left-right axis. With fewer than 8 test slices the two-sample
+    scores are left out (None), with a line saying so."""
     n = len(test)
     g = torch.Generator(device).manual_seed(seed)
-    codes = torch.cat([prior.generate(len(c), generator=g) for c in torch.arange(n).split(128)])
-    samples, recon = vqvae.decode(codes).cpu(), vqvae.reconstruct(test)
-    with torch.enable_grad():
-        scores = {"samples": two_sample_score(test, samples, seed, device=device),
-                  "floor": two_sample_score(test, recon, seed, device=device)}
+    samples, recon = vq.sample_slices(vqvae, prior, n, generator=g), vqvae.reconstruct(test)
+    report = {"realism_n": n}
+    if n >= 8:
+        halves = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).chunk(2)
+        pairs = {"samples": (test, samples), "recon_floor": (test, recon), "real": tuple(test[h] for h in halves)}
+        with torch.enable_grad():
+            for name, (a, b) in pairs.items():
+                score, folds = two_sample_score(a, b, seed, device=device, flip_dim=-2 if rot90 % 2 else -1)
+                report.update({f"two_sample_{name}": score, f"two_sample_{name}_folds": folds})
+    else:
+        log(f"realism: {n} test slices are too few for the two-sample scores (8 or more needed); left out")
     near_samples, near_real = nearest_ssim(samples, train), nearest_ssim(test, train)
-    report = {
-        "realism_n": n,
-        "two_sample_samples": scores["samples"], "two_sample_recon_floor": scores["floor"],
+    report.update({
         "nearest_train_ssim_samples": near_samples.median().item(),
         "nearest_train_ssim_real": near_real.median().item(),
         "copies": (near_samples > near_real.max()).float().mean().item(),
         "diversity_samples": pair_ssim(samples, seed=seed), "diversity_real": pair_ssim(test, seed=seed),
-    }
-    log(f"realism | two-sample {report['two_sample_samples']:.3f} (reconstruction floor "
-        f"{report['two_sample_recon_floor']:.3f}; 0.5 = indistinguishable) | nearest training slice ssim "
-        f"{report['nearest_train_ssim_samples']:.3f} (real test slices {report['nearest_train_ssim_real']:.3f}; "
-        f"copies {report['copies']:.1%}) | pair ssim {report['diversity_samples']:.3f} "
-        f"(real {report['diversity_real']:.3f})")
+    })
+    scores = (f"two-sample {report['two_sample_samples']:.3f} (folds "
+              f"{' / '.join(f'{f:.3f}' for f in report['two_sample_samples_folds'])}; reconstruction floor "
+              f"{report['two_sample_recon_floor']:.3f}; real against real {report['two_sample_real']:.3f}) | "
+              if n >= 8 else "")
+    log(f"realism | {scores}nearest training slice ssim {report['nearest_train_ssim_samples']:.3f} (real test "
+        f"slices {report['nearest_train_ssim_real']:.3f}; copies {report['copies']:.1%}) | pair ssim "
+        f"{report['diversity_samples']:.3f} (real {report['diversity_real']:.3f})")
     return report
 
 
 def evaluate(args):
     ckpt, vqvae, prior, device = _load(args, need_prior=True)
     data = vq.load_splits(ckpt["data"])
-    report = realism_report(vqvae, prior, data["test"], data["train"], args.seed, device)
+    report = realism_report(vqvae, prior, data["test"], data["train"], args.seed, device, rot90=ckpt["data"]["rot90"])
     path = Path(args.out) / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
     if summary.get("vqvae_fingerprint") == ckpt.get("vqvae_fingerprint"):  # it describes this model.pt

@@ -391,21 +391,33 @@ def test_psnr():
 # ----------------------------------------------------------------------------- quantizer and VQ-VAE
 
 
-def test_vqvae_shapes_and_gradient_reaches_encoder():
+@pytest.mark.parametrize("levels", [1, 2])
+def test_vqvae_shapes_and_gradient_reaches_encoder(levels):
     for down in (4, 8):
-        model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, downsample=down))
+        model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, downsample=down, levels=levels))
         x = vq.phantom_slices(3, (64, 32), seed=2)
         recon, loss, stats = model(x)
         assert recon.shape == x.shape and loss.ndim == 0
         loss.backward()
         enc_grad = sum(p.grad.abs().sum() for p in model.encoder.parameters())
         assert enc_grad > 0  # the straight-through estimator carries the decoder's gradient
+        if levels == 2:  # the top level learns too, and reports its own codebook
+            assert sum(p.grad.abs().sum() for p in model.encoder_top.parameters()) > 0
+            assert {"usage_top", "perplexity_top"} <= set(stats)
         model.eval()
         codes = model.encode(x)
-        assert codes.shape == (3, 64 // down, 32 // down) and codes.dtype == torch.long
+        h, w = 64 // down, 32 // down
+        shapes = [(3, h // 2, w // 2), (3, h, w)] if levels == 2 else [(3, h, w)]
+        assert [c.shape for c in vq.as_levels(codes)] == shapes and codes[0].dtype == torch.long
         out = model.decode(codes)
         assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
         assert torch.allclose(out, model(x)[0].clamp(0, 1), atol=1e-5)  # encode/decode == forward
+        assert torch.equal(model.reconstruct(x, batch_size=2), out)  # batches change nothing
+        if levels == 2:  # both maps carry information into the picture
+            with torch.no_grad():
+                model.decoder.net[-1].bias.fill_(0.5)  # away from the clamp at 0, where untrained outputs sit
+            other_top = ((codes[0] + 1) % 32, codes[1])
+            assert (model.decode(other_top) - model.decode(codes)).abs().max() > 1e-5
 
 
 def test_losses_reach_what_they_should():
@@ -502,6 +514,27 @@ def test_restarts_keep_the_codebook_in_use_from_the_start():
     assert min(without[10:]) < 16, without  # the collapse this guards against
 
 
+def test_top_codebook_restarts_like_the_bottom_one():
+    def top_used(dead_threshold):
+        torch.manual_seed(0)
+        x = vq.phantom_slices(96, (64, 32), seed=3)
+        model = vq.VQVAE(vq.VQVAEConfig(channels=32, code_dim=16, n_codes=64, levels=2,
+                                        dead_threshold=dead_threshold))
+        model.quantizer.generator = model.quantizer_top.generator = torch.Generator().manual_seed(1)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        used = []
+        for step in range(16):
+            _, loss, stats = model(x[step * 16 % 96:][:16])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            used.append(round(stats["usage_top"].item() * 64))
+        return used
+
+    with_restarts, without = top_used(0.01), top_used(0.0)
+    assert sum(with_restarts[6:]) > 3 * sum(without[6:]) and min(with_restarts[6:]) > 8, (with_restarts, without)
+
+
 def test_kmeans_init_puts_codes_on_the_data():
     q = vq.VectorQuantizer(8, 3).train()
     q.generator = torch.Generator().manual_seed(1)
@@ -516,14 +549,40 @@ def test_kmeans_init_puts_codes_on_the_data():
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def test_checkpoint_round_trip(tmp_path):
-    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32)).eval()
+@pytest.mark.parametrize("levels", [1, 2])
+def test_checkpoint_round_trip(tmp_path, levels):
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, levels=levels)).eval()
     vq.save_checkpoint({"vqvae_config": asdict(model.config), "vqvae": model.state_dict()}, tmp_path / "m.pt")
     loaded = vq.VQVAE.from_checkpoint(tmp_path / "m.pt")
     x = vq.phantom_slices(2, (32, 32))
     assert loaded.config == model.config
-    assert torch.equal(loaded.encode(x), model.encode(x))
+    assert all(map(torch.equal, vq.as_levels(loaded.encode(x)), vq.as_levels(model.encode(x))))
     assert not list(tmp_path.glob("*.tmp*"))  # the temporary file was renamed into place
+
+
+def test_checkpoint_of_the_one_level_format_still_loads(tmp_path):
+    # a checkpoint written before levels existed: no "levels" key, the same module names
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32)).eval()
+    old = {k: v for k, v in asdict(model.config).items() if k != "levels"}
+    prior = vq.PixelCNN(vq.PriorConfig(**SMALL)).eval()
+    old_prior = {k: v for k, v in asdict(prior.config).items() if k not in ("cond_codes", "prior_transpose")}
+    vq.save_checkpoint({"vqvae_config": old, "vqvae": model.state_dict(), "prior_config": old_prior,
+                        "prior": prior.state_dict()}, tmp_path / "m.pt")
+    assert vq.VQVAE.from_checkpoint(tmp_path / "m.pt").config.levels == 1
+    assert isinstance(vq.load_prior(tmp_path / "m.pt"), vq.PixelCNN)
+
+
+def test_two_level_prior_checkpoint_round_trip(tmp_path):
+    prior = two_level_prior().eval()
+    cfg = {"top": asdict(prior.top.config), "bottom": asdict(prior.bottom.config)}
+    vq.save_checkpoint({"prior_config": cfg, "prior": prior.state_dict()}, tmp_path / "p.pt")
+    loaded = vq.load_prior(tmp_path / "p.pt")
+    assert isinstance(loaded, vq.TwoLevelPrior) and loaded.bottom.config == prior.bottom.config
+    a = loaded.generate(2, generator=torch.Generator().manual_seed(0))
+    b = prior.generate(2, generator=torch.Generator().manual_seed(0))
+    assert all(map(torch.equal, a, b))
+    with pytest.raises(vq.CheckpointError, match="load_prior"):
+        vq.PixelCNN.from_checkpoint(tmp_path / "p.pt")
 
 
 class _Evil:
@@ -567,28 +626,75 @@ def small_prior(seed=0, **overrides):
     return model
 
 
+# the top map of a two-level model (3 x 3) and its bottom map (6 x 6), scanned transposed
+TOP = dict(SMALL, height=3, width=3, positional=True, prior_transpose=True)
+BOTTOM = dict(TOP, height=6, width=6, cond_codes=SMALL["n_codes"])
+
+
+def two_level_prior(seed=0):
+    torch.manual_seed(seed)
+    model = vq.TwoLevelPrior(PriorConfig(**TOP), PriorConfig(**BOTTOM)).eval()
+    for m in (model.top, model.bottom):
+        torch.nn.init.normal_(m.cond_maps, std=1.0)
+    return model
+
+
+def _scan_order(config):
+    """Each code's place in the prior's scan (h, w): row by row, or column by column when transposed."""
+    h, w = config.height, config.width
+    return torch.arange(h * w).view(w, h).t() if config.prior_transpose else torch.arange(h * w).view(h, w)
+
+
 def _position(model, n, seed=9):
     return torch.rand(n, generator=torch.Generator().manual_seed(seed)) if model.config.positional else None
 
 
-@pytest.mark.parametrize("kind", [SMALL, RICH], ids=["gated", "position"])
+TRANSPOSED = dict(RICH, prior_transpose=True)
+
+
+@pytest.mark.parametrize("kind", [SMALL, RICH, TRANSPOSED], ids=["gated", "position", "transposed"])
 def test_causal_and_no_blind_spot(kind):
     # float64: exact zeros where a logit must not move, whatever the conv algorithm
     model = small_prior(**kind).double()
     h, w = SMALL["height"], SMALL["width"]
     codes = torch.randint(0, SMALL["n_codes"], (2, h, w), generator=torch.Generator().manual_seed(1))
     pos = _position(model, 2)
+    order = _scan_order(model.config)
     with torch.no_grad():
         base = model(codes, pos)
         for i, j in [(0, 0), (0, w - 1), (2, 2), (3, 0), (4, w - 1), (h - 1, 1)]:
             changed = codes.clone()
             changed[:, i, j] = (changed[:, i, j] + 1) % SMALL["n_codes"]
             moved = (model(changed, pos) - base).abs().amax(dim=(0, 1))  # (h, w)
-            order = torch.arange(h * w).view(h, w)
-            assert moved[order <= i * w + j].max() == 0, f"logits at or before {(i, j)} moved"
-            assert (moved[order > i * w + j] > 1e-9).all(), f"some later logit missed {(i, j)}"
-            if i + 1 < h:  # below and to the left: where a masked-conv PixelCNN is blind
-                assert moved[i + 1, max(j - 1, 0)] > 1e-9 and moved[i + 1, 0] > 1e-9
+            assert moved[order <= order[i, j]].max() == 0, f"logits at or before {(i, j)} moved"
+            assert (moved[order > order[i, j]] > 1e-9).all(), f"some later logit missed {(i, j)}"
+            if i + 1 < h and not model.config.prior_transpose:  # below and to the left: where a
+                assert moved[i + 1, max(j - 1, 0)] > 1e-9 and moved[i + 1, 0] > 1e-9  # masked-conv PixelCNN is blind
+
+
+def test_bottom_prior_sees_no_later_bottom_code_and_every_top_code():
+    model = two_level_prior(seed=1).double()
+    g = torch.Generator().manual_seed(2)
+    top = torch.randint(0, SMALL["n_codes"], (2, 3, 3), generator=g)
+    bottom = torch.randint(0, SMALL["n_codes"], (2, 6, 6), generator=g)
+    pos = torch.rand(2, generator=g)
+    order = _scan_order(model.bottom.config)
+    with torch.no_grad():
+        base_top, base = model((top, bottom), pos)
+        for i, j in [(0, 0), (2, 3), (5, 1), (5, 5)]:  # a bottom code moves later bottom logits only
+            changed = bottom.clone()
+            changed[:, i, j] = (changed[:, i, j] + 1) % SMALL["n_codes"]
+            moved_top, moved = model((top, changed), pos)
+            assert torch.equal(moved_top, base_top)  # the top prior never sees the bottom map
+            moved = (moved - base).abs().amax(dim=(0, 1))
+            assert moved[order <= order[i, j]].max() == 0 and (moved[order > order[i, j]] > 1e-9).all()
+        for i in range(3):  # every top code reaches the bottom logits, the first one's included
+            for j in range(3):
+                changed = top.clone()
+                changed[:, i, j] = (changed[:, i, j] + 1) % SMALL["n_codes"]
+                moved = (model((changed, bottom), pos)[1] - base).abs().amax(dim=(0, 1))
+                assert moved[2 * i:2 * i + 2, 2 * j:2 * j + 2].min() > 1e-9, (i, j)  # the 2 x 2 it covers
+        assert (model((top.flip(1), bottom), pos)[1] - base).abs().amax(dim=(0, 1))[0, 0] > 1e-9
 
 
 def test_position_reaches_every_logit_only_through_the_condition():
@@ -609,7 +715,7 @@ def test_position_reaches_every_logit_only_through_the_condition():
     assert 0.8 <= drawn.min() and drawn.max() <= 0.9 and drawn.std() > 0.02
 
 
-@pytest.mark.parametrize("kind", [SMALL, RICH], ids=["gated", "position"])
+@pytest.mark.parametrize("kind", [SMALL, RICH, TRANSPOSED], ids=["gated", "position", "transposed"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_cached_sampler_matches_naive(kind, temperature):
     # float64, so rounding differences between the two paths cannot flip a near-tie
@@ -628,14 +734,29 @@ def test_cached_sampler_matches_naive(kind, temperature):
         assert torch.equal(drawn, model.generate_naive(4, temperature, torch.Generator().manual_seed(7)))
 
 
-@pytest.mark.parametrize("kind", [SMALL, RICH], ids=["gated", "position"])
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_two_level_cached_sampler_matches_naive(temperature):
+    model = two_level_prior(seed=3).double()
+    for pos in (torch.tensor([0.1, 0.5, 0.9]), None):  # given, and drawn once for both levels
+        cached = model.generate(3, temperature, torch.Generator().manual_seed(4), position=pos)
+        naive = model.generate_naive(3, temperature, torch.Generator().manual_seed(4), position=pos)
+        assert [c.shape for c in cached] == [(3, 3, 3), (3, 6, 6)]
+        assert all(map(torch.equal, cached, naive))
+    bits = vq.prior_bits(model, cached, torch.rand(3), batch_size=2)
+    assert bits["per_slice"] == pytest.approx(9 * bits["per_code_top"] + 36 * bits["per_code_bottom"])
+    assert bits["per_code"] == pytest.approx(bits["per_slice"] / 45)
+    nats = vq.code_nats(model(cached, torch.rand(3)), cached)
+    assert nats.item() > 0 and torch.isfinite(nats)
+
+
+@pytest.mark.parametrize("kind", [SMALL, RICH, TRANSPOSED], ids=["gated", "position", "transposed"])
 def test_cached_logits_match_forward(kind):
     model = small_prior(seed=3, **{**kind, "n_codes": 13, "height": 7, "width": 9, "prior_dilations": (1, 2, 4)})
     pos = _position(model, 3)
     _, noise = model._noise(3, 1.0, torch.Generator().manual_seed(0), pos)
-    codes, logits = model._generate_cached(noise, 1.0, pos, keep_logits=True)
+    codes, logits = model._generate_cached(noise, 1.0, model._condition(3, pos, None), keep_logits=True)
     with torch.no_grad():
-        full = model(codes, pos).permute(0, 2, 3, 1)  # (n, h, w, K)
+        full = model._scan(model(model._scan(codes, (1, 2)), pos)).permute(0, 2, 3, 1)  # (n, *shape, K) scanned
     assert (full - logits).abs().max() < 1e-5
 
 
@@ -980,9 +1101,9 @@ def test_fewer_training_slices_than_processes(tmp_path):
 def test_realism_report_sanity():
     a, b = vq.phantom_slices(80, (64, 32), seed=11), vq.phantom_slices(80, (64, 32), seed=12)
     blurred = F.interpolate(F.avg_pool2d(b, 2), scale_factor=2, mode="bilinear")  # what a smooth decoder draws
-    same = sample.two_sample_score(a, b, steps=120)
-    apart = sample.two_sample_score(a, blurred, steps=120)
-    assert abs(same - 0.5) < 0.15 and apart > 0.85, (same, apart)
+    (same, same_folds), (apart, apart_folds) = (sample.two_sample_score(a, x, steps=300) for x in (b, blurred))
+    assert abs(same - 0.5) < 0.12 and apart > 0.9, (same, apart)
+    assert len(same_folds) == 2 and same == pytest.approx(sum(same_folds) / 2) and min(apart_folds) > 0.8
     # a copy of a training slice is as near as can be; real held-out slices are not
     assert torch.allclose(sample.nearest_ssim(b[:4], torch.cat([a, b[:4]])), torch.ones(4))
     assert sample.nearest_ssim(b[:4], a).max() < 0.99
@@ -1010,6 +1131,7 @@ def test_cuda_graph_sampler_matches_naive_on_gpu(kind):
     cached = model.generate(4, 0.9, torch.Generator("cuda").manual_seed(5), position=pos)
     assert torch.equal(cached, model.generate_naive(4, 0.9, torch.Generator("cuda").manual_seed(5), position=pos))
     _, noise = model._noise(3, 1.0, torch.Generator("cuda").manual_seed(0), pos[:3] if pos is not None else None)
-    codes, logits = model._generate_cached(noise, 1.0, pos[:3] if pos is not None else None, keep_logits=True)
+    codes, logits = model._generate_cached(noise, 1.0, model._condition(3, pos[:3] if pos is not None else None, None),
+                                           keep_logits=True)
     with torch.no_grad():
         assert (model(codes, pos[:3] if pos is not None else None).permute(0, 2, 3, 1) - logits).abs().max() < 1e-9

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import vq
 from sample import Parser, UsageError, fail, image_grid, realism_report, save_png
@@ -80,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--log_every", type=int, default=50, help="steps between log lines")
     p.add_argument("--bench_load", type=int, metavar="N", help="time loading N phantom .nii.gz slices, then exit")
     _config_flags(p, vq.VQVAEConfig)
-    _config_flags(p, vq.PriorConfig, skip=("n_codes", "height", "width", "positional"))
+    _config_flags(p, vq.PriorConfig, skip=("n_codes", "height", "width", "positional", "cond_codes"))
     known, _ = p.parse_known_args([a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")])
     p.set_defaults(**(REAL_DEFAULTS if known.data else PHANTOM_DEFAULTS))
     args = p.parse_args(argv)
@@ -382,7 +381,7 @@ class Trainer:
 
     @staticmethod
     def _fmt(k, v):
-        if k in ("perplexity", "used"):
+        if k.startswith(("perplexity", "used")):
             return f"{k} {v:.0f}"
         return f"{k} {v:.4f}" if abs(v) < 100 else f"{k} {v:.1f}"
 
@@ -439,6 +438,13 @@ def _config(config_cls, args, **derived):
 
 
 def _code_stats(codes, n_codes):
+    """Usage, perplexity and unigram bits per code of code maps; with two levels per level (keys "_top"
+    for the top map) and "bits" over both."""
+    if isinstance(codes, tuple):
+        top, bottom = (_code_stats(c, n_codes) for c in codes)
+        n_top, n_bottom = codes[0][0].numel(), codes[1][0].numel()
+        return {**bottom, **{f"{k}_top": v for k, v in top.items()},
+                "bits": (top["bits"] * n_top + bottom["bits"] * n_bottom) / (n_top + n_bottom)}
     counts = torch.bincount(codes.flatten(), minlength=n_codes).double()
     p = counts / counts.sum()
     entropy = max(0.0, -(p[p > 0] * p[p > 0].log2()).sum().item())  # no -0.0 when one code is used
@@ -465,18 +471,23 @@ def train_vqvae(run, data):
     args = run.args
     cfg = _config(vq.VQVAEConfig, args)
     H, W = data["settings"]["size"]
-    if H % cfg.downsample or W % cfg.downsample:
-        raise UsageError(f"--size {H} {W} must be divisible by --downsample {cfg.downsample}")
+    step = cfg.downsample * 2 ** (cfg.levels - 1)  # the top map halves the bottom one once more
+    if H % step or W % step:
+        raise UsageError(f"--size {H} {W} must be divisible by {step} (--downsample {cfg.downsample}"
+                         f"{', two levels' if cfg.levels == 2 else ''})")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = vq.VQVAE(cfg).to(run.device)
     model.quantizer.generator = torch.Generator().manual_seed(args.seed + 1)
+    if cfg.levels == 2:  # one random stream for both codebooks' restarts, saved with the training state
+        model.quantizer_top.generator = model.quantizer.generator
     run.seed()
     train_x, val_x = _on_device(run, data["train"]), data["validate"]
     rot = data["settings"]["rot90"]
 
     def step_fn(net, idx):
         _, loss, stats = net(train_x[idx].float())
-        return loss, {"recon": stats["recon"], "perplexity": stats["perplexity"], "used": stats["usage"] * cfg.n_codes,
+        used = {f"used{s}": stats[f"usage{s}"] * cfg.n_codes for s in ("", "_top") if f"usage{s}" in stats}
+        return loss, {"recon": stats["recon"], "perplexity": stats["perplexity"], **used,
                       **{k: stats[k] for k in ("adv", "critic") if k in stats}}
 
     def validate(m):
@@ -494,7 +505,7 @@ def train_vqvae(run, data):
         return {"val_ssim": vq.ssim(val_x, r).mean().item(),
                 "val_ssim_body": vq.ssim(val_x, r, foreground=0.1).nanmean().item(),
                 "val_psnr": vq.psnr(val_x, r).mean().item(),
-                "val_usage": codes["usage"], "val_perplexity": codes["perplexity"]}
+                **{f"val_{k}": v for k, v in codes.items() if k.startswith(("usage", "perplexity"))}}
 
     trainer = Trainer(run, "vqvae", model, step_fn, len(train_x), args.batch_size, args.epochs, args.lr,
                       validate, better=lambda a, b: a["val_ssim"] > b["val_ssim"],
@@ -541,6 +552,8 @@ def evaluate_vqvae(run, model, data, trainer=None):
         "test_worst": [{"index": i, "ssim": s[i].item()} for i in worst.tolist()],
         "val_ssim_best": trainer.best["val_ssim"] if trainer and trainer.best else None,
         "codebook_usage": stats["usage"], "perplexity": stats["perplexity"],
+        **({"codebook_usage_top": stats["usage_top"], "perplexity_top": stats["perplexity_top"]}
+           if "usage_top" in stats else {}),
         "seconds_vqvae": round(trainer.seconds, 1) if trainer else None,
         "epochs_vqvae": trainer.epoch if trainer else None,
     }
@@ -549,38 +562,57 @@ def evaluate_vqvae(run, model, data, trainer=None):
 # ----------------------------------------------------------------------------- stage 2
 
 
+def _take(codes, idx):
+    """Rows idx of code maps, or of each level's maps."""
+    return tuple(c[idx] for c in codes) if isinstance(codes, tuple) else codes[idx]
+
+
+def _to(codes, device):
+    return tuple(c.to(device) for c in codes) if isinstance(codes, tuple) else codes.to(device)
+
+
 def train_prior(run, data, vqvae, fingerprint):
     args = run.args
     t0 = time.time()
-    codes = {k: vqvae.eval().encode(data[k]) for k in ("train", "validate", "test")}  # (N, h, w)
-    h, w = codes["train"].shape[1:]
+    codes = {k: vqvae.eval().encode(data[k]) for k in vq.SPLITS}  # (N, h, w), or (top, bottom) pairs
+    two = isinstance(codes["train"], tuple)
+    h, w = (codes["train"][1] if two else codes["train"]).shape[1:]
     pos = data["positions"]
-    cfg = _config(vq.PriorConfig, args, n_codes=vqvae.config.n_codes, height=h, width=w,
-                  positional=pos["train"] is not None)
+    shared = dict(n_codes=vqvae.config.n_codes, positional=pos["train"] is not None)
+    cfg = _config(vq.PriorConfig, args, height=h, width=w, cond_codes=shared["n_codes"] if two else 0, **shared)
     torch.manual_seed(args.seed)
-    prior = vq.PixelCNN(cfg).to(run.device)
-    if cfg.positional:  # so generate() draws positions as the training slices have them
-        prior.position_quantiles.copy_(torch.quantile(pos["train"].float(), torch.linspace(0, 1, 101)))
+    if two:  # the top prior: the same flags, on the top map, with no coarser map above it
+        cfg = {"top": _config(vq.PriorConfig, args, height=h // 2, width=w // 2, cond_codes=0, **shared), "bottom": cfg}
+        prior = vq.TwoLevelPrior(cfg["top"], cfg["bottom"]).to(run.device)
+    else:
+        prior = vq.PixelCNN(cfg).to(run.device)
+    if shared["positional"]:  # so generate() draws positions as the training slices have them
+        q = torch.quantile(pos["train"].float(), torch.linspace(0, 1, 101))
+        for m in (prior.top, prior.bottom) if two else (prior,):
+            m.position_quantiles.copy_(q)
+    saved_cfg = {k: asdict(c) for k, c in cfg.items()} if two else asdict(cfg)
     run.seed(salt=1)
-    train_c, val_c = codes["train"].to(run.device), codes["validate"]
-    train_p = pos["train"].to(run.device) if cfg.positional else None
-    run.log(f"prior: encoded {len(train_c)} train maps of {h}x{w} codes in {time.time() - t0:.1f}s"
-            + (" | conditioned on slice positions" if cfg.positional else ""))
+    train_c, val_c = _to(codes["train"], run.device), codes["validate"]
+    train_p = pos["train"].to(run.device) if shared["positional"] else None
+    run.log(f"prior: encoded {len(data['train'])} train slices into {'two levels of ' if two else ''}"
+            f"{h}x{w} code maps in {time.time() - t0:.1f}s"
+            + (" | conditioned on slice positions" if shared["positional"] else ""))
 
     def step_fn(net, idx):
-        c = train_c[idx]
-        nats = F.cross_entropy(net(c, None if train_p is None else train_p[idx]).float(), c)
+        c = _take(train_c, idx)
+        nats = vq.code_nats(net(c, None if train_p is None else train_p[idx]), c)
         return nats, {"bits": nats.detach() / math.log(2)}
 
     def validate(m):
-        return {"val_bits": vq.prior_bits(m, val_c, pos["validate"])}
+        return {f"val_bits{'' if k == 'per_code' else '_' + k}": v
+                for k, v in vq.prior_bits(m, val_c, pos["validate"]).items()}
 
-    trainer = Trainer(run, "prior", prior, step_fn, len(train_c), args.prior_batch_size or args.batch_size,
+    trainer = Trainer(run, "prior", prior, step_fn, len(data["train"]), args.prior_batch_size or args.batch_size,
                       args.prior_epochs, args.prior_lr, validate, better=lambda a, b: a["val_bits"] < b["val_bits"])
     path = run.out / "prior.pt"
 
     def same_config(ckpt):
-        if ckpt["prior_config"] != asdict(cfg):
+        if ckpt["prior_config"] != saved_cfg:
             raise UsageError(f"{path} was trained with other prior flags: {ckpt['prior_config']}")
 
     stale = path.exists() and vq.load_checkpoint(path).get("vqvae_fingerprint") != fingerprint
@@ -592,7 +624,7 @@ def train_prior(run, data, vqvae, fingerprint):
         run.log(f"prior: resumed at epoch {trainer.epoch} step {trainer.step}")
 
     def save():
-        run.save({"prior_config": asdict(cfg), "data": data["settings"], "vqvae_fingerprint": fingerprint,
+        run.save({"prior_config": saved_cfg, "data": data["settings"], "vqvae_fingerprint": fingerprint,
                   "trainer": trainer.state()}, "prior.pt")
 
     trainer.fit(save)
@@ -600,20 +632,21 @@ def train_prior(run, data, vqvae, fingerprint):
     stats = {}
     if run.main:
         final = vq.load_checkpoint(run.out / "model.pt")
-        final.update(prior_config=asdict(cfg), prior=prior.state_dict())
+        final.update(prior_config=saved_cfg, prior=prior.state_dict())
         run.save(final, "model.pt")
         rot = data["settings"]["rot90"]
         g = torch.Generator(run.device).manual_seed(args.seed)
-        samples = vqvae.decode(prior.generate(16, generator=g)).cpu()
-        save_png(run.out / "samples.png", image_grid(samples, ncol=8, rot90=rot))
-        if cfg.positional:  # columns from the first slice of a volume (0) to the last (1), two rows
+        save_png(run.out / "samples.png", image_grid(vq.sample_slices(vqvae, prior, 16, generator=g), ncol=8, rot90=rot))
+        if shared["positional"]:  # columns from the first slice of a volume (0) to the last (1), two rows
             where = torch.linspace(0, 1, 8, device=run.device).repeat(2)
-            strip = vqvae.decode(prior.generate(16, generator=g, position=where)).cpu()
+            strip = vq.sample_slices(vqvae, prior, 16, generator=g, position=where)
             save_png(run.out / "positions.png", image_grid(strip, ncol=8, rot90=rot))
-        stats = realism_report(vqvae, prior, data["test"], data["train"], args.seed, run.device, run.log)
+        stats = realism_report(vqvae, prior, data["test"], data["train"], args.seed, run.device, run.log, rot)
+    test_bits = vq.prior_bits(prior, codes["test"], pos["test"])
     return prior, {**stats,
-        "prior_bits_per_code": vq.prior_bits(prior, codes["test"], pos["test"]),
-        "unigram_bits_per_code": _code_stats(codes["train"], cfg.n_codes)["bits"],
+        "prior_bits_per_code": test_bits["per_code"], "prior_bits_per_slice": test_bits["per_slice"],
+        **{f"prior_bits_{k}": v for k, v in test_bits.items() if k.endswith(("_top", "_bottom"))},
+        "unigram_bits_per_code": _code_stats(codes["train"], shared["n_codes"])["bits"],
         "prior_val_bits_best": trainer.best["val_bits"] if trainer.best else None,
         "seconds_prior": round(trainer.seconds, 1), "epochs_prior": trainer.epoch,
     }

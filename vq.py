@@ -717,9 +717,10 @@ class ResBlock(nn.Module):
 
 
 def _n_halvings(downsample):
-    if downsample not in (4, 8):
-        raise ValueError(f"downsample must be 4 or 8, got {downsample}")
-    return int(math.log2(downsample))
+    n = int(math.log2(downsample)) if downsample >= 2 else 0
+    if 2 ** n != downsample or n < 1:
+        raise ValueError(f"downsample must be a power of two >= 2, got {downsample}")
+    return n
 
 
 class Encoder(nn.Module):
@@ -907,6 +908,7 @@ class VQVAEConfig:
     kmeans_init: bool = True  # seed the codebook by k-means on the first batch
     ssim_weight: float = 0.1  # weight of 1 - SSIM beside the MSE in the reconstruction loss (0.1: see README)
     adv_weight: float = 0.0  # weight of an adversarial patch loss on the decoder (0: no critic)
+    levels: int = 1  # 1: one code map; 2: VQ-VAE-2, plus a top map at twice the down-sampling for the layout
 
     def __post_init__(self):
         _check_positive(self, "in_channels", "channels", "n_res_blocks", "code_dim", "beta")
@@ -918,6 +920,8 @@ class VQVAEConfig:
             raise ValueError(f"n_codes must be at least 2, got {self.n_codes}")
         if not 0 < self.decay < 1:
             raise ValueError(f"decay must be between 0 and 1, got {self.decay}")
+        if self.levels not in (1, 2):
+            raise ValueError(f"levels must be 1 or 2, got {self.levels}")
 
 
 def _check_positive(config, *names):
@@ -946,30 +950,53 @@ class PatchCritic(nn.Module):
 
 
 def _batched(fn, x, model, batch_size):
-    """fn over x in batches on the model's device, in float32 (no autocast); results on x's device."""
-    device = next(model.parameters()).device
+    """fn over x (a tensor, or a tuple of tensors split alike) in batches on the model's device, in
+    float32 (no autocast); its results (a tensor or a tuple) on x's device."""
+    xs = x if isinstance(x, tuple) else (x,)
+    device, home = next(model.parameters()).device, xs[0].device
+    outs = []
     with torch.autocast(device.type, enabled=False):
-        return torch.cat([fn(xb.to(device)).to(x.device) for xb in x.split(batch_size)])
+        for part in zip(*(t.split(batch_size) for t in xs)):
+            o = fn(*(t.to(device) for t in part))
+            outs.append(tuple(t.to(home) for t in o) if isinstance(o, tuple) else o.to(home))  # frees the device
+    return tuple(map(torch.cat, zip(*outs))) if isinstance(outs[0], tuple) else torch.cat(outs)
 
 
 class VQVAE(nn.Module):
-    """Encoder, vector quantizer and decoder (and, with adv_weight, a patch critic)."""
+    """Encoder, vector quantizer and decoder (and, with adv_weight, a patch critic); with levels=2 also
+    a top encoder, quantizer and decoder, as in VQ-VAE-2."""
 
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         self.config = c = config
-        self.encoder = Encoder(c.in_channels, c.channels, c.code_dim, c.downsample, c.n_res_blocks)
-        self.quantizer = VectorQuantizer(c.n_codes, c.code_dim, c.beta, c.decay, c.dead_threshold,
-                                         c.kmeans_init)
-        self.decoder = Decoder(c.in_channels, c.channels, c.code_dim, c.downsample, c.n_res_blocks)
+        D = c.code_dim
+        self.encoder = Encoder(c.in_channels, c.channels, D, c.downsample, c.n_res_blocks)
+        self.quantizer = VectorQuantizer(c.n_codes, D, c.beta, c.decay, c.dead_threshold, c.kmeans_init)
+        if c.levels == 2:  # the top map sees the bottom features, halved once more: room for the layout only
+            self.encoder_top = Encoder(D, c.channels, D, 2, c.n_res_blocks)
+            self.quantizer_top = VectorQuantizer(c.n_codes, D, c.beta, c.decay, c.dead_threshold, c.kmeans_init)
+            self.decoder_top = Decoder(D, c.channels, D, 2, c.n_res_blocks)  # top codes -> bottom resolution
+            self.merge = nn.Conv2d(2 * D, D, 1)  # bottom features and decoded top -> the bottom quantizer's input
+        self.decoder = Decoder(c.in_channels, c.channels, c.levels * D, c.downsample, c.n_res_blocks)
         if c.adv_weight:
             self.critic = PatchCritic(c.in_channels, c.channels // 2)
+
+    def _quantize(self, x):
+        """x (B, C, H, W) -> (the decoder's input, codes, commitment loss, stats); codes are (B, h, w), or
+        (top (B, h/2, w/2), bottom (B, h, w)) with two levels."""
+        z = self.encoder(x)  # (B, D, h, w)
+        if self.config.levels == 1:
+            return self.quantizer(z)
+        top_q, top, top_commit, top_stats = self.quantizer_top(self.encoder_top(z))  # (B, D, h/2, w/2)
+        t = self.decoder_top(top_q)  # (B, D, h, w)
+        z_q, codes, commit, stats = self.quantizer(self.merge(torch.cat([z, t], 1)))
+        stats.update({f"{k}_top": s for k, s in top_stats.items()})
+        return torch.cat([z_q, t], 1), (top, codes), commit + top_commit, stats  # (B, 2D, h, w)
 
     def forward(self, x):
         """x (B, C, H, W) -> (recon, loss, stats); loss = MSE (+ weighted 1 - SSIM, + adversarial and critic
         terms, as configured) + commitment."""
-        z = self.encoder(x)  # (B, D, h, w)
-        z_q, codes, commit, stats = self.quantizer(z)
+        z_q, codes, commit, stats = self._quantize(x)
         recon = self.decoder(z_q)  # (B, C, H, W)
         with torch.autocast(x.device.type, enabled=False):  # SSIM's variances need float32
             r, x = recon.float(), x.float()
@@ -989,15 +1016,18 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x, batch_size=64):
-        """x (B, C, H, W) -> codes (B, h, w) int64, on x's device; in batches on the model's device,
-        in float32 (no autocast)."""
-        return _batched(lambda xb: self.quantizer(self.encoder(xb.float()))[1], x, self, batch_size)
+        """x (B, C, H, W) -> codes (B, h, w) int64, or (top (B, h/2, w/2), bottom (B, h, w)) with two
+        levels, on x's device; in batches on the model's device, in float32 (no autocast)."""
+        return _batched(lambda xb: self._quantize(xb.float())[1], x, self, batch_size)
 
     @torch.no_grad()
     def decode(self, codes, batch_size=64):
-        """codes (B, h, w) -> images (B, C, H, W) in float32, clamped to [0, 1], on codes' device."""
-        def run(c):
-            return self.decoder(self.quantizer.codebook[c].permute(0, 3, 1, 2)).float().clamp(0, 1)  # from (B, D, h, w)
+        """codes as encode gives them -> images (B, C, H, W) in float32, clamped to [0, 1], on codes' device."""
+        def run(*c):
+            z_q = self.quantizer.codebook[c[-1]].permute(0, 3, 1, 2)  # (B, D, h, w)
+            if self.config.levels == 2:
+                z_q = torch.cat([z_q, self.decoder_top(self.quantizer_top.codebook[c[0]].permute(0, 3, 1, 2))], 1)
+            return self.decoder(z_q).float().clamp(0, 1)
         return _batched(run, codes, self, batch_size)
 
     def reconstruct(self, x, batch_size=64):
@@ -1007,7 +1037,7 @@ class VQVAE(nn.Module):
     @classmethod
     def from_checkpoint(cls, path_or_ckpt, map_location="cpu"):
         ckpt = _as_checkpoint(path_or_ckpt, map_location)
-        return _build(cls, VQVAEConfig, ckpt, "vqvae")
+        return _build(lambda cfg: cls(_config_of(VQVAEConfig, cfg)), ckpt, "vqvae")
 
 
 # ----------------------------------------------------------------------------- prior
@@ -1023,6 +1053,8 @@ class PriorConfig:
     prior_dilations: tuple = (1, 2, 4, 8, 16)  # cycled over layers: two cycles reach 63 rows up, 62 columns aside
     prior_dropout: float = 0.1  # on the gated outputs, because small data sets overfit without it
     positional: bool = False  # conditioned on the slice's position in its volume (set from the data)
+    cond_codes: int = 0  # K of a map of half the size that conditions this one (a top level's codes); 0: none
+    prior_transpose: bool = False  # scan the map column by column, so a scanned row runs along array axis 0
 
     def __post_init__(self):
         self.prior_dilations = tuple(self.prior_dilations)  # JSON and argparse hand back lists
@@ -1073,76 +1105,100 @@ def _position_features(position):
 
 
 class PixelCNN(nn.Module):
-    """Gated PixelCNN prior over VQ-VAE code maps, with a learned position embedding and an optional
-    condition on the slice's position in its volume."""
+    """Gated PixelCNN prior over VQ-VAE code maps, with a learned position embedding, an optional
+    condition on the slice's position in its volume and an optional condition on a coarser code map."""
 
     def __init__(self, config: PriorConfig):
         super().__init__()
         self.config = c = config
         C, L = c.prior_channels, c.prior_layers
+        # the map as scanned: rows of the scan run along array axis 0 when transposed
+        self.shape = (c.width, c.height) if c.prior_transpose else (c.height, c.width)
         self.embed = nn.Embedding(c.n_codes, C)
         # where in the map a code sits, so the prior can place anatomy consistently
-        self.pos = nn.Parameter(torch.randn(1, C, c.height, c.width))
+        self.pos = nn.Parameter(torch.randn(1, C, *self.shape))
         self.layers = nn.ModuleList(GatedLayer(C, c.prior_dilations[k % len(c.prior_dilations)], c.prior_dropout)
                                     for k in range(L))
         if c.positional:  # a mix of N_MAPS maps added to the position embedding: where anatomy sits at
             # this slice position; it depends on no code, so causality is untouched
             self.cond_mix = nn.Linear(2 * N_FREQ, N_MAPS)
-            self.cond_maps = nn.Parameter(torch.zeros(N_MAPS, C, c.height, c.width))
+            self.cond_maps = nn.Parameter(torch.zeros(N_MAPS, C, *self.shape))
             # quantiles of the training positions, to draw positions as the data has them
             self.register_buffer("position_quantiles", torch.linspace(0, 1, 101))
+        if c.cond_codes:  # a map of half the size (the top codes), seen whole: it holds no code of this map
+            self.cond_embed = nn.Embedding(c.cond_codes, C)
+            self.cond_net = nn.Sequential(nn.Conv2d(C, C, 3, padding=1), ResBlock(C), ResBlock(C), nn.ReLU(),
+                                          nn.ConvTranspose2d(C, C, 4, stride=2, padding=1))
         # channel-last, so the cached sampler calls the same modules on (n, C) rows
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(C, C), nn.ReLU(), nn.Linear(C, c.n_codes))
 
-    def _pos_embedding(self, n, position):
-        """The position embedding (n, C, h, w) of n maps at these slice positions."""
-        if not self.config.positional:
-            if position is not None:
-                raise ValueError("this prior was trained without slice positions: position must be None")
-            return self.pos.expand(n, -1, -1, -1)
-        if position is None:
-            raise ValueError("this prior is conditioned on the slice position: pass position (B,) in [0, 1]")
-        position = torch.as_tensor(position, dtype=self.pos.dtype, device=self.pos.device).expand(n)
-        return self.pos + torch.einsum("nm,mchw->nchw", self.cond_mix(_position_features(position)), self.cond_maps)
+    def _scan(self, t, dims=(-2, -1)):
+        """A map in array order to scan order, or back (the same swap)."""
+        return t.transpose(*dims) if self.config.prior_transpose else t
 
-    def forward(self, codes, position=None):
-        """codes (B, h, w) int64, position (B,) in [0, 1] for a positional prior -> logits (B, K, h, w);
-        logits at (i, j) see codes before (i, j) only."""
+    def _condition(self, n, position, cond):
+        """What n maps add at each position, from no code of theirs (n, C, *shape): the position
+        embedding, mixed with the slice position, plus the coarser map's codes."""
+        c = self.config
+        if c.positional != (position is not None):
+            raise ValueError("this prior is conditioned on the slice position: pass position (B,) in [0, 1]"
+                             if c.positional else "this prior was trained without slice positions: position must be None")
+        if bool(c.cond_codes) != (cond is not None):
+            raise ValueError(f"this prior is conditioned on top codes: pass cond (B, {c.height // 2}, {c.width // 2})"
+                             if c.cond_codes else "this prior takes no top codes: cond must be None")
+        out = self.pos.expand(n, -1, -1, -1)
+        if c.positional:
+            position = torch.as_tensor(position, dtype=self.pos.dtype, device=self.pos.device).expand(n)
+            out = out + torch.einsum("nm,mchw->nchw", self.cond_mix(_position_features(position)), self.cond_maps)
+        if c.cond_codes:
+            if tuple(cond.shape) != (n, c.height // 2, c.width // 2):
+                raise ValueError(f"cond must be ({n}, {c.height // 2}, {c.width // 2}), got {tuple(cond.shape)}")
+            out = out + self._scan(self.cond_net(self.cond_embed(cond).permute(0, 3, 1, 2)))  # (n, C, h, w) scanned
+        return out
+
+    def forward(self, codes, position=None, cond=None):
+        """codes (B, h, w) int64, position (B,) in [0, 1] for a positional prior, cond: the top codes
+        (B, h/2, w/2) for a conditioned one -> logits (B, K, h, w); logits at a code see only the codes
+        before it in scan order (rows of the map, or of its transpose with prior_transpose)."""
         c = self.config
         if codes.dim() != 3 or tuple(codes.shape[1:]) != (c.height, c.width):
             raise ValueError(f"codes must be (B, {c.height}, {c.width}), got {tuple(codes.shape)}")
-        pos = self._pos_embedding(len(codes), position)
-        x = self.embed(codes).permute(0, 3, 1, 2)  # (B, C, h, w)
+        pos = self._condition(len(codes), position, cond)
+        x = self.embed(self._scan(codes, (1, 2))).permute(0, 3, 1, 2)  # (B, C, *shape)
         v = x + pos
         h = F.pad(x, (1, 0))[..., :-1] + pos  # shifted right a column: codes left of j only
         for layer in self.layers:
             v, h = layer(v, h)
-        return self.head(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, K, h, w)
+        return self._scan(self.head(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))  # (B, K, h, w)
 
-    def loss(self, codes, position=None):
+    def loss(self, codes, position=None, cond=None):
         """Mean cross-entropy per code as (nats, bits)."""
-        nats = F.cross_entropy(self(codes, position), codes)
+        nats = F.cross_entropy(self(codes, position, cond), codes)
         return nats, nats / math.log(2)
 
+    def draw_positions(self, n, generator=None):
+        """n slice positions drawn as the training data has them (inverse CDF of its quantiles)."""
+        u = torch.rand(n, generator=generator, device=self.pos.device) * 100
+        q, lo = self.position_quantiles, u.floor().long().clamp(max=99)
+        return q[lo] + (q[lo + 1] - q[lo]) * (u - lo)
+
     def _noise(self, n, temperature, generator, position):
-        """Positions (drawn as in the training data when None) and Gumbel noise (n, h, w, K), drawn up
-        front from generator, so both samplers use the same numbers."""
+        """Positions (drawn as in the training data when None) and Gumbel noise (n, *shape, K) in scan
+        order, drawn up front from generator, so both samplers use the same numbers."""
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n}")
-        c, p = self.config, self.pos
-        if c.positional and position is None:  # inverse CDF of the training positions
-            u = torch.rand(n, generator=generator, device=p.device) * 100
-            q, lo = self.position_quantiles, u.floor().long().clamp(max=99)
-            position = q[lo] + (q[lo + 1] - q[lo]) * (u - lo)
-        u = torch.rand(n, c.height, c.width, c.n_codes, generator=generator, dtype=p.dtype, device=p.device)
+        if self.config.positional and position is None:
+            position = self.draw_positions(n, generator)
+        p = self.pos
+        u = torch.rand(n, *self.shape, self.config.n_codes, generator=generator, dtype=p.dtype, device=p.device)
         eps = torch.finfo(p.dtype).eps
         return position, -torch.log(-torch.log(u.clamp_(eps, 1 - eps)))
 
     @torch.no_grad()
-    def generate(self, n, temperature=1.0, generator=None, position=None):
-        """Sample n code maps in raster order: returns codes (n, h, w) int64.
+    def generate(self, n, temperature=1.0, generator=None, position=None, cond=None):
+        """Sample n code maps in scan order: returns codes (n, h, w) int64.
 
         Incremental: the vertical stack runs once per finished row on a rolling window of the rows
         its kernels reach; the horizontal stack runs once per position on the cached columns its
@@ -1156,17 +1212,18 @@ class PixelCNN(nn.Module):
         generator: a torch.Generator on the model's device, for reproducible samples.
         position: for a positional prior, the slices' position in their volume in [0, 1], a number
             or (n,) tensor; None draws positions as the training data has them.
+        cond: for a prior conditioned on top codes, those codes (n, h/2, w/2).
         """
         position, g = self._noise(n, temperature, generator, position)
         with _no_tf32():
-            return self._generate_cached(g, temperature, position)[0]
+            return self._scan(self._generate_cached(g, temperature, self._condition(n, position, cond))[0])
 
-    def _generate_cached(self, g, temperature, position=None, keep_logits=False):
-        """The cached sampler on noise g (n, h, w, K): returns codes (n, h, w) and, if asked, logits
-        (n, h, w, K). On a GPU each row is one replayed CUDA graph."""
-        c, n = self.config, g.shape[0]
-        state = _SamplerState(self, g, temperature, self._pos_embedding(n, position), keep_logits)
-        rows = c.height
+    def _generate_cached(self, g, temperature, pos, keep_logits=False):
+        """The cached sampler on noise g (n, *shape, K) and the condition pos (n, C, *shape): returns codes
+        (n, *shape) and, if asked, logits (n, *shape, K), in scan order. On a GPU each row is one replayed
+        CUDA graph."""
+        state = _SamplerState(self, g, temperature, pos, keep_logits)
+        rows = self.shape[0]
         if g.is_cuda:  # one graph per row: thousands of small launches become one
             try:
                 side = torch.cuda.Stream(g.device)  # warm-up on a side stream, as capture wants
@@ -1178,7 +1235,7 @@ class PixelCNN(nn.Module):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     state.row()
-                for _ in range(c.height):
+                for _ in range(rows):
                     graph.replay()
                 rows = 0
             except RuntimeError as e:  # a driver or build without graph capture: the same rows, eagerly
@@ -1189,18 +1246,19 @@ class PixelCNN(nn.Module):
         return state.codes, state.logits
 
     @torch.no_grad()
-    def generate_naive(self, n, temperature=1.0, generator=None, position=None):
+    def generate_naive(self, n, temperature=1.0, generator=None, position=None, cond=None):
         """Reference sampler: a full forward per position, same noise and codes as `generate`."""
         position, g = self._noise(n, temperature, generator, position)
-        codes = torch.zeros(g.shape[:3], dtype=torch.long, device=g.device)
+        codes = torch.zeros(n, self.config.height, self.config.width, dtype=torch.long, device=g.device)
+        scanned = self._scan(codes, (1, 2))  # a view: writing it writes codes
         training = self.training
         self.eval()  # no dropout, as in the cached sampler
         try:
             with _no_tf32():
-                for i in range(self.config.height):
-                    for j in range(self.config.width):
-                        logits = self(codes, position)[:, :, i, j]  # (n, K)
-                        codes[:, i, j] = (logits / temperature + g[:, i, j]).argmax(-1)
+                for i in range(self.shape[0]):
+                    for j in range(self.shape[1]):
+                        logits = self._scan(self(codes, position, cond))[:, :, i, j]  # (n, K)
+                        scanned[:, i, j] = (logits / temperature + g[:, i, j]).argmax(-1)
         finally:
             self.train(training)
         return codes
@@ -1208,21 +1266,106 @@ class PixelCNN(nn.Module):
     @classmethod
     def from_checkpoint(cls, path_or_ckpt, map_location="cpu"):
         ckpt = _as_checkpoint(path_or_ckpt, map_location)
-        return _build(cls, PriorConfig, ckpt, "prior")
+        if "top" in ckpt.get("prior_config", {}):
+            raise CheckpointError("the checkpoint holds a two-level prior: load it with vq.load_prior")
+        return _build(lambda cfg: cls(_config_of(PriorConfig, cfg)), ckpt, "prior")
+
+
+class TwoLevelPrior(nn.Module):
+    """The prior of a two-level VQ-VAE: a PixelCNN over the top map, then one over the bottom map
+    conditioned on the top codes. Codes are (top (B, h/2, w/2), bottom (B, h, w)) pairs."""
+
+    def __init__(self, top: PriorConfig, bottom: PriorConfig):
+        super().__init__()
+        if bottom.cond_codes != top.n_codes or (bottom.height, bottom.width) != (2 * top.height, 2 * top.width):
+            raise ValueError("the bottom prior must be conditioned on the top codes, at twice the top map's size")
+        self.top, self.bottom = PixelCNN(top), PixelCNN(bottom)
+        self.config = top  # what both share: positional, widths; bottom.config has the rest
+
+    def forward(self, codes, position=None):
+        """(top, bottom) codes -> (top logits (B, K, h/2, w/2), bottom logits (B, K, h, w))."""
+        return self.top(codes[0], position), self.bottom(codes[1], position, cond=codes[0])
+
+    def loss(self, codes, position=None):
+        """Mean cross-entropy per code of both maps as (nats, bits)."""
+        nats = code_nats(self(codes, position), codes)
+        return nats, nats / math.log(2)
+
+    @torch.no_grad()
+    def generate(self, n, temperature=1.0, generator=None, position=None, naive=False):
+        """Sample n (top, bottom) code pairs: the top map, then the bottom map given it; see
+        PixelCNN.generate. naive: with the reference sampler (same codes)."""
+        if self.config.positional and position is None:  # one position per slice, for both levels
+            position = self.top.draw_positions(n, generator)
+        sample = "generate_naive" if naive else "generate"
+        top = getattr(self.top, sample)(n, temperature, generator, position)
+        return top, getattr(self.bottom, sample)(n, temperature, generator, position, cond=top)
+
+    def generate_naive(self, n, temperature=1.0, generator=None, position=None):
+        return self.generate(n, temperature, generator, position, naive=True)
+
+
+def load_prior(path_or_ckpt, map_location="cpu"):
+    """The prior a checkpoint holds: a PixelCNN, or a TwoLevelPrior for a two-level VQ-VAE."""
+    ckpt = _as_checkpoint(path_or_ckpt, map_location)
+    if "top" not in ckpt.get("prior_config", {}):
+        return PixelCNN.from_checkpoint(ckpt)
+    return _build(lambda cfg: TwoLevelPrior(_config_of(PriorConfig, cfg["top"]), _config_of(PriorConfig, cfg["bottom"])),
+                  ckpt, "prior")
+
+
+def as_levels(codes):
+    """Code maps as a tuple of levels: (codes,) for one level, (top, bottom) for two."""
+    return codes if isinstance(codes, tuple) else (codes,)
+
+
+def code_nats(logits, codes):
+    """Mean cross-entropy per code, in nats, of logits (B, K, h, w) for codes (B, h, w), or of
+    tuples of them (one per level), averaged over all codes of all levels."""
+    if torch.is_tensor(codes):
+        return F.cross_entropy(logits.float(), codes)
+    total = sum(F.cross_entropy(lg.float(), c, reduction="sum") for lg, c in zip(logits, codes))
+    return total / sum(c.numel() for c in codes)
 
 
 @torch.no_grad()
 def prior_bits(prior, codes, position=None, batch_size=128):
-    """Mean bits per code of code maps (N, h, w) under prior (positions (N,) for a positional one), in
-    batches on the prior's device, without dropout."""
+    """How well prior predicts code maps (N, h, w), or (top, bottom) pairs, with positions (N,) for
+    a positional prior: {"per_code": mean bits per code over all levels, "per_slice": bits per
+    slice, and with two levels "per_code_top", "per_code_bottom"}; in batches, without dropout."""
+    levels = as_levels(codes)
     training, device = prior.training, next(prior.parameters()).device
     prior.eval()
+    sums = torch.zeros(len(levels), dtype=torch.float64)
     try:
-        parts = zip(codes.split(batch_size), [None] * len(codes) if position is None else position.split(batch_size))
-        total = sum(prior.loss(c.to(device), None if p is None else p.to(device))[1].item() * len(c) for c, p in parts)
+        for k in range(0, len(levels[0]), batch_size):
+            part = tuple(c[k:k + batch_size].to(device) for c in levels)
+            p = None if position is None else position[k:k + batch_size].to(device)
+            logits = prior(part if isinstance(codes, tuple) else part[0], p)
+            logits = logits if isinstance(codes, tuple) else (logits,)
+            sums += torch.stack([F.cross_entropy(lg.float(), c, reduction="sum").double().cpu()
+                                 for lg, c in zip(logits, part)])
     finally:
         prior.train(training)
-    return total / len(codes)
+    bits = sums / math.log(2)
+    per_level = [b.item() / c.numel() for b, c in zip(bits, levels)]
+    out = {"per_code": bits.sum().item() / sum(c.numel() for c in levels), "per_slice": bits.sum().item() / len(levels[0])}
+    if len(levels) == 2:
+        out.update(per_code_top=per_level[0], per_code_bottom=per_level[1])
+    return out
+
+
+@torch.no_grad()
+def sample_slices(vqvae, prior, n, temperature=1.0, generator=None, position=None, batch_size=64):
+    """n new slices (n, C, H, W) in [0, 1] on the CPU: code maps drawn by prior (batch_size at a time,
+    so the noise of a big n never sits in memory at once), decoded by vqvae. position: None, a
+    number, or (n,) positions."""
+    out = []
+    for k in range(0, n, batch_size):
+        m = min(batch_size, n - k)
+        p = position[k:k + m] if torch.is_tensor(position) and position.dim() else position
+        out.append(vqvae.decode(prior.generate(m, temperature, generator, p)).cpu())
+    return torch.cat(out)
 
 
 @contextlib.contextmanager
@@ -1241,8 +1384,7 @@ class _SamplerState:
     the same memory for every row (what a CUDA graph replays): the row index lives on the device."""
 
     def __init__(self, model, g, temperature, pos, keep_logits):
-        c, n = model.config, g.shape[0]
-        C, H, W = c.prior_channels, c.height, c.width
+        (H, W), n, C = model.shape, g.shape[0], model.config.prior_channels
         self.m, self.g, self.temperature, self.n = model, g, temperature, n
         self.pos = pos.contiguous()  # (n, C, h, w): the position embedding of each map
         self.i = torch.zeros((), dtype=torch.long, device=g.device)  # the row being sampled
@@ -1269,7 +1411,7 @@ class _SamplerState:
 
     def row(self):
         """Sample row i and advance i: the horizontal stack position by position, then the vertical stack."""
-        m, n, W, C = self.m, self.n, self.m.config.width, self.m.config.prior_channels
+        m, n, W, C = self.m, self.n, self.m.shape[1], self.m.config.prior_channels
         pos = self.pos.index_select(2, self.i)[:, :, 0]  # (n, C, w)
         g = self.g.index_select(1, self.i)[:, 0]  # (n, w, K)
         for j in range(W):
@@ -1332,12 +1474,16 @@ def _as_checkpoint(path_or_ckpt, map_location):
     return path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt, map_location)
 
 
-def _build(cls, config_cls, ckpt, name):
+def _config_of(config_cls, values):
+    known = {f.name for f in fields(config_cls)}  # fields a later version dropped are left out
+    return config_cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _build(make, ckpt, name):
     if name not in ckpt or f"{name}_config" not in ckpt:
         raise CheckpointError(f"the checkpoint has no {name}")
-    known = {f.name for f in fields(config_cls)}
     try:
-        model = cls(config_cls(**{k: v for k, v in ckpt[f"{name}_config"].items() if k in known}))
+        model = make(ckpt[f"{name}_config"])
         model.load_state_dict(ckpt[name])
     except (ValueError, RuntimeError) as e:  # a checkpoint from another version of this file
         raise CheckpointError(f"the checkpoint's {name} does not fit this vq.py ({str(e).strip().splitlines()[0]}):"

@@ -10,6 +10,7 @@
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,24 @@ def parse_args(argv=None):
         fail(f"--temperature must be positive, got {args.temperature}")
     if args.position is not None and not 0 <= args.position <= 1:
         fail(f"--position must be between 0 and 1, got {args.position}")
+    check_seed_and_device(args)
+    modes = [f"--{m}" for m in ("reconstruct", "evaluate", "bench") if getattr(args, m)]
+    if len(modes) > 1:
+        fail(f"{' and '.join(modes)} are separate modes: give one")
+    if args.dest and Path(args.dest).exists() and not Path(args.dest).is_dir():
+        fail(f"--dest {args.dest} is a file, not a folder")
     return args
+
+
+def check_seed_and_device(args):
+    """--seed and --device, as both scripts take them: one line and exit 2 when they cannot work."""
+    if not 0 <= args.seed < 2**63:  # what a torch.Generator (and the phantom's numpy seeds) accept
+        fail(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    if args.device is not None:
+        if not re.fullmatch(r"(cpu|cuda)(:\d+)?", args.device):
+            fail(f"--device {args.device}: expected cpu, cuda or cuda:N")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            fail(f"--device {args.device}: no CUDA device is available")
 
 
 def _load(args, need_prior):
@@ -100,12 +118,15 @@ def reconstruct(args):
     ckpt, vqvae, _, device = _load(args, need_prior=False)
     size = tuple(ckpt["data"]["size"])
     dest = Path(args.dest or Path(args.out) / "reconstructions")
-    results = []
+    results, names = [], set()
     for path in args.reconstruct:
         x = vq.load_slices([path], size, strict=True, cache_dir=False)  # (S, 1, H, W): S slices of one file
         r = vqvae.reconstruct(x)
         s = vq.ssim(x, r)
-        name = Path(path).name.split(".")[0]
+        name = stem = Path(path).name.split(".")[0]
+        while name in names:  # two inputs of one name (from two folders) get two pictures
+            name = f"{stem}_{len(names)}"
+        names.add(name)
         save_png(dest / f"{name}.png", image_grid(torch.cat([x, r]), ncol=len(x), rot90=ckpt["data"]["rot90"]))
         print(f"{path}: ssim " + " ".join(f"{v:.4f}" for v in s.tolist()))
         results.append(s)
@@ -304,10 +325,12 @@ def evaluate(args):
     report = realism_report(vqvae, prior, data["test"], data["train"], args.seed, device, rot90=ckpt["data"]["rot90"])
     path = Path(args.out) / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
-    if summary.get("vqvae_fingerprint") == ckpt.get("vqvae_fingerprint"):  # it describes this model.pt
+    if summary and summary.get("vqvae_fingerprint") == ckpt.get("vqvae_fingerprint"):  # it describes this model.pt
         summary.update(report)
         vq.save_json(path, summary)
         print(f"added to {path}")
+    else:
+        print(f"not saved: {path} {'describes another model' if summary else 'does not exist'}; the report is above")
     return report
 
 

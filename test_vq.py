@@ -889,6 +889,11 @@ def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
     (["--stage", "prior"], "needs a trained VQ-VAE"),
     (["--size", "30", "30"], "divisible"),
     (["--bogus"], "unrecognized"),
+    (["--seed", "-1"], "--seed"),
+    (["--device", "gpu"], "expected cpu, cuda"),
+    (["--size", "8", "8"], "at least 16"),
+    (["--channels", "1"], "channels must be at least 8"),
+    (["--levels", "3"], "levels must be 1 or 2"),
 ])
 def test_train_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, says):
     with pytest.raises(SystemExit) as e:
@@ -899,7 +904,14 @@ def test_train_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, says):
 
 
 def test_sample_usage_errors(tmp_path, capsys):
-    for argv, says in [([], "no checkpoint"), (["--n", "0"], "--n"), (["--temperature", "0"], "temperature")]:
+    (tmp_path / "a_file").write_text("")
+    cases = [([], "no checkpoint"), (["--n", "0"], "--n"), (["--temperature", "0"], "temperature"),
+             (["--device", "gpu"], "expected cpu, cuda"), (["--seed", str(2**70)], "--seed"),
+             (["--dest", str(tmp_path / "a_file")], "is a file"),
+             (["--evaluate", "--reconstruct", "x.nii"], "separate modes")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA device"))
+    for argv, says in cases:
         with pytest.raises(SystemExit) as e:
             sample.main(["--out", str(tmp_path), *argv])
         assert e.value.code == 2 and says in capsys.readouterr().err
@@ -1135,3 +1147,91 @@ def test_cuda_graph_sampler_matches_naive_on_gpu(kind):
                                            keep_logits=True)
     with torch.no_grad():
         assert (model(codes, pos[:3] if pos is not None else None).permute(0, 2, 3, 1) - logits).abs().max() < 1e-9
+
+
+# ----------------------------------------------------------------------------- trust (numerics, no lost work, odd input)
+
+
+def test_sampler_runs_where_the_new_tf32_api_was_used():
+    # a program that set torch's fp32_precision API may not touch the legacy TF32 flags (RuntimeError)
+    saved = torch.backends.fp32_precision
+    try:
+        torch.backends.fp32_precision = "tf32"
+        model = small_prior(seed=1)
+        assert model.generate(2, generator=torch.Generator().manual_seed(0)).shape == (2, 6, 5)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # left as the program set it
+    finally:
+        torch.backends.fp32_precision = saved
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_quantizer_sees_float32_encoder_outputs_under_bf16(levels):
+    torch.manual_seed(0)
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, levels=levels)).eval()
+    x = vq.phantom_slices(2, (32, 32), seed=4)
+    seen = []
+    model.quantizer.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        z = model.encoder(x)
+    assert seen == [torch.float32] and z.dtype == torch.float32  # not bf16-rounded vectors
+
+
+def test_checkpoints_get_the_mode_of_any_other_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        vq.save_checkpoint({"a": torch.ones(2)}, tmp_path / "c.pt")
+        vq.save_json(tmp_path / "s.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
+    assert (tmp_path / "s.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_oasis_names_carry_positions():
+    names = [Path(f"case_001_slice_{z}.nii.png") for z in (0, 5, 10)]
+    assert vq._positions(names, [1, 1, 1]) == [0.0, 0.5, 1.0]
+
+
+def test_cut_metrics_line_and_tiny_test_split(tmp_path, capsys):
+    # a kill mid-write leaves half a line; the next run warns and goes on; 3 test slices are too few
+    # for the two-sample scores, which are left out with a line, and model.pt and summary.json agree
+    (tmp_path / "metrics.jsonl").write_text('{"stage": "vqvae", "epoch": 1}\n{"stage": "vq')
+    with pytest.warns(UserWarning, match="cut short"):
+        _train(tmp_path, "--overwrite", "--n_test", "3", "--prior_epochs", "1")
+    assert "too few for the two-sample scores" in capsys.readouterr().out
+    s = json.loads((tmp_path / "summary.json").read_text())
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert s["realism_n"] == 3 and "two_sample_samples" not in s and s["n_test"] == 3
+    assert s["prior_fingerprint"] == ckpt["prior_fingerprint"] == train._fingerprint(vq.load_prior(ckpt))
+
+
+def test_vqvae_resume_of_a_finished_run_keeps_its_prior_and_other_data_is_refused(tmp_path, capsys):
+    _train(tmp_path)
+    before = json.loads((tmp_path / "summary.json").read_text())
+    _train(tmp_path, "--stage", "vqvae", "--resume")  # nothing left to train: the prior still fits
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    after = json.loads((tmp_path / "summary.json").read_text())
+    assert "prior" in ckpt and after["prior_bits_per_code"] == before["prior_bits_per_code"]
+    assert [json.loads(r)["stage"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == \
+        ["vqvae"] * 2 + ["prior"] * 2
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "--stage", "prior", "--overwrite", "--seed", "5")  # other phantom slices
+    assert e.value.code == 2 and "not phantom seed 5" in capsys.readouterr().err
+
+
+def test_two_level_train_and_sample(tmp_path, capsys):
+    _train(tmp_path, "--levels", "2", "--prior_epochs", "1")
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert {"codebook_usage_top", "perplexity_top", "prior_bits_per_code_top", "prior_bits_per_code_bottom"} <= set(s)
+    assert s["prior_bits_per_slice"] == pytest.approx(16 * s["prior_bits_per_code_top"]
+                                                      + 64 * s["prior_bits_per_code_bottom"], rel=1e-5)
+    images = sample.main(["--out", str(tmp_path), "--n", "3", "--position", "0.4", "--temperature", "0.8"])
+    assert images.shape == (3, 1, 32, 32)
+    bench = sample.main(["--out", str(tmp_path), "--n", "2", "--bench"])
+    assert all(map(torch.equal, vq.as_levels(bench["cached"][1]), vq.as_levels(bench["naive"][1])))
+    folder = tmp_path / "samples_seed0_t0.8_p0.4"
+    sims = sample.main(["--out", str(tmp_path), "--reconstruct", str(folder / "sample_000.nii.gz"),
+                        str(folder / "sample_001.nii.gz")])
+    assert len(sims) == 2 and all(0 < v.item() <= 1 for v in sims)
+    assert "identical codes: True" in capsys.readouterr().out

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 import vq
-from sample import Parser, UsageError, fail, image_grid, realism_report, save_png
+from sample import Parser, UsageError, check_seed_and_device, fail, image_grid, realism_report, save_png
 
 # Without --data: defaults sized so both stages finish in minutes on a 2-core CPU (flags still win).
 PHANTOM_DEFAULTS = dict(size=[128, 64], epochs=10, prior_epochs=12, channels=64, n_codes=128, prior_channels=32,
@@ -92,6 +92,9 @@ def parse_args(argv=None):
     for name in ("lr", "prior_lr", "minutes"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             fail(f"--{name} must be positive, got {getattr(args, name)}")
+    if min(args.size) < 16:
+        fail(f"--size must be at least 16 x 16 (SSIM's window is 11), got {args.size[0]} {args.size[1]}")
+    check_seed_and_device(args)
     return args
 
 
@@ -106,8 +109,13 @@ class Run:
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         local = int(os.environ.get("LOCAL_RANK", 0))
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.split(":")[0] not in ("cpu", "cuda"):
+            raise UsageError(f"--device {device}: expected cpu, cuda or cuda:N")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError(f"--device {device}: no CUDA device is available")
+        if ":" in device and self.world > 1:
+            raise UsageError(f"--device {device} would put all {self.world} processes on one GPU: pass --device cuda "
+                             "(each process takes the GPU of its LOCAL_RANK)")
         if device == "cuda" and self.world > 1:
             device = f"cuda:{local}"
         self.device = torch.device(device)
@@ -121,7 +129,7 @@ class Run:
             torch.cuda.set_device(self.device)
             # Training matmuls and convolutions may use TF32; metrics and the reference code search
             # run in float64 or with their own settings, so reported figures do not move.
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            vq.set_tf32(True)
         self.main = self.rank == 0
         self.out = Path(args.out)
         self.t0 = time.time()
@@ -303,6 +311,10 @@ class Trainer:
         return steps_done % SYNC_EVERY == 0 and self.run.vote(elapsed > budget * 60)
 
     def _check_finite(self, bad_step):
+        if self.run.world > 1:  # every rank stops at the first bad step of any: none is left waiting
+            bad_step = bad_step.clone()
+            dist.all_reduce(bad_step.masked_fill_(bad_step < 0, 2**62), op=dist.ReduceOp.MIN)
+            bad_step.masked_fill_(bad_step == 2**62, -1)
         s = int(bad_step)  # one host sync, at log lines and before anything is saved
         if s >= 0:
             raise FloatingPointError(
@@ -524,11 +536,7 @@ def train_vqvae(run, data):
         run.save({"vqvae_config": asdict(cfg), "data": data["settings"], "trainer": trainer.state()}, "vqvae.pt")
 
     trainer.fit(save)
-    model.eval()
-    # the final model file: best weights by validation, plain configs, nothing else (no prior yet)
-    run.save({"vqvae_config": asdict(cfg), "vqvae": model.state_dict(), "data": data["settings"],
-              "vqvae_fingerprint": _fingerprint(model)}, "model.pt")
-    return model, trainer
+    return model.eval(), trainer
 
 
 def evaluate_vqvae(run, model, data, trainer=None):
@@ -631,9 +639,6 @@ def train_prior(run, data, vqvae, fingerprint):
     prior.eval()
     stats = {}
     if run.main:
-        final = vq.load_checkpoint(run.out / "model.pt")
-        final.update(prior_config=saved_cfg, prior=prior.state_dict())
-        run.save(final, "model.pt")
         rot = data["settings"]["rot90"]
         g = torch.Generator(run.device).manual_seed(args.seed)
         save_png(run.out / "samples.png", image_grid(vq.sample_slices(vqvae, prior, 16, generator=g), ncol=8, rot90=rot))
@@ -643,13 +648,13 @@ def train_prior(run, data, vqvae, fingerprint):
             save_png(run.out / "positions.png", image_grid(strip, ncol=8, rot90=rot))
         stats = realism_report(vqvae, prior, data["test"], data["train"], args.seed, run.device, run.log, rot)
     test_bits = vq.prior_bits(prior, codes["test"], pos["test"])
-    return prior, {**stats,
+    return prior, {**stats, "prior_fingerprint": _fingerprint(prior),
         "prior_bits_per_code": test_bits["per_code"], "prior_bits_per_slice": test_bits["per_slice"],
         **{f"prior_bits_{k}": v for k, v in test_bits.items() if k.endswith(("_top", "_bottom"))},
         "unigram_bits_per_code": _code_stats(codes["train"], shared["n_codes"])["bits"],
         "prior_val_bits_best": trainer.best["val_bits"] if trainer.best else None,
         "seconds_prior": round(trainer.seconds, 1), "epochs_prior": trainer.epoch,
-    }
+    }, saved_cfg
 
 
 # ----------------------------------------------------------------------------- loader benchmark
@@ -679,9 +684,32 @@ def bench_load(n, size):
 
 # ----------------------------------------------------------------------------- main
 
+# the figures of summary.json that describe the prior (they go when the prior does)
+PRIOR_FIGURES = ("prior_", "unigram_", "realism_", "two_sample_", "nearest_train_", "copies", "diversity_",
+                 "seconds_prior", "epochs_prior")
+
+
+def _read_json_lines(path):
+    """The records of a .jsonl file; a line cut short (a kill, a full disk) is left out, with a warning."""
+    records = []
+    for k, line in enumerate(path.read_text().splitlines() if path.exists() else []):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if line.strip():
+                warnings.warn(f"{path}, line {k + 1}: not JSON (cut short?), left out", stacklevel=2)
+    return records
+
+
 def _read_metrics(run):
-    path = run.out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return _read_json_lines(run.out / "metrics.jsonl")
+
+
+def _read_summary(path):
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:  # half written by a version without atomic writes: its figures are lost, not fatal
+        return {}
 
 
 def _trim_metrics(run, keep):
@@ -718,7 +746,13 @@ def train(args):
     if args.stage == "prior" and not (run.out / "model.pt").exists():
         raise UsageError(f"--stage prior needs a trained VQ-VAE: {run.out / 'model.pt'} does not exist")
     _refuse_overwrite(run, stages)
+    if run.world > 1 and not run.main:
+        dist.barrier()  # rank 0 decodes the slices and fills the cache; the other ranks then read it
     data = load_data(args, run.log, files)
+    if run.world > 1 and run.main:
+        dist.barrier()
+    if data["positions"]["train"] is None:
+        run.log("slice names carry no slice number (such as slice_Z): the prior is not conditioned on positions")
     n = {k: len(data[k]) for k in ("train", "validate", "test")}
     run.log(f"data: {n['train']} train, {n['validate']} validate, {n['test']} test slices of "
             f"{tuple(data['train'].shape[-2:])} from {data['settings']['source']} | device {run.device}")
@@ -726,37 +760,52 @@ def train(args):
     common = dict(n_train=n["train"], n_val=n["validate"], n_test=n["test"], skipped_files=data["skipped"],
                   device=str(run.device) + (f" x{run.world}" if run.world > 1 else ""), data=data["settings"])
     # summary.json always describes model.pt: both are rewritten together after every stage
+    model_path = run.out / "model.pt"
+    old = vq.load_checkpoint(model_path) if model_path.exists() else {}
+    before = _read_summary(summary_path)
     if "vqvae" in stages:
         if not args.resume:
             _trim_metrics(run, lambda r: False)
         vqvae, trainer = train_vqvae(run, data)
         summary = {**common, **evaluate_vqvae(run, vqvae, data, trainer)}
-        _trim_metrics(run, lambda r: r["stage"] == "vqvae")  # a prior of the old codes no longer applies
+        # the final model file: best weights by validation, plain configs; the prior only if its VQ-VAE is this one
+        final = {"vqvae_config": asdict(vqvae.config), "vqvae": vqvae.state_dict(), "data": data["settings"],
+                 "vqvae_fingerprint": summary["vqvae_fingerprint"]}
+        if old.get("vqvae_fingerprint") == final["vqvae_fingerprint"] and "prior" in old:  # e.g. --resume when done
+            final.update({k: old[k] for k in ("prior_config", "prior", "prior_fingerprint") if k in old})
+            summary.update({k: v for k, v in before.items() if k.startswith(PRIOR_FIGURES)})
+        else:
+            _trim_metrics(run, lambda r: r["stage"] == "vqvae")  # a prior of the old codes no longer applies
+        if run.main:
+            run.save(final, "model.pt")
+            vq.save_json(summary_path, summary)
         run.log(f"vqvae test | ssim {summary['test_ssim_mean']:.4f} +- {summary['test_ssim_std']:.4f} "
                 f"(min {summary['test_ssim_min']:.4f}) | body ssim {summary['test_ssim_body_mean']:.4f} | "
                 f"psnr {summary['test_psnr_mean']:.2f} | codebook usage {summary['codebook_usage']:.2f} | "
                 f"perplexity {summary['perplexity']:.0f}")
     else:
-        ckpt = vq.load_checkpoint(run.out / "model.pt")
-        if list(data["train"].shape[-2:]) != list(ckpt["data"]["size"]):
-            raise UsageError("--size differs from the size the VQ-VAE in --out was trained at")
-        vqvae = vq.VQVAE.from_checkpoint(ckpt).to(run.device)
-        before = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        for key, flag in (("source", "--data"), ("size", "--size"), ("phantom", "the phantom flags")):
+            if old["data"].get(key) != data["settings"].get(key):
+                raise UsageError(f"the VQ-VAE in {model_path} was trained with {flag} {old['data'].get(key)}, not "
+                                 f"{data['settings'].get(key)}: pass the same, or train both stages")
+        vqvae = vq.VQVAE.from_checkpoint(old).to(run.device)
         fingerprint = _fingerprint(vqvae)
-        summary = {**(before if before.get("vqvae_fingerprint") == fingerprint else
-                      evaluate_vqvae(run, vqvae, data)), **common}
-    if run.main:
-        vq.save_json(summary_path, summary)
+        summary = ({k: v for k, v in before.items() if not k.startswith(PRIOR_FIGURES)}  # the old prior's go
+                   if before.get("vqvae_fingerprint") == fingerprint else evaluate_vqvae(run, vqvae, data))
+        summary.update(common)
+        final = old
     prior = None
     if "prior" in stages:
         if not args.resume:
             _trim_metrics(run, lambda r: r["stage"] != "prior")
-        prior, stats = train_prior(run, data, vqvae, summary["vqvae_fingerprint"])
+        prior, stats, prior_config = train_prior(run, data, vqvae, summary["vqvae_fingerprint"])
         summary.update(stats)
+        final.update(prior_config=prior_config, prior=prior.state_dict(), prior_fingerprint=stats["prior_fingerprint"])
         run.log(f"prior test | {summary['prior_bits_per_code']:.3f} bits per code "
                 f"(unigram {summary['unigram_bits_per_code']:.3f}) | samples in {run.out / 'samples.png'}")
     summary["seconds_total"] = round(time.time() - run.t0, 1)
-    if run.main:
+    if run.main:  # one after the other, so summary.json describes the model.pt beside it
+        run.save(final, "model.pt")
         vq.save_json(summary_path, summary)
         curves = draw_curves(_read_metrics(run), run.out / "curves.png")
         if not curves:

@@ -272,9 +272,12 @@ def _decode_all(files, size, strict, workers):
             results = map(_decode_chunk, tasks)
         else:
             import nibabel  # noqa: F401  once here, so forked workers do not each import it
-            if sys.platform == "linux":  # shared anonymous memory, inherited by fork: no big pickles, no copy
+            # fork copies no thread: after CUDA or a process group started theirs, workers start afresh
+            threads = torch.cuda.is_initialized() or (dist.is_available() and dist.is_initialized())
+            fork = sys.platform == "linux" and not threads
+            if fork:  # shared anonymous memory, inherited by fork: no big pickles, no copy
                 _OUT = np.frombuffer(mmap.mmap(-1, math.prod(shape) * 2), np.float16).reshape(shape)
-            ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+            ctx = multiprocessing.get_context("fork" if fork else "spawn")
             pool = ctx.Pool(min(workers, len(tasks)))
             results = pool.imap(_decode_chunk, tasks)  # in order, so "first bad file" is well defined
         for got, bad, nf, tr in results:
@@ -318,10 +321,17 @@ def _atomic_write(path, write):
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from colleagues
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _umask():
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _write_cache(path, arr, meta):
@@ -413,7 +423,7 @@ def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, 
 
 def _positions(files, counts):
     """Each decoded image's position in its volume, from slice_Z in the names; None if a name has none."""
-    found = [re.fullmatch(r"(.*slice_?)(\d+)(\.nii|\.nii\.gz|\.png)?", f.name.lower()) for f in files]
+    found = [re.fullmatch(r"(.*slice_?)(\d+)(\.nii|\.nii\.gz|\.png|\.nii\.png)?", f.name.lower()) for f in files]
     top = {}
     for m in found:
         if m:
@@ -740,7 +750,9 @@ class Encoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
-        return self.net(x)
+        h = self.net[:-1](x)
+        with torch.autocast(x.device.type, enabled=False):  # bf16 would round the vectors the quantizer sees
+            return self.net[-1](h.float())
 
 
 class Decoder(nn.Module):
@@ -788,6 +800,11 @@ def nearest_code(z, codebook):
     return _nearest_code_torch(z, codebook)
 
 
+def _histogram(codes, n_codes):
+    """(N,) codes -> (K,) float counts; unlike bincount on a GPU, no host sync to size the output."""
+    return torch.zeros(n_codes, device=codes.device).index_add_(0, codes, torch.ones(len(codes), device=codes.device))
+
+
 def _all_reduce(t):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
@@ -809,6 +826,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.ones(n_codes))  # (K,) EMA of assignments
         self.register_buffer("embed_sum", codebook.clone())  # (K, D) EMA of assigned vectors
         self.register_buffer("initialised", torch.tensor(not kmeans_init))
+        self._seeded = False  # a host copy of initialised, once it is True
         self.generator = None  # a torch.Generator for restarts; train.py sets and checkpoints it
 
     def forward(self, z):
@@ -817,10 +835,13 @@ class VectorQuantizer(nn.Module):
             z = z.float()
             B, D, h, w = z.shape
             flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (N, D)
-            if self.training and not bool(self.initialised):
-                self._kmeans(flat.detach())
+            if self.training and not self._seeded:
+                self._seeded = bool(self.initialised)  # read once (a host sync), then known
+                if not self._seeded:
+                    self._kmeans(flat.detach())
+                    self._seeded = True
             codes, dist = nearest_code(flat.detach(), self.codebook)
-            counts = torch.bincount(codes, minlength=self.n_codes).float()  # (K,) no N x K one-hot
+            counts = _histogram(codes, self.n_codes)  # (K,) no N x K one-hot
             if self.training:
                 self._ema_update(flat.detach(), codes, counts, dist)
             z_q = self.codebook[codes].view(B, h, w, D).permute(0, 3, 1, 2)  # (B, D, h, w)
@@ -872,12 +893,12 @@ class VectorQuantizer(nn.Module):
         centres = flat[pick.to(flat.device)].clone()  # (K, D)
         for _ in range(iters):
             codes, _ = nearest_code(flat, centres)
-            counts = torch.bincount(codes, minlength=self.n_codes).float()
+            counts = _histogram(codes, self.n_codes)
             sums = torch.zeros_like(centres).index_add_(0, codes, flat)
             used = counts > 0
             centres[used] = sums[used] / counts[used].unsqueeze(1)
         # the seeding batch stands in for the history of the EMA statistics; empty clusters are dead
-        counts = torch.bincount(nearest_code(flat, centres)[0], minlength=self.n_codes).float()
+        counts = _histogram(nearest_code(flat, centres)[0], self.n_codes)
         self.codebook.copy_(centres)
         self.cluster_size.copy_(counts)
         self.embed_sum.copy_(centres * self.cluster_size.unsqueeze(1))
@@ -912,6 +933,8 @@ class VQVAEConfig:
 
     def __post_init__(self):
         _check_positive(self, "in_channels", "channels", "n_res_blocks", "code_dim", "beta")
+        if self.channels < 8:  # the encoder halves it per extra stride, the critic once more
+            raise ValueError(f"channels must be at least 8, got {self.channels}")
         if not 0 <= self.dead_threshold < 1:
             raise ValueError(f"dead_threshold must be in [0, 1) (0: no restarts), got {self.dead_threshold}")
         if self.downsample not in (4, 8):
@@ -989,7 +1012,8 @@ class VQVAE(nn.Module):
             return self.quantizer(z)
         top_q, top, top_commit, top_stats = self.quantizer_top(self.encoder_top(z))  # (B, D, h/2, w/2)
         t = self.decoder_top(top_q)  # (B, D, h, w)
-        z_q, codes, commit, stats = self.quantizer(self.merge(torch.cat([z, t], 1)))
+        with torch.autocast(x.device.type, enabled=False):  # float32 vectors for the bottom quantizer too
+            z_q, codes, commit, stats = self.quantizer(self.merge(torch.cat([z, t.float()], 1)))
         stats.update({f"{k}_top": s for k, s in top_stats.items()})
         return torch.cat([z_q, t], 1), (top, codes), commit + top_commit, stats  # (B, 2D, h, w)
 
@@ -1002,8 +1026,9 @@ class VQVAE(nn.Module):
             r, x = recon.float(), x.float()
             mse = F.mse_loss(r, x)
             loss = mse + commit
-            if self.config.ssim_weight:
-                loss = loss + self.config.ssim_weight * (1 - _ssim_terms(x, r)[0].mean())
+            if self.config.ssim_weight:  # its blurs are convolutions: in TF32, E[x^2] - E[x]^2 would cancel
+                with _no_tf32():
+                    loss = loss + self.config.ssim_weight * (1 - _ssim_terms(x, r)[0].mean())
             if self.config.adv_weight and self.training:
                 # hinge losses: the decoder is judged by a frozen copy of the critic, the critic on
                 # detached reconstructions, so one backward pass trains each against the other
@@ -1368,15 +1393,35 @@ def sample_slices(vqvae, prior, n, temperature=1.0, generator=None, position=Non
     return torch.cat(out)
 
 
+def set_tf32(on):
+    """TF32 for float32 matmuls and convolutions on or off; returns the previous settings for _restore_tf32.
+    Uses torch's fp32_precision API where it exists: a program that set it may not read the legacy flags."""
+    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9
+        knobs = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+        saved = [k.fp32_precision for k in knobs]
+        for k in knobs:
+            k.fp32_precision = "tf32" if on else "ieee"
+        return saved
+    saved = [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    return saved
+
+
+def _restore_tf32(saved):
+    if hasattr(torch.backends, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+    else:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @contextlib.contextmanager
 def _no_tf32():
-    """Full float32 matmuls and convolutions on a GPU, so both samplers round alike (TF32 would not)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    """Full float32 matmuls and convolutions on a GPU, so both samplers (and the SSIM loss) round alike."""
+    saved = set_tf32(False)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        _restore_tf32(saved)
 
 
 class _SamplerState:

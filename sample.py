@@ -283,7 +283,7 @@ def pair_ssim(x, pairs=256, seed=0):
 
 
 @torch.no_grad()
-def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, rot90=1):
+def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, rot90=1, temperature=1.0):
     """How far decoded samples are from real held-out slices, beside the floor the decoder sets and
     the score of real against real: two-sample scores (each with its two folds), memorisation and
     diversity (see the README). test, train: (N, 1, H, W); rot90 as the data's settings say, so the
@@ -291,8 +291,8 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
     scores are left out (None), with a line saying so."""
     n = len(test)
     g = torch.Generator(device).manual_seed(seed)
-    samples, recon = vq.sample_slices(vqvae, prior, n, generator=g), vqvae.reconstruct(test)
-    report = {"realism_n": n}
+    samples, recon = vq.sample_slices(vqvae, prior, n, temperature, generator=g), vqvae.reconstruct(test)
+    report = {"realism_n": n, "realism_temperature": temperature}
     if n >= 8:
         halves = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).chunk(2)
         pairs = {"samples": (test, samples), "recon_floor": (test, recon), "real": tuple(test[h] for h in halves)}
@@ -322,7 +322,8 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
 def evaluate(args):
     ckpt, vqvae, prior, device = _load(args, need_prior=True)
     data = vq.load_splits(ckpt["data"])
-    report = realism_report(vqvae, prior, data["test"], data["train"], args.seed, device, rot90=ckpt["data"]["rot90"])
+    report = realism_report(vqvae, prior, data["test"], data["train"], args.seed, device, rot90=ckpt["data"]["rot90"],
+                            temperature=args.temperature)
     path = Path(args.out) / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
     if summary and summary.get("vqvae_fingerprint") == ckpt.get("vqvae_fingerprint"):  # it describes this model.pt

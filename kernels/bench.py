@@ -105,6 +105,54 @@ def _peak_bandwidth():
     return 2 * x.numel() / (ms / 1e3), f"{name}, measured copy"
 
 
+def compile_offline(kernel, args, constexprs, num_warps=4, num_stages=2, arch=90):
+    """Compile a @triton.jit kernel for NVIDIA sm_<arch> without a GPU (Triton ships ptxas) and return
+    ptxas's report as {"registers", "spill_stores", "stack"} (bytes). args, in the kernel's order: a
+    dtype string such as "*fp32" for a pointer, an int or a float for a scalar, as a launch would see
+    them (ints divisible by 16 and pointers get Triton's divisibility hint; ints equal to 1 become
+    constants, as Triton specialises them). Raises what a launch would: CompilationError and the like."""
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    signature, attrs, constants = {}, {}, dict(constexprs)
+    for i, (name, value) in enumerate(zip(kernel.arg_names, args)):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif isinstance(value, str):
+            signature[name], attrs[(i,)] = value, [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:
+            signature[name], constants[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    for name in constexprs:
+        signature[name] = "constexpr"
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.TemporaryDirectory() as tmp:  # ptxas again, verbose: Triton keeps no resource report
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", ptx, "-o", ptx + ".cubin"],
+                             capture_output=True, text=True, check=True).stderr
+    number = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
+    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
+            "stack": number(r"(\d+) bytes stack frame")}
+
+
+def search_args(N, K, D):
+    """compile_offline's args for _nearest_code_kernel on contiguous fp32 inputs."""
+    return ["*fp32", "*fp32", "*i64", "*fp32", "*i64", "*i32", N, K, D, D, 1, D, 1, 2.0**-7]
+
+
 def _cpu_in_subprocess(path, N, K, D):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(

@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import os
+import warnings
 
 import torch
 
@@ -10,7 +11,15 @@ try:
     import triton
     import triton.language as tl
 
+    from triton.compiler.errors import CompilationError
+    from triton.runtime import errors as _runtime_errors
+
     HAVE_TRITON = True
+    # What a failed compile raises (the names differ between Triton versions): the launcher then
+    # falls back to the torch path. Errors while a compiled kernel runs are not caught.
+    _COMPILE_ERRORS = (CompilationError,) + tuple(
+        getattr(_runtime_errors, name) for name in ("OutOfResources", "PTXASError", "AutotunerError")
+        if hasattr(_runtime_errors, name))
 except ImportError:
     HAVE_TRITON = False
 
@@ -79,6 +88,9 @@ if HAVE_TRITON:
     _INTERPRET_BLOCKS = {"BLOCK_N": 128, "BLOCK_K": 256}
     RESIDENT_D = 128  # up to this D (padded to a power of two) a program keeps its z tile in registers
     CHUNK_D = 32  # above it, z and codebook tiles stream in D chunks of this width
+    # tl.dot needs an inner dimension of at least 8 for fp32 operands (16 for 16-bit ones): narrower
+    # codes are padded with the zeros that the masked loads give, which change no dot product.
+    MIN_D = 16
 
     @triton.jit
     def _search(z_ptr, c_ptr, rows, row_ok, K, D, stride_zn, stride_zd, stride_ck, stride_cd,
@@ -207,7 +219,25 @@ _TF32_EPS = 2**-7
 
 
 def _nearest_code_triton(z, codebook, precision):
-    return _launch(z, codebook, precision)[:2]
+    """The Triton search, or the torch path (warned once) where the kernel does not compile."""
+    N, K, D = _check_inputs(z, codebook)
+    # What decides whether a kernel compiles: its constexprs and its operand types.
+    key = (z.device.type, z.dtype, codebook.dtype, precision, tuple(_d_blocks(D).values()))
+    if key in _COMPILE_FAILED:
+        return nearest_code_torch(z, codebook)
+    try:
+        return _launch(z, codebook, precision)[:2]
+    except _COMPILE_ERRORS as e:
+        lines = str(e).strip().splitlines()
+        _COMPILE_FAILED[key] = f"{type(e).__name__}: {lines[-1] if lines else ''}"
+        warnings.warn(f"nearest_code: the Triton kernel ({precision}, D={D}, {z.dtype}) did not compile "
+                      f"({_COMPILE_FAILED[key]}); such calls use the torch path from now on", RuntimeWarning,
+                      stacklevel=3)
+        return nearest_code_torch(z, codebook)
+
+
+# (device type, dtypes, precision, D blocks) -> why the kernel failed to compile for them
+_COMPILE_FAILED = {}
 
 
 def _launch(z, codebook, precision, eps=_TF32_EPS):
@@ -239,7 +269,7 @@ def _launch(z, codebook, precision, eps=_TF32_EPS):
 
 
 def _d_blocks(D):
-    block_d = triton.next_power_of_2(D)
+    block_d = max(MIN_D, triton.next_power_of_2(D))
     return dict(BLOCK_D=block_d, RESIDENT=True) if block_d <= RESIDENT_D else dict(BLOCK_D=CHUNK_D, RESIDENT=False)
 
 
@@ -270,6 +300,8 @@ def nearest_code(z, codebook, *, backend=None, precision="tf32x3"):
             importable and z is on a GPU, else the chunked torch path. "triton" also runs on
             CPU tensors when TRITON_INTERPRET=1 was set before import (slow, exact: for tests);
             without triton, or with a CPU tensor outside the interpreter, it raises RuntimeError.
+            Where the kernel fails to compile (an old GPU, a Triton that rejects it), both take
+            the torch path instead, with one RuntimeWarning naming the reason.
         precision: the Triton kernel's arithmetic on a GPU. "tf32x3" (default): three tf32
             tensor-core passes, near-fp32 accuracy. "tf32": one tf32 pass that also proves, row by
             row, that its winner beats the runner-up by more than tf32 rounding could explain;

@@ -148,9 +148,13 @@ def compile_offline(kernel, args, constexprs, num_warps=4, num_stages=2, arch=90
             "stack": number(r"(\d+) bytes stack frame")}
 
 
-def search_args(N, K, D):
+def search_args(N, K, D, variant="base"):
     """compile_offline's args for _nearest_code_kernel on contiguous fp32 inputs."""
-    return ["*fp32", "*fp32", "*i64", "*fp32", "*i64", "*i32", N, K, D, D, 1, D, 1, 2.0**-7]
+    from .nearest_code import K_ALIGN, _d_blocks
+
+    blocks = _d_blocks(D)
+    Kp, Dp = (0, 0) if variant == "base" else (-(-K // K_ALIGN) * K_ALIGN, -(-D // blocks["BLOCK_D"]) * blocks["BLOCK_D"])
+    return ["*fp32"] * 4 + ["*i64", "*fp32", "*i64", "*i32", N, K, D, Kp, Dp, D, 1, D, 1, 2.0**-7]
 
 
 def _cpu_in_subprocess(path, N, K, D):

@@ -2,6 +2,7 @@
 torch path against the float64 reference."""
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -352,3 +353,50 @@ with pytest.raises(RuntimeError, match="triton installed: False"):
     env = {**os.environ, "VQ_KERNEL": "auto"}
     subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True)
 
+
+def test_bench_goals():
+    from kernels import bench
+
+    def row(path, us, fell_back=None):
+        precision, variant, _ = bench.PATHS[path]
+        return dict(N=65536, K=512, D=64, inputs="normal", path=path, precision=precision, variant=variant,
+                    graph_us=us, fell_back=fell_back)
+
+    rows = [row("triton tf32 base", 30.0), row("triton tf32 packed", 18.0), row("triton tf32 prepared", 9.0, "no"),
+            row("torch addmm tf32", 50.0), row("triton tf32x3 base", 40.0), row("triton tf32x3 prepared", 34.0),
+            row("torch addmm fp32", 60.0)]
+    tf32, exact = bench.goals(rows)
+    assert (tf32["best_path"], tf32["base_us"], tf32["meets_time"], tf32["meets_speedup"]) == \
+        ("triton tf32 packed", 30.0, True, True)  # the prepared row did not compile: not a candidate
+    assert exact["best_path"] == "triton tf32x3 prepared" and exact["meets_time"] and not exact["meets_speedup"]
+    assert exact["speedup"] == pytest.approx(60 / 34)
+    other = bench.goals([dict(r, N=16384) for r in rows])
+    assert [v["meets_time"] for v in other] == [None, None]  # the time goals hold at (65536, 512, 64) only
+
+
+@needs_triton
+def test_bench_gpu_table_with_a_stand_in_timer(tmp_path):
+    # The GPU bench's table, JSON and goals on the CPU: kernels interpreted, a stand-in for the timer.
+    from kernels import bench
+
+    path = tmp_path / "bench.json"
+    bench.gpu_table([(300, 100, 8)], DEVICE, lambda fn: ((fn(), 7.0)[1], 8.0, 0), 1e12, {}, str(path),
+                    log=lambda *args, **kwargs: None)
+    report = json.loads(path.read_text())
+    assert len(report["rows"]) == 2 * len(bench.GPU_PATHS)
+    for r in report["rows"]:
+        assert "error" not in r and not r["fell_back"] and r["beyond_near_tie"] == 0, r
+        assert r["graph_us"] == 7.0 and r["x_floor"] == pytest.approx(7.0 / r["floor_us"])
+    assert all(0 <= r["rechecked_fraction"] <= 1 for r in report["rows"] if r["path"].startswith("triton tf32 "))
+    assert [(v["inputs"], v["precision"], v["speedup"]) for v in report["goals"]] == \
+        [("normal", "tf32", 1.0), ("normal", "tf32x3", 1.0), ("clustered", "tf32", 1.0), ("clustered", "tf32x3", 1.0)]
+
+
+def test_bench_main_writes_json(tmp_path):
+    from kernels import bench
+
+    path = tmp_path / "bench.json"
+    bench.main(["--shapes", "2048x256x16", "--json", str(path)])
+    report = json.loads(path.read_text())
+    assert report["rows"] and all(r["N"] == 2048 for r in report["rows"])
+    assert all(r["ms"] > 0 for r in report["rows"]) if "cpu" in report["device"] else report["goals"]

@@ -1,16 +1,22 @@
 """Benchmark nearest_code's paths: time, peak extra memory, and on a GPU the memory-bandwidth floor.
 
-    python -m kernels.bench            # all shapes on a GPU; on a CPU the biggest is skipped
-    python -m kernels.bench --all      # include (262144, 1024, 64) on a CPU too
+    python -m kernels.bench                       # GPU: every kernel variant beside torch's materialised search
+    python -m kernels.bench --json bench.json     # the same, every figure also written to a file
+    python -m kernels.bench --shapes 4096x512x64  # other (N, K, D)
+    python -m kernels.bench --all                 # on a CPU, include (262144, 1024, 64) too
+    python -m kernels.bench --registers           # registers a thread of each variant for sm_90 (no GPU needed)
 
 On a GPU each path is timed twice: as a replayed CUDA graph (the device time of its kernels,
 which is what the floor compares with) and as plain calls (host launch overhead included).
 Inputs are random normal (every distance alike: the hardest case for the tf32 proof) and
 clustered (each row near one code, as encoder outputs of a trained VQ-VAE are); codes are
-checked against the float64 reference.
+checked against the float64 reference. Per shape it says whether the goals hold: at
+(65536, 512, 64) tf32 <= 20 us and exact (tf32x3) <= 35 us, and at every shape both at least 2x
+faster than torch's materialised search in the same precision. On a CPU it times the torch paths.
 """
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -21,20 +27,41 @@ import time
 
 import torch
 
-from .nearest_code import HAVE_TRITON, nearest_code, nearest_code_reference, nearest_code_torch
+from .nearest_code import HAVE_TRITON, VARIANTS, nearest_code, nearest_code_reference, nearest_code_torch
 
-SHAPES = [(4096, 512, 64), (65536, 512, 64), (262144, 1024, 64)]  # (N, K, D)
+SHAPES = [(65536, 512, 64), (262144, 1024, 64), (16384, 512, 256)]  # (N, K, D)
 CPU_TOO_SLOW = {(262144, 1024, 64)}
 # The contract: at this shape the chunked path needs <= 1/4 of cdist's memory and no more time.
 CHECK_SHAPE = (65536, 512, 64)
+# Goals (issue 17): device time at GOAL_SHAPE per precision, and speed-up over torch at every shape.
+GOAL_SHAPE, GOAL_US, GOAL_SPEEDUP = (65536, 512, 64), {"tf32": 20.0, "tf32x3": 35.0}, 2.0
 # Spec sheet peak HBM bandwidth, B/s; first matching substring of the device name wins.
 PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
-PATHS = {
-    "triton tf32": lambda z, c: nearest_code(z, c, backend="triton", precision="tf32"),
-    "triton tf32x3": lambda z, c: nearest_code(z, c, backend="triton", precision="tf32x3"),
-    "torch chunked": nearest_code_torch,
-    "cdist+argmin": lambda z, c: torch.cdist(z, c).argmin(1),
-}
+
+
+def _materialised(tf32):
+    """torch's obvious search: the whole (N, K) score matrix, then argmin; ||c||^2 is precomputed."""
+    def search(z, c, c_sq):
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            return torch.addmm(c_sq, z, c.T, alpha=-2).argmin(1)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+    return search
+
+
+# name -> (precision, variant or None for torch, fn(z, c, c_sq) -> codes or (codes, dist))
+PATHS = {f"triton {p} {v}": (p, v, lambda z, c, _, p=p, v=v: nearest_code(z, c, backend="triton", precision=p, variant=v))
+         for v in VARIANTS for p in ("tf32", "tf32x3")}
+PATHS.update({
+    "torch addmm tf32": ("tf32", None, _materialised(True)),
+    "torch addmm fp32": ("tf32x3", None, _materialised(False)),
+    "torch chunked": ("float64", None, lambda z, c, _: nearest_code_torch(z, c)),
+    "cdist+argmin": ("fp32", None, lambda z, c, _: torch.cdist(z, c).argmin(1)),
+})
+CPU_PATHS = ["torch chunked", "cdist+argmin"]
+GPU_PATHS = [p for p in PATHS if p != "cdist+argmin"]
 
 
 def _inputs(N, K, D, device, clustered=False):
@@ -60,29 +87,27 @@ def _median_ms(fn, reps, sync):
 # Runs in a fresh process, so ru_maxrss (the process's peak) sees this path alone.
 def _measure_cpu(path, N, K, D, reps):
     z, c = _inputs(N, K, D, "cpu")
-    fn = PATHS[path]
-    fn(z[:256], c)  # lazy library set-up (thread pools, BLAS buffers) is not the path's memory
+    fn = PATHS[path][2]
+    fn(z[:256], c, None)  # lazy library set-up (thread pools, BLAS buffers) is not the path's memory
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn(z, c)
+    fn(z, c, None)
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024  # KiB on Linux
-    return _median_ms(lambda: fn(z, c), reps, lambda: None), peak
+    return _median_ms(lambda: fn(z, c, None), reps, lambda: None), peak
 
 
-def _measure_gpu(path, z, c):
-    """(graph us, call us, peak extra bytes, codes) of one path on the GPU."""
+def _gpu_timer(fn):
+    """(graph us, call us, peak extra bytes) of fn on the GPU, after one warm-up call."""
     from triton.testing import do_bench_cudagraph
 
-    fn = PATHS[path]
-    codes = fn(z, c)  # warm-up: compilation and autotuning
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    fn(z, c)
+    fn()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    graph_us = 1e3 * do_bench_cudagraph(lambda: fn(z, c), rep=200, return_mode="median")
-    call_us = 1e3 * _median_ms(lambda: fn(z, c), 50, torch.cuda.synchronize)
-    return graph_us, call_us, peak, codes[0] if isinstance(codes, tuple) else codes
+    graph_us = 1e3 * do_bench_cudagraph(fn, rep=200, return_mode="median")
+    call_us = 1e3 * _median_ms(fn, 50, torch.cuda.synchronize)
+    return graph_us, call_us, peak
 
 
 def _check_codes(z, c, codes, ref):
@@ -105,6 +130,185 @@ def _peak_bandwidth():
     return 2 * x.numel() / (ms / 1e3), f"{name}, measured copy"
 
 
+def floor_us(N, K, D, bandwidth):
+    """Read z and the codebook once, write int64 codes and fp32 distances once: no path beats that."""
+    return 1e6 * (4 * (N * D + K * D) + N * (8 + 4)) / bandwidth
+
+
+def goals(rows):
+    """Per shape and inputs, the best kernel of each precision against the goals and torch's search."""
+    verdicts = []
+    for N, K, D, inputs in dict.fromkeys((r["N"], r["K"], r["D"], r["inputs"]) for r in rows):
+        mine = [r for r in rows if (r["N"], r["K"], r["D"], r["inputs"]) == (N, K, D, inputs) and "graph_us" in r]
+        for precision, torch_path in (("tf32", "torch addmm tf32"), ("tf32x3", "torch addmm fp32")):
+            kernels = [r for r in mine if r["variant"] and r["precision"] == precision and not r["fell_back"]]
+            torch_row = next((r for r in mine if r["path"] == torch_path), None)
+            if not kernels:
+                continue
+            best = min(kernels, key=lambda r: r["graph_us"])
+            default = next((r for r in kernels if r["variant"] == "base"), None)
+            v = {"N": N, "K": K, "D": D, "inputs": inputs, "precision": precision, "best_path": best["path"],
+                 "best_us": best["graph_us"], "base_us": default["graph_us"] if default else None,
+                 "goal_us": GOAL_US[precision] if (N, K, D) == GOAL_SHAPE else None,
+                 "torch_path": torch_path, "torch_us": torch_row["graph_us"] if torch_row else None}
+            v["meets_time"] = None if v["goal_us"] is None else best["graph_us"] <= v["goal_us"]
+            v["speedup"] = v["torch_us"] / best["graph_us"] if v["torch_us"] else None
+            v["meets_speedup"] = None if v["speedup"] is None else v["speedup"] >= GOAL_SPEEDUP
+            verdicts.append(v)
+    return verdicts
+
+
+def _write_json(path, obj):
+    if path:  # rewritten after every row, so a run cut short still leaves what it measured
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+
+
+def gpu_table(shapes, device, timer, bandwidth, report, json_path=None, paths=GPU_PATHS, log=print):
+    """Time every path at every shape on both inputs: report (a dict, written to json_path) gets
+    "rows" and "goals". timer(fn) -> (graph us, call us, peak extra bytes); the CPU tests pass a
+    stand-in, with the kernel interpreted."""
+    nc = importlib.import_module(".nearest_code", __package__)  # the module: the package re-exports the function
+    report.setdefault("rows", [])
+    log(f"{'N':>7} {'K':>5} {'D':>4} {'inputs':>9}  {'path':<24} {'graph us':>9} {'call us':>9} {'x floor':>8} "
+        f"{'extra MB':>9}  codes vs float64")
+    for N, K, D in shapes:
+        floor = floor_us(N, K, D, bandwidth)
+        for inputs in ("normal", "clustered"):
+            z, c = _inputs(N, K, D, device, inputs == "clustered")
+            c_sq = c.pow(2).sum(1)
+            ref = [torch.cat(t) for t in zip(*(nearest_code_reference(zc, c) for zc in z.split(16384)))]  # float64
+            for path in paths:
+                precision, variant, fn = PATHS[path]
+                row = {"N": N, "K": K, "D": D, "inputs": inputs, "path": path, "precision": precision,
+                       "variant": variant, "floor_us": floor, "fell_back": None}
+                failed = set(nc._COMPILE_FAILED)
+                try:
+                    out = fn(z, c, c_sq)  # warm-up: compilation and autotuning
+                    new = set(nc._COMPILE_FAILED) - failed
+                    if new:  # the kernel did not compile and nearest_code took the torch path: not timed
+                        row["fell_back"] = nc._COMPILE_FAILED[new.pop()]
+                    else:
+                        row["graph_us"], row["call_us"], row["extra_bytes"] = timer(lambda: fn(z, c, c_sq))
+                        row["x_floor"] = row["graph_us"] / floor
+                    codes = out[0] if isinstance(out, (tuple, list)) else out
+                    row["codes_differ"], row["beyond_near_tie"] = _check_codes(z, c, codes, ref)
+                    if precision == "tf32" and variant and not row["fell_back"]:
+                        queued = nc._launch(z, c, "tf32", variant)[2].item()
+                        row["rechecked_fraction"] = queued / N
+                except Exception as e:  # one path failing (out of memory, say) does not lose the others
+                    row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                report["rows"].append(row)
+                report["goals"] = goals(report["rows"])
+                _write_json(json_path, report)
+                log(_format_row(row), flush=True)
+        for v in (v for v in report["goals"] if (v["N"], v["K"], v["D"]) == (N, K, D)):
+            log(_format_goal(v), flush=True)
+    return report
+
+
+def _format_row(r):
+    head = f"{r['N']:>7} {r['K']:>5} {r['D']:>4} {r['inputs']:>9}  {r['path']:<24}"
+    if "error" in r:
+        return f"{head} failed: {r['error']}"
+    note = f"{r['codes_differ']} differ, {r['beyond_near_tie']} beyond a near-tie"
+    if r["fell_back"]:
+        return f"{head} did not compile, not timed ({r['fell_back']}); {note}"
+    if "rechecked_fraction" in r:
+        note += f"; {r['rechecked_fraction']:.1%} rows rechecked"
+    return (f"{head} {r['graph_us']:>9.1f} {r['call_us']:>9.1f} {r['x_floor']:>8.1f} {r['extra_bytes'] / 2**20:>9.1f}"
+            f"  {note}")
+
+
+def _format_goal(v):
+    ok = {True: "ok", False: "NOT MET", None: "-"}
+    line = (f"goals at ({v['N']}, {v['K']}, {v['D']}) {v['inputs']}, {v['precision']}: best {v['best_path']} "
+            f"{v['best_us']:.1f} us")
+    if v["goal_us"] is not None:
+        line += f" (goal <= {v['goal_us']:.0f} us: {ok[v['meets_time']]})"
+    if v["speedup"] is not None:
+        line += (f", {v['speedup']:.2f}x faster than {v['torch_path']} {v['torch_us']:.1f} us "
+                 f"(goal >= {GOAL_SPEEDUP:.0f}x: {ok[v['meets_speedup']]})")
+    return line
+
+
+def compile_offline(kernel, args, constexprs, num_warps=4, num_stages=2, arch=90):
+    """Compile a @triton.jit kernel for NVIDIA sm_<arch> without a GPU (Triton ships ptxas) and return
+    ptxas's report as {"registers", "spill_stores", "stack"} (bytes). args, in the kernel's order: a
+    dtype string such as "*fp32" for a pointer, an int or a float for a scalar, as a launch would see
+    them (ints divisible by 16 and pointers get Triton's divisibility hint; ints equal to 1 become
+    constants, as Triton specialises them). Raises what a launch would: CompilationError and the like."""
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    signature, attrs, constants = {}, {}, dict(constexprs)
+    for i, (name, value) in enumerate(zip(kernel.arg_names, args)):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif isinstance(value, str):
+            signature[name], attrs[(i,)] = value, [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:
+            signature[name], constants[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    for name in constexprs:
+        signature[name] = "constexpr"
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.TemporaryDirectory() as tmp:  # ptxas again, verbose: Triton keeps no resource report
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", ptx, "-o", ptx + ".cubin"],
+                             capture_output=True, text=True, check=True).stderr
+    number = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
+    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
+            "stack": number(r"(\d+) bytes stack frame")}
+
+
+def search_args(N, K, D, variant="base"):
+    """compile_offline's args for _nearest_code_kernel on contiguous fp32 inputs."""
+    from .nearest_code import K_ALIGN, _d_blocks
+
+    blocks = _d_blocks(D)
+    Kp, Dp = (0, 0) if variant == "base" else (-(-K // K_ALIGN) * K_ALIGN, -(-D // blocks["BLOCK_D"]) * blocks["BLOCK_D"])
+    return ["*fp32"] * 4 + ["*i64", "*fp32", "*i64", "*i32", N, K, D, Kp, Dp, D, 1, D, 1, 2.0**-7]
+
+
+def registers(shapes=((65536, 512, 64), (16384, 512, 256)), log=print):
+    """ptxas's registers and spills for every variant and autotune config, compiled for sm_90: what
+    sets occupancy, measured without a GPU. Returns the rows."""
+    nc = importlib.import_module(".nearest_code", __package__)
+    rows = []
+    log(f"{'D':>4}  {'precision':<7} {'variant':<9} {'BLOCK_N':>7} {'BLOCK_K':>7} {'warps':>5} {'stages':>6} "
+        f"{'registers':>9} {'spill bytes':>11}")
+    for N, K, D in shapes:
+        for precision in ("tf32", "tf32x3"):
+            for variant in nc.VARIANTS:
+                for config in nc._CONFIGS:
+                    blocks = dict(config.kwargs)
+                    report = compile_offline(nc._nearest_code_kernel, search_args(N, K, D, variant), dict(
+                        PRECISION=precision, CERTIFY=precision == "tf32", VARIANT=variant, EMULATE_TF32=False,
+                        **blocks, **nc._d_blocks(D)), num_warps=config.num_warps, num_stages=config.num_stages)
+                    rows.append(dict(D=D, precision=precision, variant=variant, **blocks, num_warps=config.num_warps,
+                                     num_stages=config.num_stages, **report))
+                    log(f"{D:>4}  {precision:<7} {variant:<9} {blocks['BLOCK_N']:>7} {blocks['BLOCK_K']:>7} "
+                        f"{config.num_warps:>5} {config.num_stages:>6} {report['registers']:>9} "
+                        f"{report['spill_stores']:>11}", flush=True)
+    return rows
+
+
 def _cpu_in_subprocess(path, N, K, D):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
@@ -115,59 +319,70 @@ def _cpu_in_subprocess(path, N, K, D):
     return result["ms"], result["peak"]
 
 
+def _shape(text):
+    try:
+        N, K, D = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is NxKxD, e.g. 65536x512x64; got {text!r}")
+    return N, K, D
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--all", action="store_true", help="also run the shapes that are slow on a CPU")
+    parser.add_argument("--shapes", type=_shape, nargs="+", metavar="NxKxD", help="default: " +
+                        " ".join("x".join(map(str, s)) for s in SHAPES))
+    parser.add_argument("--json", metavar="PATH", help="write every figure to this file too")
+    parser.add_argument("--registers", action="store_true", help="compile each variant for sm_90 and report "
+                        "its registers and spills (needs no GPU), then exit")
     parser.add_argument("--worker", nargs=4, metavar=("PATH", "N", "K", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         path, *nkd = args.worker
         ms, peak = _measure_cpu(path, *map(int, nkd), reps=5)
         print(json.dumps({"ms": ms, "peak": peak}))
-        return
+        return None
+    report = {"torch": torch.__version__, "argv": sys.argv[1:] if argv is None else list(argv)}
+    if HAVE_TRITON:
+        import triton
 
+        report["triton"] = triton.__version__
+    if args.registers:
+        report["registers"] = registers(**({"shapes": args.shapes} if args.shapes else {}))
+        _write_json(args.json, report)
+        return report
+    shapes = args.shapes or SHAPES
     if torch.cuda.is_available():
-        return _main_gpu()
+        bandwidth, source = _peak_bandwidth()
+        report.update(device=source, bandwidth=bandwidth)
+        print(f"device: {source}, peak bandwidth {bandwidth / 1e12:.2f} TB/s")
+        paths = [p for p in GPU_PATHS if HAVE_TRITON or not p.startswith("triton")]
+        return gpu_table(shapes, "cuda", _gpu_timer, bandwidth, report, args.json, paths)
+
+    report["device"] = f"cpu, {torch.get_num_threads()} threads"
+    report["rows"] = []
     print(f"device: cpu, {torch.get_num_threads()} threads; each path runs in a fresh process")
-    paths = ["torch chunked", "cdist+argmin"]
     print(f"{'N':>7} {'K':>5} {'D':>4}  {'path':<14} {'ms':>9} {'peak extra MB':>14}")
     results = {}
-    for N, K, D in SHAPES:
+    for N, K, D in shapes:
         if (N, K, D) in CPU_TOO_SLOW and not args.all:
             print(f"{N:>7} {K:>5} {D:>4}  skipped on CPU (too slow; --all runs it)")
             continue
-        for path in paths:
+        for path in CPU_PATHS:
             ms, peak = _cpu_in_subprocess(path, N, K, D)
             results[path, (N, K, D)] = ms, peak
-            print(f"{N:>7} {K:>5} {D:>4}  {path:<14} {ms:>9.2f} {peak / 2**20:>14.1f}")
-    (t_ours, m_ours), (t_cdist, m_cdist) = results["torch chunked", CHECK_SHAPE], results["cdist+argmin", CHECK_SHAPE]
-    ok = m_ours <= m_cdist / 4 and t_ours <= t_cdist
-    print(f"chunked / cdist at {CHECK_SHAPE}: memory {m_ours / m_cdist:.2f} (needs <= 0.25), "
-          f"time {t_ours / t_cdist:.2f} (needs <= 1): {'ok' if ok else 'FAIL'}")
-
-
-def _main_gpu():
-    from .nearest_code import _launch
-
-    bandwidth, source = _peak_bandwidth()
-    print(f"device: {source}, peak bandwidth {bandwidth / 1e12:.2f} TB/s")
-    paths = [p for p in PATHS if HAVE_TRITON or not p.startswith("triton")]
-    print(f"{'N':>7} {'K':>5} {'D':>4} {'inputs':>9}  {'path':<14} {'graph us':>9} {'call us':>9} {'% floor':>8} "
-          f"{'extra MB':>9}  codes vs float64")
-    for N, K, D in SHAPES:
-        # Read z and codebook once, write int64 codes and fp32 dist once: no path beats that.
-        floor_us = 1e6 * (4 * (N * D + K * D) + N * (8 + 4)) / bandwidth
-        for clustered in (False, True):
-            z, c = _inputs(N, K, D, "cuda", clustered)
-            ref = [torch.cat(t) for t in zip(*(nearest_code_reference(zc, c) for zc in z.split(16384)))]  # float64
-            for path in paths:
-                graph_us, call_us, peak, codes = _measure_gpu(path, z, c)
-                wrong, far = _check_codes(z, c, codes, ref)
-                note = f"{wrong} differ, {far} beyond a near-tie"
-                if path == "triton tf32":
-                    note += f"; {_launch(z, c, 'tf32')[2].item() / N:.1%} rows rechecked"
-                print(f"{N:>7} {K:>5} {D:>4} {'clustered' if clustered else 'normal':>9}  {path:<14} {graph_us:>9.1f} "
-                      f"{call_us:>9.1f} {100 * floor_us / graph_us:>8.1f} {peak / 2**20:>9.1f}  {note}", flush=True)
+            report["rows"].append({"N": N, "K": K, "D": D, "path": path, "ms": ms, "peak_bytes": peak})
+            _write_json(args.json, report)
+            print(f"{N:>7} {K:>5} {D:>4}  {path:<14} {ms:>9.2f} {peak / 2**20:>14.1f}", flush=True)
+    if ("torch chunked", CHECK_SHAPE) in results:
+        (t_ours, m_ours), (t_cdist, m_cdist) = results["torch chunked", CHECK_SHAPE], results["cdist+argmin", CHECK_SHAPE]
+        ok = m_ours <= m_cdist / 4 and t_ours <= t_cdist
+        report["check"] = {"shape": CHECK_SHAPE, "memory_ratio": m_ours / m_cdist, "time_ratio": t_ours / t_cdist,
+                           "ok": ok}
+        _write_json(args.json, report)
+        print(f"chunked / cdist at {CHECK_SHAPE}: memory {m_ours / m_cdist:.2f} (needs <= 0.25), "
+              f"time {t_ours / t_cdist:.2f} (needs <= 1): {'ok' if ok else 'FAIL'}")
+    return report
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import os
+import warnings
 
 import torch
 
@@ -10,7 +11,15 @@ try:
     import triton
     import triton.language as tl
 
+    from triton.compiler.errors import CompilationError
+    from triton.runtime import errors as _runtime_errors
+
     HAVE_TRITON = True
+    # What a failed compile raises (the names differ between Triton versions): the launcher then
+    # falls back to the torch path. Errors while a compiled kernel runs are not caught.
+    _COMPILE_ERRORS = (CompilationError,) + tuple(
+        getattr(_runtime_errors, name) for name in ("OutOfResources", "PTXASError", "AutotunerError")
+        if hasattr(_runtime_errors, name))
 except ImportError:
     HAVE_TRITON = False
 
@@ -67,6 +76,11 @@ def nearest_code_torch(z, codebook, chunk_size=None):
     return codes, dist
 
 
+PRECISIONS = ("tf32", "tf32x3", "ieee")
+# How the kernel scores a tile; all give the same codes (see nearest_code's docstring). Timed side by
+# side by `python -m kernels.bench` on a GPU; "base" stays the default until a GPU run says otherwise.
+VARIANTS = ("base", "prepared", "packed")
+
 if HAVE_TRITON:
     # The fastest tiles of a sweep on an H100 (kernels/bench.py) for either precision; autotune picks.
     # They are latency-bound: ~230 registers a thread leave room for 2 programs per SM.
@@ -75,16 +89,42 @@ if HAVE_TRITON:
         for bn, bk, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 4),
                              (256, 64, 8, 3)]
     ]
+    # Below this many rows a search is launch-bound: one fixed tile (the best of the sweep at 65536 rows)
+    # instead of autotuning, which compiles and times every config the first time it sees a K and D.
+    _TUNE_MIN_N = 16384
+    _FIXED_BLOCKS = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
     # The interpreter runs programs one after another in numpy, so few big blocks are fastest.
     _INTERPRET_BLOCKS = {"BLOCK_N": 128, "BLOCK_K": 256}
     RESIDENT_D = 128  # up to this D (padded to a power of two) a program keeps its z tile in registers
     CHUNK_D = 32  # above it, z and codebook tiles stream in D chunks of this width
+    # tl.dot needs an inner dimension of at least 8 for fp32 operands (16 for 16-bit ones): narrower
+    # codes are padded with the zeros that the masked loads give, which change no dot product.
+    MIN_D = 16
+    # The prepared codebook's K is padded to a multiple of every BLOCK_K (powers of two up to this), so
+    # its tile loads need no mask; padded codes get ||c||^2 = inf and never win.
+    K_ALIGN = 256
+    _MIN_BLOCK_K = 32  # the smallest BLOCK_K among the configs: it sets the most tiles a packed key must count
+
+    @triton.jit
+    def _tf32_round(x):
+        """x rounded to tf32 (10 mantissa bits, ties away from zero), so x - result is exact in fp32."""
+        return ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _dot(a, b, acc, PRECISION: tl.constexpr, EMULATE_TF32: tl.constexpr):
+        """acc + a @ b. EMULATE_TF32 (the interpreter, whose dots are exact fp32) truncates the operands
+        of a tf32 dot to tf32 first, the worst a tensor core does, so the tf32 proof is tested too."""
+        if PRECISION == "tf32" and EMULATE_TF32:
+            a = (a.to(tl.int32, bitcast=True) & -0x2000).to(tl.float32, bitcast=True)
+            b = (b.to(tl.int32, bitcast=True) & -0x2000).to(tl.float32, bitcast=True)
+            return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=PRECISION)
 
     @triton.jit
     def _search(z_ptr, c_ptr, rows, row_ok, K, D, stride_zn, stride_zd, stride_ck, stride_cd,
-                PRECISION: tl.constexpr, CERTIFY: tl.constexpr, BLOCK_N: tl.constexpr,
+                PRECISION: tl.constexpr, CERTIFY: tl.constexpr, EMULATE_TF32: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr):
-        """Scan every code for these rows: (best score, its code, second-best score, max ||c||^2)."""
+        """Variant "base": scan every code for these rows: (best score, its code, second-best score, max ||c||^2)."""
         # int64 offsets throughout: ks * stride_ck or rows * stride_zn pass 2**31 on big strided inputs.
         ds = tl.arange(0, BLOCK_D).to(tl.int64)
         if RESIDENT:  # loaded once, kept in registers for every codebook tile
@@ -102,7 +142,7 @@ if HAVE_TRITON:
             if RESIDENT:
                 ct = tl.load(c_ptr + ks[None, :] * stride_ck + ds[:, None] * stride_cd,
                              mask=(ds[:, None] < D) & k_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_K)
-                dot = tl.dot(zt, ct, input_precision=PRECISION)  # (BLOCK_N, BLOCK_K)
+                dot = _dot(zt, ct, tl.zeros([BLOCK_N, BLOCK_K], tl.float32), PRECISION, EMULATE_TF32)
                 # Computed here, the same way for every code, so duplicate codes score identically.
                 c_sq = tl.sum(ct * ct, axis=0)
             else:
@@ -114,7 +154,7 @@ if HAVE_TRITON:
                                  mask=row_ok[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
                     ct = tl.load(c_ptr + ks[None, :] * stride_ck + dd[:, None] * stride_cd,
                                  mask=(dd[:, None] < D) & k_ok[None, :], other=0.0).to(tl.float32)
-                    dot = tl.dot(zc, ct, dot, input_precision=PRECISION)
+                    dot = _dot(zc, ct, dot, PRECISION, EMULATE_TF32)
                     c_sq += tl.sum(ct * ct, axis=0)
             # ||z||^2 is the same for every code of a row, so the argmin does without it;
             # padded codes score inf so they never win.
@@ -132,6 +172,115 @@ if HAVE_TRITON:
         if CERTIFY:  # the winning slot's runner-up, or any other slot's best
             second = tl.min(tl.where(code == best_k[:, None], second_v, best_v), axis=1)
         return best, best_k.to(tl.int64), second, c_max
+
+    @triton.jit
+    def _dot_prepared(z_hi, z_lo, p_ptr, offs, plane, acc, PRECISION: tl.constexpr, EMULATE_TF32: tl.constexpr):
+        """acc + z @ (-2 C).T from the prepared codebook; tf32x3 as three tf32 dots on both splits (the
+        lo @ lo term, under 2**-22 of the product, is left out, as Triton's own tf32x3 does)."""
+        c_hi = tl.load(p_ptr + offs)  # (BLOCK_D, BLOCK_K), zeros past D: no mask needed
+        if PRECISION == "tf32x3":
+            c_lo = tl.load(p_ptr + plane + offs)
+            acc = _dot(z_lo, c_hi, acc, "tf32", EMULATE_TF32)  # the small terms first, then the big one
+            acc = _dot(z_hi, c_lo, acc, "tf32", EMULATE_TF32)
+            return _dot(z_hi, c_hi, acc, "tf32", EMULATE_TF32)
+        return _dot(z_hi, c_hi, acc, PRECISION, EMULATE_TF32)
+
+    @triton.jit
+    def _search_prepared(z_ptr, p_ptr, csq_ptr, rows, row_ok, K, D, Kp, Dp, stride_zn, stride_zd,
+                         PRECISION: tl.constexpr, CERTIFY: tl.constexpr, PACKED: tl.constexpr,
+                         EMULATE_TF32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr):
+        """Variants "prepared" and "packed": as _search, on the codebook that _prepare_kernel laid out
+        once per call (-2 C, its tf32 split, ||c||^2), so a tile costs a dot and one add per score."""
+        ds = tl.arange(0, BLOCK_D)
+        plane = Dp * Kp  # offset of the lo split; int32 offsets in the prepared codebook (checked < 2**31)
+        z_sq = tl.zeros([BLOCK_N], tl.float32)
+        if RESIDENT:
+            zt = tl.load(z_ptr + rows[:, None] * stride_zn + ds[None, :].to(tl.int64) * stride_zd,
+                         mask=row_ok[:, None] & (ds[None, :] < D), other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
+            z_hi, z_lo = zt, zt
+            if PRECISION == "tf32x3":  # split once per program, not once per codebook tile
+                z_hi = _tf32_round(zt)
+                z_lo = zt - z_hi
+            z_sq = tl.sum(zt * zt, axis=1)
+        elif PACKED:
+            for d0 in range(0, D, BLOCK_D):
+                dd = (d0 + ds).to(tl.int64)
+                zc = tl.load(z_ptr + rows[:, None] * stride_zn + dd[None, :] * stride_zd,
+                             mask=row_ok[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
+                z_sq += tl.sum(zc * zc, axis=1)
+        if PACKED:
+            # One int32 key per slot: the distance's bits (its order, for distances >= 0) with the tile
+            # number in the low bits, so the running argmin is one min and the index comes out of it.
+            # Truncating the low bits makes distances within 2**bits ulps equal, and then the lower
+            # index wins: a near-tie, which the proof below allows for.
+            low = 0  # 2**bits - 1 >= the last tile number
+            while low < tl.cdiv(K, BLOCK_K) - 1:
+                low = low * 2 + 1
+            best = tl.full([BLOCK_N, BLOCK_K], 0x7FFFFFFF, tl.int32)
+            second = tl.full([BLOCK_N, BLOCK_K], 0x7FFFFFFF, tl.int32)
+        else:
+            best_v = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+            best_i = tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
+            second_v = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+        c_max = 0.0
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+            c_sq = tl.load(csq_ptr + ks)  # inf past K
+            if PACKED:  # the accumulator starts at ||z||^2 + ||c||^2: it ends as the squared distance
+                acc = z_sq[:, None] + c_sq[None, :]
+            else:
+                acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            if RESIDENT:
+                acc = _dot_prepared(z_hi, z_lo, p_ptr, ds[:, None] * Kp + ks[None, :], plane, acc, PRECISION,
+                                    EMULATE_TF32)
+            else:
+                for d0 in range(0, D, BLOCK_D):
+                    dd = d0 + ds
+                    zc = tl.load(z_ptr + rows[:, None] * stride_zn + dd[None, :].to(tl.int64) * stride_zd,
+                                 mask=row_ok[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
+                    zc_hi, zc_lo = zc, zc
+                    if PRECISION == "tf32x3":
+                        zc_hi = _tf32_round(zc)
+                        zc_lo = zc - zc_hi
+                    acc = _dot_prepared(zc_hi, zc_lo, p_ptr, dd[:, None] * Kp + ks[None, :], plane, acc,
+                                        PRECISION, EMULATE_TF32)
+            if PACKED:
+                # Computed distances below zero (rounding, within a bound of 0) count as 0, so keys
+                # order as distances do and equal ones go to the lower index.
+                key = (tl.maximum(acc.to(tl.int32, bitcast=True), 0) & ~low) | (k0 // BLOCK_K)
+                if CERTIFY:  # keys are unique within a slot, so the larger of the two is the runner-up
+                    second = tl.minimum(second, tl.maximum(best, key))
+                best = tl.minimum(best, key)
+            else:
+                score = acc + c_sq[None, :]  # (BLOCK_N, BLOCK_K) ||c||^2 - 2 z.c
+                better = score < best_v  # strict: an equal score in a later tile keeps the lower index
+                if CERTIFY:
+                    second_v = tl.where(better, best_v, tl.minimum(second_v, score))
+                best_v = tl.where(better, score, best_v)
+                best_i = tl.where(better, k0, best_i)
+            if CERTIFY:
+                c_max = tl.maximum(c_max, tl.max(tl.where(ks < K, c_sq, 0.0), axis=0))
+        slot = tl.arange(0, BLOCK_K)[None, :]
+        if PACKED:
+            best_key = tl.min(best, axis=1)  # (BLOCK_N,)
+            code = (best & low) * BLOCK_K + slot  # (BLOCK_N, BLOCK_K) the code each slot holds
+            best_k = tl.min(tl.where(best == best_key[:, None], code, K - 1), axis=1)
+            value = (best_key & ~low).to(tl.float32, bitcast=True)
+            runner_up = value
+            if CERTIFY:
+                second_key = tl.min(tl.where(code == best_k[:, None], second, best), axis=1)
+                # The winner's computed distance may sit up to 2**bits ulps (2**(bits - 23) of it)
+                # above its key: take that off the gap, twice over.
+                runner_up = (second_key & ~low).to(tl.float32, bitcast=True) - value * ((low + 1) * 2.0**-22)
+        else:
+            value = tl.min(best_v, axis=1)
+            code = best_i + slot
+            best_k = tl.min(tl.where(best_v == value[:, None], code, K - 1), axis=1)
+            runner_up = value
+            if CERTIFY:
+                runner_up = tl.min(tl.where(code == best_k[:, None], second_v, best_v), axis=1)
+        return value, best_k.to(tl.int64), runner_up, c_max
 
     @triton.jit
     def _finish(z_ptr, c_ptr, codes_ptr, dist_ptr, rows, row_ok, best_k, D, stride_zn, stride_zd, stride_ck,
@@ -154,16 +303,45 @@ if HAVE_TRITON:
         return z_sq
 
     @triton.jit
+    def _prepare_kernel(c_ptr, p_ptr, csq_ptr, K, D, Kp, Dp, stride_ck, stride_cd, SPLIT: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Lay the codebook out for _search_prepared: -2 C (SPLIT 1) or -2 times its tf32 split hi, lo
+        (SPLIT 2) as (SPLIT, Dp, Kp) fp32, zeros past D and K; ||c||^2 as (Kp,), inf past K."""
+        ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+        k_ok = ks < K
+        c_sq = tl.zeros([BLOCK_K], tl.float32)
+        for d0 in range(0, Dp, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            c = tl.load(c_ptr + ks[None, :].to(tl.int64) * stride_ck + dd[:, None].to(tl.int64) * stride_cd,
+                        mask=k_ok[None, :] & (dd[:, None] < D), other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_K)
+            c_sq += tl.sum(c * c, axis=0)
+            offs = dd[:, None] * Kp + ks[None, :]
+            if SPLIT == 2:  # scaling by -2 is exact, so -2 hi and -2 lo are the split of -2 c
+                hi = _tf32_round(c)
+                tl.store(p_ptr + offs, -2.0 * hi)
+                tl.store(p_ptr + Dp * Kp + offs, -2.0 * (c - hi))
+            else:
+                tl.store(p_ptr + offs, -2.0 * c)
+        tl.store(csq_ptr + ks, tl.where(k_ok, c_sq, float("inf")))
+
+    @triton.jit
     def _nearest_code_kernel(
-        z_ptr, c_ptr, codes_ptr, dist_ptr, queue_ptr, count_ptr, N, K, D,
+        z_ptr, c_ptr, p_ptr, csq_ptr, codes_ptr, dist_ptr, queue_ptr, count_ptr, N, K, D, Kp, Dp,
         stride_zn, stride_zd, stride_ck, stride_cd, EPS,
-        PRECISION: tl.constexpr, CERTIFY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
+        PRECISION: tl.constexpr, CERTIFY: tl.constexpr, VARIANT: tl.constexpr, EMULATE_TF32: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
     ):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         row_ok = rows < N
-        best, best_k, second, c_max = _search(z_ptr, c_ptr, rows, row_ok, K, D, stride_zn, stride_zd, stride_ck,
-                                              stride_cd, PRECISION, CERTIFY, BLOCK_N, BLOCK_K, BLOCK_D, RESIDENT)
+        if VARIANT == "base":
+            best, best_k, second, c_max = _search(z_ptr, c_ptr, rows, row_ok, K, D, stride_zn, stride_zd, stride_ck,
+                                                  stride_cd, PRECISION, CERTIFY, EMULATE_TF32, BLOCK_N, BLOCK_K,
+                                                  BLOCK_D, RESIDENT)
+        else:
+            best, best_k, second, c_max = _search_prepared(z_ptr, p_ptr, csq_ptr, rows, row_ok, K, D, Kp, Dp,
+                                                           stride_zn, stride_zd, PRECISION, CERTIFY,
+                                                           VARIANT == "packed", EMULATE_TF32, BLOCK_N, BLOCK_K,
+                                                           BLOCK_D, RESIDENT)
         z_sq = _finish(z_ptr, c_ptr, codes_ptr, dist_ptr, rows, row_ok, best_k, D, stride_zn, stride_zd,
                        stride_ck, stride_cd, BLOCK_N, BLOCK_D)
         if CERTIFY:
@@ -171,6 +349,8 @@ if HAVE_TRITON:
             # to tf32, fp32 sums); a runner-up more than twice that behind proves the winner exact.
             # Rows without that proof (near-ties, NaN) are queued for the fp32 recheck kernel.
             bound = EPS * (tl.sqrt(z_sq * c_max) + c_max)
+            if VARIANT == "packed":  # its accumulator also carries ||z||^2: (D + 1) 2**-24 ||z||^2 more rounding
+                bound += EPS / 16 * z_sq
             doubt = row_ok & ~(second - best > 2.0 * bound)
             n = tl.sum(doubt.to(tl.int32), axis=0)
             base = tl.atomic_add(count_ptr, n)  # one atomic per program; then a prefix sum places the rows
@@ -191,12 +371,12 @@ if HAVE_TRITON:
             ok = i < count
             rows = tl.load(queue_ptr + i, mask=ok, other=0)
             _, best_k, _, _ = _search(z_ptr, c_ptr, rows, ok, K, D, stride_zn, stride_zd, stride_ck, stride_cd,
-                                      PRECISION, False, BLOCK_N, BLOCK_K, BLOCK_D, RESIDENT)
+                                      PRECISION, False, False, BLOCK_N, BLOCK_K, BLOCK_D, RESIDENT)
             _finish(z_ptr, c_ptr, codes_ptr, dist_ptr, rows, ok, best_k, D, stride_zn, stride_zd, stride_ck,
                     stride_cd, BLOCK_N, BLOCK_D)
 
     # K and D set the work per program; N only sets the grid, so it stays out of the key.
-    _nearest_code_tuned = triton.autotune(configs=_CONFIGS, key=["K", "D", "PRECISION", "CERTIFY"],
+    _nearest_code_tuned = triton.autotune(configs=_CONFIGS, key=["K", "D", "PRECISION", "CERTIFY", "VARIANT"],
                                           reset_to_zero=["count_ptr"])(_nearest_code_kernel)
 
 # Rounding bound of the tf32 pass. tf32 keeps 10 of fp32's 23 mantissa bits, so each product
@@ -206,15 +386,38 @@ if HAVE_TRITON:
 _TF32_EPS = 2**-7
 
 
-def _nearest_code_triton(z, codebook, precision):
-    return _launch(z, codebook, precision)[:2]
-
-
-def _launch(z, codebook, precision, eps=_TF32_EPS):
-    """The Triton search: (codes, dist, number of rows the tf32 pass could not prove, on the device)."""
+def _nearest_code_triton(z, codebook, precision, variant="base"):
+    """The Triton search, or the torch path (warned once) where the kernel does not compile."""
     N, K, D = _check_inputs(z, codebook)
-    if precision not in ("tf32", "tf32x3", "ieee"):
-        raise ValueError(f"precision must be 'tf32', 'tf32x3' or 'ieee', got {precision!r}")
+    # What decides whether a kernel compiles: its constexprs and its operand types.
+    key = (z.device.type, z.dtype, codebook.dtype, precision, variant, tuple(_d_blocks(D).values()))
+    if key in _COMPILE_FAILED:
+        return nearest_code_torch(z, codebook)
+    try:
+        return _launch(z, codebook, precision, variant)[:2]
+    except _COMPILE_ERRORS as e:
+        lines = str(e).strip().splitlines()
+        _COMPILE_FAILED[key] = f"{type(e).__name__}: {lines[-1] if lines else ''}"
+        warnings.warn(f"nearest_code: the Triton kernel ({precision}, {variant}, D={D}, {z.dtype}) did not compile "
+                      f"({_COMPILE_FAILED[key]}); such calls use the torch path from now on", RuntimeWarning,
+                      stacklevel=3)
+        return nearest_code_torch(z, codebook)
+
+
+# (device type, dtypes, precision, variant, D blocks) -> why the kernel failed to compile for them
+_COMPILE_FAILED = {}
+
+
+def _launch(z, codebook, precision, variant="base", eps=_TF32_EPS, blocks=None):
+    """The Triton search: (codes, dist, number of rows the tf32 pass could not prove, on the device).
+    blocks: fixed tiles (BLOCK_N, BLOCK_K, optionally num_warps, num_stages) instead of the usual ones."""
+    N, K, D = _check_inputs(z, codebook)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+    if variant == "packed" and triton.cdiv(K, _MIN_BLOCK_K) > 256:
+        raise ValueError(f"the packed variant keeps 8 bits for a code's tile, so K <= {256 * _MIN_BLOCK_K}; got K={K}")
     codes = torch.empty(N, dtype=torch.int64, device=z.device)
     dist = torch.empty(N, dtype=torch.float32, device=z.device)
     count = torch.zeros(1, dtype=torch.int32, device=z.device)
@@ -222,25 +425,45 @@ def _launch(z, codebook, precision, eps=_TF32_EPS):
         return codes, dist, count
     certify = precision == "tf32"
     queue = torch.empty(N if certify else 1, dtype=torch.int64, device=z.device)
-    # Strides go to the kernel, so non-contiguous inputs need no copy.
-    args = (z, codebook, codes, dist, queue, count)
+    d_blocks = _d_blocks(D)
     with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():  # launch where the tensors live
-        if _INTERPRET:  # the interpreter computes in fp32 whatever the precision; certify still runs
-            grid = (triton.cdiv(N, _INTERPRET_BLOCKS["BLOCK_N"]),)
-            _nearest_code_kernel[grid](*args, N, K, D, *z.stride(), *codebook.stride(), eps, PRECISION="ieee",
-                                       CERTIFY=certify, **_INTERPRET_BLOCKS, **_d_blocks(D))
+        if variant == "base":
+            prepared, c_sq, Kp, Dp = codebook, codebook, 0, 0  # unused
         else:
-            _nearest_code_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-                *args, N, K, D, *z.stride(), *codebook.stride(), eps, PRECISION=precision, CERTIFY=certify,
-                **_d_blocks(D))
+            prepared, c_sq, Kp, Dp = _prepare(codebook, precision, d_blocks)
+        # Strides go to the kernel, so non-contiguous inputs need no copy.
+        args = (z, codebook, prepared, c_sq, codes, dist, queue, count, N, K, D, Kp, Dp, *z.stride(),
+                *codebook.stride(), eps)
+        meta = dict(PRECISION=precision, CERTIFY=certify, VARIANT=variant, EMULATE_TF32=_INTERPRET, **d_blocks)
+        if blocks is None and not _INTERPRET and N >= _TUNE_MIN_N:
+            _nearest_code_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](*args, **meta)
+        else:
+            blocks = blocks or (_INTERPRET_BLOCKS if _INTERPRET else _FIXED_BLOCKS)
+            _nearest_code_kernel[(triton.cdiv(N, blocks["BLOCK_N"]),)](*args, **meta, **blocks)
         if certify:
-            _recheck(*args)
+            _recheck(z, codebook, codes, dist, queue, count)
     return codes, dist, count
 
 
 def _d_blocks(D):
-    block_d = triton.next_power_of_2(D)
+    block_d = max(MIN_D, triton.next_power_of_2(D))
     return dict(BLOCK_D=block_d, RESIDENT=True) if block_d <= RESIDENT_D else dict(BLOCK_D=CHUNK_D, RESIDENT=False)
+
+
+def _prepare(codebook, precision, d_blocks):
+    """The codebook laid out once per call for the prepared variants: (planes, ||c||^2, Kp, Dp)."""
+    K, D = codebook.shape
+    Dp = d_blocks["BLOCK_D"] * triton.cdiv(D, d_blocks["BLOCK_D"])
+    Kp = K_ALIGN * triton.cdiv(K, K_ALIGN)
+    split = 2 if precision == "tf32x3" else 1
+    if split * Dp * Kp >= 2**31:
+        raise ValueError(f"codebook {tuple(codebook.shape)} too big for the prepared variants' int32 offsets")
+    planes = torch.empty(split, Dp, Kp, dtype=torch.float32, device=codebook.device)
+    c_sq = torch.empty(Kp, dtype=torch.float32, device=codebook.device)
+    block_k = K_ALIGN if _INTERPRET else 64
+    _prepare_kernel[(Kp // block_k,)](codebook, planes, c_sq, K, D, Kp, Dp, *codebook.stride(), SPLIT=split,
+                                      BLOCK_K=block_k, BLOCK_D=MIN_D)
+    return planes, c_sq, Kp, Dp
 
 
 @functools.lru_cache(maxsize=None)
@@ -251,15 +474,15 @@ def _sm_count(device):
 def _recheck(z, codebook, codes, dist, queue, count):
     """Search the count[0] rows listed in queue again, at near-fp32 precision; nothing to do when empty."""
     (K, D), strides = codebook.shape, (*z.stride(), *codebook.stride())
-    if _INTERPRET:
-        grid, blocks = (2,), dict(PRECISION="ieee", **_INTERPRET_BLOCKS)
+    if _INTERPRET:  # the interpreter's tf32x3 dot is exact fp32
+        grid, blocks = (2,), dict(PRECISION="tf32x3", **_INTERPRET_BLOCKS)
     else:  # one program per SM walks the queue: a fixed grid, so no host round trip to size it
         grid = (_sm_count(z.device),)
         blocks = dict(PRECISION="tf32x3", BLOCK_N=128, BLOCK_K=64, num_warps=8)
     _recheck_kernel[grid](z, codebook, codes, dist, queue, count, K, D, *strides, **blocks, **_d_blocks(D))
 
 
-def nearest_code(z, codebook, *, backend=None, precision="tf32x3"):
+def nearest_code(z, codebook, *, backend=None, precision="tf32x3", variant="base"):
     """Nearest codebook entry for each row of z, in squared Euclidean distance.
 
     Args:
@@ -268,22 +491,33 @@ def nearest_code(z, codebook, *, backend=None, precision="tf32x3"):
         backend: None, "auto", "torch" or "triton". None reads the env var VQ_KERNEL
             (default "auto") at call time. "auto" takes the Triton kernel when triton is
             importable and z is on a GPU, else the chunked torch path. "triton" also runs on
-            CPU tensors when TRITON_INTERPRET=1 was set before import (slow, exact: for tests);
+            CPU tensors when TRITON_INTERPRET=1 was set before import (slow: for tests);
             without triton, or with a CPU tensor outside the interpreter, it raises RuntimeError.
+            Where the kernel fails to compile (an old GPU, a Triton that rejects it), both take
+            the torch path instead, with one RuntimeWarning naming the reason.
         precision: the Triton kernel's arithmetic on a GPU. "tf32x3" (default): three tf32
             tensor-core passes, near-fp32 accuracy. "tf32": one tf32 pass that also proves, row by
             row, that its winner beats the runner-up by more than tf32 rounding could explain;
             rows it cannot prove (near-ties) are searched again in "tf32x3" (faster when encoder
             outputs sit near their codes, as in training; see kernels/NOTES.md). "ieee": fp32
-            FMA, slowest. The interpreter and the torch path compute in fp32.
+            FMA, slowest. The interpreter computes "tf32" with operands truncated to tf32, the
+            others in fp32; the torch path computes in fp32 (float64 on a GPU).
+        variant: how the kernel scores a tile, for timing them against each other (kernels/bench.py).
+            "base" (default): computes ||c||^2 and -2 z.c per tile. "prepared": a small kernel first
+            lays out -2 C, ||c||^2 and (for "tf32x3") the codebook's tf32 split once per call, so a
+            tile costs a dot and one add. "packed": as "prepared", with the code's tile number in the
+            low bits of the distance, so the running argmin is one integer min; K <= 8192.
 
     Returns:
         codes: (N,) int64, the index of the nearest code. Ties go to the lowest index.
         dist: (N,) float32, the squared distance to that code, recomputed in fp32 from
             (z - codebook[codes]), so it carries no ||z||^2 cancellation error.
 
-    All arithmetic is fp32 whatever the input dtype; codes agree with a float64 search except
-    at near-ties, where the chosen code is within fp32 rounding of the true minimum.
+    Exact, here, means: codes equal a float64 search's, except at near-ties, where the chosen code's
+    float64 distance is within rounding of the minimum (fp32 rounding, about 1e-6 relative at
+    D = 64; "packed" adds 2**(bits - 23) relative, bits = ceil(log2(K / 32)): 2**-19 at K = 512),
+    and equal distances go to the lowest index. Every precision and variant is exact in this sense:
+    "tf32" because what its proof cannot settle is searched again.
     """
     choice = backend or os.environ.get("VQ_KERNEL", "auto")
     if choice not in ("auto", "torch", "triton"):
@@ -296,4 +530,4 @@ def nearest_code(z, codebook, *, backend=None, precision="tf32x3"):
         )
     if choice == "torch" or (choice == "auto" and not on_gpu):
         return nearest_code_torch(z, codebook)
-    return _nearest_code_triton(z, codebook, precision)
+    return _nearest_code_triton(z, codebook, precision, variant)

@@ -2,6 +2,7 @@
 
     python -m kernels.bench                       # GPU: every kernel variant beside torch's materialised search
     python -m kernels.bench --json bench.json     # the same, every figure also written to a file
+    python -m kernels.bench --warm 4              # compile the kernels in 4 processes first (faster start)
     python -m kernels.bench --shapes 4096x512x64  # other (N, K, D)
     python -m kernels.bench --all                 # on a CPU, include (262144, 1024, 64) too
     python -m kernels.bench --registers           # registers a thread of each variant for sm_90 (no GPU needed)
@@ -105,8 +106,8 @@ def _gpu_timer(fn):
     fn()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    graph_us = 1e3 * do_bench_cudagraph(fn, rep=200, return_mode="median")
-    call_us = 1e3 * _median_ms(fn, 50, torch.cuda.synchronize)
+    graph_us = 1e3 * do_bench_cudagraph(fn, rep=100, return_mode="median")
+    call_us = 1e3 * _median_ms(fn, 20, torch.cuda.synchronize)
     return graph_us, call_us, peak
 
 
@@ -309,6 +310,24 @@ def registers(shapes=((65536, 512, 64), (16384, 512, 256)), log=print):
     return rows
 
 
+def _warm(shapes, processes):
+    """Compile (and autotune) every kernel path at these shapes in processes side by side: exit codes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shape_args = ["--shapes", *("x".join(map(str, s)) for s in shapes)]
+    procs = [subprocess.Popen([sys.executable, "-m", "kernels.bench", "--warm-shard", str(i), str(processes),
+                               *shape_args], cwd=root) for i in range(processes)]
+    return [proc.wait() for proc in procs]
+
+
+def _warm_shard(shapes, i, processes, device="cuda"):
+    kernels = [p for p in GPU_PATHS if PATHS[p][1]][i::processes]
+    for N, K, D in shapes:
+        z, c = _inputs(N, K, D, device)
+        for path in kernels:
+            PATHS[path][2](z, c, None)
+    return kernels
+
+
 def _cpu_in_subprocess(path, N, K, D):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
@@ -335,13 +354,19 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="write every figure to this file too")
     parser.add_argument("--registers", action="store_true", help="compile each variant for sm_90 and report "
                         "its registers and spills (needs no GPU), then exit")
+    parser.add_argument("--warm", type=int, default=0, metavar="P", help="on a GPU, first compile every kernel in "
+                        "P processes side by side (compiling is CPU-bound); the timed run then loads them from "
+                        "Triton's cache")
     parser.add_argument("--worker", nargs=4, metavar=("PATH", "N", "K", "D"), help=argparse.SUPPRESS)
+    parser.add_argument("--warm-shard", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         path, *nkd = args.worker
         ms, peak = _measure_cpu(path, *map(int, nkd), reps=5)
         print(json.dumps({"ms": ms, "peak": peak}))
         return None
+    if args.warm_shard:
+        return _warm_shard(args.shapes or SHAPES, *args.warm_shard)
     report = {"torch": torch.__version__, "argv": sys.argv[1:] if argv is None else list(argv)}
     if HAVE_TRITON:
         import triton
@@ -357,6 +382,10 @@ def main(argv=None):
         report.update(device=source, bandwidth=bandwidth)
         print(f"device: {source}, peak bandwidth {bandwidth / 1e12:.2f} TB/s")
         paths = [p for p in GPU_PATHS if HAVE_TRITON or not p.startswith("triton")]
+        if args.warm and HAVE_TRITON:
+            t = time.time()
+            report["warm"] = _warm(shapes, args.warm)
+            print(f"compiled every kernel in {args.warm} processes in {time.time() - t:.1f} s: {report['warm']}")
         return gpu_table(shapes, "cuda", _gpu_timer, bandwidth, report, args.json, paths)
 
     report["device"] = f"cpu, {torch.get_num_threads()} threads"

@@ -237,7 +237,8 @@ def _format_goal(v):
 
 def compile_offline(kernel, args, constexprs, num_warps=4, num_stages=2, arch=90):
     """Compile a @triton.jit kernel for NVIDIA sm_<arch> without a GPU (Triton ships ptxas) and return
-    ptxas's report as {"registers", "spill_stores", "stack"} (bytes). args, in the kernel's order: a
+    ptxas's report as {"registers", "spill_stores", "stack", "shared"} (bytes) and the programs an SM
+    can hold at once (for sm_90). args, in the kernel's order: a
     dtype string such as "*fp32" for a pointer, an int or a float for a scalar, as a launch would see
     them (ints divisible by 16 and pointers get Triton's divisibility hint; ints equal to 1 become
     constants, as Triton specialises them). Raises what a launch would: CompilationError and the like."""
@@ -274,8 +275,14 @@ def compile_offline(kernel, args, constexprs, num_warps=4, num_stages=2, arch=90
         log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", ptx, "-o", ptx + ".cubin"],
                              capture_output=True, text=True, check=True).stderr
     number = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
-    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
-            "stack": number(r"(\d+) bytes stack frame")}
+    report = {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
+              "stack": number(r"(\d+) bytes stack frame"), "shared": compiled.metadata.shared}
+    # Programs an SM can hold (sm_90: 64K registers allocated per warp in units of 256, 227 KiB of
+    # shared memory plus 1 KiB reserved per program, 64 warps): occupancy, which latency-bound kernels need.
+    warp_regs = -(-report["registers"] * 32 // 256) * 256
+    report["programs_per_sm"] = min(65536 // (warp_regs * num_warps), 64 // num_warps,
+                                    (233472 // (report["shared"] + 1024)) if report["shared"] else 32)
+    return report
 
 
 def search_args(N, K, D, variant="base"):
@@ -293,7 +300,7 @@ def registers(shapes=((65536, 512, 64), (16384, 512, 256)), log=print):
     nc = importlib.import_module(".nearest_code", __package__)
     rows = []
     log(f"{'D':>4}  {'precision':<7} {'variant':<9} {'BLOCK_N':>7} {'BLOCK_K':>7} {'warps':>5} {'stages':>6} "
-        f"{'registers':>9} {'spill bytes':>11}")
+        f"{'registers':>9} {'spill bytes':>11} {'shared KiB':>10} {'programs/SM':>11}")
     for N, K, D in shapes:
         for precision in ("tf32", "tf32x3"):
             for variant in nc.VARIANTS:
@@ -306,7 +313,8 @@ def registers(shapes=((65536, 512, 64), (16384, 512, 256)), log=print):
                                      num_stages=config.num_stages, **report))
                     log(f"{D:>4}  {precision:<7} {variant:<9} {blocks['BLOCK_N']:>7} {blocks['BLOCK_K']:>7} "
                         f"{config.num_warps:>5} {config.num_stages:>6} {report['registers']:>9} "
-                        f"{report['spill_stores']:>11}", flush=True)
+                        f"{report['spill_stores']:>11} {report['shared'] / 1024:>10.0f} {report['programs_per_sm']:>11}",
+                        flush=True)
     return rows
 
 

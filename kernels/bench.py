@@ -2,6 +2,7 @@
 
     python -m kernels.bench                       # GPU: every kernel variant beside torch's materialised search
     python -m kernels.bench --json bench.json     # the same, every figure also written to a file
+    python -m kernels.bench --warm 4              # compile the kernels in 4 processes first (faster start)
     python -m kernels.bench --shapes 4096x512x64  # other (N, K, D)
     python -m kernels.bench --all                 # on a CPU, include (262144, 1024, 64) too
     python -m kernels.bench --registers           # registers a thread of each variant for sm_90 (no GPU needed)
@@ -105,8 +106,8 @@ def _gpu_timer(fn):
     fn()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    graph_us = 1e3 * do_bench_cudagraph(fn, rep=200, return_mode="median")
-    call_us = 1e3 * _median_ms(fn, 50, torch.cuda.synchronize)
+    graph_us = 1e3 * do_bench_cudagraph(fn, rep=100, return_mode="median")
+    call_us = 1e3 * _median_ms(fn, 20, torch.cuda.synchronize)
     return graph_us, call_us, peak
 
 
@@ -236,7 +237,8 @@ def _format_goal(v):
 
 def compile_offline(kernel, args, constexprs, num_warps=4, num_stages=2, arch=90):
     """Compile a @triton.jit kernel for NVIDIA sm_<arch> without a GPU (Triton ships ptxas) and return
-    ptxas's report as {"registers", "spill_stores", "stack"} (bytes). args, in the kernel's order: a
+    ptxas's report as {"registers", "spill_stores", "stack", "shared"} (bytes) and the programs an SM
+    can hold at once (for sm_90). args, in the kernel's order: a
     dtype string such as "*fp32" for a pointer, an int or a float for a scalar, as a launch would see
     them (ints divisible by 16 and pointers get Triton's divisibility hint; ints equal to 1 become
     constants, as Triton specialises them). Raises what a launch would: CompilationError and the like."""
@@ -273,8 +275,14 @@ def compile_offline(kernel, args, constexprs, num_warps=4, num_stages=2, arch=90
         log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", ptx, "-o", ptx + ".cubin"],
                              capture_output=True, text=True, check=True).stderr
     number = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
-    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
-            "stack": number(r"(\d+) bytes stack frame")}
+    report = {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
+              "stack": number(r"(\d+) bytes stack frame"), "shared": compiled.metadata.shared}
+    # Programs an SM can hold (sm_90: 64K registers allocated per warp in units of 256, 227 KiB of
+    # shared memory plus 1 KiB reserved per program, 64 warps): occupancy, which latency-bound kernels need.
+    warp_regs = -(-report["registers"] * 32 // 256) * 256
+    report["programs_per_sm"] = min(65536 // (warp_regs * num_warps), 64 // num_warps,
+                                    (233472 // (report["shared"] + 1024)) if report["shared"] else 32)
+    return report
 
 
 def search_args(N, K, D, variant="base"):
@@ -292,7 +300,7 @@ def registers(shapes=((65536, 512, 64), (16384, 512, 256)), log=print):
     nc = importlib.import_module(".nearest_code", __package__)
     rows = []
     log(f"{'D':>4}  {'precision':<7} {'variant':<9} {'BLOCK_N':>7} {'BLOCK_K':>7} {'warps':>5} {'stages':>6} "
-        f"{'registers':>9} {'spill bytes':>11}")
+        f"{'registers':>9} {'spill bytes':>11} {'shared KiB':>10} {'programs/SM':>11}")
     for N, K, D in shapes:
         for precision in ("tf32", "tf32x3"):
             for variant in nc.VARIANTS:
@@ -305,8 +313,27 @@ def registers(shapes=((65536, 512, 64), (16384, 512, 256)), log=print):
                                      num_stages=config.num_stages, **report))
                     log(f"{D:>4}  {precision:<7} {variant:<9} {blocks['BLOCK_N']:>7} {blocks['BLOCK_K']:>7} "
                         f"{config.num_warps:>5} {config.num_stages:>6} {report['registers']:>9} "
-                        f"{report['spill_stores']:>11}", flush=True)
+                        f"{report['spill_stores']:>11} {report['shared'] / 1024:>10.0f} {report['programs_per_sm']:>11}",
+                        flush=True)
     return rows
+
+
+def _warm(shapes, processes):
+    """Compile (and autotune) every kernel path at these shapes in processes side by side: exit codes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shape_args = ["--shapes", *("x".join(map(str, s)) for s in shapes)]
+    procs = [subprocess.Popen([sys.executable, "-m", "kernels.bench", "--warm-shard", str(i), str(processes),
+                               *shape_args], cwd=root) for i in range(processes)]
+    return [proc.wait() for proc in procs]
+
+
+def _warm_shard(shapes, i, processes, device="cuda"):
+    kernels = [p for p in GPU_PATHS if PATHS[p][1]][i::processes]
+    for N, K, D in shapes:
+        z, c = _inputs(N, K, D, device)
+        for path in kernels:
+            PATHS[path][2](z, c, None)
+    return kernels
 
 
 def _cpu_in_subprocess(path, N, K, D):
@@ -335,13 +362,19 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="write every figure to this file too")
     parser.add_argument("--registers", action="store_true", help="compile each variant for sm_90 and report "
                         "its registers and spills (needs no GPU), then exit")
+    parser.add_argument("--warm", type=int, default=0, metavar="P", help="on a GPU, first compile every kernel in "
+                        "P processes side by side (compiling is CPU-bound); the timed run then loads them from "
+                        "Triton's cache")
     parser.add_argument("--worker", nargs=4, metavar=("PATH", "N", "K", "D"), help=argparse.SUPPRESS)
+    parser.add_argument("--warm-shard", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         path, *nkd = args.worker
         ms, peak = _measure_cpu(path, *map(int, nkd), reps=5)
         print(json.dumps({"ms": ms, "peak": peak}))
         return None
+    if args.warm_shard:
+        return _warm_shard(args.shapes or SHAPES, *args.warm_shard)
     report = {"torch": torch.__version__, "argv": sys.argv[1:] if argv is None else list(argv)}
     if HAVE_TRITON:
         import triton
@@ -357,6 +390,10 @@ def main(argv=None):
         report.update(device=source, bandwidth=bandwidth)
         print(f"device: {source}, peak bandwidth {bandwidth / 1e12:.2f} TB/s")
         paths = [p for p in GPU_PATHS if HAVE_TRITON or not p.startswith("triton")]
+        if args.warm and HAVE_TRITON:
+            t = time.time()
+            report["warm"] = _warm(shapes, args.warm)
+            print(f"compiled every kernel in {args.warm} processes in {time.time() - t:.1f} s: {report['warm']}")
         return gpu_table(shapes, "cuda", _gpu_timer, bandwidth, report, args.json, paths)
 
     report["device"] = f"cpu, {torch.get_num_threads()} threads"

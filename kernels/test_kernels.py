@@ -390,6 +390,9 @@ def test_bench_gpu_table_with_a_stand_in_timer(tmp_path):
     assert all(0 <= r["rechecked_fraction"] <= 1 for r in report["rows"] if r["path"].startswith("triton tf32 "))
     assert [(v["inputs"], v["precision"], v["speedup"]) for v in report["goals"]] == \
         [("normal", "tf32", 1.0), ("normal", "tf32x3", 1.0), ("clustered", "tf32", 1.0), ("clustered", "tf32x3", 1.0)]
+    # --warm's shards share the kernel paths out between them
+    assert sorted(bench._warm_shard([(300, 100, 8)], 0, 2, DEVICE) + bench._warm_shard([(300, 100, 8)], 1, 2, DEVICE)) \
+        == sorted(p for p in bench.GPU_PATHS if p.startswith("triton"))
 
 
 def test_bench_main_writes_json(tmp_path):
@@ -400,3 +403,34 @@ def test_bench_main_writes_json(tmp_path):
     report = json.loads(path.read_text())
     assert report["rows"] and all(r["N"] == 2048 for r in report["rows"])
     assert all(r["ms"] > 0 for r in report["rows"]) if "cpu" in report["device"] else report["goals"]
+
+
+def test_gpu_check_quick(tmp_path):
+    # The device script end to end in its CPU form: every step runs and leaves its figures.
+    vq = pytest.importorskip("vq")
+    if not hasattr(vq, "write_phantom_tree"):
+        pytest.skip("vq.write_phantom_tree has not landed yet (it moves there from train.py); the script writes "
+                    "its phantom tree with it")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "kernels.gpu_check", "--out", str(tmp_path), "--quick"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    steps = report["steps"]
+    assert {k: s["status"] for k, s in steps.items()} == {
+        "tests": "ok", "bench": "ok", "tree": "ok", "train_bf16": "ok", "sampler": "ok", "train_fp32": "ok",
+        "train_compile": "skipped"}, {k: s.get("output", s.get("reason")) for k, s in steps.items()}
+    assert steps["tests"]["passed"] == 2 and steps["tests"]["failed"] == 0
+    assert steps["bench"]["rows"] and all(r["ms"] > 0 for r in steps["bench"]["rows"])
+    assert steps["tree"]["files"] == 2 * (64 + 16 + 16) and steps["tree"]["write_seconds"] > 0
+    for name, stages in (("train_bf16", ("vqvae", "prior")), ("train_fp32", ("vqvae",))):
+        run = steps[name]
+        assert 0 < run["test_ssim_mean"] < 1 and run["epochs_vqvae"] == 1
+        assert all(run["img_per_s"][s]["median"] > 0 and run["seconds_per_epoch"][s] > 0 for s in stages)
+    assert steps["train_bf16"]["prior_bits_per_code"] > 0
+    assert steps["sampler"]["cached"]["seconds"] > 0 and steps["sampler"]["cached"]["maps"] == "(16, 8)"
+    compare = report["compare"]
+    assert compare["bf16_vs_fp32"]["same_epochs"] and compare["extrapolated"]["seconds_30_30"]["metrics"] > 0
+    assert report["seconds"] < 60
+    assert "| train_bf16 | ok |" in (tmp_path / "gpu_check.md").read_text()

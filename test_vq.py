@@ -1015,7 +1015,7 @@ def test_small_folders_get_small_batches(tmp_path, capsys):
 
 def test_budget_spent_on_an_epochs_last_batch_stops_there(tmp_path, monkeypatch):
     # out of time right after the last step of epoch 1: that epoch is validated, nothing more runs
-    monkeypatch.setattr(train.Trainer, "_out_of_time", lambda self, elapsed, done: done == self.steps_per_epoch)
+    monkeypatch.setattr(train.Trainer, "_should_stop", lambda self, elapsed, done: done == self.steps_per_epoch)
     _train(tmp_path, "--stage", "vqvae", "--epochs", "3", "--minutes", "5")
     state = torch.load(tmp_path / "vqvae.pt", weights_only=True)["trainer"]
     assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 6)
@@ -1235,3 +1235,27 @@ def test_two_level_train_and_sample(tmp_path, capsys):
                         str(folder / "sample_001.nii.gz")])
     assert len(sims) == 2 and all(0 < v.item() <= 1 for v in sims)
     assert "identical codes: True" in capsys.readouterr().out
+
+
+def test_sigterm_saves_at_the_next_step_and_resume_finishes(tmp_path, capsys, monkeypatch):
+    lr_at = train._lr_at
+
+    sent = []
+
+    def preempted(step, total, lr):  # a cluster's SIGTERM arrives during step 5
+        if step == 5 and not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        return lr_at(step, total, lr)
+
+    monkeypatch.setattr(train, "_lr_at", preempted)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "--stage", "vqvae")
+    assert e.value.code == 130 and signal.getsignal(signal.SIGTERM) is before
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM at step 6" in err and "--resume" in err and "Traceback" not in err
+    state = torch.load(tmp_path / "vqvae.pt", weights_only=True)["trainer"]
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 6)  # step 6 ended the epoch
+    monkeypatch.setattr(train, "_lr_at", lr_at)
+    _train(tmp_path, "--stage", "vqvae", "--resume")
+    assert torch.load(tmp_path / "vqvae.pt", weights_only=True)["trainer"]["step"] == 12

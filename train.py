@@ -9,13 +9,16 @@ reads), metrics.jsonl, summary.json (the figures of the model in model.pt) and P
 """
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import inspect
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, fields
@@ -133,6 +136,7 @@ class Run:
             # run in float64 or with their own settings, so reported figures do not move.
             vq.set_tf32(True)
         self.main = self.rank == 0
+        self.signalled = None  # the name of a SIGINT / SIGTERM that came: save at the next step, then stop
         self.out = Path(args.out)
         self.t0 = time.time()
 
@@ -237,6 +241,32 @@ def _check_resumable(run, path, ckpt, settings):
                          "resume with the same number of processes")
 
 
+class Interrupted(Exception):
+    """Training stopped by SIGINT / SIGTERM, after saving."""
+
+
+@contextlib.contextmanager
+def _save_on_signals(run):
+    """SIGINT and SIGTERM (a cluster's preemption) ask the loop to save and stop at the next step;
+    a second one stops at once, as usual."""
+    def handler(signum, frame):
+        run.signalled = signal.Signals(signum).name
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in saved:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
 class Trainer:
     """The loop both stages share: epochs, resumable mid-epoch, budget, log lines, best by validation."""
 
@@ -303,14 +333,15 @@ class Trainer:
     def done(self):
         return self.epoch >= self.epochs
 
-    def _out_of_time(self, elapsed, steps_done):
+    def _should_stop(self, elapsed, steps_done):
+        """Stop before this step: the --minutes budget is spent, or SIGINT / SIGTERM came."""
         budget = self.run.args.minutes
-        if not budget or steps_done == 0:  # every call makes progress, however small the budget
-            return False
+        # every call makes progress, however small the budget
+        want = self.run.signalled is not None or bool(budget and steps_done and elapsed > budget * 60)
         if self.run.world == 1:
-            return elapsed > budget * 60
-        # Each rank has its own clock: they vote every SYNC_EVERY steps, and all stop together.
-        return steps_done % SYNC_EVERY == 0 and self.run.vote(elapsed > budget * 60)
+            return want
+        # Each rank has its own clock and signals: they vote every SYNC_EVERY steps, and all stop together.
+        return steps_done % SYNC_EVERY == 0 and self.run.vote(want)
 
     def _check_finite(self, bad_step):
         if self.run.world > 1:  # every rank stops at the first bad step of any: none is left waiting
@@ -338,7 +369,7 @@ class Trainer:
             meter, n_meter, t_log, n_img = {}, 0, time.time(), 0
             epoch_sums, epoch_steps = {}, 0  # on the device: per-epoch means for metrics.jsonl
             while self.batch < len(batches):
-                if self._out_of_time(time.time() - fit_start, self.step - start_step):
+                if self._should_stop(time.time() - fit_start, self.step - start_step):
                     stopped = True
                     break
                 idx = batches[self.batch]
@@ -388,8 +419,12 @@ class Trainer:
                         " | ".join(self._fmt(k, v) for k, v in record.items() if k == "train_loss" or k[:4] == "val_"))
                 save()
             if stopped:
-                run.log(f"{self.name}: --minutes budget of {args.minutes} reached at step {self.step}")
                 save()
+                if run.vote(run.signalled is not None):  # a collective: every rank asks
+                    raise Interrupted(f"{self.name}: stopped by {run.signalled or 'a signal to another process'} at "
+                                      f"step {self.step}; saved {run.out / (self.name + '.pt')}: add --resume to "
+                                      "continue from there")
+                run.log(f"{self.name}: --minutes budget of {args.minutes} reached at step {self.step}")
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
 
@@ -740,6 +775,12 @@ def _refuse_overwrite(run, stages):
 def train(args):
     files = vq.find_splits(args.data) if args.data is not None else None  # a bad layout fails first, fast
     run = Run(args)
+    with _save_on_signals(run):
+        return _stages(run, files)
+
+
+def _stages(run, files):
+    args = run.args
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
     stages = ["vqvae", "prior"] if args.stage == "all" else [args.stage]
@@ -827,6 +868,9 @@ def main(argv=None):
         return train(args)
     except (UsageError, vq.DataError, vq.CheckpointError, FloatingPointError) as e:
         fail(str(e))
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -1,7 +1,7 @@
 """Everything a GPU has to measure, as one script that fits a short lease: at most 7 minutes.
 
     python -m kernels.gpu_check --out gpu_out            # on a GPU
-    python -m kernels.gpu_check --out /tmp/gc --quick    # tiny sizes on the CPU: under a minute (tests, CI)
+    python -m kernels.gpu_check --out /tmp/gc --quick    # tiny sizes on the CPU: about a minute (tests, CI)
 
 Steps, each in its own process under its own time limit, so one that fails or runs over is recorded
 and the next one starts:
@@ -38,13 +38,14 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository: where train.py 
 
 # Per-step limits in seconds. The full run's sequential steps sum to 385 s and the tree runs beside
 # the tests, so the whole stays under the 7 minutes with room for start-up; --quick (the CPU) stays
-# under a minute. Sized, not measured, for the GPU: from the H100 figures in the README (about 5 s a
+# about a minute on an idle core, with room for a busy or slow CI machine (its limits only catch a
+# hang). Sized, not measured, for the GPU: from the H100 figures in the README (about 5 s a
 # VQ-VAE epoch and 11 s a prior epoch at HipMRI size, an earlier train.py) and from compile counts.
 LIMITS = {"tree": 60, "tests": 60, "bench": 85, "train_bf16": 100, "sampler": 20, "train_fp32": 45,
           "train_compile": 75}
-QUICK_LIMITS = {"tree": 8, "tests": 15, "bench": 10, "train_bf16": 18, "sampler": 6, "train_fp32": 10,
+QUICK_LIMITS = {"tree": 40, "tests": 60, "bench": 50, "train_bf16": 90, "sampler": 30, "train_fp32": 50,
                 "train_compile": 0}
-TOTAL_S, QUICK_TOTAL_S = 415, 58
+TOTAL_S, QUICK_TOTAL_S = 415, 300
 # What the GPU run's tests select: every kernel test, and the GPU tests of test_vq.py. This script's
 # own test is left out (it would run the quick check inside the check), and so is the offline sm_90
 # compile test, which the compiled tests make redundant on a GPU.
@@ -257,7 +258,7 @@ def step_sampler(ctx, limit):
     status, seconds, _, out = _run([sys.executable, "sample.py", "--out", str(model), "--bench", "--n", n], limit,
                                    ctx.logs / "sampler.log", ctx.env)
     result = {"status": status, "n": int(n), "lines": _tail(out, 10)}
-    for name, secs, maps, passes in re.findall(r"^(\w+)\s+sampler: ([\d.]+) s for \d+ maps of (\(.*?\)) codes = "
+    for name, secs, maps, passes in re.findall(r"^(\w+)\s+sampler: ([\d.]+) s for \d+ maps of ([\dx +]+) codes = "
                                                r"([\d.]+) forward passes", out, re.M):
         result[name] = {"seconds": float(secs), "maps": maps, "forward_passes": float(passes)}
     if "cached" in result and not ctx.quick:
@@ -446,7 +447,7 @@ class _Context:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="where gpu_check.json, gpu_check.md and logs/ go (required)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes on the CPU, under a minute: for tests and CI")
+    p.add_argument("--quick", action="store_true", help="tiny sizes on the CPU, about a minute: for tests and CI")
     p.add_argument("--work", help="where the tree and the models go (default: a temporary folder, then removed)")
     p.add_argument("--only", nargs="+", choices=[name for name, _ in STEPS], help="run these steps only")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)

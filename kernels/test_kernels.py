@@ -429,7 +429,7 @@ def test_gpu_check_quick(tmp_path):
         assert 0 < run["test_ssim_mean"] < 1 and run["epochs_vqvae"] == 1
         assert all(run["img_per_s"][s]["median"] > 0 and run["seconds_per_epoch"][s] > 0 for s in stages)
     assert steps["train_bf16"]["prior_bits_per_code"] > 0
-    assert steps["sampler"]["cached"]["seconds"] > 0 and steps["sampler"]["cached"]["maps"] == "(16, 8)"
+    assert steps["sampler"]["cached"]["seconds"] > 0 and steps["sampler"]["cached"]["maps"] == "16x8"
     compare = report["compare"]
     assert compare["bf16_vs_fp32"]["same_epochs"] and compare["extrapolated"]["seconds_30_30"]["metrics"] > 0
     assert report["seconds"] < 60

@@ -42,13 +42,18 @@ PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 
 
 def _materialised(tf32):
     """torch's obvious search: the whole (N, K) score matrix, then argmin; ||c||^2 is precomputed."""
+    # torch's fp32_precision API where it exists: after a program used it, the legacy flag raises
+    knob = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(torch.backends, "fp32_precision") else "allow_tf32"
+    value = ("tf32" if tf32 else "ieee") if name == "fp32_precision" else tf32
+
     def search(z, c, c_sq):
-        saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        saved = getattr(knob, name)
+        setattr(knob, name, value)
         try:
             return torch.addmm(c_sq, z, c.T, alpha=-2).argmin(1)
         finally:
-            torch.backends.cuda.matmul.allow_tf32 = saved
+            setattr(knob, name, saved)
     return search
 
 

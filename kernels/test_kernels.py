@@ -407,14 +407,10 @@ def test_bench_main_writes_json(tmp_path):
 
 def test_gpu_check_quick(tmp_path):
     # The device script end to end in its CPU form: every step runs and leaves its figures.
-    vq = pytest.importorskip("vq")
-    if not hasattr(vq, "write_phantom_tree"):
-        pytest.skip("vq.write_phantom_tree has not landed yet (it moves there from train.py); the script writes "
-                    "its phantom tree with it")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-m", "kernels.gpu_check", "--out", str(tmp_path), "--quick"], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=1000)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = report["steps"]

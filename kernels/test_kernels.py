@@ -419,7 +419,7 @@ def test_gpu_check_quick(tmp_path):
         "train_compile": "skipped"}, {k: s.get("output", s.get("reason")) for k, s in steps.items()}
     assert steps["tests"]["passed"] == 2 and steps["tests"]["failed"] == 0
     assert steps["bench"]["rows"] and all(r["ms"] > 0 for r in steps["bench"]["rows"])
-    assert steps["tree"]["files"] == 2 * (64 + 16 + 16) and steps["tree"]["write_seconds"] > 0
+    assert steps["tree"]["files"] == 2 * (48 + 16 + 16) and steps["tree"]["write_seconds"] > 0
     for name, stages in (("train_bf16", ("vqvae", "prior")), ("train_fp32", ("vqvae",))):
         run = steps[name]
         assert 0 < run["test_ssim_mean"] < 1 and run["epochs_vqvae"] == 1

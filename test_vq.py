@@ -492,47 +492,35 @@ def test_dead_codes_restart_where_the_data_is_worst_served():
 def test_restarts_keep_the_codebook_in_use_from_the_start():
     # The encoder's first outputs are nearly constant and drift by more than their spread each
     # step, which left k-means-seeded codes behind: 3 of 128 codes in use after 8 steps.
-    def used_codes(dead_threshold):
-        torch.manual_seed(0)
-        x = vq.phantom_slices(160, (64, 32), seed=3)
-        model = vq.VQVAE(vq.VQVAEConfig(channels=32, code_dim=16, n_codes=64, dead_threshold=dead_threshold))
-        model.quantizer.generator = torch.Generator().manual_seed(1)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        used = []
-        for step in range(30):
-            for group in opt.param_groups:
-                group["lr"] = train._lr_at(step, 300, 1e-3)
-            _, loss, stats = model(x[step * 16 % 160:][:16])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            used.append(round(stats["usage"].item() * 64))
-        return used
-
-    with_restarts, without = used_codes(0.01), used_codes(0.0)
+    with_restarts, without = _codes_in_use(0.01, 160, 30, schedule=True), _codes_in_use(0.0, 160, 30, schedule=True)
     assert min(with_restarts[10:]) >= 32, with_restarts
     assert min(without[10:]) < 16, without  # the collapse this guards against
 
 
 def test_top_codebook_restarts_like_the_bottom_one():
-    def top_used(dead_threshold):
-        torch.manual_seed(0)
-        x = vq.phantom_slices(96, (64, 32), seed=3)
-        model = vq.VQVAE(vq.VQVAEConfig(channels=32, code_dim=16, n_codes=64, levels=2,
-                                        dead_threshold=dead_threshold))
-        model.quantizer.generator = model.quantizer_top.generator = torch.Generator().manual_seed(1)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        used = []
-        for step in range(16):
-            _, loss, stats = model(x[step * 16 % 96:][:16])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            used.append(round(stats["usage_top"].item() * 64))
-        return used
-
-    with_restarts, without = top_used(0.01), top_used(0.0)
+    with_restarts, without = _codes_in_use(0.01, 96, 16, levels=2), _codes_in_use(0.0, 96, 16, levels=2)
     assert sum(with_restarts[6:]) > 3 * sum(without[6:]) and min(with_restarts[6:]) > 8, (with_restarts, without)
+
+
+def _codes_in_use(dead_threshold, n, steps, levels=1, schedule=False):
+    """Codes of the (top, with two levels) codebook in use at each of the first training steps on n phantom slices."""
+    torch.manual_seed(0)
+    x = vq.phantom_slices(n, (64, 32), seed=3)
+    model = vq.VQVAE(vq.VQVAEConfig(channels=32, code_dim=16, n_codes=64, levels=levels, dead_threshold=dead_threshold))
+    model.quantizer.generator = torch.Generator().manual_seed(1)
+    if levels == 2:
+        model.quantizer_top.generator = model.quantizer.generator
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    used = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = train._lr_at(step, 300, 1e-3) if schedule else 1e-3
+        _, loss, stats = model(x[step * 16 % n:][:16])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        used.append(round(stats["usage_top" if levels == 2 else "usage"].item() * 64))
+    return used
 
 
 def test_kmeans_init_puts_codes_on_the_data():

@@ -1198,7 +1198,7 @@ class PixelCNN(nn.Module):
 
     def loss(self, codes, position=None, cond=None):
         """Mean cross-entropy per code as (nats, bits)."""
-        nats = F.cross_entropy(self(codes, position, cond), codes)
+        nats = code_nats(self(codes, position, cond), codes)
         return nats, nats / math.log(2)
 
     def draw_positions(self, n, generator=None):
@@ -1366,17 +1366,15 @@ def prior_bits(prior, codes, position=None, batch_size=128):
         for k in range(0, len(levels[0]), batch_size):
             part = tuple(c[k:k + batch_size].to(device) for c in levels)
             p = None if position is None else position[k:k + batch_size].to(device)
-            logits = prior(part if isinstance(codes, tuple) else part[0], p)
-            logits = logits if isinstance(codes, tuple) else (logits,)
+            logits = as_levels(prior(part if isinstance(codes, tuple) else part[0], p))
             sums += torch.stack([F.cross_entropy(lg.float(), c, reduction="sum").double().cpu()
                                  for lg, c in zip(logits, part)])
     finally:
         prior.train(training)
     bits = sums / math.log(2)
-    per_level = [b.item() / c.numel() for b, c in zip(bits, levels)]
     out = {"per_code": bits.sum().item() / sum(c.numel() for c in levels), "per_slice": bits.sum().item() / len(levels[0])}
     if len(levels) == 2:
-        out.update(per_code_top=per_level[0], per_code_bottom=per_level[1])
+        out.update(per_code_top=bits[0].item() / levels[0].numel(), per_code_bottom=bits[1].item() / levels[1].numel())
     return out
 
 
@@ -1393,25 +1391,26 @@ def sample_slices(vqvae, prior, n, temperature=1.0, generator=None, position=Non
     return torch.cat(out)
 
 
+def _tf32_knobs():
+    """(object, attribute, on, off) of the TF32 switches for matmuls and convolutions: torch's fp32_precision
+    API where it exists (torch >= 2.9; a program that set it may not read the legacy flags), else the flags."""
+    if hasattr(torch.backends, "fp32_precision"):
+        return [(torch.backends.cuda.matmul, "fp32_precision", "tf32", "ieee"),
+                (torch.backends.cudnn.conv, "fp32_precision", "tf32", "ieee")]
+    return [(torch.backends.cuda.matmul, "allow_tf32", True, False), (torch.backends.cudnn, "allow_tf32", True, False)]
+
+
 def set_tf32(on):
-    """TF32 for float32 matmuls and convolutions on or off; returns the previous settings for _restore_tf32.
-    Uses torch's fp32_precision API where it exists: a program that set it may not read the legacy flags."""
-    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9
-        knobs = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
-        saved = [k.fp32_precision for k in knobs]
-        for k in knobs:
-            k.fp32_precision = "tf32" if on else "ieee"
-        return saved
-    saved = [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    """TF32 for float32 matmuls and convolutions on or off; returns the previous settings for _restore_tf32."""
+    saved = [getattr(obj, name) for obj, name, _, _ in _tf32_knobs()]
+    for obj, name, yes, no in _tf32_knobs():
+        setattr(obj, name, yes if on else no)
     return saved
 
 
 def _restore_tf32(saved):
-    if hasattr(torch.backends, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
-    else:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    for (obj, name, _, _), value in zip(_tf32_knobs(), saved):
+        setattr(obj, name, value)
 
 
 @contextlib.contextmanager

@@ -82,21 +82,18 @@ def parse_args(argv=None):
     p.add_argument("--bf16", type=_bool, default=True, help="bf16 autocast on CUDA (default true)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable file")
     p.add_argument("--log_every", type=int, default=50, help="steps between log lines")
-    p.add_argument("--bench_load", type=int, metavar="N", help="time loading N phantom .nii.gz slices, then exit")
     _config_flags(p, vq.VQVAEConfig)
     _config_flags(p, vq.PriorConfig, skip=("n_codes", "height", "width", "positional", "cond_codes"))
     known, _ = p.parse_known_args([a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")])
     p.set_defaults(**(REAL_DEFAULTS if known.data else PHANTOM_DEFAULTS))
     args = p.parse_args(argv)
-    for name in ("batch_size", "prior_batch_size", "n_train", "n_val", "n_test", "log_every"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("epochs", "prior_epochs"):
-        if getattr(args, name) < 0:
-            fail(f"--{name} must be 0 or more, got {getattr(args, name)}")
-    for name in ("lr", "prior_lr", "minutes"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            fail(f"--{name} must be positive, got {getattr(args, name)}")
+    for names, ok, rule in ((("batch_size", "prior_batch_size", "n_train", "n_val", "n_test", "log_every"),
+                             lambda v: v >= 1, "at least 1"),
+                            (("epochs", "prior_epochs"), lambda v: v >= 0, "0 or more"),
+                            (("lr", "prior_lr", "minutes"), lambda v: v > 0, "positive")):  # NaN is not positive
+        for name in names:
+            if getattr(args, name) is not None and not ok(getattr(args, name)):
+                fail(f"--{name} must be {rule}, got {getattr(args, name)}")
     if min(args.size) < 16:
         fail(f"--size must be at least 16 x 16 (SSIM's window is 11), got {args.size[0]} {args.size[1]}")
     check_seed_and_device(args)
@@ -113,11 +110,7 @@ class Run:
         self.args = args
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         local = int(os.environ.get("LOCAL_RANK", 0))
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device.split(":")[0] not in ("cpu", "cuda"):
-            raise UsageError(f"--device {device}: expected cpu, cuda or cuda:N")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: no CUDA device is available")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # checked by parse_args
         if ":" in device and self.world > 1:
             raise UsageError(f"--device {device} would put all {self.world} processes on one GPU: pass --device cuda "
                              "(each process takes the GPU of its LOCAL_RANK)")
@@ -168,35 +161,41 @@ class Run:
         """Every rank's random state, gathered (a collective: all ranks call it together)."""
         mine = {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        if self.world == 1:
-            return [mine]
-        every = [None] * self.world
-        dist.all_gather_object(every, mine)
+        every = [mine] + [None] * (self.world - 1)
+        if self.world > 1:
+            dist.all_gather_object(every, mine)
         return every
 
     def set_rng_state(self, states):
-        mine = states[self.rank]
-        torch.set_rng_state(mine["cpu"])
-        if self.device.type == "cuda" and mine["cuda"] is not None:
-            torch.cuda.set_rng_state(mine["cuda"], self.device)
+        torch.set_rng_state(states[self.rank]["cpu"])
+        if self.device.type == "cuda" and states[self.rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(states[self.rank]["cuda"], self.device)
 
     def seed(self, salt=0):
         """Seed for what should differ between ranks (dropout, restarts): seed, rank and salt."""
         torch.manual_seed(self.args.seed * 1_000_003 + self.rank * 7919 + salt)
 
 
-def load_data(args, log, files=None):
-    """The splits of args.data, or the phantom set (files: find_splits' lists, if already found); the
-    skipped files are logged once each."""
+def load_data(run, files=None):
+    """The splits of --data, or the phantom set (files: find_splits' lists, if already found), logged.
+    Under DDP rank 0 decodes the slices and fills the cache; the other ranks then read it."""
+    args = run.args
     settings = {"source": args.data, "size": args.size,
                 "phantom": None if args.data else [args.seed, args.n_train, args.n_val, args.n_test]}
+    if run.world > 1 and not run.main:
+        dist.barrier()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", vq.SkippedFileWarning)  # logged below, once each
         data = vq.load_splits(settings, strict=args.strict, files=files)
+    if run.world > 1 and run.main:
+        dist.barrier()
     if data["skipped"]:
-        log(f"skipped {len(data['skipped'])} unreadable file(s):")
-        for s in data["skipped"]:
-            log(f"  {s['file']}: {s['reason']}")
+        run.log(f"skipped {len(data['skipped'])} unreadable file(s):\n"
+                + "\n".join(f"  {s['file']}: {s['reason']}" for s in data["skipped"]))
+    if data["positions"]["train"] is None:
+        run.log("slice names carry no slice number (such as slice_Z): the prior is not conditioned on positions")
+    run.log(f"data: {len(data['train'])} train, {len(data['validate'])} validate, {len(data['test'])} test slices "
+            f"of {tuple(data['train'].shape[-2:])} from {data['settings']['source']} | device {run.device}")
     return data
 
 
@@ -229,8 +228,16 @@ def _fingerprint(model):
     return h.hexdigest()[:16]
 
 
-def _check_resumable(run, path, ckpt, settings):
-    """Refuse to resume a checkpoint written for other data, another size or another number of processes."""
+def _resume_state(run, name, settings, config_key, config):
+    """The checkpoint to resume a stage from, or None when this run starts it afresh; refused when it was
+    written with other flags, for other data or size, or by another number of processes."""
+    path = run.out / f"{name}.pt"
+    if not (run.args.resume and path.exists()):
+        return None
+    ckpt = vq.load_checkpoint(path)
+    if ckpt[config_key] != config:
+        raise UsageError(f"{path} was trained with other {'prior' if name == 'prior' else 'model'} flags: "
+                         f"{ckpt[config_key]}")
     saved, world = ckpt.get("data", {}), ckpt["trainer"].get("world", 1)
     for key, flag in (("source", "--data"), ("size", "--size")):
         if saved.get(key) != settings[key]:
@@ -239,6 +246,7 @@ def _check_resumable(run, path, ckpt, settings):
     if world != run.world:
         raise UsageError(f"{path} was written by {world} process(es), this run has {run.world}: "
                          "resume with the same number of processes")
+    return ckpt
 
 
 class Interrupted(Exception):
@@ -281,8 +289,7 @@ class Trainer:
         if n_train < run.world:
             raise UsageError(f"{name}: {n_train} training slice(s) cannot be shared by {run.world} processes: "
                              "use fewer processes or more data")
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0,
-                                     fused=run.device.type == "cuda")
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=run.device.type == "cuda")
         self.steps_per_epoch = math.ceil(n_train // run.world / batch_size)
         run.log(f"{name}: batches of {batch_size}{f' per process x {run.world}' if run.world > 1 else ''}, "
                 f"{self.steps_per_epoch} steps an epoch")
@@ -312,7 +319,11 @@ class Trainer:
             "generator": self.generator.get_state() if self.generator is not None else None,
         }
 
-    def load_state(self, s):
+    def resume(self, ckpt):
+        """Continue from a checkpoint of _resume_state (None: start afresh)."""
+        if ckpt is None:
+            return
+        s = ckpt["trainer"]
         if s["batch_size"] != self.batch_size:  # the position in the epoch would index other batches
             raise UsageError(f"{self.name} was trained with batch size {s['batch_size']}, not {self.batch_size}: "
                              "resume with the same batch size")
@@ -325,13 +336,10 @@ class Trainer:
         if self.generator is not None:
             self.generator.set_state(s["generator"])
         _trim_metrics(self.run, lambda r: r["stage"] != self.name or r["epoch"] <= self.epoch)  # a crash's leftovers
+        self.run.log(f"{self.name}: resumed at epoch {self.epoch} step {self.step}")
         if self.epochs * self.steps_per_epoch > self.schedule_steps:
             self.run.log(f"{self.name}: training on to epoch {self.epochs}; the epochs past the original schedule "
                          f"run at its final learning rate")
-
-    @property
-    def done(self):
-        return self.epoch >= self.epochs
 
     def _should_stop(self, elapsed, steps_done):
         """Stop before this step: the --minutes budget is spent, or SIGINT / SIGTERM came."""
@@ -354,20 +362,18 @@ class Trainer:
                 f"{self.name}: the loss became non-finite at step {s} (epoch {self.epoch + 1}); stopped, the last "
                 f"checkpoint in {self.run.out} is intact: try a lower learning rate")
 
-    def fit(self, save):
-        """Train to self.epochs or the --minutes budget; save() writes the resumable state."""
+    def fit(self, checkpoint):
+        """Train to self.epochs or the --minutes budget; after each epoch (and when stopped) NAME.pt gets
+        the checkpoint dict with the resumable state under "trainer"."""
         run, args = self.run, self.run.args
-        dev = run.device
         start = fit_start = time.time()
         start_step = self.step
-        bad_step = torch.tensor(-1, device=dev)  # the first step whose loss was not finite, kept on the device
+        bad_step = torch.tensor(-1, device=run.device)  # the first step whose loss was not finite, on the device
         stopped = False
-        while not self.done and not stopped:
+        while self.epoch < self.epochs and not stopped:
             self.model.train()
-            order = _epoch_order(run, self.n_train, self.epoch).to(dev)
-            batches = order.split(self.batch_size)
-            meter, n_meter, t_log, n_img = {}, 0, time.time(), 0
-            epoch_sums, epoch_steps = {}, 0  # on the device: per-epoch means for metrics.jsonl
+            batches = _epoch_order(run, self.n_train, self.epoch).to(run.device).split(self.batch_size)
+            sums, steps, logged, t_log, n_img = {}, 0, (0.0, 0), time.time(), 0  # sums on the device: no syncs
             while self.batch < len(batches):
                 if self._should_stop(time.time() - fit_start, self.step - start_step):
                     stopped = True
@@ -380,26 +386,23 @@ class Trainer:
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
-                loss = loss.detach()
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), self.step, bad_step)
-                epoch_steps += 1
-                self.batch, self.step, n_img = self.batch + 1, self.step + 1, n_img + len(idx) * run.world
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), self.step, bad_step)
                 for k, v in dict(parts, loss=loss).items():
-                    meter[k] = meter.get(k, 0.0) + v.detach().float()
-                    epoch_sums[k] = epoch_sums.get(k, 0.0) + v.detach().float()
-                n_meter += 1
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+                self.batch, self.step, steps = self.batch + 1, self.step + 1, steps + 1
+                n_img += len(idx) * run.world
                 if self.step % args.log_every == 0 or self.batch == len(batches):
                     self._check_finite(bad_step)
-                    values = torch.stack(list(meter.values())).div(n_meter).tolist()  # one sync per line
-                    rate = n_img / max(time.time() - t_log, 1e-9)
+                    now = torch.stack(list(sums.values()))
+                    values = ((now - logged[0]) / (steps - logged[1])).tolist()  # one sync per line
                     per_step = (time.time() - fit_start) / max(1, self.step - start_step)
                     eta = per_step * (self.epochs * len(batches) - self.step)
                     if args.minutes:
                         eta = min(eta, args.minutes * 60 - (time.time() - fit_start))
-                    shown = " | ".join(self._fmt(k, v) for k, v in zip(meter, values))
-                    run.log(f"{self.name} ep {self.epoch + 1}/{self.epochs} step {self.step} | {shown} | "
-                            f"{rate:.0f} img/s | eta {_fmt_time(eta)}")
-                    meter, n_meter, t_log, n_img = {}, 0, time.time(), 0
+                    run.log(f"{self.name} ep {self.epoch + 1}/{self.epochs} step {self.step} | "
+                            + " | ".join(self._fmt(k, v) for k, v in zip(sums, values))
+                            + f" | {n_img / max(time.time() - t_log, 1e-9):.0f} img/s | eta {_fmt_time(eta)}")
+                    logged, t_log, n_img = (now, steps), time.time(), 0
             self._check_finite(bad_step)
             self.seconds += time.time() - start
             start = time.time()
@@ -408,18 +411,17 @@ class Trainer:
                 record = self.validate(self.model)
                 if self.best is None or self.better(record, self.best):
                     self.best, self.best_state = record, copy.deepcopy(self.model.state_dict())
-                means = torch.stack(list(epoch_sums.values())).div(max(1, epoch_steps)).tolist() if epoch_sums else []
-                record = dict({f"train_{k}": v for k, v in zip(epoch_sums, means)},
+                means = torch.stack(list(sums.values())).div(max(1, steps)).tolist() if sums else []
+                record = dict({f"train_{k}": v for k, v in zip(sums, means)},
                               lr=_lr_at(self.step - 1, self.schedule_steps, self.lr), **record)
                 run.write_metrics(dict(stage=self.name, epoch=self.epoch, step=self.step,
                                        seconds=round(self.seconds, 1), **record))
                 if run.main:
-                    draw_curves(_read_metrics(run), run.out / "curves.png")
+                    draw_curves(_read_json_lines(run.out / "metrics.jsonl"), run.out / "curves.png")
                 run.log(f"{self.name} ep {self.epoch}/{self.epochs} validation | " +
                         " | ".join(self._fmt(k, v) for k, v in record.items() if k == "train_loss" or k[:4] == "val_"))
-                save()
+            run.save({**checkpoint, "trainer": self.state()}, f"{self.name}.pt")  # an epoch ended, or a stop
             if stopped:
-                save()
                 if run.vote(run.signalled is not None):  # a collective: every rank asks
                     raise Interrupted(f"{self.name}: stopped by {run.signalled or 'a signal to another process'} at "
                                       f"step {self.step}; saved {run.out / (self.name + '.pt')}: add --resume to "
@@ -487,33 +489,21 @@ def _config(config_cls, args, **derived):
 
 
 def _code_stats(codes, n_codes):
-    """Usage, perplexity and unigram bits per code of code maps; with two levels per level (keys "_top"
-    for the top map) and "bits" over both."""
-    if isinstance(codes, tuple):
-        top, bottom = (_code_stats(c, n_codes) for c in codes)
-        n_top, n_bottom = codes[0][0].numel(), codes[1][0].numel()
-        return {**bottom, **{f"{k}_top": v for k, v in top.items()},
-                "bits": (top["bits"] * n_top + bottom["bits"] * n_bottom) / (n_top + n_bottom)}
-    counts = torch.bincount(codes.flatten(), minlength=n_codes).double()
-    p = counts / counts.sum()
-    entropy = max(0.0, -(p[p > 0] * p[p > 0].log2()).sum().item())  # no -0.0 when one code is used
-    return {"usage": (counts > 0).double().mean().item(), "perplexity": 2 ** entropy, "bits": entropy}
+    """Usage, perplexity and unigram bits per code of code maps; with two levels, usage and perplexity per
+    level ("_top" for the top map) and "bits" over both."""
+    stats, bits, total = {}, 0.0, sum(c[0].numel() for c in vq.as_levels(codes))
+    for suffix, c in zip(("_top", "") if isinstance(codes, tuple) else ("",), vq.as_levels(codes)):
+        p = torch.bincount(c.flatten(), minlength=n_codes).double()
+        p = p[p > 0] / p.sum()
+        entropy = max(0.0, -(p * p.log2()).sum().item())  # no -0.0 when one code is used
+        stats.update({f"usage{suffix}": len(p) / n_codes, f"perplexity{suffix}": 2 ** entropy})
+        bits += entropy * (c[0].numel() / total)
+    return {**stats, "bits": bits}
 
 
 def _on_device(run, x):
     """Training data on the GPU as float16 (HipMRI: 0.75 GB), so no step waits for a host copy."""
     return x.to(run.device, torch.float16) if run.device.type == "cuda" else x
-
-
-def _resume_state(run, name, settings, check_config):
-    """The checkpoint to resume from, checked, or None when this run starts the stage afresh."""
-    path = run.out / f"{name}.pt"
-    if not (run.args.resume and path.exists()):
-        return None
-    ckpt = vq.load_checkpoint(path)
-    check_config(ckpt)
-    _check_resumable(run, path, ckpt, settings)
-    return ckpt
 
 
 def train_vqvae(run, data):
@@ -546,11 +536,10 @@ def train_vqvae(run, data):
         codes = _code_stats(m.encode(val_x), cfg.n_codes)
         if run.main:
             save_png(run.out / "recon.png", _pairs(val_x[:8], r[:8], rot))
-            shown = [trainer.history[round(i)] for i in np.linspace(0, len(trainer.history) - 1,
-                                                                      min(10, len(trainer.history)))]
-            save_png(run.out / "progress.png",
-                        image_grid(torch.stack([val_x[0, 0], *[h.float() for h in shown]])[:, None], ncol=11,
-                                      rot90=rot))
+            shown = [trainer.history[round(i)].float() for i in np.linspace(0, len(trainer.history) - 1,
+                                                                              min(10, len(trainer.history)))]
+            save_png(run.out / "progress.png", image_grid(torch.stack([val_x[0, 0], *shown])[:, None], ncol=11,
+                                                          rot90=rot))
         return {"val_ssim": vq.ssim(val_x, r).mean().item(),
                 "val_ssim_body": vq.ssim(val_x, r, foreground=0.1).nanmean().item(),
                 "val_psnr": vq.psnr(val_x, r).mean().item(),
@@ -559,20 +548,8 @@ def train_vqvae(run, data):
     trainer = Trainer(run, "vqvae", model, step_fn, len(train_x), args.batch_size, args.epochs, args.lr,
                       validate, better=lambda a, b: a["val_ssim"] > b["val_ssim"],
                       generator=model.quantizer.generator)
-
-    def same_config(ckpt):
-        if ckpt["vqvae_config"] != asdict(cfg):
-            raise UsageError(f"{run.out / 'vqvae.pt'} was trained with other model flags: {ckpt['vqvae_config']}")
-
-    ckpt = _resume_state(run, "vqvae", data["settings"], same_config)
-    if ckpt:
-        trainer.load_state(ckpt["trainer"])
-        run.log(f"vqvae: resumed at epoch {trainer.epoch} step {trainer.step}")
-
-    def save():
-        run.save({"vqvae_config": asdict(cfg), "data": data["settings"], "trainer": trainer.state()}, "vqvae.pt")
-
-    trainer.fit(save)
+    trainer.resume(_resume_state(run, "vqvae", data["settings"], "vqvae_config", asdict(cfg)))
+    trainer.fit({"vqvae_config": asdict(cfg), "data": data["settings"]})
     return model.eval(), trainer
 
 
@@ -607,15 +584,6 @@ def evaluate_vqvae(run, model, data, trainer=None):
 # ----------------------------------------------------------------------------- stage 2
 
 
-def _take(codes, idx):
-    """Rows idx of code maps, or of each level's maps."""
-    return tuple(c[idx] for c in codes) if isinstance(codes, tuple) else codes[idx]
-
-
-def _to(codes, device):
-    return tuple(c.to(device) for c in codes) if isinstance(codes, tuple) else codes.to(device)
-
-
 def train_prior(run, data, vqvae, fingerprint):
     args = run.args
     t0 = time.time()
@@ -637,48 +605,37 @@ def train_prior(run, data, vqvae, fingerprint):
             m.position_quantiles.copy_(q)
     saved_cfg = {k: asdict(c) for k, c in cfg.items()} if two else asdict(cfg)
     run.seed(salt=1)
-    train_c, val_c = _to(codes["train"], run.device), codes["validate"]
+    train_c = tuple(c.to(run.device) for c in vq.as_levels(codes["train"]))
     train_p = pos["train"].to(run.device) if shared["positional"] else None
     run.log(f"prior: encoded {len(data['train'])} train slices into {'two levels of ' if two else ''}"
             f"{h}x{w} code maps in {time.time() - t0:.1f}s"
             + (" | conditioned on slice positions" if shared["positional"] else ""))
 
     def step_fn(net, idx):
-        c = _take(train_c, idx)
+        c = tuple(level[idx] for level in train_c) if two else train_c[0][idx]
         nats = vq.code_nats(net(c, None if train_p is None else train_p[idx]), c)
         return nats, {"bits": nats.detach() / math.log(2)}
 
     def validate(m):
         return {f"val_bits{'' if k == 'per_code' else '_' + k}": v
-                for k, v in vq.prior_bits(m, val_c, pos["validate"]).items()}
+                for k, v in vq.prior_bits(m, codes["validate"], pos["validate"]).items()}
 
     trainer = Trainer(run, "prior", prior, step_fn, len(data["train"]), args.prior_batch_size or args.batch_size,
                       args.prior_epochs, args.prior_lr, validate, better=lambda a, b: a["val_bits"] < b["val_bits"])
     path = run.out / "prior.pt"
-
-    def same_config(ckpt):
-        if ckpt["prior_config"] != saved_cfg:
-            raise UsageError(f"{path} was trained with other prior flags: {ckpt['prior_config']}")
-
-    stale = path.exists() and vq.load_checkpoint(path).get("vqvae_fingerprint") != fingerprint
-    if stale:  # its codes are another VQ-VAE's: nothing in it applies to this one
+    if path.exists() and vq.load_checkpoint(path).get("vqvae_fingerprint") != fingerprint:
+        # its codes are another VQ-VAE's: nothing in it applies to this one
         run.log(f"prior: {path} belongs to another VQ-VAE than {run.out / 'model.pt'}: training the prior afresh")
-    ckpt = None if stale else _resume_state(run, "prior", data["settings"], same_config)
-    if ckpt:
-        trainer.load_state(ckpt["trainer"])
-        run.log(f"prior: resumed at epoch {trainer.epoch} step {trainer.step}")
-
-    def save():
-        run.save({"prior_config": saved_cfg, "data": data["settings"], "vqvae_fingerprint": fingerprint,
-                  "trainer": trainer.state()}, "prior.pt")
-
-    trainer.fit(save)
+    else:
+        trainer.resume(_resume_state(run, "prior", data["settings"], "prior_config", saved_cfg))
+    trainer.fit({"prior_config": saved_cfg, "data": data["settings"], "vqvae_fingerprint": fingerprint})
     prior.eval()
     stats = {}
     if run.main:
         rot = data["settings"]["rot90"]
         g = torch.Generator(run.device).manual_seed(args.seed)
-        save_png(run.out / "samples.png", image_grid(vq.sample_slices(vqvae, prior, 16, generator=g), ncol=8, rot90=rot))
+        samples = vq.sample_slices(vqvae, prior, 16, generator=g)
+        save_png(run.out / "samples.png", image_grid(samples, ncol=8, rot90=rot))
         if shared["positional"]:  # columns from the first slice of a volume (0) to the last (1), two rows
             where = torch.linspace(0, 1, 8, device=run.device).repeat(2)
             strip = vq.sample_slices(vqvae, prior, 16, generator=g, position=where)
@@ -692,31 +649,6 @@ def train_prior(run, data, vqvae, fingerprint):
         "prior_val_bits_best": trainer.best["val_bits"] if trainer.best else None,
         "seconds_prior": round(trainer.seconds, 1), "epochs_prior": trainer.epoch,
     }, saved_cfg
-
-
-# ----------------------------------------------------------------------------- loader benchmark
-
-
-def bench_load(n, size):
-    """Write n phantom slices, then time the usual nibabel loop, load_slices cold and warm."""
-    import tempfile
-
-    import nibabel as nib
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder, cache = vq.write_phantom_tree(tmp, n, 0, 0, size) / "keras_slices_train", Path(tmp) / "cache"
-        t = time.perf_counter()
-        np.stack([nib.load(f).get_fdata() for f in sorted(folder.glob("*.nii.gz"))])  # what people write
-        times = {"naive": time.perf_counter() - t}
-        for name in ("cold", "warm"):
-            t = time.perf_counter()
-            vq.load_slices(folder, size=size, cache_dir=cache)
-            times[name] = time.perf_counter() - t
-    print(f"{n} slices of {size[0]}x{size[1]}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
-    print(f"naive nib.load().get_fdata() loop  {times['naive']:7.2f} s")
-    print(f"load_slices, cold (empty cache)   {times['cold']:7.2f} s   {times['naive'] / times['cold']:.2f}x faster")
-    print(f"load_slices, warm (cached)        {times['warm']:7.2f} s")
-    return times
 
 
 # ----------------------------------------------------------------------------- main
@@ -738,10 +670,6 @@ def _read_json_lines(path):
     return records
 
 
-def _read_metrics(run):
-    return _read_json_lines(run.out / "metrics.jsonl")
-
-
 def _read_summary(path):
     try:
         return json.loads(path.read_text()) if path.exists() else {}
@@ -752,8 +680,8 @@ def _read_summary(path):
 def _trim_metrics(run, keep):
     """Drop the records that no longer describe the checkpoints: keep(record) says which stay."""
     if run.main and (run.out / "metrics.jsonl").exists():
-        kept = [r for r in _read_metrics(run) if keep(r)]
-        vq.save_json(run.out / "metrics.jsonl", lines=kept)
+        path = run.out / "metrics.jsonl"
+        vq.save_json(path, lines=[r for r in _read_json_lines(path) if keep(r)])
 
 
 def _refuse_overwrite(run, stages):
@@ -780,32 +708,28 @@ def train(args):
 
 
 def _stages(run, files):
-    args = run.args
+    args, model_path, summary_path = run.args, run.out / "model.pt", run.out / "summary.json"
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
     stages = ["vqvae", "prior"] if args.stage == "all" else [args.stage]
     if args.resume and not any((run.out / f"{s}.pt").exists() for s in stages):
         raise UsageError(f"--resume: nothing to resume in {run.out} (no {' or '.join(s + '.pt' for s in stages)})")
-    if args.stage == "prior" and not (run.out / "model.pt").exists():
-        raise UsageError(f"--stage prior needs a trained VQ-VAE: {run.out / 'model.pt'} does not exist")
+    if args.stage == "prior" and not model_path.exists():
+        raise UsageError(f"--stage prior needs a trained VQ-VAE: {model_path} does not exist")
     _refuse_overwrite(run, stages)
-    if run.world > 1 and not run.main:
-        dist.barrier()  # rank 0 decodes the slices and fills the cache; the other ranks then read it
-    data = load_data(args, run.log, files)
-    if run.world > 1 and run.main:
-        dist.barrier()
-    if data["positions"]["train"] is None:
-        run.log("slice names carry no slice number (such as slice_Z): the prior is not conditioned on positions")
-    n = {k: len(data[k]) for k in ("train", "validate", "test")}
-    run.log(f"data: {n['train']} train, {n['validate']} validate, {n['test']} test slices of "
-            f"{tuple(data['train'].shape[-2:])} from {data['settings']['source']} | device {run.device}")
-    summary_path = run.out / "summary.json"
-    common = dict(n_train=n["train"], n_val=n["validate"], n_test=n["test"], skipped_files=data["skipped"],
-                  device=str(run.device) + (f" x{run.world}" if run.world > 1 else ""), data=data["settings"])
-    # summary.json always describes model.pt: both are rewritten together after every stage
-    model_path = run.out / "model.pt"
+    data = load_data(run, files)
+    common = dict(n_train=len(data["train"]), n_val=len(data["validate"]), n_test=len(data["test"]),
+                  skipped_files=data["skipped"], device=str(run.device) + (f" x{run.world}" if run.world > 1 else ""),
+                  data=data["settings"])
+    # summary.json always describes model.pt: both are rewritten, one after the other, after every stage
     old = vq.load_checkpoint(model_path) if model_path.exists() else {}
     before = _read_summary(summary_path)
+
+    def write(final, summary):
+        if run.main:
+            run.save(final, "model.pt")
+            vq.save_json(summary_path, summary)
+
     if "vqvae" in stages:
         if not args.resume:
             _trim_metrics(run, lambda r: False)
@@ -819,9 +743,7 @@ def _stages(run, files):
             summary.update({k: v for k, v in before.items() if k.startswith(PRIOR_FIGURES)})
         else:
             _trim_metrics(run, lambda r: r["stage"] == "vqvae")  # a prior of the old codes no longer applies
-        if run.main:
-            run.save(final, "model.pt")
-            vq.save_json(summary_path, summary)
+        write(final, summary)
         run.log(f"vqvae test | ssim {summary['test_ssim_mean']:.4f} +- {summary['test_ssim_std']:.4f} "
                 f"(min {summary['test_ssim_min']:.4f}) | body ssim {summary['test_ssim_body_mean']:.4f} | "
                 f"psnr {summary['test_psnr_mean']:.2f} | codebook usage {summary['codebook_usage']:.2f} | "
@@ -831,12 +753,10 @@ def _stages(run, files):
             if old["data"].get(key) != data["settings"].get(key):
                 raise UsageError(f"the VQ-VAE in {model_path} was trained with {flag} {old['data'].get(key)}, not "
                                  f"{data['settings'].get(key)}: pass the same, or train both stages")
-        vqvae = vq.VQVAE.from_checkpoint(old).to(run.device)
-        fingerprint = _fingerprint(vqvae)
+        vqvae, final = vq.VQVAE.from_checkpoint(old).to(run.device), old
         summary = ({k: v for k, v in before.items() if not k.startswith(PRIOR_FIGURES)}  # the old prior's go
-                   if before.get("vqvae_fingerprint") == fingerprint else evaluate_vqvae(run, vqvae, data))
+                   if before.get("vqvae_fingerprint") == _fingerprint(vqvae) else evaluate_vqvae(run, vqvae, data))
         summary.update(common)
-        final = old
     prior = None
     if "prior" in stages:
         if not args.resume:
@@ -847,10 +767,9 @@ def _stages(run, files):
         run.log(f"prior test | {summary['prior_bits_per_code']:.3f} bits per code "
                 f"(unigram {summary['unigram_bits_per_code']:.3f}) | samples in {run.out / 'samples.png'}")
     summary["seconds_total"] = round(time.time() - run.t0, 1)
-    if run.main:  # one after the other, so summary.json describes the model.pt beside it
-        run.save(final, "model.pt")
-        vq.save_json(summary_path, summary)
-        curves = draw_curves(_read_metrics(run), run.out / "curves.png")
+    write(final, summary)
+    if run.main:
+        curves = draw_curves(_read_json_lines(run.out / "metrics.jsonl"), run.out / "curves.png")
         if not curves:
             run.log("curves.png needs matplotlib (pip install matplotlib); metrics.jsonl holds the same figures")
         run.log(f"wrote {run.out}/model.pt, summary.json, metrics.jsonl and pictures (recon.png, progress.png, "
@@ -862,8 +781,6 @@ def _stages(run, files):
 def main(argv=None):
     """Parse flags and train; user errors print one line and exit with code 2."""
     args = parse_args(argv)
-    if args.bench_load:
-        return bench_load(args.bench_load, tuple(args.size))
     try:
         return train(args)
     except (UsageError, vq.DataError, vq.CheckpointError, FloatingPointError) as e:

@@ -6,6 +6,7 @@
     python -m kernels.bench --shapes 4096x512x64  # other (N, K, D)
     python -m kernels.bench --all                 # on a CPU, include (262144, 1024, 64) too
     python -m kernels.bench --registers           # registers a thread of each variant for sm_90 (no GPU needed)
+    python -m kernels.bench --load 11460          # vq.load_slices against a plain nibabel loop (the data loader)
 
 On a GPU each path is timed twice: as a replayed CUDA graph (the device time of its kernels,
 which is what the floor compares with) and as plain calls (host launch overhead included).
@@ -351,6 +352,32 @@ def _cpu_in_subprocess(path, N, K, D):
     return result["ms"], result["peak"]
 
 
+def bench_load(n, size):
+    """Write n phantom slices, then time the usual nibabel loop, load_slices cold and warm."""
+    import tempfile
+    from pathlib import Path
+
+    import nibabel as nib
+    import numpy as np
+
+    import vq
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, cache = vq.write_phantom_tree(tmp, n, 0, 0, size) / "keras_slices_train", Path(tmp) / "cache"
+        t = time.perf_counter()
+        np.stack([nib.load(f).get_fdata() for f in sorted(folder.glob("*.nii.gz"))])  # what people write
+        times = {"naive": time.perf_counter() - t}
+        for name in ("cold", "warm"):
+            t = time.perf_counter()
+            vq.load_slices(folder, size=size, cache_dir=cache)
+            times[name] = time.perf_counter() - t
+    print(f"{n} slices of {size[0]}x{size[1]}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    print(f"naive nib.load().get_fdata() loop  {times['naive']:7.2f} s")
+    print(f"load_slices, cold (empty cache)   {times['cold']:7.2f} s   {times['naive'] / times['cold']:.2f}x faster")
+    print(f"load_slices, warm (cached)        {times['warm']:7.2f} s")
+    return times
+
+
 def _shape(text):
     try:
         N, K, D = (int(v) for v in text.lower().split("x"))
@@ -370,9 +397,14 @@ def main(argv=None):
     parser.add_argument("--warm", type=int, default=0, metavar="P", help="on a GPU, first compile every kernel in "
                         "P processes side by side (compiling is CPU-bound); the timed run then loads them from "
                         "Triton's cache")
+    parser.add_argument("--load", type=int, metavar="N", help="time loading N phantom .nii.gz slices, then exit")
+    parser.add_argument("--size", type=int, nargs=2, default=(256, 128), metavar=("H", "W"),
+                        help="slice size for --load (default 256 128)")
     parser.add_argument("--worker", nargs=4, metavar=("PATH", "N", "K", "D"), help=argparse.SUPPRESS)
     parser.add_argument("--warm-shard", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.load:
+        return bench_load(args.load, tuple(args.size))
     if args.worker:
         path, *nkd = args.worker
         ms, peak = _measure_cpu(path, *map(int, nkd), reps=5)

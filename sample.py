@@ -138,33 +138,29 @@ def bench(args):
     _, _, prior, device = _load(args, need_prior=True)
     levels = (prior.top, prior.bottom) if isinstance(prior, vq.TwoLevelPrior) else (prior,)
     maps = tuple(torch.zeros(args.n, m.config.height, m.config.width, dtype=torch.long, device=device) for m in levels)
-    one = maps if len(maps) == 2 else maps[0]
-    n_codes = sum(m.config.height * m.config.width for m in levels)
-    shapes = " + ".join(f"{m.config.height}x{m.config.width}" for m in levels)
+    n_codes, shapes = sum(m[0].numel() for m in maps), " + ".join(f"{m.shape[1]}x{m.shape[2]}" for m in maps)
     pos = torch.full((args.n,), 0.5, device=device) if prior.config.positional else None
-    times = {}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn, *a, **kw):
+        sync()
+        t = time.perf_counter()
+        out = fn(*a, **kw)
+        sync()
+        return time.perf_counter() - t, out
+
     with torch.no_grad():
-        prior(one, pos)  # warm-up
-        sync()
-        t = time.perf_counter()
-        for _ in range(3):
-            prior(one, pos)
-        sync()
-        forward = (time.perf_counter() - t) / 3
+        prior(maps if len(maps) == 2 else maps[0], pos)  # warm-up
+        forward = timed(lambda: [prior(maps if len(maps) == 2 else maps[0], pos) for _ in range(3)])[0] / 3
     prior.generate(1, generator=torch.Generator(device).manual_seed(0))  # warm-up: first-call set-up
-    samplers = [("cached", prior.generate), ("naive", prior.generate_naive)]
-    if n_codes > 1024:  # a forward per code: at 64 x 32 that is minutes on a CPU
-        print(f"naive sampler skipped: {n_codes} forward passes, about "
-              f"{n_codes * forward:.0f} s (the tests compare the two on small maps)")
-        samplers = samplers[:1]
-    for name, fn in samplers:
+    times = {}
+    for name, fn in (("cached", prior.generate), ("naive", prior.generate_naive)):
+        if name == "naive" and n_codes > 1024:  # a forward per code: at 64 x 32 that is minutes on a CPU
+            print(f"naive sampler skipped: {n_codes} forward passes, about {n_codes * forward:.0f} s (the tests "
+                  "compare the two on small maps)")
+            break
         g = torch.Generator(device).manual_seed(args.seed)
-        sync()
-        t = time.perf_counter()
-        codes = fn(args.n, args.temperature, generator=g, position=args.position)
-        sync()
-        times[name] = (time.perf_counter() - t, codes)
+        times[name] = timed(fn, args.n, args.temperature, generator=g, position=args.position)
         print(f"{name:6s} sampler: {times[name][0]:.2f} s for {args.n} maps of {shapes} codes "
               f"= {times[name][0] / forward:.1f} forward passes of {forward * 1e3:.1f} ms", flush=True)
     if "naive" in times:

@@ -430,3 +430,14 @@ def test_gpu_check_quick(tmp_path):
     assert compare["bf16_vs_fp32"]["same_epochs"] and compare["extrapolated"]["seconds_30_30"]["metrics"] > 0
     assert report["seconds"] < 60
     assert "| train_bf16 | ok |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_bench_load_times_the_loader_and_cleans_up(capsys, tmp_path, monkeypatch):
+    from kernels import bench
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # tempfile honours it once its cached choice is reset
+    monkeypatch.setattr("tempfile.tempdir", None)
+    times = bench.main(["--load", "12", "--size", "32", "16"])
+    assert sorted(times) == ["cold", "naive", "warm"] and all(t > 0 for t in times.values())
+    assert "12 slices of 32x16" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # the slices and the cache went with the temporary folder

@@ -1401,16 +1401,11 @@ def _tf32_knobs():
 
 
 def set_tf32(on):
-    """TF32 for float32 matmuls and convolutions on or off; returns the previous settings for _restore_tf32."""
+    """TF32 for float32 matmuls and convolutions on or off; returns the previous settings, one per switch."""
     saved = [getattr(obj, name) for obj, name, _, _ in _tf32_knobs()]
     for obj, name, yes, no in _tf32_knobs():
         setattr(obj, name, yes if on else no)
     return saved
-
-
-def _restore_tf32(saved):
-    for (obj, name, _, _), value in zip(_tf32_knobs(), saved):
-        setattr(obj, name, value)
 
 
 @contextlib.contextmanager
@@ -1420,7 +1415,8 @@ def _no_tf32():
     try:
         yield
     finally:
-        _restore_tf32(saved)
+        for (obj, name, _, _), value in zip(_tf32_knobs(), saved):
+            setattr(obj, name, value)
 
 
 class _SamplerState:

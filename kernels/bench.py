@@ -29,6 +29,8 @@ import time
 
 import torch
 
+import vq
+
 from .nearest_code import HAVE_TRITON, VARIANTS, nearest_code, nearest_code_reference, nearest_code_torch
 
 SHAPES = [(65536, 512, 64), (262144, 1024, 64), (16384, 512, 256)]  # (N, K, D)
@@ -167,10 +169,7 @@ def goals(rows):
 
 def _write_json(path, obj):
     if path:  # rewritten after every row, so a run cut short still leaves what it measured
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
+        vq.save_json(path, obj)
 
 
 def gpu_table(shapes, device, timer, bandwidth, report, json_path=None, paths=GPU_PATHS, log=print):
@@ -359,8 +358,6 @@ def bench_load(n, size):
 
     import nibabel as nib
     import numpy as np
-
-    import vq
 
     with tempfile.TemporaryDirectory() as tmp:
         folder, cache = vq.write_phantom_tree(tmp, n, 0, 0, size) / "keras_slices_train", Path(tmp) / "cache"

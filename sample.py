@@ -321,14 +321,24 @@ def evaluate(args):
     report = realism_report(vqvae, prior, data["test"], data["train"], args.seed, device, rot90=ckpt["data"]["rot90"],
                             temperature=args.temperature)
     path = Path(args.out) / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary = read_summary(path)
     if summary and summary.get("vqvae_fingerprint") == ckpt.get("vqvae_fingerprint"):  # it describes this model.pt
         summary.update(report)
         vq.save_json(path, summary)
         print(f"added to {path}")
     else:
-        print(f"not saved: {path} {'describes another model' if summary else 'does not exist'}; the report is above")
+        print(f"not saved: {path} {'describes another model' if summary else 'is missing or unreadable'}; "
+              "the report is above")
     return report
+
+
+def read_summary(path):
+    """The figures of a summary.json; {} when it is missing or unreadable (half written by a version
+    without atomic writes: its figures are lost, which is not fatal)."""
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        return {}
 
 
 def main(argv=None):

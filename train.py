@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 import vq
-from sample import Parser, UsageError, check_seed_and_device, fail, image_grid, realism_report, save_png
+from sample import Parser, UsageError, check_seed_and_device, fail, image_grid, read_summary, realism_report, save_png
 
 # Without --data: defaults sized so both stages finish in minutes on a 2-core CPU (flags still win).
 # prior_lr: the prior was far from converged at 1e-3; the best measured at the same budget (README):
@@ -667,13 +667,6 @@ def _read_json_lines(path):
     return records
 
 
-def _read_summary(path):
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except ValueError:  # half written by a version without atomic writes: its figures are lost, not fatal
-        return {}
-
-
 def _trim_metrics(run, keep):
     """Drop the records that no longer describe the checkpoints: keep(record) says which stay."""
     if run.main and (run.out / "metrics.jsonl").exists():
@@ -720,7 +713,7 @@ def _stages(run, files):
                   data=data["settings"])
     # summary.json always describes model.pt: both are rewritten, one after the other, after every stage
     old = vq.load_checkpoint(model_path) if model_path.exists() else {}
-    before = _read_summary(summary_path)
+    before = read_summary(summary_path)
 
     def write(final, summary):
         if run.main:

@@ -258,6 +258,12 @@ def _cpu_count():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _pool_context():
+    """fork (workers share memory) unless off Linux or CUDA / a process group started threads fork won't copy."""
+    threads = torch.cuda.is_initialized() or (dist.is_available() and dist.is_initialized())
+    return multiprocessing.get_context("fork" if sys.platform == "linux" and not threads else "spawn")
+
+
 def _decode_all(files, size, strict, workers):
     """Decode files in order, over a process pool when it pays; returns (N, H, W) float16 and info."""
     global _OUT
@@ -272,12 +278,9 @@ def _decode_all(files, size, strict, workers):
             results = map(_decode_chunk, tasks)
         else:
             import nibabel  # noqa: F401  once here, so forked workers do not each import it
-            # fork copies no thread: after CUDA or a process group started theirs, workers start afresh
-            threads = torch.cuda.is_initialized() or (dist.is_available() and dist.is_initialized())
-            fork = sys.platform == "linux" and not threads
-            if fork:  # shared anonymous memory, inherited by fork: no big pickles, no copy
+            ctx = _pool_context()
+            if ctx.get_start_method() == "fork":  # shared anonymous memory, inherited: no big pickles, no copy
                 _OUT = np.frombuffer(mmap.mmap(-1, math.prod(shape) * 2), np.float16).reshape(shape)
-            ctx = multiprocessing.get_context("fork" if fork else "spawn")
             pool = ctx.Pool(min(workers, len(tasks)))
             results = pool.imap(_decode_chunk, tasks)  # in order, so "first bad file" is well defined
         for got, bad, nf, tr in results:
@@ -321,17 +324,13 @@ def _atomic_write(path, write):
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from colleagues
+        mask = os.umask(0)  # the only way to read the umask is to set it
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would hide the file from colleagues
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
-
-
-def _umask():
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
 
 
 def _write_cache(path, arr, meta):
@@ -611,7 +610,7 @@ def write_phantom_tree(root, n_train=240, n_val=60, n_test=60, size=(256, 128), 
     if workers < 2:
         list(map(_write_volume, tasks))
     else:
-        with multiprocessing.get_context("fork" if sys.platform == "linux" else None).Pool(workers) as pool:
+        with _pool_context().Pool(workers) as pool:
             pool.map(_write_volume, tasks)
     return root
 

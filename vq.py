@@ -1221,7 +1221,7 @@ class PixelCNN(nn.Module):
         return position, -torch.log(-torch.log(u.clamp_(eps, 1 - eps)))
 
     @torch.no_grad()
-    def generate(self, n, temperature=1.0, generator=None, position=None, cond=None):
+    def generate(self, n, temperature=1.0, generator=None, position=None, cond=None, keep=None):
         """Sample n code maps in scan order: returns codes (n, h, w) int64.
 
         Incremental: the vertical stack runs once per finished row on a rolling window of the rows
@@ -1237,16 +1237,28 @@ class PixelCNN(nn.Module):
         position: for a positional prior, the slices' position in their volume in [0, 1], a number
             or (n,) tensor; None draws positions as the training data has them.
         cond: for a prior conditioned on top codes, those codes (n, h/2, w/2).
+        keep: None, or (codes (n, h, w), redo (n, h, w) bool): conditional resampling, where every code
+            with redo False is kept as given and the others are drawn given all codes before them.
         """
         position, g = self._noise(n, temperature, generator, position)
+        keep = self._keep(n, keep, g.device)
         with _no_tf32():
-            return self._scan(self._generate_cached(g, temperature, self._condition(n, position, cond))[0])
+            return self._scan(self._generate_cached(g, temperature, self._condition(n, position, cond), keep)[0])
 
-    def _generate_cached(self, g, temperature, pos, keep_logits=False):
-        """The cached sampler on noise g (n, *shape, K) and the condition pos (n, C, *shape): returns codes
-        (n, *shape) and, if asked, logits (n, *shape, K), in scan order. On a GPU each row is one replayed
-        CUDA graph."""
-        state = _SamplerState(self, g, temperature, pos, keep_logits)
+    def _keep(self, n, keep, device):
+        """keep as generate takes it -> (codes, redo) in scan order on device; None draws every code."""
+        if keep is None:
+            return None
+        shape = (n, self.config.height, self.config.width)
+        if tuple(keep[0].shape) != shape or tuple(keep[1].shape) != shape:
+            raise ValueError(f"keep must be two maps of {shape}, got {tuple(keep[0].shape)}, {tuple(keep[1].shape)}")
+        return tuple(self._scan(t.to(device), (1, 2)).contiguous() for t in keep)
+
+    def _generate_cached(self, g, temperature, pos, keep=None, keep_logits=False):
+        """The cached sampler on noise g (n, *shape, K) and the condition pos (n, C, *shape), keeping the
+        codes of keep (scan order) where it says: returns codes (n, *shape) and, if asked, logits
+        (n, *shape, K), in scan order. On a GPU each row is one replayed CUDA graph."""
+        state = _SamplerState(self, g, temperature, pos, keep, keep_logits)
         rows = self.shape[0]
         if g.is_cuda:  # one graph per row: thousands of small launches become one
             try:
@@ -1270,9 +1282,10 @@ class PixelCNN(nn.Module):
         return state.codes, state.logits
 
     @torch.no_grad()
-    def generate_naive(self, n, temperature=1.0, generator=None, position=None, cond=None):
+    def generate_naive(self, n, temperature=1.0, generator=None, position=None, cond=None, keep=None):
         """Reference sampler: a full forward per position, same noise and codes as `generate`."""
         position, g = self._noise(n, temperature, generator, position)
+        keep = self._keep(n, keep, g.device)
         codes = torch.zeros(n, self.config.height, self.config.width, dtype=torch.long, device=g.device)
         scanned = self._scan(codes, (1, 2))  # a view: writing it writes codes
         training = self.training
@@ -1282,7 +1295,9 @@ class PixelCNN(nn.Module):
                 for i in range(self.shape[0]):
                     for j in range(self.shape[1]):
                         logits = self._scan(self(codes, position, cond))[:, :, i, j]  # (n, K)
-                        scanned[:, i, j] = (logits / temperature + g[:, i, j]).argmax(-1)
+                        drawn = (logits / temperature + g[:, i, j]).argmax(-1)
+                        scanned[:, i, j] = drawn if keep is None else torch.where(keep[1][:, i, j], drawn,
+                                                                                  keep[0][:, i, j])
         finally:
             self.train(training)
         return codes
@@ -1316,17 +1331,19 @@ class TwoLevelPrior(nn.Module):
         return nats, nats / math.log(2)
 
     @torch.no_grad()
-    def generate(self, n, temperature=1.0, generator=None, position=None, naive=False):
+    def generate(self, n, temperature=1.0, generator=None, position=None, keep=None, naive=False):
         """Sample n (top, bottom) code pairs: the top map, then the bottom map given it; see
-        PixelCNN.generate. naive: with the reference sampler (same codes)."""
+        PixelCNN.generate. keep: None or ((top, bottom) codes, (top, bottom) redo maps). naive: with
+        the reference sampler (same codes)."""
         if self.config.positional and position is None:  # one position per slice, for both levels
             position = self.top.draw_positions(n, generator)
         sample = "generate_naive" if naive else "generate"
-        top = getattr(self.top, sample)(n, temperature, generator, position)
-        return top, getattr(self.bottom, sample)(n, temperature, generator, position, cond=top)
+        keeps = (None, None) if keep is None else tuple(zip(*keep))
+        top = getattr(self.top, sample)(n, temperature, generator, position, keep=keeps[0])
+        return top, getattr(self.bottom, sample)(n, temperature, generator, position, cond=top, keep=keeps[1])
 
-    def generate_naive(self, n, temperature=1.0, generator=None, position=None):
-        return self.generate(n, temperature, generator, position, naive=True)
+    def generate_naive(self, n, temperature=1.0, generator=None, position=None, keep=None):
+        return self.generate(n, temperature, generator, position, keep, naive=True)
 
 
 def load_prior(path_or_ckpt, map_location="cpu"):
@@ -1353,28 +1370,118 @@ def code_nats(logits, codes):
 
 
 @torch.no_grad()
-def prior_bits(prior, codes, position=None, batch_size=128):
-    """How well prior predicts code maps (N, h, w), or (top, bottom) pairs, with positions (N,) for
-    a positional prior: {"per_code": mean bits per code over all levels, "per_slice": bits per
-    slice, and with two levels "per_code_top", "per_code_bottom"}; in batches, without dropout."""
+def _per_code(prior, codes, position, fn, batch_size=128):
+    """fn(logits, codes) of each level, batch by batch through one forward of prior without dropout, on
+    the prior's device: a (N, h, w) tensor per level on the CPU, as a tuple for two levels."""
     levels = as_levels(codes)
     training, device = prior.training, next(prior.parameters()).device
     prior.eval()
-    sums = torch.zeros(len(levels), dtype=torch.float64)
+    outs = []
     try:
         for k in range(0, len(levels[0]), batch_size):
             part = tuple(c[k:k + batch_size].to(device) for c in levels)
             p = None if position is None else position[k:k + batch_size].to(device)
             logits = as_levels(prior(part if isinstance(codes, tuple) else part[0], p))
-            sums += torch.stack([F.cross_entropy(lg.float(), c, reduction="sum").double().cpu()
-                                 for lg, c in zip(logits, part)])
+            outs.append([fn(lg.float(), c).cpu() for lg, c in zip(logits, part)])
     finally:
         prior.train(training)
-    bits = sums / math.log(2)
-    out = {"per_code": bits.sum().item() / sum(c.numel() for c in levels), "per_slice": bits.sum().item() / len(levels[0])}
-    if len(levels) == 2:
-        out.update(per_code_top=bits[0].item() / levels[0].numel(), per_code_bottom=bits[1].item() / levels[1].numel())
+    out = tuple(torch.cat(level) for level in zip(*outs))
+    return out if isinstance(codes, tuple) else out[0]
+
+
+def code_bits(prior, codes, position=None, batch_size=128):
+    """Each code's bits given the codes before it, -log2 p(code | earlier codes): (N, h, w) float32 for
+    code maps (N, h, w), a (top, bottom) pair for pairs; one forward pass, without dropout."""
+    nll = lambda lg, c: F.cross_entropy(lg, c, reduction="none") / math.log(2)  # noqa: E731
+    return _per_code(prior, codes, position, nll, batch_size)
+
+
+def prior_bits(prior, codes, position=None, batch_size=128):
+    """How well prior predicts code maps (N, h, w), or (top, bottom) pairs, with positions (N,) for
+    a positional prior: {"per_code": mean bits per code over all levels, "per_slice": bits per
+    slice, and with two levels "per_code_top", "per_code_bottom"}; in batches, without dropout."""
+    bits = as_levels(code_bits(prior, codes, position, batch_size))
+    sums = [b.double().sum().item() for b in bits]
+    out = {"per_code": sum(sums) / sum(b.numel() for b in bits), "per_slice": sum(sums) / len(bits[0])}
+    if len(bits) == 2:
+        out.update(per_code_top=sums[0] / bits[0].numel(), per_code_bottom=sums[1] / bits[1].numel())
     return out
+
+
+def teacher_forced(vqvae, prior, x, position=None, generator=None):
+    """How much of a slice's codes the prior can predict: encode x (N, C, H, W), redraw every code from
+    the prior given the true codes before it (one forward pass, so no error compounds), once sampled
+    (temperature 1) and once at the argmax, and decode. Returns {"changed", "changed_argmax": the share
+    of codes redrawn differently, "ssim", "ssim_argmax": mean SSIM of those decodes against the
+    reconstruction}: high SSIM means the decoder turns the prior's plausible substitutes into
+    intact anatomy."""
+    codes = vqvae.encode(x)
+    recon = vqvae.decode(codes)
+    out = {}
+    for name, draw in (("", lambda lg: (lg - torch.log(-torch.log(torch.rand(lg.shape, generator=generator,
+                                                                              device=lg.device).clamp(1e-7, 1 - 1e-7)))).argmax(1)),
+                       ("_argmax", lambda lg: lg.argmax(1))):
+        redrawn = _per_code(prior, codes, position, lambda lg, c: draw(lg))
+        same = sum((a == b).sum().item() for a, b in zip(as_levels(redrawn), as_levels(codes)))
+        out[f"changed{name}"] = 1 - same / sum(c.numel() for c in as_levels(codes))
+        out[f"ssim{name}"] = ssim(recon, vqvae.decode(redrawn)).mean().item()
+    return out
+
+
+SURPRISE_QUANTILE = 0.99  # a code is surprising above this quantile of the bits of normal (validation) codes
+SURPRISE_SIGMA = 1.0  # pixels: the light Gaussian smoothing of a surprise map
+
+
+def surprise_threshold(prior, codes, position=None, quantile=SURPRISE_QUANTILE):
+    """The bits above which a code counts as surprising: a quantile of the bits of normal code maps
+    (validation codes, all levels pooled), as saved with the prior in a checkpoint's "surprise"."""
+    bits = torch.cat([b.flatten() for b in as_levels(code_bits(prior, codes, position))])
+    k = min(len(bits) - 1, max(0, round(quantile * (len(bits) - 1))))
+    return bits.double().sort().values[k].item()  # torch.quantile refuses more than 16M values
+
+
+def _blur(x, sigma):
+    """(B, 1, H, W) -> the same, Gaussian-smoothed (zero padding); sigma 0 leaves x as it is."""
+    if not sigma:
+        return x
+    g = _gaussian_window(sigma, device=x.device, dtype=x.dtype)
+    r = len(g) // 2
+    return F.conv2d(F.conv2d(x, g.view(1, 1, -1, 1), padding=(r, 0)), g.view(1, 1, 1, -1), padding=(0, r))
+
+
+@torch.no_grad()
+def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, temperature=1.0, generator=None,
+             batch_size=64):
+    """Where slices are unusual for the prior: a per-pixel surprise map, a "healed" slice, a score.
+
+    Each code's bits given the codes before it (one forward pass of the prior); the codes above
+    `threshold` bits (see surprise_threshold) are redrawn from the prior in scan order, every other
+    code kept as it is (exact conditional sampling with the cached sampler), and decoded: the healed
+    slice. The map is the absolute difference between the slice and its healed decode, inside the
+    redrawn codes' cells, Gaussian-smoothed by sigma pixels; the score is the map's mean (higher is
+    more unusual: large, strong departures from what the prior expects).
+
+    x: (B, C, H, W) in [0, 1], at the VQ-VAE's size; position: (B,) slice positions for a positional
+    prior. generator: a torch.Generator on the prior's device. Returns a dict of "map" (B, 1, H, W),
+    "healed" (B, C, H, W), "score" (B,), "bits" and "redo" (the per-code bits and the redrawn codes,
+    (B, h, w) or a (top, bottom) pair), all on the CPU.
+    """
+    out = {k: [] for k in ("map", "healed", "score", "bits", "redo")}
+    for k in range(0, len(x), batch_size):
+        xb = x[k:k + batch_size].float().cpu()
+        pb = None if position is None else torch.as_tensor(position).float().expand(len(x))[k:k + batch_size]
+        codes = vqvae.encode(xb)
+        bits = code_bits(prior, codes, pb)
+        redo = tuple(b > threshold for b in as_levels(bits))
+        keep = (codes, redo) if isinstance(codes, tuple) else (codes, redo[0])
+        healed = vqvae.decode(prior.generate(len(xb), temperature, generator, pb, keep=keep)).cpu()
+        cells = torch.stack([F.interpolate(r[:, None].float(), size=xb.shape[-2:]) for r in redo]).amax(0)
+        m = _blur((xb - healed).abs().mean(1, keepdim=True) * cells, sigma)  # (b, 1, H, W)
+        for name, v in (("map", m), ("healed", healed), ("score", m.flatten(1).mean(1)), ("bits", bits),
+                        ("redo", redo if len(redo) == 2 else redo[0])):
+            out[name].append(v)
+    cat = lambda vs: tuple(map(torch.cat, zip(*vs))) if isinstance(vs[0], tuple) else torch.cat(vs)  # noqa: E731
+    return {k: cat(v) for k, v in out.items()}
 
 
 @torch.no_grad()
@@ -1422,9 +1529,9 @@ class _SamplerState:
     """Buffers of the cached sampler, so that sampling a row is the same sequence of operations on
     the same memory for every row (what a CUDA graph replays): the row index lives on the device."""
 
-    def __init__(self, model, g, temperature, pos, keep_logits):
+    def __init__(self, model, g, temperature, pos, keep, keep_logits):
         (H, W), n, C = model.shape, g.shape[0], model.config.prior_channels
-        self.m, self.g, self.temperature, self.n = model, g, temperature, n
+        self.m, self.g, self.temperature, self.n, self.keep = model, g, temperature, n, keep
         self.pos = pos.contiguous()  # (n, C, h, w): the position embedding of each map
         self.i = torch.zeros((), dtype=torch.long, device=g.device)  # the row being sampled
         self.codes = torch.zeros(n, H, W, dtype=torch.long, device=g.device)
@@ -1453,6 +1560,8 @@ class _SamplerState:
         m, n, W, C = self.m, self.n, self.m.shape[1], self.m.config.prior_channels
         pos = self.pos.index_select(2, self.i)[:, :, 0]  # (n, C, w)
         g = self.g.index_select(1, self.i)[:, 0]  # (n, w, K)
+        if self.keep is not None:
+            given, redo = (t.index_select(1, self.i)[:, 0] for t in self.keep)  # (n, w) each
         for j in range(W):
             x = pos[:, :, j] + m.embed(self.row_codes[:, j - 1]) if j else pos[:, :, j]  # (n, C)
             for k, L in enumerate(m.layers):
@@ -1463,7 +1572,8 @@ class _SamplerState:
             logits = m.head(x)  # (n, K)
             if self.logits is not None:
                 self.logits[:, :, j].index_copy_(1, self.i, logits[:, None])
-            self.row_codes[:, j] = (logits / self.temperature + g[:, j]).argmax(-1)
+            drawn = (logits / self.temperature + g[:, j]).argmax(-1)
+            self.row_codes[:, j] = drawn if self.keep is None else torch.where(redo[:, j], drawn, given[:, j])
         self.codes.index_copy_(1, self.i, self.row_codes[:, None])
         v = pos + m.embed(self.row_codes).transpose(1, 2)  # (n, C, w)
         for k, L in enumerate(m.layers):

@@ -522,7 +522,8 @@ def nearest_code(z, codebook, *, backend=None, precision="tf32x3", variant="base
     choice = backend or os.environ.get("VQ_KERNEL", "auto")
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"VQ_KERNEL / backend must be one of auto, torch, triton; got {choice!r}")
-    on_gpu = HAVE_TRITON and torch.is_tensor(z) and z.is_cuda
+    _check_inputs(z, codebook)  # before the device: a bad input says what is wrong with it on any machine
+    on_gpu = HAVE_TRITON and z.is_cuda
     if choice == "triton" and not (on_gpu or (HAVE_TRITON and _INTERPRET)):
         raise RuntimeError(
             "the Triton path needs triton installed and a CUDA tensor (or TRITON_INTERPRET=1 set before import); "

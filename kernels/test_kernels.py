@@ -302,8 +302,10 @@ def test_switch_picks_path(monkeypatch):
     calls = []
     monkeypatch.setattr(nc, "nearest_code_torch", lambda z, c: calls.append("torch"))
     monkeypatch.setattr(nc, "_nearest_code_triton", lambda z, c, precision, variant: calls.append("triton"))
-    z, codebook = _randn(5, 3), _randn(4, 3)
-    for env, backend, expected in [("torch", None, "torch"), ("triton", None, "triton"), ("auto", None, "torch"),
+    # On the device the Triton path runs on; auto keeps CPU tensors on torch, even under the interpreter.
+    z, codebook = _randn(5, 3).to(DEVICE), _randn(4, 3).to(DEVICE)
+    auto = "triton" if DEVICE == "cuda" else "torch"
+    for env, backend, expected in [("torch", None, "torch"), ("triton", None, "triton"), ("auto", None, auto),
                                    ("torch", "triton", "triton"), ("triton", "torch", "torch")]:
         monkeypatch.setenv("VQ_KERNEL", env)
         calls.clear()
@@ -312,11 +314,12 @@ def test_switch_picks_path(monkeypatch):
     monkeypatch.delenv("VQ_KERNEL")
     calls.clear()
     nc.nearest_code(z, codebook)
-    assert calls == ["torch"]  # auto keeps CPU tensors on torch, even under the interpreter
+    assert calls == [auto]
     monkeypatch.setenv("VQ_KERNEL", "cuda")
     with pytest.raises(ValueError, match="auto, torch, triton"):
         nc.nearest_code(z, codebook)
     # Outside the interpreter a CPU tensor has no Triton path: auto falls back, triton refuses.
+    z, codebook = z.cpu(), codebook.cpu()
     monkeypatch.setattr(nc, "_INTERPRET", False)
     monkeypatch.setenv("VQ_KERNEL", "auto")
     calls.clear()
@@ -334,9 +337,13 @@ def test_switch_picks_path(monkeypatch):
     (torch.ones(10, 3, dtype=torch.int64), _randn(4, 3), "floating point"),
     (_randn(10, 3), torch.empty(4, 3, device="meta"), "codebook is on meta"),
 ])
-def test_bad_inputs(backend, z, codebook, message):
-    with pytest.raises(ValueError, match=message):
-        search(z, codebook, backend, device=None)
+def test_bad_inputs(backend, z, codebook, message, monkeypatch):
+    # CPU tensors, also outside the interpreter, where the Triton path has no device for them (as on a
+    # GPU machine): the input checks still come first
+    for interpret in (nc._INTERPRET, False):
+        monkeypatch.setattr(nc, "_INTERPRET", interpret)
+        with pytest.raises(ValueError, match=message):
+            search(z, codebook, backend, device=None)
 
 
 def test_imports_without_triton():

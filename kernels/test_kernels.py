@@ -101,6 +101,50 @@ def test_ties_go_to_lowest_index(backend):
     assert torch.equal(dist, (z - codebook[codes]).pow(2).sum(1))
 
 
+# NaNs with the sign bit clear and set (a packed key once read the latter as distance 0)
+NAN, NEG_NAN = torch.tensor([0x7FC00000, -0x400000], dtype=torch.int32).view(torch.float32).tolist()
+
+
+def non_finite_codebook(N, K, D, seed=0):
+    """(z, codebook): random codes, some with a NaN of either sign or an infinity in one entry or all of
+    them (code 0 among them, which wins every tie), and z rows beside those codes' finite originals."""
+    codebook = _randn(K, D, seed=seed)
+    z = _randn(N, D, seed=seed + 1)
+    bad = [(0, NEG_NAN, slice(None)), (1, NAN, D - 1), (2, NEG_NAN, 0), (K // 2, float("inf"), D // 2),
+           (K // 2 + 1, -float("inf"), slice(None)), (K - 1, NEG_NAN, D // 2)]
+    rows = torch.tensor([k for k, _, _ in bad])
+    z[: 4 * len(bad)] = codebook[rows].repeat(4, 1) + 0.01 * _randn(4 * len(bad), D, seed=seed + 2)
+    for k, value, d in bad:
+        codebook[k, d] = value
+    return z, codebook
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch-chunked"] + BACKENDS
+                         + [pytest.param(f"triton-ieee-{v}", marks=needs_triton) for v in nc.VARIANTS])
+@pytest.mark.parametrize("N,K,D", [(1000, 513, 40), (300, 257, 3), (200, 100, 200)])
+# the interpreter's numpy says so where the base variant scores a NaN code (as it should)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning", "ignore:All-NaN slice:RuntimeWarning")
+def test_non_finite_codes_never_win(backend, N, K, D):
+    # One policy on every path: a code with a NaN or an infinity scores as if infinitely far away, so a
+    # diverging code cannot take over the rows; with no finite code at all, code 0.
+    def run(z, codebook):
+        if backend == "reference":
+            return nearest_code_reference(z, codebook)
+        return nearest_code_torch(z, codebook, chunk_size=64) if backend == "torch-chunked" else \
+            search(z, codebook, backend)
+
+    z, codebook = non_finite_codebook(N, K, D, seed=N)
+    finite = codebook.isfinite().all(1)
+    codes, dist = run(z, codebook)
+    assert finite[codes].all()
+    if backend == "reference":
+        dist = dist.float()
+    _assert_matches_reference(z, codebook[finite], (finite.cumsum(0) - 1)[codes], dist)
+    if backend.startswith("triton-tf32-"):  # nor do they send every row to the recheck (an inf or NaN bound did)
+        assert nc._launch(z.to(DEVICE), codebook.to(DEVICE), "tf32", backend.split("-")[2])[2].item() < N
+    assert torch.equal(run(z, codebook.where(~finite[:, None], float("nan")))[0], torch.zeros(N, dtype=torch.int64))
+
+
 @needs_triton
 @pytest.mark.parametrize("variant", nc.VARIANTS)
 @pytest.mark.parametrize("D", [1, 40])

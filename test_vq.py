@@ -459,6 +459,23 @@ def test_code_histogram_without_one_hot():
     assert abs(stats["usage"].item() - (one_hot > 0).double().mean().item()) < 1e-6
 
 
+def test_fallback_search_never_picks_a_non_finite_code():
+    # vq.py without kernels/ follows kernels.nearest_code's policy: NaNs of either sign and infinities
+    # lose to every finite code (argmin once chose a NaN code for every row); with none finite, code 0
+    g = torch.Generator().manual_seed(5)
+    codebook, z = torch.randn(513, 40, generator=g), torch.randn(1000, 40, generator=g)
+    z[:40] = codebook[:40] + 0.01 * torch.randn(40, 40, generator=g)  # rows beside codes 0..39
+    nan, neg_nan = torch.tensor([0x7FC00000, -0x400000], dtype=torch.int32).view(torch.float32).tolist()
+    codebook[0], codebook[1, 3], codebook[7, 39], codebook[20, 0], codebook[512] = \
+        neg_nan, nan, neg_nan, float("inf"), -float("inf")
+    finite = codebook.isfinite().all(1)
+    codes, dist = vq._nearest_code_torch(z, codebook, chunk=64)
+    want = torch.cdist(z.double(), codebook[finite].double()).argmin(1)
+    assert torch.equal(codes, finite.nonzero()[:, 0][want])
+    assert torch.allclose(dist, (z - codebook[codes]).pow(2).sum(1))
+    assert (vq._nearest_code_torch(z, torch.full_like(codebook, nan))[0] == 0).all()
+
+
 def test_unused_codes_stay_finite_and_dead_codes_restart():
     torch.manual_seed(0)
     q = vq.VectorQuantizer(16, 4, dead_threshold=0.0, kmeans_init=False).train()  # restarts off

@@ -8,7 +8,7 @@ and the next one starts:
 
     tree           a HipMRI-sized phantom tree (vq.write_phantom_tree 11460 / 660 / 540 at 256 x 128),
                    written while the tests run: they check correctness only, so sharing the CPUs costs no figure
-    tests          the GPU-only tests, compiled (no TRITON_INTERPRET), in parallel shards
+    tests          the GPU-only tests, compiled (no TRITON_INTERPRET), in one pytest run
     bench          python -m kernels.bench: every kernel variant beside torch's materialised search
     train_bf16     train.py --data TREE, the defaults (bf16), two epochs of each stage
     sampler        sample.py --bench --n 16 on that model's 64 x 32 code maps
@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: where train.py and sample.py live
@@ -98,36 +99,31 @@ def _tail(text, n=15):
 
 
 def step_tests(ctx, limit):
-    """pytest in shards run side by side (compiling kernels is CPU-bound), whole test functions each."""
+    """One pytest run; the counts from the JUnit XML it writes at its end."""
     args = QUICK_TEST_ARGS if ctx.quick else TEST_ARGS
-    t0 = time.time()
-    status, _, _, out = _run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *args],
-                             limit, ctx.logs / "tests_collect.log", ctx.env)
-    ids = [line for line in out.splitlines() if "::" in line and not line.startswith(" ")]
-    functions = list(dict.fromkeys(i.split("[")[0] for i in ids))
-    if status != "ok" or not functions:
-        return {"status": "failed", "error": "collection failed", "output": _tail(out)}
-    counts = {f: sum(i.split("[")[0] == f for i in ids) for f in functions}
-    n = min(len(functions), 2 if ctx.quick else max(1, min(6, (os.cpu_count() or 2) // 2)))
-    shards = [[] for _ in range(n)]
-    for f in sorted(functions, key=counts.get, reverse=True):  # biggest first, each to the lightest shard
-        min(shards, key=lambda s: sum(counts[g] for g in s)).append(f)
-    left = limit - (time.time() - t0)
-    procs = [_run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *shard], left,
-                  ctx.logs / f"tests_{i}.log", ctx.env, wait=False) for i, shard in enumerate(shards)]
-    result = {"status": "ok", "collected": len(ids), "shards": n, "passed": 0, "failed": 0, "skipped": 0,
-              "errors": 0, "failures": [], "command": shlex.join(["python", "-m", "pytest", "-q", *args])}
-    for proc in procs:
-        status, _, rc, out = _wait(proc)
-        summary = re.findall(r"(\d+) (passed|failed|skipped|errors?)", _tail(out, 1)[0] if out.strip() else "")
-        for number, kind in summary:
-            result["errors" if kind.startswith("error") else kind] += int(number)
-        result["failures"] += [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
-        if status == "timed out":
-            result["status"] = "timed out"
-        elif rc not in (0, 5) and result["status"] == "ok":  # 5: nothing selected
-            result["status"] = "failed"
+    xml = ctx.logs / "tests.xml"
+    xml.unlink(missing_ok=True)  # a kept --out holds an earlier run's
+    status, _, _, out = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+                              *args], limit, ctx.logs / "tests.log", ctx.env)
+    result = {"status": status, "command": shlex.join(["python", "-m", "pytest", "-q", *args]), "output": _tail(out)}
+    if xml.exists():
+        result.update(junit_counts(xml))
     return result
+
+
+def junit_counts(path):
+    """collected, passed, failed, skipped, errors and the failed tests' names from pytest's JUnit XML."""
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    failures = []
+    for case in suite.iter("testcase"):
+        for kind, tag in (("FAILED", "failure"), ("ERROR", "error")):
+            for e in case.findall(tag):
+                message = ((e.get("message") or "").strip().splitlines() or [""])[0][:200]
+                failures.append(f"{kind} {case.get('classname')}::{case.get('name')}: {message}")
+    return {"collected": n["tests"], "passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"],
+            "failed": n["failures"], "skipped": n["skipped"], "errors": n["errors"], "failures": failures}
 
 
 def step_bench(ctx, limit):
@@ -333,7 +329,7 @@ def markdown(report):
     t = steps.get("tests")
     if t and "passed" in t:
         lines += ["", f"## tests\n\n`{t['command']}`: {t['passed']} passed, {t['failed']} failed, "
-                  f"{t['skipped']} skipped, {t['errors']} errors ({t['collected']} collected, {t['shards']} shards)"]
+                  f"{t['skipped']} skipped, {t['errors']} errors ({t['collected']} collected)"]
         lines += [f"- {f}" for f in t["failures"]]
     b = steps.get("bench")
     if b and b.get("rows"):

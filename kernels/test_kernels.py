@@ -456,6 +456,26 @@ def test_bench_main_writes_json(tmp_path):
     assert all(r["ms"] > 0 for r in report["rows"]) if "cpu" in report["device"] else report["goals"]
 
 
+def test_gpu_check_counts_tests_from_junit_xml(tmp_path, monkeypatch):
+    from kernels import gpu_check
+
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n"
+        "@pytest.fixture\ndef broken():\n    raise OSError('no device')\n"
+        "def test_passes(): pass\n"
+        "@pytest.mark.parametrize('x', [1, 2])\ndef test_fails(x): assert x == 1, 'one only'\n"
+        "def test_skips(): pytest.skip('not here')\n"
+        "def test_errors(broken): pass\n")
+    monkeypatch.setattr(gpu_check, "QUICK_TEST_ARGS", [str(tmp_path / "test_sample.py")])
+    result = gpu_check.step_tests(gpu_check._Context(tmp_path / "out", tmp_path / "work", True), 120)
+    assert result["status"] == "failed" and (tmp_path / "out" / "logs" / "tests.xml").exists()
+    assert {k: result[k] for k in ("collected", "passed", "failed", "skipped", "errors")} == \
+        {"collected": 5, "passed": 2, "failed": 1, "skipped": 1, "errors": 1}
+    assert [f.split(": ")[0] for f in result["failures"]] == ["FAILED test_sample::test_fails[2]",
+                                                            "ERROR test_sample::test_errors"]
+    assert "one only" in result["failures"][0] and "no device" in result["failures"][1]
+
+
 def test_gpu_check_quick(tmp_path):
     # The device script end to end in its CPU form: every step runs and leaves its figures.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

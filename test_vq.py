@@ -555,11 +555,12 @@ def test_kmeans_init_puts_codes_on_the_data():
 
 
 @pytest.mark.parametrize("levels", [1, 2])
-def test_checkpoint_round_trip(tmp_path, levels):
+@pytest.mark.parametrize("size", [(32, 32), (32, 16)], ids=["square", "8x4"])  # bottom maps 8 x 8 and 8 x 4
+def test_checkpoint_round_trip(tmp_path, levels, size):
     model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, levels=levels)).eval()
     vq.save_checkpoint({"vqvae_config": asdict(model.config), "vqvae": model.state_dict()}, tmp_path / "m.pt")
     loaded = vq.VQVAE.from_checkpoint(tmp_path / "m.pt")
-    x = vq.phantom_slices(2, (32, 32))
+    x = vq.phantom_slices(2, size)
     assert loaded.config == model.config
     assert all(map(torch.equal, vq.as_levels(loaded.encode(x)), vq.as_levels(model.encode(x))))
     assert not list(tmp_path.glob("*.tmp*"))  # the temporary file was renamed into place
@@ -577,8 +578,9 @@ def test_checkpoint_of_the_one_level_format_still_loads(tmp_path):
     assert isinstance(vq.load_prior(tmp_path / "m.pt"), vq.PixelCNN)
 
 
-def test_two_level_prior_checkpoint_round_trip(tmp_path):
-    prior = two_level_prior().eval()
+@pytest.mark.parametrize("top", [(3, 3), (3, 5)], ids=["square", "3x5"])
+def test_two_level_prior_checkpoint_round_trip(tmp_path, top):
+    prior = two_level_prior(top=top).eval()
     cfg = {"top": asdict(prior.top.config), "bottom": asdict(prior.bottom.config)}
     vq.save_checkpoint({"prior_config": cfg, "prior": prior.state_dict()}, tmp_path / "p.pt")
     loaded = vq.load_prior(tmp_path / "p.pt")
@@ -636,9 +638,12 @@ TOP = dict(SMALL, height=3, width=3, positional=True, prior_transpose=True)
 BOTTOM = dict(TOP, height=6, width=6, cond_codes=SMALL["n_codes"])
 
 
-def two_level_prior(seed=0):
+def two_level_prior(seed=0, top=(3, 3)):
+    """A two-level prior with a top map of `top` (h, w) and a bottom map of twice that."""
     torch.manual_seed(seed)
-    model = vq.TwoLevelPrior(PriorConfig(**TOP), PriorConfig(**BOTTOM)).eval()
+    (h, w) = top
+    model = vq.TwoLevelPrior(PriorConfig(**dict(TOP, height=h, width=w)),
+                             PriorConfig(**dict(BOTTOM, height=2 * h, width=2 * w))).eval()
     for m in (model.top, model.bottom):
         torch.nn.init.normal_(m.cond_maps, std=1.0)
     return model
@@ -740,16 +745,18 @@ def test_cached_sampler_matches_naive(kind, temperature):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.8])
-def test_two_level_cached_sampler_matches_naive(temperature):
-    model = two_level_prior(seed=3).double()
+@pytest.mark.parametrize("top", [(3, 3), (3, 5)], ids=["square", "3x5"])  # the scan is transposed: h != w matters
+def test_two_level_cached_sampler_matches_naive(temperature, top):
+    model = two_level_prior(seed=3, top=top).double()
+    (h, w) = top
     for pos in (torch.tensor([0.1, 0.5, 0.9]), None):  # given, and drawn once for both levels
         cached = model.generate(3, temperature, torch.Generator().manual_seed(4), position=pos)
         naive = model.generate_naive(3, temperature, torch.Generator().manual_seed(4), position=pos)
-        assert [c.shape for c in cached] == [(3, 3, 3), (3, 6, 6)]
+        assert [c.shape for c in cached] == [(3, h, w), (3, 2 * h, 2 * w)]
         assert all(map(torch.equal, cached, naive))
     bits = vq.prior_bits(model, cached, torch.rand(3), batch_size=2)
-    assert bits["per_slice"] == pytest.approx(9 * bits["per_code_top"] + 36 * bits["per_code_bottom"])
-    assert bits["per_code"] == pytest.approx(bits["per_slice"] / 45)
+    assert bits["per_slice"] == pytest.approx(h * w * bits["per_code_top"] + 4 * h * w * bits["per_code_bottom"])
+    assert bits["per_code"] == pytest.approx(bits["per_slice"] / (5 * h * w))
     nats = vq.code_nats(model(cached, torch.rand(3)), cached)
     assert nats.item() > 0 and torch.isfinite(nats)
 
@@ -1187,12 +1194,16 @@ def test_quantizer_sees_float32_encoder_outputs_under_bf16(levels):
     torch.manual_seed(0)
     model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, levels=levels)).eval()
     x = vq.phantom_slices(2, (32, 32), seed=4)
-    seen = []
-    model.quantizer.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].dtype))
+    seen = {}
+    # every quantizer: the bottom one's input is float32 by construction, the top one's only if its encoder says so
+    for name, q in model.named_modules():
+        if isinstance(q, vq.VectorQuantizer):
+            q.register_forward_pre_hook(lambda m, inp, name=name: seen.setdefault(name, []).append(inp[0].dtype))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)
         z = model.encoder(x)
-    assert seen == [torch.float32] and z.dtype == torch.float32  # not bf16-rounded vectors
+    want = ["quantizer", "quantizer_top"][:levels]
+    assert seen == {name: [torch.float32] for name in want} and z.dtype == torch.float32  # not bf16-rounded vectors
 
 
 def test_checkpoints_get_the_mode_of_any_other_file(tmp_path):
@@ -1239,13 +1250,14 @@ def test_vqvae_resume_of_a_finished_run_keeps_its_prior_and_other_data_is_refuse
 
 
 def test_two_level_train_and_sample(tmp_path, capsys):
-    _train(tmp_path, "--levels", "2", "--prior_epochs", "1")
+    # not square: code maps of 8 x 4 (bottom) and 4 x 2 (top)
+    _train(tmp_path, "--levels", "2", "--prior_epochs", "1", "--size", "32", "16")
     s = json.loads((tmp_path / "summary.json").read_text())
     assert {"codebook_usage_top", "perplexity_top", "prior_bits_per_code_top", "prior_bits_per_code_bottom"} <= set(s)
-    assert s["prior_bits_per_slice"] == pytest.approx(16 * s["prior_bits_per_code_top"]
-                                                      + 64 * s["prior_bits_per_code_bottom"], rel=1e-5)
+    assert s["prior_bits_per_slice"] == pytest.approx(8 * s["prior_bits_per_code_top"]
+                                                      + 32 * s["prior_bits_per_code_bottom"], rel=1e-5)
     images = sample.main(["--out", str(tmp_path), "--n", "3", "--position", "0.4", "--temperature", "0.8"])
-    assert images.shape == (3, 1, 32, 32)
+    assert images.shape == (3, 1, 32, 16)
     bench = sample.main(["--out", str(tmp_path), "--n", "2", "--bench"])
     assert all(map(torch.equal, vq.as_levels(bench["cached"][1]), vq.as_levels(bench["naive"][1])))
     folder = tmp_path / "samples_seed0_t0.8_p0.4"

@@ -459,6 +459,23 @@ def test_code_histogram_without_one_hot():
     assert abs(stats["usage"].item() - (one_hot > 0).double().mean().item()) < 1e-6
 
 
+def test_fallback_search_never_picks_a_non_finite_code():
+    # vq.py without kernels/ follows kernels.nearest_code's policy: NaNs of either sign and infinities
+    # lose to every finite code (argmin once chose a NaN code for every row); with none finite, code 0
+    g = torch.Generator().manual_seed(5)
+    codebook, z = torch.randn(513, 40, generator=g), torch.randn(1000, 40, generator=g)
+    z[:40] = codebook[:40] + 0.01 * torch.randn(40, 40, generator=g)  # rows beside codes 0..39
+    nan, neg_nan = torch.tensor([0x7FC00000, -0x400000], dtype=torch.int32).view(torch.float32).tolist()
+    codebook[0], codebook[1, 3], codebook[7, 39], codebook[20, 0], codebook[512] = \
+        neg_nan, nan, neg_nan, float("inf"), -float("inf")
+    finite = codebook.isfinite().all(1)
+    codes, dist = vq._nearest_code_torch(z, codebook, chunk=64)
+    want = torch.cdist(z.double(), codebook[finite].double()).argmin(1)
+    assert torch.equal(codes, finite.nonzero()[:, 0][want])
+    assert torch.allclose(dist, (z - codebook[codes]).pow(2).sum(1))
+    assert (vq._nearest_code_torch(z, torch.full_like(codebook, nan))[0] == 0).all()
+
+
 def test_unused_codes_stay_finite_and_dead_codes_restart():
     torch.manual_seed(0)
     q = vq.VectorQuantizer(16, 4, dead_threshold=0.0, kmeans_init=False).train()  # restarts off
@@ -538,11 +555,12 @@ def test_kmeans_init_puts_codes_on_the_data():
 
 
 @pytest.mark.parametrize("levels", [1, 2])
-def test_checkpoint_round_trip(tmp_path, levels):
+@pytest.mark.parametrize("size", [(32, 32), (32, 16)], ids=["square", "8x4"])  # bottom maps 8 x 8 and 8 x 4
+def test_checkpoint_round_trip(tmp_path, levels, size):
     model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, levels=levels)).eval()
     vq.save_checkpoint({"vqvae_config": asdict(model.config), "vqvae": model.state_dict()}, tmp_path / "m.pt")
     loaded = vq.VQVAE.from_checkpoint(tmp_path / "m.pt")
-    x = vq.phantom_slices(2, (32, 32))
+    x = vq.phantom_slices(2, size)
     assert loaded.config == model.config
     assert all(map(torch.equal, vq.as_levels(loaded.encode(x)), vq.as_levels(model.encode(x))))
     assert not list(tmp_path.glob("*.tmp*"))  # the temporary file was renamed into place
@@ -560,8 +578,9 @@ def test_checkpoint_of_the_one_level_format_still_loads(tmp_path):
     assert isinstance(vq.load_prior(tmp_path / "m.pt"), vq.PixelCNN)
 
 
-def test_two_level_prior_checkpoint_round_trip(tmp_path):
-    prior = two_level_prior().eval()
+@pytest.mark.parametrize("top", [(3, 3), (3, 5)], ids=["square", "3x5"])
+def test_two_level_prior_checkpoint_round_trip(tmp_path, top):
+    prior = two_level_prior(top=top).eval()
     cfg = {"top": asdict(prior.top.config), "bottom": asdict(prior.bottom.config)}
     vq.save_checkpoint({"prior_config": cfg, "prior": prior.state_dict()}, tmp_path / "p.pt")
     loaded = vq.load_prior(tmp_path / "p.pt")
@@ -619,9 +638,12 @@ TOP = dict(SMALL, height=3, width=3, positional=True, prior_transpose=True)
 BOTTOM = dict(TOP, height=6, width=6, cond_codes=SMALL["n_codes"])
 
 
-def two_level_prior(seed=0):
+def two_level_prior(seed=0, top=(3, 3)):
+    """A two-level prior with a top map of `top` (h, w) and a bottom map of twice that."""
     torch.manual_seed(seed)
-    model = vq.TwoLevelPrior(PriorConfig(**TOP), PriorConfig(**BOTTOM)).eval()
+    (h, w) = top
+    model = vq.TwoLevelPrior(PriorConfig(**dict(TOP, height=h, width=w)),
+                             PriorConfig(**dict(BOTTOM, height=2 * h, width=2 * w))).eval()
     for m in (model.top, model.bottom):
         torch.nn.init.normal_(m.cond_maps, std=1.0)
     return model
@@ -723,16 +745,18 @@ def test_cached_sampler_matches_naive(kind, temperature):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.8])
-def test_two_level_cached_sampler_matches_naive(temperature):
-    model = two_level_prior(seed=3).double()
+@pytest.mark.parametrize("top", [(3, 3), (3, 5)], ids=["square", "3x5"])  # the scan is transposed: h != w matters
+def test_two_level_cached_sampler_matches_naive(temperature, top):
+    model = two_level_prior(seed=3, top=top).double()
+    (h, w) = top
     for pos in (torch.tensor([0.1, 0.5, 0.9]), None):  # given, and drawn once for both levels
         cached = model.generate(3, temperature, torch.Generator().manual_seed(4), position=pos)
         naive = model.generate_naive(3, temperature, torch.Generator().manual_seed(4), position=pos)
-        assert [c.shape for c in cached] == [(3, 3, 3), (3, 6, 6)]
+        assert [c.shape for c in cached] == [(3, h, w), (3, 2 * h, 2 * w)]
         assert all(map(torch.equal, cached, naive))
     bits = vq.prior_bits(model, cached, torch.rand(3), batch_size=2)
-    assert bits["per_slice"] == pytest.approx(9 * bits["per_code_top"] + 36 * bits["per_code_bottom"])
-    assert bits["per_code"] == pytest.approx(bits["per_slice"] / 45)
+    assert bits["per_slice"] == pytest.approx(h * w * bits["per_code_top"] + 4 * h * w * bits["per_code_bottom"])
+    assert bits["per_code"] == pytest.approx(bits["per_slice"] / (5 * h * w))
     nats = vq.code_nats(model(cached, torch.rand(3)), cached)
     assert nats.item() > 0 and torch.isfinite(nats)
 
@@ -849,6 +873,15 @@ def test_train_and_sample_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     again = sample.main(["--out", str(tmp_path), "--evaluate", "--seed", "3"])
     assert again == report and "not saved" in capsys.readouterr().out  # a report, not a traceback
+
+
+def test_realism_false_trains_both_stages_without_the_report(tmp_path, capsys):
+    # what kernels.gpu_check's timing runs pass: the report's host SSIM searches are not what they time
+    train.main(["--out", str(tmp_path), "--epochs", "1", "--prior_epochs", "1", *TINY, "--realism", "false"])
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert not [k for k in s if k.startswith(("realism_", "two_sample_", "nearest_train_", "copies", "diversity_"))]
+    assert s["epochs_vqvae"] == s["epochs_prior"] == 1 and s["prior_bits_per_code"] > 0 and s["test_ssim_mean"] > 0
+    assert (tmp_path / "samples.png").exists() and "realism |" not in capsys.readouterr().out
 
 
 def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
@@ -1161,12 +1194,16 @@ def test_quantizer_sees_float32_encoder_outputs_under_bf16(levels):
     torch.manual_seed(0)
     model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, levels=levels)).eval()
     x = vq.phantom_slices(2, (32, 32), seed=4)
-    seen = []
-    model.quantizer.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].dtype))
+    seen = {}
+    # every quantizer: the bottom one's input is float32 by construction, the top one's only if its encoder says so
+    for name, q in model.named_modules():
+        if isinstance(q, vq.VectorQuantizer):
+            q.register_forward_pre_hook(lambda m, inp, name=name: seen.setdefault(name, []).append(inp[0].dtype))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)
         z = model.encoder(x)
-    assert seen == [torch.float32] and z.dtype == torch.float32  # not bf16-rounded vectors
+    want = ["quantizer", "quantizer_top"][:levels]
+    assert seen == {name: [torch.float32] for name in want} and z.dtype == torch.float32  # not bf16-rounded vectors
 
 
 def test_checkpoints_get_the_mode_of_any_other_file(tmp_path):
@@ -1213,13 +1250,14 @@ def test_vqvae_resume_of_a_finished_run_keeps_its_prior_and_other_data_is_refuse
 
 
 def test_two_level_train_and_sample(tmp_path, capsys):
-    _train(tmp_path, "--levels", "2", "--prior_epochs", "1")
+    # not square: code maps of 8 x 4 (bottom) and 4 x 2 (top)
+    _train(tmp_path, "--levels", "2", "--prior_epochs", "1", "--size", "32", "16")
     s = json.loads((tmp_path / "summary.json").read_text())
     assert {"codebook_usage_top", "perplexity_top", "prior_bits_per_code_top", "prior_bits_per_code_bottom"} <= set(s)
-    assert s["prior_bits_per_slice"] == pytest.approx(16 * s["prior_bits_per_code_top"]
-                                                      + 64 * s["prior_bits_per_code_bottom"], rel=1e-5)
+    assert s["prior_bits_per_slice"] == pytest.approx(8 * s["prior_bits_per_code_top"]
+                                                      + 32 * s["prior_bits_per_code_bottom"], rel=1e-5)
     images = sample.main(["--out", str(tmp_path), "--n", "3", "--position", "0.4", "--temperature", "0.8"])
-    assert images.shape == (3, 1, 32, 32)
+    assert images.shape == (3, 1, 32, 16)
     bench = sample.main(["--out", str(tmp_path), "--n", "2", "--bench"])
     assert all(map(torch.equal, vq.as_levels(bench["cached"][1]), vq.as_levels(bench["naive"][1])))
     folder = tmp_path / "samples_seed0_t0.8_p0.4"

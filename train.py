@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
     p.add_argument("--bf16", type=_bool, default=True, help="bf16 autocast on CUDA (default true)")
+    p.add_argument("--realism", type=_bool, default=True,
+                   help="the realism report after stage 2 (default true); false for timing runs: at HipMRI size "
+                        "its SSIM searches take minutes on the host; sample.py --evaluate runs it later")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable file")
     p.add_argument("--log_every", type=int, default=50, help="steps between log lines")
     _config_flags(p, vq.VQVAEConfig)
@@ -637,7 +640,8 @@ def train_prior(run, data, vqvae, fingerprint):
             where = torch.linspace(0, 1, 8, device=run.device).repeat(2)
             strip = vq.sample_slices(vqvae, prior, 16, generator=g, position=where)
             save_png(run.out / "positions.png", image_grid(strip, ncol=8, rot90=rot))
-        stats = realism_report(vqvae, prior, data["test"], data["train"], args.seed, run.device, run.log, rot)
+        if args.realism:
+            stats = realism_report(vqvae, prior, data["test"], data["train"], args.seed, run.device, run.log, rot)
     test_bits = vq.prior_bits(prior, codes["test"], pos["test"])
     return prior, {**stats, "prior_fingerprint": _fingerprint(prior),
         "prior_bits_per_code": test_bits["per_code"], "prior_bits_per_slice": test_bits["per_slice"],

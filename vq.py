@@ -781,7 +781,11 @@ def _nearest_code_torch(z, codebook, chunk=8192):
     # float64 on a GPU, where float32 matmuls may run in TF32.
     z, codebook = (z.double(), codebook.double()) if z.is_cuda else (z.float(), codebook.float())
     c_sq = codebook.pow(2).sum(1)
-    codes = torch.cat([torch.addmm(c_sq, zc, codebook.t(), alpha=-2).argmin(1) for zc in z.split(chunk)])
+    # kernels.nearest_code's policy: a code with a NaN or an infinity scores inf, so it never wins while a
+    # finite one exists (argmin would pick its NaN score for every row)
+    finite = c_sq.isfinite()
+    search, c_sq = codebook.where(finite[:, None], 0), c_sq.where(finite, math.inf)
+    codes = torch.cat([torch.addmm(c_sq, zc, search.t(), alpha=-2).argmin(1) for zc in z.split(chunk)])
     return codes, (z - codebook[codes]).pow(2).sum(1).float()
 
 

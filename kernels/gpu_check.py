@@ -8,7 +8,7 @@ and the next one starts:
 
     tree           a HipMRI-sized phantom tree (vq.write_phantom_tree 11460 / 660 / 540 at 256 x 128),
                    written while the tests run: they check correctness only, so sharing the CPUs costs no figure
-    tests          the GPU-only tests, compiled (no TRITON_INTERPRET), in parallel shards
+    tests          the GPU-only tests, compiled (no TRITON_INTERPRET), in one pytest run
     bench          python -m kernels.bench: every kernel variant beside torch's materialised search
     train_bf16     train.py --data TREE, the defaults (bf16), two epochs of each stage
     sampler        sample.py --bench --n 16 on that model's 64 x 32 code maps
@@ -32,29 +32,47 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: where train.py and sample.py live
 
-# Per-step limits in seconds. The full run's sequential steps sum to 385 s and the tree runs beside
-# the tests, so the whole stays under the 7 minutes with room for start-up. --quick (the CPU) takes
-# 30 s on 2 idle cores; its limits leave room for a busy or slow CI machine (they only catch a hang).
-# Sized, not measured, for the GPU: from the H100 figures in the README (about 5 s a VQ-VAE epoch
-# and 11 s a prior epoch at HipMRI size, an earlier train.py) and from compile counts.
-LIMITS = {"tree": 60, "tests": 60, "bench": 85, "train_bf16": 100, "sampler": 20, "train_fp32": 45,
-          "train_compile": 75}
+# Per-step limits in seconds: each an estimate of the step on the GPU machine and a margin of at least a
+# fifth over it. Estimates are sized, not measured there: from the H100 figures in the README (about 5 s a
+# VQ-VAE epoch and 11 s a prior epoch at HipMRI size, an earlier train.py), from CPU timings of the parts
+# on one core (0.8 s a kernel compiled with ptxas, 7.9 ms to write and 1.6 ms to decode a 256 x 128
+# slice), and from the --minutes caps that bound each training stage (see the step functions); a process
+# is put at 5-8 s to start (imports, CUDA, the tree from the cache). The sequential steps' limits sum to
+# 412 s (the tree runs beside the tests), under TOTAL_S.
+LIMITS = {
+    "tree": 60,  # 25 s: 12,660 slices on 8 processes (100 s on one); beside the tests, so it adds no time
+    "tests": 128,  # 105 s: ~108 kernel compiles in one process (counted in the interpreter) 86 s, start-up and
+    #                the interpreter's subprocess tests 19 s; margin 23 s
+    "bench": 80,  # 65 s: compiles on 6 processes 20 s, 18 autotunes 18 s, 54 rows timed ~0.4 s each, start-up;
+    #               margin 15 s
+    "train_bf16": 85,  # 71 s: start-up and the tree's first decode 8 s, the caps 2 x 24 s (two epochs of each
+    #                    stage: about 32 s), evaluation, encoding and 32 samples 15 s; margin 14 s
+    "sampler": 25,  # 20 s: start-up 5 s, 16 samples cached ~4 s and naive ~10 s (the H100, earlier); margin 5 s
+    "train_fp32": 34,  # 28 s: start-up 6 s, the cap 18 s (two float32 epochs: about 15 s), evaluation 4 s;
+    #                    margin 6 s
+    "train_compile": 60,  # 50 s: start-up 8 s, encoding 2 s, the cap 30 s (the compile inside it: a first step
+    #                       that compiles for longer overruns the cap), bits and 32 samples 10 s; margin 10 s
+}
+# --quick (the CPU): about 35 s pinned to one core (130 s with the realism report); its limits only
+# catch a hang, with room for a busy or slow CI machine.
 QUICK_LIMITS = {"tree": 120, "tests": 120, "bench": 120, "train_bf16": 300, "sampler": 120, "train_fp32": 120,
-                "train_compile": 0}  # 30 s in all on 2 idle cores; 6x that when the cores are oversubscribed
+                "train_compile": 0}
 TOTAL_S, QUICK_TOTAL_S = 415, 900
 # What the GPU run's tests select: every kernel test, and the GPU tests of test_vq.py. This script's
-# own test is left out (it would run the quick check inside the check), and so is the offline sm_90
-# compile test, which the compiled tests make redundant on a GPU.
-TEST_ARGS = ["kernels", "test_vq.py", "-k", "(gpu or cuda or kernel) and not gpu_check and not sm90"]
+# own tests are left out (one would run the quick check inside the check), and so are the offline sm_90
+# compile test, which the compiled tests make redundant on a GPU, and bench.main's, which the bench step runs.
+TEST_ARGS = ["kernels", "test_vq.py", "-k", "(gpu or cuda or kernel) and not gpu_check and not sm90 and not bench_main"]
 QUICK_TEST_ARGS = ["kernels/test_kernels.py", "-k", "test_torch_path_chunks or test_bench_goals"]
 TREE = dict(n_train=11460, n_val=660, n_test=540, size=(256, 128))  # HipMRI's split sizes
 QUICK_TREE = dict(n_train=48, n_val=16, n_test=16, size=(64, 32))  # under vq.SERIAL_BELOW: decoded in-process, no fork
 # Epochs of each stage (a timed second epoch has no warm-up in it); bf16 and float32 are compared at
-# equal epochs. --minutes caps each stage in case an epoch is slower than expected.
+# equal epochs. --minutes caps each stage in case an epoch is slower than expected; the timing runs leave
+# out stage 2's realism report (--realism false), whose SSIM searches on the host take minutes at this size.
 EPOCHS, QUICK_EPOCHS = 2, 1
 GOAL_TRAIN_S, GOAL_SAMPLE_S = 600, 1.0  # 30 + 30 HipMRI epochs in 10 minutes; 16 samples of 64 x 32 in 1 s
 
@@ -98,36 +116,31 @@ def _tail(text, n=15):
 
 
 def step_tests(ctx, limit):
-    """pytest in shards run side by side (compiling kernels is CPU-bound), whole test functions each."""
+    """One pytest run; the counts from the JUnit XML it writes at its end."""
     args = QUICK_TEST_ARGS if ctx.quick else TEST_ARGS
-    t0 = time.time()
-    status, _, _, out = _run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *args],
-                             limit, ctx.logs / "tests_collect.log", ctx.env)
-    ids = [line for line in out.splitlines() if "::" in line and not line.startswith(" ")]
-    functions = list(dict.fromkeys(i.split("[")[0] for i in ids))
-    if status != "ok" or not functions:
-        return {"status": "failed", "error": "collection failed", "output": _tail(out)}
-    counts = {f: sum(i.split("[")[0] == f for i in ids) for f in functions}
-    n = min(len(functions), 2 if ctx.quick else max(1, min(6, (os.cpu_count() or 2) // 2)))
-    shards = [[] for _ in range(n)]
-    for f in sorted(functions, key=counts.get, reverse=True):  # biggest first, each to the lightest shard
-        min(shards, key=lambda s: sum(counts[g] for g in s)).append(f)
-    left = limit - (time.time() - t0)
-    procs = [_run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *shard], left,
-                  ctx.logs / f"tests_{i}.log", ctx.env, wait=False) for i, shard in enumerate(shards)]
-    result = {"status": "ok", "collected": len(ids), "shards": n, "passed": 0, "failed": 0, "skipped": 0,
-              "errors": 0, "failures": [], "command": shlex.join(["python", "-m", "pytest", "-q", *args])}
-    for proc in procs:
-        status, _, rc, out = _wait(proc)
-        summary = re.findall(r"(\d+) (passed|failed|skipped|errors?)", _tail(out, 1)[0] if out.strip() else "")
-        for number, kind in summary:
-            result["errors" if kind.startswith("error") else kind] += int(number)
-        result["failures"] += [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
-        if status == "timed out":
-            result["status"] = "timed out"
-        elif rc not in (0, 5) and result["status"] == "ok":  # 5: nothing selected
-            result["status"] = "failed"
+    xml = ctx.logs / "tests.xml"
+    xml.unlink(missing_ok=True)  # a kept --out holds an earlier run's
+    status, _, _, out = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+                              *args], limit, ctx.logs / "tests.log", ctx.env)
+    result = {"status": status, "command": shlex.join(["python", "-m", "pytest", "-q", *args]), "output": _tail(out)}
+    if xml.exists():
+        result.update(junit_counts(xml))
     return result
+
+
+def junit_counts(path):
+    """collected, passed, failed, skipped, errors and the failed tests' names from pytest's JUnit XML."""
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    failures = []
+    for case in suite.iter("testcase"):
+        for kind, tag in (("FAILED", "failure"), ("ERROR", "error")):
+            for e in case.findall(tag):
+                message = ((e.get("message") or "").strip().splitlines() or [""])[0][:200]
+                failures.append(f"{kind} {case.get('classname')}::{case.get('name')}: {message}")
+    return {"collected": n["tests"], "passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"],
+            "failed": n["failures"], "skipped": n["skipped"], "errors": n["errors"], "failures": failures}
 
 
 def step_bench(ctx, limit):
@@ -224,13 +237,13 @@ def _epochs(ctx):
 
 
 def step_train_bf16(ctx, limit):
-    minutes = "0.1" if ctx.quick else "0.6"
+    minutes = "0.1" if ctx.quick else "0.4"
     return _train(ctx, "train_bf16", limit, ["--epochs", _epochs(ctx), "--prior_epochs", _epochs(ctx),
-                                             "--minutes", minutes])
+                                             "--minutes", minutes, "--realism", "false"])
 
 
 def step_train_fp32(ctx, limit):
-    minutes = "0.1" if ctx.quick else "0.5"
+    minutes = "0.1" if ctx.quick else "0.3"
     return _train(ctx, "train_fp32", limit, ["--stage", "vqvae", "--bf16", "false", "--epochs", _epochs(ctx),
                                              "--minutes", minutes])
 
@@ -247,7 +260,7 @@ def step_train_compile(ctx, limit):
         if (base / name).exists():
             shutil.copy(base / name, out_dir / name)
     return _train(ctx, "train_compile", limit, ["--stage", "prior", "--compile", "--prior_epochs", "1",
-                                                "--minutes", "0.75"], stages=("prior",))
+                                                "--minutes", "0.5", "--realism", "false"], stages=("prior",))
 
 
 def step_sampler(ctx, limit):
@@ -333,7 +346,7 @@ def markdown(report):
     t = steps.get("tests")
     if t and "passed" in t:
         lines += ["", f"## tests\n\n`{t['command']}`: {t['passed']} passed, {t['failed']} failed, "
-                  f"{t['skipped']} skipped, {t['errors']} errors ({t['collected']} collected, {t['shards']} shards)"]
+                  f"{t['skipped']} skipped, {t['errors']} errors ({t['collected']} collected)"]
         lines += [f"- {f}" for f in t["failures"]]
     b = steps.get("bench")
     if b and b.get("rows"):

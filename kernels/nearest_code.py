@@ -51,7 +51,8 @@ def _check_inputs(z, codebook):
 def nearest_code_reference(z, codebook):
     # Direct differences, not ||z||^2 - 2 z.c + ||c||^2, so nothing cancels.
     d = torch.cdist(z.double(), codebook.double(), compute_mode="donot_use_mm_for_euclid_dist") ** 2  # (N, K)
-    dist, codes = d.min(1)
+    # Non-finite codes are infinitely far, as on every path (nearest_code's docstring); min would pick a NaN.
+    dist, codes = d.masked_fill_(~codebook.double().pow(2).sum(1).isfinite(), float("inf")).min(1)
     return codes, dist
 
 
@@ -62,6 +63,10 @@ def nearest_code_torch(z, codebook, chunk_size=None):
     dtype = torch.float64 if z.is_cuda else torch.float32
     c = codebook.to(dtype)  # (K, D)
     c_sq = c.pow(2).sum(1)  # (K,)
+    # A non-finite code (a NaN or an infinity makes ||c||^2 so) is scored as a zero vector at distance
+    # inf: it never wins while a finite one exists, where min(1) would pick its NaN score.
+    finite = c_sq.isfinite()
+    c_search, c_sq = c.where(finite[:, None], 0), c_sq.where(finite, float("inf"))
     chunk = chunk_size or max(1, _CHUNK_BYTES // (c.element_size() * K))
     codes = torch.empty(N, dtype=torch.int64, device=z.device)
     dist = torch.empty(N, dtype=torch.float32, device=z.device)
@@ -69,7 +74,7 @@ def nearest_code_torch(z, codebook, chunk_size=None):
         zc = z[i : i + chunk].to(dtype)  # (chunk, D)
         # ||z||^2 is the same for every code of a row, so the argmin does without it.
         # min(1) picks the first of equal minima like argmin, and runs ~2x faster on CPU.
-        best = torch.addmm(c_sq, zc, c.T, alpha=-2).min(1).indices  # (chunk,)
+        best = torch.addmm(c_sq, zc, c_search.T, alpha=-2).min(1).indices  # (chunk,)
         codes[i : i + chunk] = best
         # Recomputed from differences: ||z||^2 + score would lose digits to cancellation.
         dist[i : i + chunk] = (zc - c[best]).pow_(2).sum(1)
@@ -162,7 +167,8 @@ if HAVE_TRITON:
             better = score < best_v  # strict: an equal score in a later tile keeps the lower index
             if CERTIFY:  # the runner-up of each slot too, to prove the winner despite rounding
                 second_v = tl.where(better, best_v, tl.minimum(second_v, score))
-                c_max = tl.maximum(c_max, tl.max(c_sq, axis=0))
+                # non-finite codes score NaN or inf and never win: the bound need not cover them
+                c_max = tl.maximum(c_max, tl.max(tl.where(c_sq < float("inf"), c_sq, 0.0), axis=0))
             best_v = tl.where(better, score, best_v)
             best_i = tl.where(better, k0, best_i)
         best = tl.min(best_v, axis=1)  # (BLOCK_N,)
@@ -259,8 +265,8 @@ if HAVE_TRITON:
                     second_v = tl.where(better, best_v, tl.minimum(second_v, score))
                 best_v = tl.where(better, score, best_v)
                 best_i = tl.where(better, k0, best_i)
-            if CERTIFY:
-                c_max = tl.maximum(c_max, tl.max(tl.where(ks < K, c_sq, 0.0), axis=0))
+            if CERTIFY:  # padded and non-finite codes (c_sq inf) never win: the bound need not cover them
+                c_max = tl.maximum(c_max, tl.max(tl.where(c_sq < float("inf"), c_sq, 0.0), axis=0))
         slot = tl.arange(0, BLOCK_K)[None, :]
         if PACKED:
             best_key = tl.min(best, axis=1)  # (BLOCK_N,)
@@ -306,15 +312,22 @@ if HAVE_TRITON:
     def _prepare_kernel(c_ptr, p_ptr, csq_ptr, K, D, Kp, Dp, stride_ck, stride_cd, SPLIT: tl.constexpr,
                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         """Lay the codebook out for _search_prepared: -2 C (SPLIT 1) or -2 times its tf32 split hi, lo
-        (SPLIT 2) as (SPLIT, Dp, Kp) fp32, zeros past D and K; ||c||^2 as (Kp,), inf past K."""
+        (SPLIT 2) as (SPLIT, Dp, Kp) fp32, zeros past D and K; ||c||^2 as (Kp,), inf past K. A code with a
+        NaN or an infinity is laid out as one past K, so it scores inf, never NaN, and never wins while a
+        finite code exists (a NaN score's sign bit would make a packed key 0, the best)."""
         ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-        k_ok = ks < K
+        offs_c = ks[None, :].to(tl.int64) * stride_ck
         c_sq = tl.zeros([BLOCK_K], tl.float32)
         for d0 in range(0, Dp, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
-            c = tl.load(c_ptr + ks[None, :].to(tl.int64) * stride_ck + dd[:, None].to(tl.int64) * stride_cd,
-                        mask=k_ok[None, :] & (dd[:, None] < D), other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_K)
+            c = tl.load(c_ptr + offs_c + dd[:, None].to(tl.int64) * stride_cd,
+                        mask=(ks[None, :] < K) & (dd[:, None] < D), other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_K)
             c_sq += tl.sum(c * c, axis=0)
+        k_ok = (ks < K) & (c_sq < float("inf"))  # NaN compares false
+        for d0 in range(0, Dp, BLOCK_D):  # a second read, to leave the non-finite codes out
+            dd = d0 + tl.arange(0, BLOCK_D)
+            c = tl.load(c_ptr + offs_c + dd[:, None].to(tl.int64) * stride_cd,
+                        mask=k_ok[None, :] & (dd[:, None] < D), other=0.0).to(tl.float32)
             offs = dd[:, None] * Kp + ks[None, :]
             if SPLIT == 2:  # scaling by -2 is exact, so -2 hi and -2 lo are the split of -2 c
                 hi = _tf32_round(c)
@@ -509,7 +522,9 @@ def nearest_code(z, codebook, *, backend=None, precision="tf32x3", variant="base
             low bits of the distance, so the running argmin is one integer min; K <= 8192.
 
     Returns:
-        codes: (N,) int64, the index of the nearest code. Ties go to the lowest index.
+        codes: (N,) int64, the index of the nearest code. Ties go to the lowest index. A code with a
+            NaN or an infinity (or a ||c||^2 past fp32's range) scores as infinitely far on every path,
+            so a diverging code never takes the rows while a finite one exists; with none finite, 0.
         dist: (N,) float32, the squared distance to that code, recomputed in fp32 from
             (z - codebook[codes]), so it carries no ||z||^2 cancellation error.
 
@@ -522,7 +537,8 @@ def nearest_code(z, codebook, *, backend=None, precision="tf32x3", variant="base
     choice = backend or os.environ.get("VQ_KERNEL", "auto")
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"VQ_KERNEL / backend must be one of auto, torch, triton; got {choice!r}")
-    on_gpu = HAVE_TRITON and torch.is_tensor(z) and z.is_cuda
+    _check_inputs(z, codebook)  # before the device: a bad input says what is wrong with it on any machine
+    on_gpu = HAVE_TRITON and z.is_cuda
     if choice == "triton" and not (on_gpu or (HAVE_TRITON and _INTERPRET)):
         raise RuntimeError(
             "the Triton path needs triton installed and a CUDA tensor (or TRITON_INTERPRET=1 set before import); "

@@ -3,6 +3,7 @@
     python sample.py --n 16                        # PNG grid + one .nii.gz per sample
     python sample.py --n 8 --position 0.3          # slices from 30% of the way through a volume
     python sample.py --reconstruct a.nii.gz b.nii.gz
+    python sample.py --surprise a.nii.gz b.nii.gz   # where each slice is unusual: map, healed slice, score
     python sample.py --evaluate                    # realism report against the held-out test slices
     python sample.py --bench --n 16                # cached sampler against the naive one
 """
@@ -48,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:1 (default cuda when present)")
     p.add_argument("--dest", default=None, help="where to write (default OUT/samples_seedS_tT)")
     p.add_argument("--reconstruct", nargs="+", metavar="PATH", help="slices to reconstruct")
+    p.add_argument("--surprise", nargs="+", metavar="PATH",
+                   help="slices to score: surprise map, healed slice and picture each, surprise.json (default dest OUT/surprise)")
     p.add_argument("--evaluate", action="store_true", help="realism report against the test slices, into summary.json")
     p.add_argument("--bench", action="store_true", help="time the cached sampler against the naive one")
     args = p.parse_args(argv)
@@ -58,7 +61,7 @@ def parse_args(argv=None):
     if args.position is not None and not 0 <= args.position <= 1:
         fail(f"--position must be between 0 and 1, got {args.position}")
     check_seed_and_device(args)
-    modes = [f"--{m}" for m in ("reconstruct", "evaluate", "bench") if getattr(args, m)]
+    modes = [f"--{m}" for m in ("reconstruct", "surprise", "evaluate", "bench") if getattr(args, m)]
     if len(modes) > 1:
         fail(f"{' and '.join(modes)} are separate modes: give one")
     if args.dest and Path(args.dest).exists() and not Path(args.dest).is_dir():
@@ -134,6 +137,66 @@ def reconstruct(args):
     return results
 
 
+def _surprise_settings(ckpt, vqvae, prior, data=None):
+    """The surprise threshold and smoothing kept with the prior; for a checkpoint from before they were
+    kept, set now from the validation slices, as train.py sets them."""
+    if "surprise" in ckpt:
+        return ckpt["surprise"]
+    data = data or vq.load_splits(ckpt["data"])
+    print("surprise: this checkpoint keeps no threshold: setting it from the validation slices")
+    threshold = vq.surprise_threshold(prior, vqvae.encode(data["validate"]), data["positions"]["validate"])
+    return {"threshold": threshold, "quantile": vq.SURPRISE_QUANTILE, "sigma": vq.SURPRISE_SIGMA}
+
+
+def _position_of(path, prior):
+    """A slice file's position in its volume, from its name and its neighbours' (slice_Z of the largest Z
+    beside it), as training reads them; None for a prior without positions, 0.5 when the name has none."""
+    if not prior.config.positional:
+        return None
+    siblings = [f for f in vq._slice_files(Path(path).parent)] or [Path(path)]
+    pos = vq._positions(siblings, [1] * len(siblings))
+    names = [f.name for f in siblings]
+    if pos is None or Path(path).name not in names:
+        print(f"{path}: no slice_Z in its name: taken as the middle of its volume (position 0.5)")
+        return 0.5
+    return pos[names.index(Path(path).name)]
+
+
+def surprise(args):
+    ckpt, vqvae, prior, device = _load(args, need_prior=True)
+    size, rot = tuple(ckpt["data"]["size"]), ckpt["data"]["rot90"]
+    settings = _surprise_settings(ckpt, vqvae, prior)
+    dest = Path(args.dest or Path(args.out) / "surprise")
+    inputs = [(path, vq.load_slices([path], size, strict=True, cache_dir=False)) for path in args.surprise]
+    dest.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator(device).manual_seed(args.seed)
+    entries = []
+    for i, (path, x) in enumerate(inputs):  # (S, 1, H, W): the S slices of one file
+        p = _position_of(path, prior)
+        s = vq.surprise(vqvae, prior, x, settings["threshold"], None if p is None else torch.full((len(x),), p),
+                        settings["sigma"], args.temperature, g)
+        name = f"{i:03d}_{Path(path).name.split('.')[0]}"  # index first: two inputs never share a name
+        for kind, image in (("surprise", s["map"]), ("healed", s["healed"])):
+            a = np.moveaxis(image[:, 0].numpy(), 0, -1)  # (H, W, S): slices on the last axis, as read
+            _save_nifti(dest / f"{name}_{kind}.nii.gz", a[..., 0] if len(x) == 1 else a)
+        grid = lambda t: image_grid(t, ncol=len(x), rot90=rot)  # noqa: E731
+        heat = grid(s["map"] / max(s["map"].max().item(), 1e-6))
+        save_png(dest / f"{name}.png", np.concatenate([np.stack([grid(x)] * 3, -1), np.stack([grid(s["healed"])] * 3, -1),
+                                                       overlay(grid(x), heat)]))
+        bits = [b.flatten(1) for b in vq.as_levels(s["bits"])]
+        for k in range(len(x)):
+            entries.append({"file": str(path), "slice": k, "score": s["score"][k].item(),
+                            "bits_per_code": torch.cat([b[k] for b in bits]).mean().item(),
+                            "redrawn_codes": int(sum(r[k].sum() for r in vq.as_levels(s["redo"]))),
+                            "position": p, "outputs": f"{name}_surprise.nii.gz, {name}_healed.nii.gz, {name}.png"})
+            print(f"{path}{f' slice {k}' if len(x) > 1 else ''}: score {entries[-1]['score']:.5f} | "
+                  f"{entries[-1]['redrawn_codes']} codes redrawn")
+    vq.save_json(dest / "surprise.json", {"threshold_bits": settings["threshold"], "sigma": settings["sigma"],
+                                          "slices": entries})
+    print(f"surprise maps, healed slices and surprise.json in {dest} (pictures: slice, healed, map in red over the slice)")
+    return entries
+
+
 def bench(args):
     _, _, prior, device = _load(args, need_prior=True)
     levels = (prior.top, prior.bottom) if isinstance(prior, vq.TwoLevelPrior) else (prior,)
@@ -172,18 +235,25 @@ def bench(args):
 # ----------------------------------------------------------------------------- pictures
 
 
+def overlay(image, heat):
+    """A greyscale image (h, w) with heat (h, w) in [0, 1] laid over it in red -> (h, w, 3) in [0, 1];
+    white in both (a grid's padding) stays white."""
+    heat = np.where((image == 1) & (heat == 1), 0, heat)
+    return np.stack([np.maximum(image, heat), image * (1 - heat), image * (1 - heat)], -1)
+
+
 def save_png(path, image):
-    """Write a 2-D array in [0, 1] as an 8-bit greyscale PNG, with zlib alone (no imaging library)."""
+    """Write a 2-D array (greyscale) or an (h, w, 3) array (RGB) in [0, 1] as an 8-bit PNG, with zlib alone."""
     import struct
     import zlib
 
     a = (np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
-    raw = b"".join(b"\x00" + row.tobytes() for row in a)  # filter type 0 per scanline
+    raw = b"".join(b"\x00" + row.tobytes() for row in a)  # filter type 0 per scanline; RGB rows interleave
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    header = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 8, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 8, 2 if a.ndim == 3 else 0, 0, 0, 0)  # 2: RGB
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_bytes(png)
@@ -279,10 +349,12 @@ def pair_ssim(x, pairs=256, seed=0):
 
 
 @torch.no_grad()
-def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, rot90=1, temperature=1.0):
+def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, rot90=1, temperature=1.0,
+                   position=None):
     """How far decoded samples are from real held-out slices, beside the floor the decoder sets and
     the score of real against real: two-sample scores (each with its two folds), memorisation and
-    diversity (see the README). test, train: (N, 1, H, W); rot90 as the data's settings say, so the
+    diversity (see the README), and the teacher-forced redraw (vq.teacher_forced). test, train: (N, 1, H, W);
+    position: the test slices' positions (N,), for a positional prior; rot90 as the data's settings say, so the
     critic mirrors along the body's left-right axis. With fewer than 8 test slices the two-sample
     scores are left out (None), with a line saying so."""
     n = len(test)
@@ -304,6 +376,9 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
         "nearest_train_ssim_real": near_real.median().item(),
         "copies": (near_samples > near_real.max()).float().mean().item(),
         "diversity_samples": pair_ssim(samples, seed=seed), "diversity_real": pair_ssim(test, seed=seed),
+        **{f"teacher_forced_{k}": v for k, v in vq.teacher_forced(
+            vqvae, prior, test, position if prior.config.positional else None,
+            torch.Generator(next(prior.parameters()).device).manual_seed(seed)).items()},
     })
     scores = (f"two-sample {report['two_sample_samples']:.3f} (folds "
               f"{' / '.join(f'{f:.3f}' for f in report['two_sample_samples_folds'])}; reconstruction floor "
@@ -311,15 +386,100 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
               if n >= 8 else "")
     log(f"realism | {scores}nearest training slice ssim {report['nearest_train_ssim_samples']:.3f} (real test "
         f"slices {report['nearest_train_ssim_real']:.3f}; copies {report['copies']:.1%}) | pair ssim "
-        f"{report['diversity_samples']:.3f} (real {report['diversity_real']:.3f})")
+        f"{report['diversity_samples']:.3f} (real {report['diversity_real']:.3f}) | teacher-forced redraw: "
+        f"{report['teacher_forced_changed']:.1%} of codes changed, ssim to the reconstruction "
+        f"{report['teacher_forced_ssim']:.3f} (argmax {report['teacher_forced_changed_argmax']:.1%}, "
+        f"{report['teacher_forced_ssim_argmax']:.3f})")
     return report
+
+
+def draw_lesions(x, seed=0, share=0.5):
+    """Synthetic lesions in a share of slices x (N, 1, H, W), for scoring surprise maps: one soft ellipse
+    each, inside the body, 2 to 16 pixels across (up to a few code cells), brighter or darker than the
+    tissue around it by 0.12 to 0.5 (near the tissue's contrast as well as far from it), with the
+    slices' own noise level. Returns (lesioned slices, masks (N, 1, H, W) bool, which slices have one
+    (N,) bool, the sign of each lesion (N,): +1 bright, -1 dark, 0 none)."""
+    g = torch.Generator().manual_seed(seed)
+    x, (N, _, H, W) = x.clone().float(), x.shape
+    has = torch.zeros(N, dtype=torch.bool)
+    has[torch.randperm(N, generator=g)[:round(share * N)]] = True
+    sign, masks = torch.zeros(N), torch.zeros(N, 1, H, W, dtype=torch.bool)
+    body = vq._blur(x, 3.0) > 0.25  # well inside the body, not on its rim
+    ys, xs = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
+    for i in has.nonzero()[:, 0].tolist():
+        inside = body[i, 0].nonzero()
+        if not len(inside):
+            has[i] = False
+            continue
+        cy, cx = inside[torch.randint(len(inside), (1,), generator=g)].float()[0]
+        ry, rx = (1 + 7 * torch.rand(2, generator=g)).tolist()  # radii: 1 to 8 pixels
+        d = ((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2
+        m = torch.sigmoid((1 - d) * 4)  # soft edge, about a pixel wide
+        local = (x[i, 0] * (d < 1)).sum() / (d < 1).sum().clamp_min(1)
+        sign[i] = 1.0 if torch.rand(1, generator=g) < 0.5 else -1.0
+        value = (local + sign[i] * (0.12 + 0.38 * torch.rand(1, generator=g))).clamp(0.02, 1)
+        noise = 0.014 * (torch.rand(H, W, generator=g) - 0.5)
+        x[i, 0] = (1 - m) * x[i, 0] + m * (value + noise)
+        masks[i, 0] = m > 0.5
+    return x.clamp(0, 1), masks, has, sign
+
+
+def auroc(score, label):
+    """Area under the ROC curve of score for the boolean labels (ties count half)."""
+    score, label = score.double().flatten(), label.flatten().bool()
+    ranks = torch.empty_like(score)
+    ranks[score.argsort()] = torch.arange(1, len(score) + 1, dtype=torch.float64)
+    for v in score.unique()[torch.unique(score, return_counts=True)[1] > 1]:  # average ranks of ties
+        ranks[score == v] = ranks[score == v].mean()
+    p, n = label.sum().item(), (~label).sum().item()
+    return (ranks[label].sum().item() - p * (p + 1) / 2) / max(1, p * n)
+
+
+def precision_recall(score, label):
+    """(average precision, best Dice over thresholds) of a pixel score against a boolean mask."""
+    order = score.flatten().double().argsort(descending=True)
+    hit = label.flatten()[order].double()
+    tp, k = hit.cumsum(0), torch.arange(1, len(hit) + 1, dtype=torch.float64)
+    total = hit.sum().clamp_min(1)
+    ap = (tp / k * hit).sum() / total
+    return ap.item(), (2 * tp / (k + total)).max().item()
+
+
+def lesion_report(vqvae, prior, x, position, surprise, seed=0, log=print):
+    """Surprise maps against lesions drawn into slices x (draw_lesions): slice-level AUROC of the score,
+    pixel-level average precision (AUPRC, overall and per sign) and best Dice of the map, beside two
+    baselines: the VQ-VAE's residual |x - reconstruction| (smoothed alike) and the plain intensity.
+    surprise: {"threshold", "sigma"}, as a checkpoint keeps them. Returns (report, (lesioned slices,
+    masks, what vq.surprise returned))."""
+    xl, masks, has, sign = draw_lesions(x, seed)
+    device = next(prior.parameters()).device
+    s = vq.surprise(vqvae, prior, xl, surprise["threshold"], position, surprise["sigma"],
+                    generator=torch.Generator(device).manual_seed(seed))
+    residual = vq._blur((xl - vqvae.reconstruct(xl)).abs(), surprise["sigma"])
+    report = {"lesion_n": len(x), "lesion_slices": int(has.sum()), "lesion_threshold_bits": surprise["threshold"],
+              "lesion_sigma": surprise["sigma"], "lesion_redrawn_share": sum(r.float().mean().item() * r[0].numel()
+              for r in vq.as_levels(s["redo"])) / sum(r[0].numel() for r in vq.as_levels(s["redo"]))}
+    for name, m in (("surprise", s["map"]), ("residual", residual), ("intensity", xl)):
+        score = s["score"] if name == "surprise" else m.flatten(1).mean(1)
+        report[f"lesion_{name}_auroc"] = auroc(score, has) if 0 < has.sum() < len(has) else None
+        report[f"lesion_{name}_auprc"], report[f"lesion_{name}_dice"] = precision_recall(m, masks)
+        for tag, sg in (("bright", 1), ("dark", -1)):  # slices with a lesion of this sign, and those with none
+            keep = (sign == sg) | ~has
+            report[f"lesion_{name}_auprc_{tag}"] = precision_recall(m[keep], masks[keep])[0]
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    log(f"lesions | {int(has.sum())} of {len(x)} test slices | " + " | ".join(
+        f"{n}: slice auroc {f(report[f'lesion_{n}_auroc'])}, pixel auprc {f(report[f'lesion_{n}_auprc'])}, "
+        f"dice {f(report[f'lesion_{n}_dice'])}" for n in ("surprise", "residual", "intensity")))
+    return report, (xl, masks, s)
 
 
 def evaluate(args):
     ckpt, vqvae, prior, device = _load(args, need_prior=True)
     data = vq.load_splits(ckpt["data"])
     report = realism_report(vqvae, prior, data["test"], data["train"], args.seed, device, rot90=ckpt["data"]["rot90"],
-                            temperature=args.temperature)
+                            temperature=args.temperature, position=data["positions"]["test"])
+    report.update(lesion_report(vqvae, prior, data["test"], data["positions"]["test"], _surprise_settings(ckpt, vqvae, prior, data),
+                                args.seed)[0])
     path = Path(args.out) / "summary.json"
     summary = read_summary(path)
     if summary and summary.get("vqvae_fingerprint") == ckpt.get("vqvae_fingerprint"):  # it describes this model.pt
@@ -347,6 +507,8 @@ def main(argv=None):
     try:
         if args.reconstruct:
             return reconstruct(args)
+        if args.surprise:
+            return surprise(args)
         if args.evaluate:
             return evaluate(args)
         return bench(args) if args.bench else generate(args)

@@ -707,6 +707,58 @@ def test_bottom_prior_sees_no_later_bottom_code_and_every_top_code():
         assert (model((top.flip(1), bottom), pos)[1] - base).abs().amax(dim=(0, 1))[0, 0] > 1e-9
 
 
+@pytest.mark.parametrize("kind", [SMALL, RICH, TRANSPOSED], ids=["gated", "position", "transposed"])
+def test_conditional_resampling_matches_naive_and_keeps_the_rest(kind):
+    model = small_prior(seed=4, **kind).double()
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, SMALL["n_codes"], (4, SMALL["height"], SMALL["width"]), generator=g)
+    redo = torch.rand(codes.shape, generator=g) < 0.3
+    pos = _position(model, 4)
+    cached = model.generate(4, 1.0, torch.Generator().manual_seed(8), pos, keep=(codes, redo))
+    assert torch.equal(cached, model.generate_naive(4, 1.0, torch.Generator().manual_seed(8), pos, keep=(codes, redo)))
+    assert torch.equal(cached[~redo], codes[~redo]) and not torch.equal(cached[redo], codes[redo])
+    every = torch.ones_like(redo)  # redrawing every code is plain sampling, with the same noise
+    assert torch.equal(model.generate(4, 1.0, torch.Generator().manual_seed(8), pos, keep=(codes, every)),
+                       model.generate(4, 1.0, torch.Generator().manual_seed(8), pos))
+    # a redrawn code depends on the kept codes after it only through nothing: change one kept later code
+    i, j = (~redo[0]).nonzero()[-1].tolist()
+    later = codes.clone()
+    later[0, i, j] = (later[0, i, j] + 1) % SMALL["n_codes"]
+    again = model.generate(4, 1.0, torch.Generator().manual_seed(8), pos, keep=(later, redo))
+    before = _scan_order(model.config) < _scan_order(model.config)[i, j]
+    assert torch.equal(again[0][before], cached[0][before])
+    with pytest.raises(ValueError, match="keep must be"):
+        model.generate(4, keep=(codes[:, :-1], redo[:, :-1]), position=pos)
+
+
+def test_two_level_conditional_resampling_matches_naive():
+    model = two_level_prior(seed=5, top=(3, 5)).double()
+    g = torch.Generator().manual_seed(4)
+    codes = (torch.randint(0, SMALL["n_codes"], (3, 3, 5), generator=g),
+             torch.randint(0, SMALL["n_codes"], (3, 6, 10), generator=g))
+    redo = tuple(torch.rand(c.shape, generator=g) < 0.25 for c in codes)
+    pos = torch.tensor([0.2, 0.5, 0.8])
+    cached = model.generate(3, 1.0, torch.Generator().manual_seed(1), pos, keep=(codes, redo))
+    naive = model.generate_naive(3, 1.0, torch.Generator().manual_seed(1), pos, keep=(codes, redo))
+    assert all(map(torch.equal, cached, naive))
+    assert all(torch.equal(c[~r], k[~r]) for c, k, r in zip(cached, codes, redo))
+
+
+def test_code_bits_are_each_codes_cross_entropy():
+    model = small_prior(seed=6, **RICH)
+    codes = torch.randint(0, SMALL["n_codes"], (5, SMALL["height"], SMALL["width"]),
+                          generator=torch.Generator().manual_seed(5))
+    pos = torch.rand(5, generator=torch.Generator().manual_seed(6))
+    bits = vq.code_bits(model, codes, pos, batch_size=2)
+    with torch.no_grad():
+        p = model(codes, pos).softmax(1)  # (B, K, h, w)
+    reference = -torch.log2(p.gather(1, codes[:, None]))[:, 0]
+    assert bits.shape == codes.shape and torch.allclose(bits, reference, atol=1e-4)
+    assert vq.prior_bits(model, codes, pos)["per_code"] == pytest.approx(reference.mean().item(), rel=1e-5)
+    th = vq.surprise_threshold(model, codes, pos, quantile=0.9)
+    assert (bits > th).float().mean().item() == pytest.approx(0.1, abs=1 / bits.numel() + 1e-9)
+
+
 def test_position_reaches_every_logit_only_through_the_condition():
     model = small_prior(**RICH).double()
     codes = torch.randint(0, SMALL["n_codes"], (3, SMALL["height"], SMALL["width"]),
@@ -1289,3 +1341,73 @@ def test_sigterm_saves_at_the_next_step_and_resume_finishes(tmp_path, capsys, mo
     monkeypatch.setattr(train, "_lr_at", lr_at)
     _train(tmp_path, "--stage", "vqvae", "--resume")
     assert torch.load(tmp_path / "vqvae.pt", weights_only=True)["trainer"]["step"] == 12
+
+
+def _discs(n, seed):
+    """Normal slices the tiny models below learn in seconds: a grey disc, jittered, with noise."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    c = 16 + 2 * torch.rand(n, 2, generator=g) - 1
+    d = ((ys - c[:, :1, None]) ** 2 + (xs - c[:, 1:, None]) ** 2).sqrt()  # (n, 32, 32)
+    return (0.5 * torch.sigmoid(2 * (11 - d)) + 0.02 * torch.rand(n, 32, 32, generator=g))[:, None]
+
+
+def test_a_lesion_raises_the_surprise_score():
+    torch.manual_seed(0)
+    vqvae = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=16, n_res_blocks=1))
+    normal = _discs(256, seed=1)
+    vqvae.train()(normal[:128])  # k-means seeds the codebook on normal slices; the rest stays untrained
+    vqvae.eval()
+    codes = vqvae.encode(normal)
+    prior = PixelCNN(PriorConfig(n_codes=16, height=8, width=8, prior_channels=16, prior_layers=4,
+                                 prior_dilations=(1, 2)))
+    opt = torch.optim.Adam(prior.parameters(), lr=3e-3)
+    for step in range(150):
+        loss, _ = prior.loss(codes[torch.randint(0, 192, (32,))])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    threshold = vq.surprise_threshold(prior.eval(), codes[192:], quantile=0.99)
+    x = _discs(16, seed=2)
+    lesioned = x.clone()
+    lesioned[:, :, 12:18, 14:20] = 1.0  # a bright patch inside every disc
+    base, hurt = (vq.surprise(vqvae, prior, t, threshold, generator=torch.Generator().manual_seed(0)) for t in (x, lesioned))
+    assert hurt["score"].mean() > 2 * base["score"].mean()
+    assert (hurt["score"] > base["score"]).float().mean() >= 0.75
+    assert hurt["redo"].sum() > base["redo"].sum()
+
+
+def test_surprise_maps_healed_slices_and_outputs(tmp_path, capsys):
+    result = _train(tmp_path)
+    vqvae, prior = result["vqvae"], result["prior"]
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    settings = ckpt["surprise"]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["lesion_threshold_bits"] == settings["threshold"] > 0 and 0 <= s["lesion_surprise_auprc"] <= 1
+    x = vq.phantom_slices(12, (32, 32), seed=1000 * 0 + 2)  # the run's test slices
+    pos = vq.phantom_positions(12, seed=2)
+    out = vq.surprise(vqvae, prior, x, settings["threshold"], pos, settings["sigma"], batch_size=5)
+    assert out["map"].shape == out["healed"].shape == x.shape and out["score"].shape == (12,)
+    assert torch.equal(out["redo"], out["bits"] > settings["threshold"])
+    assert torch.equal(out["healed_codes"][~out["redo"]], out["codes"][~out["redo"]])  # below the threshold: kept
+    assert torch.equal(out["codes"], vqvae.encode(x)) and (out["map"] >= 0).all()
+    # sample.py --surprise: two inputs of one name, one a two-slice volume
+    for k, folder in enumerate(("d1", "d2")):
+        (tmp_path / folder).mkdir()
+        a = np.moveaxis(x[2 * k:2 * k + 1 + k, 0].numpy(), 0, -1)
+        nib.save(nib.Nifti1Image(a if k else a[..., 0], np.eye(4)), str(tmp_path / folder / "case_1_slice_3.nii.gz"))
+    (tmp_path / "bad.nii.gz").write_text("not an image")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--out", str(tmp_path), "--surprise", str(tmp_path / "bad.nii.gz")])
+    assert e.value.code == 2 and "bad.nii.gz" in capsys.readouterr().err
+    entries = sample.main(["--out", str(tmp_path), "--surprise", str(tmp_path / "d1" / "case_1_slice_3.nii.gz"),
+                           str(tmp_path / "d2" / "case_1_slice_3.nii.gz")])
+    dest = tmp_path / "surprise"
+    report = json.loads((dest / "surprise.json").read_text())
+    assert [(Path(r["file"]).parent.name, r["slice"]) for r in report["slices"]] == [("d1", 0), ("d2", 0), ("d2", 1)]
+    assert [r["score"] for r in report["slices"]] == [e["score"] for e in entries] and report["threshold_bits"] > 0
+    for name, shape in (("000_case_1_slice_3", (32, 32)), ("001_case_1_slice_3", (32, 32, 2))):
+        for kind in ("surprise", "healed"):
+            arr = np.asanyarray(nib.load(str(dest / f"{name}_{kind}.nii.gz")).dataobj)
+            assert arr.shape == shape and arr.dtype == np.float32 and arr.min() >= 0
+        assert (dest / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

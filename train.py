@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 import vq
-from sample import Parser, UsageError, check_seed_and_device, fail, image_grid, read_summary, realism_report, save_png
+from sample import (Parser, UsageError, check_seed_and_device, fail, image_grid, lesion_report, read_summary,
+                    realism_report, save_png)
 
 # Without --data: defaults sized so both stages finish in minutes on a 2-core CPU (flags still win).
 # prior_lr: the prior was far from converged at 1e-3; the best measured at the same budget (README):
@@ -630,6 +631,9 @@ def train_prior(run, data, vqvae, fingerprint):
         trainer.resume(_resume_state(run, "prior", data["settings"], "prior_config", saved_cfg))
     trainer.fit({"prior_config": saved_cfg, "data": data["settings"], "vqvae_fingerprint": fingerprint})
     prior.eval()
+    # the threshold of surprise maps: a quantile of the bits of normal codes, kept with the prior
+    surprise = {"threshold": vq.surprise_threshold(prior, codes["validate"], pos["validate"]),
+                "quantile": vq.SURPRISE_QUANTILE, "sigma": vq.SURPRISE_SIGMA}
     stats = {}
     if run.main:
         rot = data["settings"]["rot90"]
@@ -641,7 +645,9 @@ def train_prior(run, data, vqvae, fingerprint):
             strip = vq.sample_slices(vqvae, prior, 16, generator=g, position=where)
             save_png(run.out / "positions.png", image_grid(strip, ncol=8, rot90=rot))
         if args.realism:
-            stats = realism_report(vqvae, prior, data["test"], data["train"], args.seed, run.device, run.log, rot)
+            stats = realism_report(vqvae, prior, data["test"], data["train"], args.seed, run.device, run.log, rot,
+                                   position=pos["test"])
+            stats.update(lesion_report(vqvae, prior, data["test"], pos["test"], surprise, args.seed, run.log)[0])
     test_bits = vq.prior_bits(prior, codes["test"], pos["test"])
     return prior, {**stats, "prior_fingerprint": _fingerprint(prior),
         "prior_bits_per_code": test_bits["per_code"], "prior_bits_per_slice": test_bits["per_slice"],
@@ -649,14 +655,15 @@ def train_prior(run, data, vqvae, fingerprint):
         "unigram_bits_per_code": _code_stats(codes["train"], shared["n_codes"])["bits"],
         "prior_val_bits_best": trainer.best["val_bits"] if trainer.best else None,
         "seconds_prior": round(trainer.seconds, 1), "epochs_prior": trainer.epoch,
-    }, saved_cfg
+    }, {"prior_config": saved_cfg, "prior": prior.state_dict(), "surprise": surprise}
 
 
 # ----------------------------------------------------------------------------- main
 
 # the figures of summary.json that describe the prior (they go when the prior does)
 PRIOR_FIGURES = ("prior_", "unigram_", "realism_", "two_sample_", "nearest_train_", "copies", "diversity_",
-                 "seconds_prior", "epochs_prior")
+                 "teacher_forced_", "lesion_", "seconds_prior", "epochs_prior")
+PRIOR_KEYS = ("prior_config", "prior", "prior_fingerprint", "surprise")  # model.pt's keys that the prior owns
 
 
 def _read_json_lines(path):
@@ -733,7 +740,7 @@ def _stages(run, files):
         final = {"vqvae_config": asdict(vqvae.config), "vqvae": vqvae.state_dict(), "data": data["settings"],
                  "vqvae_fingerprint": summary["vqvae_fingerprint"]}
         if old.get("vqvae_fingerprint") == final["vqvae_fingerprint"] and "prior" in old:  # e.g. --resume when done
-            final.update({k: old[k] for k in ("prior_config", "prior", "prior_fingerprint") if k in old})
+            final.update({k: old[k] for k in PRIOR_KEYS if k in old})
             summary.update({k: v for k, v in before.items() if k.startswith(PRIOR_FIGURES)})
         else:
             _trim_metrics(run, lambda r: r["stage"] == "vqvae")  # a prior of the old codes no longer applies
@@ -755,9 +762,9 @@ def _stages(run, files):
     if "prior" in stages:
         if not args.resume:
             _trim_metrics(run, lambda r: r["stage"] != "prior")
-        prior, stats, prior_config = train_prior(run, data, vqvae, summary["vqvae_fingerprint"])
+        prior, stats, parts = train_prior(run, data, vqvae, summary["vqvae_fingerprint"])
         summary.update(stats)
-        final.update(prior_config=prior_config, prior=prior.state_dict(), prior_fingerprint=stats["prior_fingerprint"])
+        final.update(parts, prior_fingerprint=stats["prior_fingerprint"])
         run.log(f"prior test | {summary['prior_bits_per_code']:.3f} bits per code "
                 f"(unigram {summary['unigram_bits_per_code']:.3f}) | samples in {run.out / 'samples.png'}")
     summary["seconds_total"] = round(time.time() - run.t0, 1)

@@ -1432,8 +1432,8 @@ def teacher_forced(vqvae, prior, x, position=None, generator=None):
     return out
 
 
-SURPRISE_QUANTILE = 0.99  # a code is surprising above this quantile of the bits of normal (validation) codes
-SURPRISE_SIGMA = 1.0  # pixels: the light Gaussian smoothing of a surprise map
+SURPRISE_QUANTILE = 0.995  # a code is surprising above this quantile of the bits of normal (validation) codes
+SURPRISE_SIGMA = 2.0  # pixels: the light Gaussian smoothing of a surprise map
 
 
 def surprise_threshold(prior, codes, position=None, quantile=SURPRISE_QUANTILE):
@@ -1467,10 +1467,10 @@ def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, te
 
     x: (B, C, H, W) in [0, 1], at the VQ-VAE's size; position: (B,) slice positions for a positional
     prior. generator: a torch.Generator on the prior's device. Returns a dict of "map" (B, 1, H, W),
-    "healed" (B, C, H, W), "score" (B,), "bits" and "redo" (the per-code bits and the redrawn codes,
-    (B, h, w) or a (top, bottom) pair), all on the CPU.
+    "healed" (B, C, H, W), "score" (B,), and per code "bits", "redo" (which were redrawn), "codes" and
+    "healed_codes" ((B, h, w) each, or (top, bottom) pairs), all on the CPU.
     """
-    out = {k: [] for k in ("map", "healed", "score", "bits", "redo")}
+    out = {k: [] for k in ("map", "healed", "score", "bits", "redo", "codes", "healed_codes")}
     for k in range(0, len(x), batch_size):
         xb = x[k:k + batch_size].float().cpu()
         pb = None if position is None else torch.as_tensor(position).float().expand(len(x))[k:k + batch_size]
@@ -1478,11 +1478,14 @@ def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, te
         bits = code_bits(prior, codes, pb)
         redo = tuple(b > threshold for b in as_levels(bits))
         keep = (codes, redo) if isinstance(codes, tuple) else (codes, redo[0])
-        healed = vqvae.decode(prior.generate(len(xb), temperature, generator, pb, keep=keep)).cpu()
+        healed_codes = prior.generate(len(xb), temperature, generator, pb, keep=keep)
+        healed = vqvae.decode(healed_codes).cpu()
         cells = torch.stack([F.interpolate(r[:, None].float(), size=xb.shape[-2:]) for r in redo]).amax(0)
         m = _blur((xb - healed).abs().mean(1, keepdim=True) * cells, sigma)  # (b, 1, H, W)
         for name, v in (("map", m), ("healed", healed), ("score", m.flatten(1).mean(1)), ("bits", bits),
-                        ("redo", redo if len(redo) == 2 else redo[0])):
+                        ("redo", redo if len(redo) == 2 else redo[0]), ("codes", codes),
+                        ("healed_codes", tuple(c.cpu() for c in as_levels(healed_codes)) if len(redo) == 2
+                         else healed_codes.cpu())):
             out[name].append(v)
     cat = lambda vs: tuple(map(torch.cat, zip(*vs))) if isinstance(vs[0], tuple) else torch.cat(vs)  # noqa: E731
     return {k: cat(v) for k, v in out.items()}

@@ -117,23 +117,28 @@ def generate(args):
     return images
 
 
+def _write_slices(path, x):
+    """(S, 1, H, W) as a float32 NIfTI in the input's orientation: (H, W) for one slice, (H, W, S) for S."""
+    a = np.moveaxis(x[:, 0].numpy(), 0, -1)
+    _save_nifti(path, a[..., 0] if len(x) == 1 else a)
+
+
 def reconstruct(args):
     ckpt, vqvae, _, device = _load(args, need_prior=False)
-    size = tuple(ckpt["data"]["size"])
+    size, rot = tuple(ckpt["data"]["size"]), ckpt["data"]["rot90"]
     dest = Path(args.dest or Path(args.out) / "reconstructions")
-    results, names = [], set()
-    for path in args.reconstruct:
-        x = vq.load_slices([path], size, strict=True, cache_dir=False)  # (S, 1, H, W): S slices of one file
+    inputs = [(path, vq.load_slices([path], size, strict=True, cache_dir=False)) for path in args.reconstruct]
+    dest.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, (path, x) in enumerate(inputs):  # (S, 1, H, W): the S slices of one file
         r = vqvae.reconstruct(x)
         s = vq.ssim(x, r)
-        name = stem = Path(path).name.split(".")[0]
-        while name in names:  # two inputs of one name (from two folders) get two pictures
-            name = f"{stem}_{len(names)}"
-        names.add(name)
-        save_png(dest / f"{name}.png", image_grid(torch.cat([x, r]), ncol=len(x), rot90=ckpt["data"]["rot90"]))
+        name = f"{i:03d}_{Path(path).name.split('.')[0]}"  # index first: two inputs never share a name
+        _write_slices(dest / f"{name}_reconstruction.nii.gz", r)
+        save_png(dest / f"{name}.png", image_grid(torch.cat([x, r]), ncol=len(x), rot90=rot))
         print(f"{path}: ssim " + " ".join(f"{v:.4f}" for v in s.tolist()))
         results.append(s)
-    print(f"input over reconstruction pictures in {dest}")
+    print(f"reconstructions (NNN_name_reconstruction.nii.gz) and input-over-reconstruction pictures in {dest}")
     return results
 
 
@@ -177,8 +182,7 @@ def surprise(args):
                         settings["sigma"], args.temperature, g)
         name = f"{i:03d}_{Path(path).name.split('.')[0]}"  # index first: two inputs never share a name
         for kind, image in (("surprise", s["map"]), ("healed", s["healed"])):
-            a = np.moveaxis(image[:, 0].numpy(), 0, -1)  # (H, W, S): slices on the last axis, as read
-            _save_nifti(dest / f"{name}_{kind}.nii.gz", a[..., 0] if len(x) == 1 else a)
+            _write_slices(dest / f"{name}_{kind}.nii.gz", image)
         grid = lambda t: image_grid(t, ncol=len(x), rot90=rot)  # noqa: E731
         heat = grid(s["map"] / max(s["map"].max().item(), 1e-6))
         save_png(dest / f"{name}.png", np.concatenate([np.stack([grid(x)] * 3, -1), np.stack([grid(s["healed"])] * 3, -1),
@@ -340,8 +344,14 @@ def nearest_ssim(x, pool, shortlist=8):
     return torch.cat(best)
 
 
+def _f(v):
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def pair_ssim(x, pairs=256, seed=0):
-    """Mean SSIM of random pairs of different slices of x: lower is more varied."""
+    """Mean SSIM of random pairs of different slices of x: lower is more varied; None for fewer than 2."""
+    if len(x) < 2:
+        return None
     g = torch.Generator().manual_seed(seed)
     i = torch.randint(len(x), (pairs,), generator=g)
     j = (i + torch.randint(1, len(x), (pairs,), generator=g)) % len(x)
@@ -386,7 +396,7 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
               if n >= 8 else "")
     log(f"realism | {scores}nearest training slice ssim {report['nearest_train_ssim_samples']:.3f} (real test "
         f"slices {report['nearest_train_ssim_real']:.3f}; copies {report['copies']:.1%}) | pair ssim "
-        f"{report['diversity_samples']:.3f} (real {report['diversity_real']:.3f}) | teacher-forced redraw: "
+        f"{_f(report['diversity_samples'])} (real {_f(report['diversity_real'])}) | teacher-forced redraw: "
         f"{report['teacher_forced_changed']:.1%} of codes changed, ssim to the reconstruction "
         f"{report['teacher_forced_ssim']:.3f} (argmax {report['teacher_forced_changed_argmax']:.1%}, "
         f"{report['teacher_forced_ssim_argmax']:.3f})")
@@ -466,10 +476,9 @@ def lesion_report(vqvae, prior, x, position, surprise, seed=0, log=print):
         for tag, sg in (("bright", 1), ("dark", -1)):  # slices with a lesion of this sign, and those with none
             keep = (sign == sg) | ~has
             report[f"lesion_{name}_auprc_{tag}"] = precision_recall(m[keep], masks[keep])[0]
-    f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     log(f"lesions | {int(has.sum())} of {len(x)} test slices | " + " | ".join(
-        f"{n}: slice auroc {f(report[f'lesion_{n}_auroc'])}, pixel auprc {f(report[f'lesion_{n}_auprc'])}, "
-        f"dice {f(report[f'lesion_{n}_dice'])}" for n in ("surprise", "residual", "intensity")))
+        f"{n}: slice auroc {_f(report[f'lesion_{n}_auroc'])}, pixel auprc {_f(report[f'lesion_{n}_auprc'])}, "
+        f"dice {_f(report[f'lesion_{n}_dice'])}" for n in ("surprise", "residual", "intensity")))
     return report, (xl, masks, s)
 
 

@@ -6,6 +6,7 @@ Run with `TRITON_INTERPRET=1 python -m pytest -q test_vq.py kernels` (the kernel
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -915,8 +916,18 @@ def test_train_and_sample_end_to_end(tmp_path, capsys):
     assert np.allclose(arr, images[2, 0].numpy())
 
     capsys.readouterr()
-    sims = sample.main(["--out", str(tmp_path), "--reconstruct", str(folder / "sample_000.nii.gz")])
-    assert "ssim" in capsys.readouterr().out and 0 < sims[0].item() <= 1
+    names = ["d1/a.nii.gz", "d1/a_2.nii.gz", "d2/a.nii.gz"]  # one name taken three ways (once hung the renaming)
+    for i, name in enumerate(names):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(folder / f"sample_00{i}.nii.gz", tmp_path / name)
+    sims = sample.main(["--out", str(tmp_path), "--reconstruct", *(str(tmp_path / n) for n in names)])
+    assert "ssim" in capsys.readouterr().out and len(sims) == 3 and all(0 < v.item() <= 1 for v in sims)
+    dest = tmp_path / "reconstructions"
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        f"{i:03d}_{stem}{end}" for i, stem in enumerate(["a", "a_2", "a"]) for end in (".png", "_reconstruction.nii.gz"))
+    arr = np.asanyarray(nib.load(str(dest / "001_a_2_reconstruction.nii.gz")).dataobj)
+    want = result["vqvae"].reconstruct(load_slices([tmp_path / names[1]], (32, 32), cache_dir=False))  # as read
+    assert arr.shape == (32, 32) and arr.dtype == np.float32 and np.allclose(arr, want[0, 0].numpy(), atol=1e-5)
     at = sample.main(["--out", str(tmp_path), "--n", "3", "--seed", "7", "--position", "0.9"])
     assert (tmp_path / "samples_seed7_t1_p0.9" / "grid.png").exists() and not torch.equal(at, images)
     report = sample.main(["--out", str(tmp_path), "--evaluate", "--seed", "3"])
@@ -1341,6 +1352,33 @@ def test_sigterm_saves_at_the_next_step_and_resume_finishes(tmp_path, capsys, mo
     monkeypatch.setattr(train, "_lr_at", lr_at)
     _train(tmp_path, "--stage", "vqvae", "--resume")
     assert torch.load(tmp_path / "vqvae.pt", weights_only=True)["trainer"]["step"] == 12
+
+
+def test_an_interrupted_prior_resumes_with_its_records(tmp_path, capsys, monkeypatch):
+    lr_at, sent = train._lr_at, []
+
+    def preempted(step, total, lr):  # SIGTERM during prior step 8 of 18 (the VQ-VAE's schedule has 12)
+        if total == 18 and step == 7 and not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        return lr_at(step, total, lr)
+
+    monkeypatch.setattr(train, "_lr_at", preempted)
+    with pytest.raises(SystemExit):
+        _train(tmp_path, "--prior_epochs", "3", "--realism", "false")
+    records = lambda: [(r["stage"], r["epoch"]) for r in train._read_json_lines(tmp_path / "metrics.jsonl")]  # noqa
+    assert records() == [("vqvae", 1), ("vqvae", 2), ("prior", 1)]
+    monkeypatch.setattr(train, "_lr_at", lr_at)
+    _train(tmp_path, "--prior_epochs", "3", "--realism", "false", "--resume")
+    assert records() == [("vqvae", 1), ("vqvae", 2), ("prior", 1), ("prior", 2), ("prior", 3)]
+
+
+def test_a_one_slice_test_split_keeps_the_prior(tmp_path):
+    result = _train(tmp_path, "--n_test", "1", "--prior_epochs", "1")
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["n_test"] == 1 and s["diversity_real"] is None and "two_sample_samples" not in s  # too few: left out
+    assert 0 < s["nearest_train_ssim_real"] <= 1 and s["lesion_n"] == 1
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert torch.equal(ckpt["prior"]["embed.weight"], result["prior"].state_dict()["embed.weight"])
 
 
 def _discs(n, seed):

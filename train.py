@@ -634,28 +634,31 @@ def train_prior(run, data, vqvae, fingerprint):
     # the threshold of surprise maps: a quantile of the bits of normal codes, kept with the prior
     surprise = {"threshold": vq.surprise_threshold(prior, codes["validate"], pos["validate"]),
                 "quantile": vq.SURPRISE_QUANTILE, "sigma": vq.SURPRISE_SIGMA}
-    stats = {}
-    if run.main:
-        rot = data["settings"]["rot90"]
-        g = torch.Generator(run.device).manual_seed(args.seed)
-        samples = vq.sample_slices(vqvae, prior, 16, generator=g)
-        save_png(run.out / "samples.png", image_grid(samples, ncol=8, rot90=rot))
-        if shared["positional"]:  # columns from the first slice of a volume (0) to the last (1), two rows
-            where = torch.linspace(0, 1, 8, device=run.device).repeat(2)
-            strip = vq.sample_slices(vqvae, prior, 16, generator=g, position=where)
-            save_png(run.out / "positions.png", image_grid(strip, ncol=8, rot90=rot))
-        if args.realism:
-            stats = realism_report(vqvae, prior, data["test"], data["train"], args.seed, run.device, run.log, rot,
-                                   position=pos["test"])
-            stats.update(lesion_report(vqvae, prior, data["test"], pos["test"], surprise, args.seed, run.log)[0])
     test_bits = vq.prior_bits(prior, codes["test"], pos["test"])
-    return prior, {**stats, "prior_fingerprint": _fingerprint(prior),
+    return prior, {"prior_fingerprint": _fingerprint(prior),
         "prior_bits_per_code": test_bits["per_code"], "prior_bits_per_slice": test_bits["per_slice"],
         **{f"prior_bits_{k}": v for k, v in test_bits.items() if k.endswith(("_top", "_bottom"))},
         "unigram_bits_per_code": _code_stats(codes["train"], shared["n_codes"])["bits"],
         "prior_val_bits_best": trainer.best["val_bits"] if trainer.best else None,
         "seconds_prior": round(trainer.seconds, 1), "epochs_prior": trainer.epoch,
     }, {"prior_config": saved_cfg, "prior": prior.state_dict(), "surprise": surprise}
+
+
+def report_prior(run, data, vqvae, prior, surprise):
+    """Samples and positions pictures, then (with --realism) the realism and lesion reports: run after
+    model.pt holds the prior, so a report that fails loses no training."""
+    args, rot, pos = run.args, data["settings"]["rot90"], data["positions"]
+    g = torch.Generator(run.device).manual_seed(args.seed)
+    save_png(run.out / "samples.png", image_grid(vq.sample_slices(vqvae, prior, 16, generator=g), ncol=8, rot90=rot))
+    if prior.config.positional:  # columns from the first slice of a volume (0) to the last (1), two rows
+        where = torch.linspace(0, 1, 8, device=run.device).repeat(2)
+        strip = vq.sample_slices(vqvae, prior, 16, generator=g, position=where)
+        save_png(run.out / "positions.png", image_grid(strip, ncol=8, rot90=rot))
+    if not args.realism:
+        return {}
+    stats = realism_report(vqvae, prior, data["test"], data["train"], args.seed, run.device, run.log, rot,
+                           position=pos["test"])
+    return {**stats, **lesion_report(vqvae, prior, data["test"], pos["test"], surprise, args.seed, run.log)[0]}
 
 
 # ----------------------------------------------------------------------------- main
@@ -742,7 +745,8 @@ def _stages(run, files):
         if old.get("vqvae_fingerprint") == final["vqvae_fingerprint"] and "prior" in old:  # e.g. --resume when done
             final.update({k: old[k] for k in PRIOR_KEYS if k in old})
             summary.update({k: v for k, v in before.items() if k.startswith(PRIOR_FIGURES)})
-        else:
+        elif not (args.resume and (run.out / "prior.pt").exists() and vq.load_checkpoint(
+                run.out / "prior.pt").get("vqvae_fingerprint") == final["vqvae_fingerprint"]):
             _trim_metrics(run, lambda r: r["stage"] == "vqvae")  # a prior of the old codes no longer applies
         write(final, summary)
         run.log(f"vqvae test | ssim {summary['test_ssim_mean']:.4f} +- {summary['test_ssim_std']:.4f} "
@@ -766,7 +770,11 @@ def _stages(run, files):
         summary.update(stats)
         final.update(parts, prior_fingerprint=stats["prior_fingerprint"])
         run.log(f"prior test | {summary['prior_bits_per_code']:.3f} bits per code "
-                f"(unigram {summary['unigram_bits_per_code']:.3f}) | samples in {run.out / 'samples.png'}")
+                f"(unigram {summary['unigram_bits_per_code']:.3f})")
+        write(final, summary)  # the prior is kept before the reports run
+        if run.main:
+            summary.update(report_prior(run, data, vqvae, prior, parts["surprise"]))
+            run.log(f"samples in {run.out / 'samples.png'}")
     summary["seconds_total"] = round(time.time() - run.t0, 1)
     write(final, summary)
     if run.main:

@@ -3,6 +3,7 @@
 Run with `TRITON_INTERPRET=1 python -m pytest -q test_vq.py kernels` (the kernel tests need the flag).
 """
 
+import gzip
 import json
 import math
 import os
@@ -235,6 +236,9 @@ def test_parallel_equals_serial(tmp_path):
     assert infos[0] == infos[1] and infos[0]["files"] == 72
     single = load_slices(files, size=(32, 16), cache_dir=False, workers=2)  # a list, kept in order
     assert torch.equal(single, torch.cat([serial[:36], serial[39:]]))
+    raw = gzip.decompress(files[5].read_bytes())  # the same file as two gzip members (gzip -c a b > c)
+    (tmp_path / "two.nii.gz").write_bytes(gzip.compress(raw[:200]) + gzip.compress(raw[200:]))
+    assert torch.equal(load_slices([tmp_path / "two.nii.gz"], (32, 16), cache_dir=False), serial[5:6])
 
 
 def test_find_splits_hipmri_oasis_nested(tmp_path):

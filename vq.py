@@ -5,19 +5,19 @@ Copy this file alone into another project: at top level it needs only torch and 
 (nibabel is imported by the NIfTI reader, the Triton kernel is optional).
 """
 
+import concurrent.futures
 import contextlib
 import gzip
 import hashlib
 import io
 import json
 import math
-import mmap
-import multiprocessing
 import os
 import re
 import sys
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -164,8 +164,10 @@ def _read(path):
         import nibabel as nib
         if not raw:
             raise ValueError("empty file")
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+        if raw[:2] == b"\x1f\x8b":  # one zlib call (it releases the GIL); gzip's loop for multi-member files
+            z, packed = zlib.decompressobj(31), raw
+            raw = z.decompress(packed)
+            raw = gzip.decompress(packed) if z.unused_data else raw
         sizeof_hdr = {int.from_bytes(raw[:4], order) for order in ("little", "big")}
         if not sizeof_hdr & {348, 540}:
             raise ValueError("not a NIfTI file (no NIfTI-1/2 header)")
@@ -225,32 +227,27 @@ def _decode_file(path, size):
     return _fit(_normalise(x), size).astype(np.float16), nonfinite
 
 
-_OUT = None  # (files, H, W) float16 while decoding; forked workers write one-slice files straight into it
-
-
-def _decode_chunk(task):
-    """Pool task: files from index start -> ({index: (k, H, W), or None if in _OUT}, [(path, reason)], NaN
-    count, whether a failure was about reading rather than content)."""
-    start, files, size = task
-    done, skipped, nonfinite, transient = {}, [], 0, False
-    for i, f in enumerate(files, start):
+def _decode_chunk(files, size):
+    """Decode files -> ([(k, H, W) or None when skipped], [(path, reason)], NaN count, whether a failure was
+    about reading rather than content)."""
+    done, skipped, nonfinite, transient = [], [], 0, False
+    for f in files:
         try:
             x, nf = _decode_file(f, size)
         except DataError:
             raise
         except (_IOFailure, ImportError, MemoryError) as e:  # may be fixed without touching the file
             skipped.append((str(f), f"{str(e).splitlines()[0]} (not cached: read again next time)"))
+            done.append(None)
             transient = True
             continue
         except Exception as e:  # nibabel, gzip and numpy raise many kinds; each is "this file is bad"
             why = str(e) if type(e) is ValueError else f"{type(e).__name__}: {e}"  # ours are plain ValueErrors
             skipped.append((str(f), why.splitlines()[0]))
+            done.append(None)
             continue
         nonfinite += nf
-        if _OUT is not None and len(x) == 1:
-            _OUT[i], done[i] = x[0], None
-        else:
-            done[i] = x  # volumes, or no shared buffer (spawn): sent back through the pipe
+        done.append(x)
     return done, skipped, nonfinite, transient
 
 
@@ -258,47 +255,26 @@ def _cpu_count():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _pool_context():
-    """fork (workers share memory) unless off Linux or CUDA / a process group started threads fork won't copy."""
-    threads = torch.cuda.is_initialized() or (dist.is_available() and dist.is_initialized())
-    return multiprocessing.get_context("fork" if sys.platform == "linux" and not threads else "spawn")
-
-
 def _decode_all(files, size, strict, workers):
-    """Decode files in order, over a process pool when it pays; returns (N, H, W) float16 and info."""
-    global _OUT
+    """Decode files in order over a thread pool (zlib, nibabel's reads and numpy release the GIL);
+    returns (N, H, W) float16 and info."""
     workers = max(1, workers or _cpu_count())
     chunk = min(256, max(16, len(files) // (workers * 4) + 1))  # a few tasks per worker balance the load
-    tasks = [(i, files[i:i + chunk], size) for i in range(0, len(files), chunk)]
-    shape = (len(files), *size)
-    pool, done, skipped, nonfinite, transient = None, {}, [], 0, False
-    try:
-        if workers == 1 or len(files) < SERIAL_BELOW:
-            _OUT = np.empty(shape, np.float16)
-            results = map(_decode_chunk, tasks)
-        else:
-            import nibabel  # noqa: F401  once here, so forked workers do not each import it
-            ctx = _pool_context()
-            if ctx.get_start_method() == "fork":  # shared anonymous memory, inherited: no big pickles, no copy
-                _OUT = np.frombuffer(mmap.mmap(-1, math.prod(shape) * 2), np.float16).reshape(shape)
-            pool = ctx.Pool(min(workers, len(tasks)))
-            results = pool.imap(_decode_chunk, tasks)  # in order, so "first bad file" is well defined
-        for got, bad, nf, tr in results:
-            if strict and bad:
-                raise DataError(f"unreadable slice file {bad[0][0]} ({bad[0][1]})")
-            done.update(got)
-            skipped += bad
-            nonfinite += nf
-            transient |= tr
-    finally:
-        out, _OUT = _OUT, None
-        if pool is not None:
-            pool.terminate()
-    counts = [0 if i not in done else 1 if done[i] is None else len(done[i]) for i in range(len(files))]
+    chunks = [files[i:i + chunk] for i in range(0, len(files), chunk)]
+    parts, skipped, nonfinite, transient, counts = [], [], 0, False, []
+    serial = workers == 1 or len(files) < SERIAL_BELOW
+    with concurrent.futures.ThreadPoolExecutor(1 if serial else min(workers, len(chunks))) as pool:
+        try:
+            for got, bad, nf, tr in pool.map(_decode_chunk, chunks, [size] * len(chunks)):  # in order
+                if strict and bad:
+                    raise DataError(f"unreadable slice file {bad[0][0]} ({bad[0][1]})")
+                parts += [x for x in got if x is not None]
+                counts += [0 if x is None else len(x) for x in got]
+                skipped, nonfinite, transient = skipped + bad, nonfinite + nf, transient or tr
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the chunks not yet started are dropped
+            raise
     info = {"skipped": skipped, "nonfinite": nonfinite, "files": len(files), "transient": transient, "counts": counts}
-    if len(done) == len(files) and all(x is None for x in done.values()):
-        return out, info  # the usual case: one slice per file, already in place
-    parts = [out[i:i + 1] if x is None else x for i, x in sorted(done.items())]
     return np.concatenate(parts or [np.zeros((0, *size), np.float16)]), info
 
 
@@ -606,12 +582,8 @@ def write_phantom_tree(root, n_train=240, n_val=60, n_test=60, size=(256, 128), 
         for v, first in enumerate(volumes):  # two weeks (volumes) per case
             tasks.append((root, split, case + v // 2, v % 2, start + first, min(slices_per_volume, n - first), size, seed))
         start, case = start + n, case + -(-len(volumes) // 2)
-    workers = min(len(tasks), workers or _cpu_count())
-    if workers < 2:
-        list(map(_write_volume, tasks))
-    else:
-        with _pool_context().Pool(workers) as pool:
-            pool.map(_write_volume, tasks)
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(tasks), workers or _cpu_count()))) as pool:
+        list(pool.map(_write_volume, tasks))  # zlib and numpy release the GIL
     return root
 
 

@@ -69,7 +69,7 @@ TOTAL_S, QUICK_TOTAL_S = 415, 900
 TEST_ARGS = ["kernels", "test_vq.py", "-k", "(gpu or cuda or kernel) and not gpu_check and not sm90 and not bench_main"]
 QUICK_TEST_ARGS = ["kernels/test_kernels.py", "-k", "test_torch_path_chunks or test_bench_goals"]
 TREE = dict(n_train=11460, n_val=660, n_test=540, size=(256, 128))  # HipMRI's split sizes
-QUICK_TREE = dict(n_train=48, n_val=16, n_test=16, size=(64, 32))  # under vq.SERIAL_BELOW: decoded in-process, no fork
+QUICK_TREE = dict(n_train=48, n_val=16, n_test=16, size=(64, 32))
 # Epochs of each stage (a timed second epoch has no warm-up in it); bf16 and float32 are compared at
 # equal epochs. --minutes caps each stage in case an epoch is slower than expected; the timing runs leave
 # out stage 2's realism report (--realism false), whose SSIM searches on the host take minutes at this size.

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import sample
 import train
@@ -687,6 +688,71 @@ def test_causal_and_no_blind_spot(kind):
                 assert moved[i + 1, max(j - 1, 0)] > 1e-9 and moved[i + 1, 0] > 1e-9  # masked-conv PixelCNN is blind
 
 
+def _reach(model):
+    """Which codes each logit depends on, by gradients: (h*w, h*w) bool in scan order, [logit, code].
+    The head acts on each position alone, so it is left out (its ReLU could zero a gradient)."""
+    model.head = nn.Identity()
+    h, w = model.shape
+    codes = torch.randint(0, model.config.n_codes, (1, model.config.height, model.config.width),
+                          generator=torch.Generator().manual_seed(0))
+    seen = []
+    def keep(module, inputs, out):
+        out.retain_grad()
+        seen.append(out)
+
+    hook = model.embed.register_forward_hook(keep)
+    rows = []
+    for t in range(h * w):
+        seen.clear()
+        out = model._scan(model(codes))  # (1, K, h, w) scanned
+        out[0, :, t // w, t % w].sum().backward()
+        rows.append(seen[0].grad[0].abs().sum(-1).flatten() > 0)  # the embedding is taken in scan order
+        model.zero_grad()
+    hook.remove()
+    return torch.stack(rows)
+
+
+def test_blind_spot_says_exactly_when_some_earlier_code_is_out_of_reach():
+    g = torch.Generator().manual_seed(5)
+    verdicts = set()
+    for trial in range(16):  # awkward shapes, few layers: both verdicts occur
+        h, w, layers = (int(torch.randint(2, 9, (1,), generator=g)) for _ in range(3))
+        dil = tuple(int(d) for d in torch.randint(1, 4, (int(torch.randint(1, 3, (1,), generator=g)),), generator=g))
+        cfg = PriorConfig(n_codes=5, height=h, width=w, prior_channels=4, prior_layers=layers, prior_dilations=dil,
+                          prior_dropout=0.0, prior_transpose=bool(trial % 2))
+        model = PixelCNN(cfg).double().eval()
+        sees = _reach(model)
+        n = h * w
+        earlier = torch.ones(n, n, dtype=torch.bool).tril(-1)
+        assert not (sees & ~earlier).any()  # causal
+        full, verdict = bool((sees | ~earlier).all()), cfg.blind_spot()
+        verdicts.add((verdict is None, full))
+        assert full or verdict is not None, (h, w, layers, dil)  # every blind spot is refused
+        if "gaps" not in (verdict or ""):  # and with gap-free dilations, only a blind spot is
+            assert full == (verdict is None), (h, w, layers, dil, verdict)
+    assert {(True, True), (False, False)} <= verdicts
+
+
+@pytest.mark.parametrize("shape", [(32, 16), (64, 32)], ids=["phantom map", "data map"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["rows", "transposed"])
+def test_default_layers_reach_across_the_default_maps(shape, transpose):
+    cfg = PriorConfig(n_codes=5, height=shape[0], width=shape[1], prior_channels=4, prior_dropout=0.0,
+                      prior_transpose=transpose)
+    model = PixelCNN(cfg).double().eval()
+    model.head = nn.Identity()  # per position: the stacks alone decide the reach
+    rows, cols = model.shape
+    codes = torch.randint(0, 5, (1, *shape), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model._scan(model(codes))
+        hardest = model._scan(codes).clone()
+        hardest[0, 0, cols - 1] = (hardest[0, 0, cols - 1] + 1) % 5  # the last code of the first scanned row
+        moved = (model._scan(model(model._scan(hardest, (1, 2)))) - base).abs().amax(1)[0]  # (rows, cols)
+    blind = shape == (64, 32) and transpose  # 32 rows of 64: ten layers reach 62 codes aside, 63 are needed
+    assert (moved[1, 0] == 0) == blind and (cfg.blind_spot() is not None) == blind
+    if blind:
+        assert "prior_layers 11" in cfg.blind_spot()
+
+
 def test_bottom_prior_sees_no_later_bottom_code_and_every_top_code():
     model = two_level_prior(seed=1).double()
     g = torch.Generator().manual_seed(2)
@@ -875,7 +941,7 @@ ROOT = Path(__file__).resolve().parent
 # a tiny model and data set: seconds per run on a CPU
 TINY = ["--n_train", "48", "--n_val", "16", "--n_test", "16", "--size", "32", "32", "--batch_size", "8",
         "--channels", "16", "--code_dim", "8", "--n_codes", "32", "--prior_channels", "16",
-        "--prior_layers", "3", "--prior_dilations", "1", "2", "--log_every", "3"]
+        "--prior_layers", "3", "--prior_dilations", "1", "2", "4", "--log_every", "3"]
 
 
 def _train(out, *extra):
@@ -1077,7 +1143,7 @@ def test_prior_restarts_when_its_vqvae_trained_on(tmp_path, capsys):
     assert prior["vqvae_fingerprint"] == torch.load(tmp_path / "model.pt", weights_only=True)["vqvae_fingerprint"]
     # a changed prior configuration is refused in one line, not a shape-mismatch traceback
     with pytest.raises(SystemExit) as e:
-        _train(tmp_path, "--resume", "--prior_epochs", "3", "--prior_dilations", "1", "4")
+        _train(tmp_path, "--resume", "--prior_epochs", "3", "--prior_dilations", "1", "2", "4", "8")
     err = capsys.readouterr().err
     assert e.value.code == 2 and "other prior flags" in err and len(err.strip().splitlines()) == 1
 

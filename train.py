@@ -487,9 +487,12 @@ def _config(config_cls, args, **derived):
     values = {f.name: getattr(args, f.name) for f in fields(config_cls) if f.name not in derived}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     try:
-        return config_cls(**values, **derived)
+        config = config_cls(**values, **derived)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if config_cls is vq.PriorConfig and config.blind_spot():
+        raise UsageError(config.blind_spot())
+    return config
 
 
 def _code_stats(codes, n_codes):

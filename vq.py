@@ -1050,7 +1050,7 @@ class PriorConfig:
     width: int = 16  # w, code map columns
     prior_channels: int = 64  # C, hidden width: ~1M weights, about one per code of a 2000-map data set
     prior_layers: int = 10  # gated layers; with the dilations below every earlier code is in reach
-    prior_dilations: tuple = (1, 2, 4, 8, 16)  # cycled over layers: two cycles reach 63 rows up, 62 columns aside
+    prior_dilations: tuple = (1, 2, 4, 8, 16)  # cycled over layers: two reach 63 rows up, 62 aside (blind_spot)
     prior_dropout: float = 0.1  # on the gated outputs, because small data sets overfit without it
     positional: bool = False  # conditioned on the slice's position in its volume (set from the data)
     cond_codes: int = 0  # K of a map of half the size that conditions this one (a top level's codes); 0: none
@@ -1063,6 +1063,25 @@ class PriorConfig:
             raise ValueError(f"prior_dilations must be integers >= 1, got {self.prior_dilations}")
         if not 0 <= self.prior_dropout < 1:
             raise ValueError(f"prior_dropout must be in [0, 1), got {self.prior_dropout}")
+
+    def blind_spot(self):
+        """None when every logit sees every code before it; else why not, in a line. Each gated layer
+        reaches its dilation aside and up; the reach is gap-free when every dilation is at most one more
+        than the sum of those before it, and then its sum must span a scanned row, less one. (Sufficient:
+        dilations with gaps are refused even where the map is too small for a gap to matter.)"""
+        rows, cols = (self.width, self.height) if self.prior_transpose else (self.height, self.width)
+        d = [self.prior_dilations[k % len(self.prior_dilations)] for k in range(self.prior_layers)]
+        if any(dk > 1 + sum(d[:k]) for k, dk in enumerate(d)):
+            return (f"prior_dilations {list(self.prior_dilations)} over {self.prior_layers} layers leave gaps in the "
+                    f"prior's reach (each must be at most one more than the sum of those before it): start with 1")
+        need = max(cols - 1, rows - 2)
+        if sum(d) >= need:
+            return None
+        cycle = self.prior_dilations
+        layers = next(n for n in range(1, need + 1) if sum(cycle[k % len(cycle)] for k in range(n)) >= need)
+        return (f"prior_layers {self.prior_layers} with prior_dilations {list(self.prior_dilations)} reach {sum(d)} "
+                f"codes aside, but the scanned map is {rows} rows of {cols} codes: some codes would never see some "
+                f"before them (a blind spot); use prior_layers {layers} or larger dilations")
 
 
 def gated_tanh(x, dim=1):

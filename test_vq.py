@@ -1206,16 +1206,21 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
 
 
-def _torchrun(tmp_path, out, *args, skew=0.0, timeout=300):
-    """train.main in two gloo processes; rank 1's clock runs `skew` seconds ahead; each rank saves
-    its codebook and a draw from its random stream."""
+def _torchrun(tmp_path, out, *args, skew=0.0, signal_at=None, timeout=300):
+    """train.main in two gloo processes; rank 1's clock runs `skew` seconds ahead (and it alone gets
+    SIGTERM as step signal_at starts); each rank saves its codebook and a draw from its random stream."""
     script = tmp_path / "ddp_run.py"
     script.write_text(
-        "import os, sys, time, torch\n"
+        "import os, signal, sys, time, torch\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import train\n"
         "if os.environ['RANK'] == '1':\n"
         f"    real = time.time; time.time = lambda: real() + {skew}\n"
+        "    lr_at, sent = train._lr_at, []\n"
+        "    def preempted(step, total, lr):\n"
+        f"        if step == {signal_at} and not sent: sent.append(os.kill(os.getpid(), signal.SIGTERM))\n"
+        "        return lr_at(step, total, lr)\n"
+        "    train._lr_at = preempted\n"
         "out = sys.argv[1]\n"
         "r = train.main(sys.argv[2:])\n"
         "rank = os.environ['RANK']\n"
@@ -1258,6 +1263,17 @@ def test_ddp_minutes_budget_is_one_decision(tmp_path):
     state = torch.load(out / "vqvae.pt", weights_only=True)["trainer"]
     assert state["step"] % train.SYNC_EVERY == 0 and state["epoch"] < 200
     assert torch.equal(torch.load(out / "codebook0.pt"), torch.load(out / "codebook1.pt"))
+
+
+def test_ddp_signal_to_one_rank_stops_both_at_one_step(tmp_path):
+    # SIGTERM reaches rank 1 only, at step 5: both ranks stop together at the next shared check, save once, exit 130
+    out = tmp_path / "o"
+    done = _torchrun(tmp_path, out, "--stage", "vqvae", "--epochs", "20", "--minutes", "30", *TINY, signal_at=5)
+    assert done.returncode != 0 and "train.py\", line" not in done.stderr  # torchrun's report is the only traceback
+    assert done.stderr.count("stopped by SIGTERM at step 16") == 1  # rank 1
+    assert done.stderr.count("stopped by a signal to another process at step 16") == 1  # rank 0
+    assert "--minutes budget" not in done.stdout  # the signal outranks the budget, and the budget was not spent
+    assert torch.load(out / "vqvae.pt", weights_only=True)["trainer"]["step"] == train.SYNC_EVERY
 
 
 def test_fewer_training_slices_than_processes(tmp_path):

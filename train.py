@@ -153,13 +153,13 @@ class Run:
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.args.bf16)
 
-    def vote(self, flag):
-        """True on every rank when flag is true on any: one decision, so no rank leaves the others waiting."""
+    def most(self, code):
+        """The largest of every rank's code, on every rank: one decision, so no rank leaves the others waiting."""
         if self.world == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
+            return code
+        t = torch.tensor([code], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return int(t.item())
 
     def rng_states(self):
         """Every rank's random state, gathered (a collective: all ranks call it together)."""
@@ -345,15 +345,16 @@ class Trainer:
             self.run.log(f"{self.name}: training on to epoch {self.epochs}; the epochs past the original schedule "
                          f"run at its final learning rate")
 
-    def _should_stop(self, elapsed, steps_done):
-        """Stop before this step: the --minutes budget is spent, or SIGINT / SIGTERM came."""
+    def _stop(self, elapsed, steps_done):
+        """Why to stop before this step: None, "budget" (--minutes spent) or "signal" (SIGINT / SIGTERM,
+        here or on any rank). Each rank has its own clock and signals: under DDP they agree every
+        SYNC_EVERY steps, in one all-reduce, and all stop together, a signal outranking the budget."""
         budget = self.run.args.minutes
         # every call makes progress, however small the budget
-        want = self.run.signalled is not None or bool(budget and steps_done and elapsed > budget * 60)
-        if self.run.world == 1:
-            return want
-        # Each rank has its own clock and signals: they vote every SYNC_EVERY steps, and all stop together.
-        return steps_done % SYNC_EVERY == 0 and self.run.vote(want)
+        code = 2 if self.run.signalled else int(bool(budget and steps_done and elapsed > budget * 60))
+        if self.run.world > 1:
+            code = self.run.most(code) if steps_done % SYNC_EVERY == 0 else 0
+        return (None, "budget", "signal")[code]
 
     def _check_finite(self, bad_step):
         if self.run.world > 1:  # every rank stops at the first bad step of any: none is left waiting
@@ -373,14 +374,14 @@ class Trainer:
         start = fit_start = time.time()
         start_step = self.step
         bad_step = torch.tensor(-1, device=run.device)  # the first step whose loss was not finite, on the device
-        stopped = False
+        stopped = None
         while self.epoch < self.epochs and not stopped:
             self.model.train()
             batches = _epoch_order(run, self.n_train, self.epoch).to(run.device).split(self.batch_size)
             sums, steps, logged, t_log, n_img = {}, 0, (0.0, 0), time.time(), 0  # sums on the device: no syncs
             while self.batch < len(batches):
-                if self._should_stop(time.time() - fit_start, self.step - start_step):
-                    stopped = True
+                stopped = self._stop(time.time() - fit_start, self.step - start_step)
+                if stopped:
                     break
                 idx = batches[self.batch]
                 for g in self.opt.param_groups:
@@ -425,11 +426,11 @@ class Trainer:
                 run.log(f"{self.name} ep {self.epoch}/{self.epochs} validation | " +
                         " | ".join(self._fmt(k, v) for k, v in record.items() if k == "train_loss" or k[:4] == "val_"))
             run.save({**checkpoint, "trainer": self.state()}, f"{self.name}.pt")  # an epoch ended, or a stop
+            if stopped == "signal":
+                raise Interrupted(f"{self.name}: stopped by {run.signalled or 'a signal to another process'} at "
+                                  f"step {self.step}; saved {run.out / (self.name + '.pt')}: add --resume to "
+                                  "continue from there")
             if stopped:
-                if run.vote(run.signalled is not None):  # a collective: every rank asks
-                    raise Interrupted(f"{self.name}: stopped by {run.signalled or 'a signal to another process'} at "
-                                      f"step {self.step}; saved {run.out / (self.name + '.pt')}: add --resume to "
-                                      "continue from there")
                 run.log(f"{self.name}: --minutes budget of {args.minutes} reached at step {self.step}")
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)

@@ -38,14 +38,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # the repository: where train.py and sample.py live
 
 # Per-step limits in seconds: each an estimate of the step on the GPU machine and a margin of at least a
-# fifth over it. Estimates are sized, not measured there: from the H100 figures in the README (about 5 s a
+# fifth over it. Estimates are sized, not measured there: from H100 figures (README of commit 52eb21e: about 5 s a
 # VQ-VAE epoch and 11 s a prior epoch at HipMRI size, an earlier train.py), from CPU timings of the parts
 # on one core (0.8 s a kernel compiled with ptxas, 7.9 ms to write and 1.6 ms to decode a 256 x 128
 # slice), and from the --minutes caps that bound each training stage (see the step functions); a process
 # is put at 5-8 s to start (imports, CUDA, the tree from the cache). The sequential steps' limits sum to
 # 412 s (the tree runs beside the tests), under TOTAL_S.
 LIMITS = {
-    "tree": 60,  # 25 s: 12,660 slices on 8 processes (100 s on one); beside the tests, so it adds no time
+    "tree": 60,  # 25 s: 12,660 slices on 8 threads (100 s on one); beside the tests, so it adds no time
     "tests": 128,  # 105 s: ~108 kernel compiles in one process (counted in the interpreter) 86 s, start-up and
     #                the interpreter's subprocess tests 19 s; margin 23 s
     "bench": 80,  # 65 s: compiles on 6 processes 20 s, 18 autotunes 18 s, 54 rows timed ~0.4 s each, start-up;

@@ -1173,7 +1173,8 @@ def test_small_folders_get_small_batches(tmp_path, capsys):
 
 def test_budget_spent_on_an_epochs_last_batch_stops_there(tmp_path, monkeypatch):
     # out of time right after the last step of epoch 1: that epoch is validated, nothing more runs
-    monkeypatch.setattr(train.Trainer, "_should_stop", lambda self, elapsed, done: done == self.steps_per_epoch)
+    monkeypatch.setattr(train.Trainer, "_stop", lambda self, elapsed, done: "budget" if done == self.steps_per_epoch
+                        else None)
     _train(tmp_path, "--stage", "vqvae", "--epochs", "3", "--minutes", "5")
     state = torch.load(tmp_path / "vqvae.pt", weights_only=True)["trainer"]
     assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 6)

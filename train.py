@@ -491,8 +491,8 @@ def _config(config_cls, args, **derived):
         config = config_cls(**values, **derived)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if config_cls is vq.PriorConfig and config.blind_spot():
-        raise UsageError(config.blind_spot())
+    if config_cls is vq.PriorConfig and (reason := config.blind_spot()):
+        raise UsageError(reason)
     return config
 
 

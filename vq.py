@@ -1070,16 +1070,16 @@ class PriorConfig:
         than the sum of those before it, and then its sum must span a scanned row, less one. (Sufficient:
         dilations with gaps are refused even where the map is too small for a gap to matter.)"""
         rows, cols = (self.width, self.height) if self.prior_transpose else (self.height, self.width)
-        d = [self.prior_dilations[k % len(self.prior_dilations)] for k in range(self.prior_layers)]
-        if any(dk > 1 + sum(d[:k]) for k, dk in enumerate(d)):
-            return (f"prior_dilations {list(self.prior_dilations)} over {self.prior_layers} layers leave gaps in the "
-                    f"prior's reach (each must be at most one more than the sum of those before it): start with 1")
-        need = max(cols - 1, rows - 2)
-        if sum(d) >= need:
+        need, L, cycle = max(cols - 1, rows - 2), self.prior_layers, self.prior_dilations
+        d = [cycle[k % len(cycle)] for k in range(max(L, need))]  # need layers always suffice: each reaches 1
+        reach = np.cumsum(d).tolist()  # after 1, 2, ... layers
+        if any(dk > 1 + (reach[k - 1] if k else 0) for k, dk in enumerate(d[:L])):
+            return (f"prior_dilations {list(cycle)} over {L} layers leave gaps in the prior's reach (each must "
+                    f"be at most one more than the sum of those before it): start with 1")
+        if reach[L - 1] >= need:
             return None
-        cycle = self.prior_dilations
-        layers = next(n for n in range(1, need + 1) if sum(cycle[k % len(cycle)] for k in range(n)) >= need)
-        return (f"prior_layers {self.prior_layers} with prior_dilations {list(self.prior_dilations)} reach {sum(d)} "
+        layers = next(n + 1 for n, r in enumerate(reach) if r >= need)
+        return (f"prior_layers {L} with prior_dilations {list(cycle)} reach {reach[L - 1]} "
                 f"codes aside, but the scanned map is {rows} rows of {cols} codes: some codes would never see some "
                 f"before them (a blind spot); use prior_layers {layers} or larger dilations")
 

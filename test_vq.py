@@ -426,6 +426,33 @@ def test_vqvae_shapes_and_gradient_reaches_encoder(levels):
             assert (model.decode(other_top) - model.decode(codes)).abs().max() > 1e-5
 
 
+@pytest.mark.parametrize("levels", [1, 2])
+def test_swap_replaces_bottom_codes_by_the_next_slices_in_training_only(levels):
+    torch.manual_seed(3)
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, levels=levels, swap=0.6))
+    x = vq.phantom_slices(6, (64, 48), seed=4)  # a 16 x 12 bottom map, 8 x 6 top
+    seen = []
+    model.decoder.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    model.train()
+    model(x)
+    model.eval()
+    with torch.no_grad():
+        own = model._quantize(x)[0]  # the decoder's input without swaps (the same codebook: eval does no EMA)
+    got, (B, C, h, w) = seen[0], own.shape
+    mine = (got[:, :8] == own[:, :8]).all(1)  # (B, h, w): bottom vector kept
+    theirs = (got[:, :8] == own[:, :8].roll(1, 0)).all(1)  # or the next slice's at the same place
+    assert (mine | theirs).all()
+    share = (~mine).float().flatten(1).mean(1)  # per slice: uniform up to 0.6, so they differ
+    assert 0 < share.max() <= 0.75 and share.max() - share.min() > 0.05
+    assert torch.equal(got[:, 8:], own[:, 8:])  # a top level's decoded map is never swapped
+    seen.clear()
+    with torch.no_grad():
+        model(x)
+    assert torch.equal(seen[0], own)  # evaluation decodes what the slice encodes
+    with pytest.raises(ValueError, match="swap"):
+        vq.VQVAEConfig(swap=1.5)
+
+
 def test_losses_reach_what_they_should():
     torch.manual_seed(0)
     x = vq.phantom_slices(3, (64, 32), seed=2)
@@ -1457,6 +1484,61 @@ def test_an_interrupted_prior_resumes_with_its_records(tmp_path, capsys, monkeyp
     monkeypatch.setattr(train, "_lr_at", lr_at)
     _train(tmp_path, "--prior_epochs", "3", "--realism", "false", "--resume")
     assert records() == [("vqvae", 1), ("vqvae", 2), ("prior", 1), ("prior", 2), ("prior", 3)]
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_shifted_codes_are_the_codes_of_slightly_moved_slices(levels):
+    torch.manual_seed(0)
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, levels=levels)).eval()
+    x = vq.phantom_slices(5, (32, 48), seed=6)
+    codes = model.encode(x)
+    maps = vq.as_levels(train._shifted_codes(model, x, codes, 3, seed=1))
+    assert [m.shape[0] for m in maps] == [15] * levels
+    for a, b in zip(maps, vq.as_levels(codes)):
+        assert torch.equal(a[:5], b)  # the slices' own maps come first
+    moves = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
+    for i in range(5, 15):  # every other map is the code of its slice rolled by one of the 25 moves
+        rolled = torch.stack([x[i % 5].roll(m, (-2, -1)) for m in moves])
+        found = [all(torch.equal(a[i], b[k]) for a, b in zip(maps, vq.as_levels(model.encode(rolled))))
+                 for k in range(len(moves))]
+        assert any(found)
+    assert not all(torch.equal(maps[-1][i], maps[-1][i % 5]) for i in range(5, 15))  # and they move
+
+
+def test_prior_shifts_keep_the_epochs_and_batches(tmp_path, capsys):
+    _train(tmp_path, "--prior_epochs", "1", "--prior_shifts", "3", "--realism", "false")
+    out = capsys.readouterr().out
+    assert "48 train slices and 2 shifted copies of each" in out
+    assert "prior: batches of 8, 6 steps an epoch" in out  # an epoch is one map of each slice
+    with pytest.raises(SystemExit):
+        train.parse_args(["--prior_shifts", "0"])
+
+
+def test_prior_weight_average_is_what_is_validated_and_kept(tmp_path, monkeypatch):
+    # the average, computed here from the weights after every step, is what model.pt holds
+    steps, step = [], torch.optim.AdamW.step
+
+    def record(self, *a, **k):
+        prior = self.param_groups[0]["params"][0].shape[0] == 1  # the prior's (its first weight: the position map)
+        if prior and not steps:
+            steps.append([p.detach().clone() for p in self.param_groups[0]["params"]])  # the initial weights
+        out = step(self, *a, **k)
+        if prior:
+            steps.append([p.detach().clone() for p in self.param_groups[0]["params"]])
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    result = _train(tmp_path, "--prior_epochs", "1", "--prior_ema", "0.8", "--realism", "false")
+    assert len(steps) == 7  # the initial weights, then 48 slices in batches of 8
+    avg = steps[0]
+    for n, weights in enumerate(steps[1:]):
+        d = min(0.8, (1 + n) / (10 + n))
+        avg = [a * d + w * (1 - d) for a, w in zip(avg, weights)]
+    kept = list(result["prior"].parameters())
+    assert all(torch.allclose(a, k, atol=1e-6) for a, k in zip(avg, kept))
+    assert not all(torch.allclose(w, k, atol=1e-6) for w, k in zip(steps[-1], kept))  # not the last weights
+    with pytest.raises(SystemExit):
+        train.parse_args(["--prior_ema", "1"])
 
 
 def test_a_one_slice_test_split_keeps_the_prior(tmp_path):

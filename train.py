@@ -71,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--prior_batch_size", type=int, help="default as --batch_size")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--prior_lr", type=float, help="default 3e-3; phantom 6e-3")
+    p.add_argument("--prior_shifts", type=int, default=1, help="code maps per training slice for the prior: itself "
+                   "and copies moved by up to 2 px, one drawn per epoch (default 1)")
+    p.add_argument("--prior_ema", type=float, default=0.0, help="decay of an average of the prior's weights (0: none)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="slice size (default 256 128; phantom 128 64)")
     p.add_argument("--n_train", type=int, default=2000, help="phantom slices for training")
     p.add_argument("--n_val", type=int, default=200, help="phantom slices for validation")
@@ -91,13 +94,16 @@ def parse_args(argv=None):
     known, _ = p.parse_known_args([a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")])
     p.set_defaults(**(REAL_DEFAULTS if known.data else PHANTOM_DEFAULTS))
     args = p.parse_args(argv)
-    for names, ok, rule in ((("batch_size", "prior_batch_size", "n_train", "n_val", "n_test", "log_every"),
+    for names, ok, rule in ((("batch_size", "prior_batch_size", "n_train", "n_val", "n_test", "log_every",
+                              "prior_shifts"),
                              lambda v: v >= 1, "at least 1"),
                             (("epochs", "prior_epochs"), lambda v: v >= 0, "0 or more"),
                             (("lr", "prior_lr", "minutes"), lambda v: v > 0, "positive")):  # NaN is not positive
         for name in names:
             if getattr(args, name) is not None and not ok(getattr(args, name)):
                 fail(f"--{name} must be {rule}, got {getattr(args, name)}")
+    if not 0 <= args.prior_ema < 1:
+        fail(f"--prior_ema must be in [0, 1) (0: no average), got {args.prior_ema}")
     if min(args.size) < 16:
         fail(f"--size must be at least 16 x 16 (SSIM's window is 11), got {args.size[0]} {args.size[1]}")
     check_seed_and_device(args)
@@ -283,8 +289,11 @@ class Trainer:
     """The loop both stages share: epochs, resumable mid-epoch, budget, log lines, best by validation."""
 
     def __init__(self, run, name, model, step_fn, n_train, batch_size, epochs, lr, validate, better,
-                 generator=None):
+                 generator=None, ema=0.0):
         self.run, self.name, self.model, self.step_fn = run, name, model, step_fn
+        # an exponential moving average of the weights (decay ema; 0: none): validated, kept and saved as best
+        self.ema = ema and [p.detach().clone() for p in model.parameters()]
+        self.decay = ema
         self.generator = generator  # a model's own random stream, saved with the training state
         # A small folder gets smaller batches: some hundreds of updates in the default epochs, not tens.
         batch_size = batch_size or min(32, max(1, n_train // run.world // 8))
@@ -321,6 +330,7 @@ class Trainer:
             "seconds": self.seconds, "rng": self.run.rng_states(), "world": self.run.world,
             "schedule_steps": self.schedule_steps, "history": self.history, "batch_size": self.batch_size,
             "generator": self.generator.get_state() if self.generator is not None else None,
+            "ema": self.ema or None,
         }
 
     def resume(self, ckpt):
@@ -336,6 +346,8 @@ class Trainer:
         self.epoch, self.batch, self.step = s["epoch"], s["batch"], s["step"]
         self.best, self.best_state, self.seconds = s["best"], s["best_state"], s["seconds"]
         self.schedule_steps, self.history = s["schedule_steps"], s["history"]
+        if self.ema:
+            torch._foreach_copy_(self.ema, s.get("ema") or list(self.model.parameters()))
         self.run.set_rng_state(s["rng"])
         if self.generator is not None:
             self.generator.set_state(s["generator"])
@@ -391,6 +403,9 @@ class Trainer:
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
+                if self.ema:  # the average starts short and lengthens to 1 / (1 - decay) steps
+                    d = min(self.decay, (1 + self.step) / (10 + self.step))
+                    torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.parameters()], 1 - d)
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), self.step, bad_step)
                 for k, v in dict(parts, loss=loss).items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
@@ -413,9 +428,10 @@ class Trainer:
             start = time.time()
             if self.batch == len(batches):
                 self.epoch, self.batch = self.epoch + 1, 0
-                record = self.validate(self.model)
-                if self.best is None or self.better(record, self.best):
-                    self.best, self.best_state = record, copy.deepcopy(self.model.state_dict())
+                with self._averaged():
+                    record = self.validate(self.model)
+                    if self.best is None or self.better(record, self.best):
+                        self.best, self.best_state = record, copy.deepcopy(self.model.state_dict())
                 means = torch.stack(list(sums.values())).div(max(1, steps)).tolist() if sums else []
                 record = dict({f"train_{k}": v for k, v in zip(sums, means)},
                               lr=_lr_at(self.step - 1, self.schedule_steps, self.lr), **record)
@@ -434,6 +450,19 @@ class Trainer:
                 run.log(f"{self.name}: --minutes budget of {args.minutes} reached at step {self.step}")
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+
+    @contextlib.contextmanager
+    def _averaged(self):
+        """The model holds the averaged weights inside (none: its own), its own again after."""
+        if not self.ema:
+            yield
+            return
+        own = [p.detach().clone() for p in self.model.parameters()]
+        torch._foreach_copy_([p.detach() for p in self.model.parameters()], self.ema)
+        try:
+            yield
+        finally:
+            torch._foreach_copy_([p.detach() for p in self.model.parameters()], own)
 
     @staticmethod
     def _fmt(k, v):
@@ -589,11 +618,23 @@ def evaluate_vqvae(run, model, data, trainer=None):
 # ----------------------------------------------------------------------------- stage 2
 
 
+def _shifted_codes(vqvae, x, codes, k, seed):
+    """The prior's training maps: the codes of x (N, C, H, W), then those of k - 1 copies of x with each
+    slice moved by up to 2 px each way (a random roll): more maps of the same anatomy."""
+    g = torch.Generator().manual_seed(seed)
+    maps = [codes] + [vqvae.encode(torch.stack([  # one copy at a time: the memory of one data set
+        s.roll(tuple(torch.randint(-2, 3, (2,), generator=g).tolist()), (-2, -1)) for s in x])) for _ in range(k - 1)]
+    return tuple(map(torch.cat, zip(*maps))) if isinstance(codes, tuple) else torch.cat(maps)
+
+
 def train_prior(run, data, vqvae, fingerprint):
     args = run.args
     t0 = time.time()
     codes = {k: vqvae.eval().encode(data[k]) for k in vq.SPLITS}  # (N, h, w), or (top, bottom) pairs
     two = isinstance(codes["train"], tuple)
+    codes["train"] = _shifted_codes(vqvae, data["train"], codes["train"], args.prior_shifts, args.seed)
+    train_pos = data["positions"]["train"]
+    train_pos = None if train_pos is None else train_pos.repeat(args.prior_shifts)
     h, w = (codes["train"][1] if two else codes["train"]).shape[1:]
     pos = data["positions"]
     shared = dict(n_codes=vqvae.config.n_codes, positional=pos["train"] is not None)
@@ -611,12 +652,17 @@ def train_prior(run, data, vqvae, fingerprint):
     saved_cfg = {k: asdict(c) for k, c in cfg.items()} if two else asdict(cfg)
     run.seed(salt=1)
     train_c = tuple(c.to(run.device) for c in vq.as_levels(codes["train"]))
-    train_p = pos["train"].to(run.device) if shared["positional"] else None
-    run.log(f"prior: encoded {len(data['train'])} train slices into {'two levels of ' if two else ''}"
+    train_p = train_pos.to(run.device) if shared["positional"] else None
+    shifts = f" and {args.prior_shifts - 1} shifted copies of each" if args.prior_shifts > 1 else ""
+    run.log(f"prior: encoded {len(data['train'])} train slices{shifts} into {'two levels of ' if two else ''}"
             f"{h}x{w} code maps in {time.time() - t0:.1f}s"
             + (" | conditioned on slice positions" if shared["positional"] else ""))
 
+    n = len(data["train"])
+
     def step_fn(net, idx):
+        if args.prior_shifts > 1:  # one of each slice's maps, at random
+            idx = idx + n * torch.randint(args.prior_shifts, idx.shape, device=idx.device)
         c = tuple(level[idx] for level in train_c) if two else train_c[0][idx]
         nats = vq.code_nats(net(c, None if train_p is None else train_p[idx]), c)
         return nats, {"bits": nats.detach() / math.log(2)}
@@ -625,8 +671,9 @@ def train_prior(run, data, vqvae, fingerprint):
         return {f"val_bits{'' if k == 'per_code' else '_' + k}": v
                 for k, v in vq.prior_bits(m, codes["validate"], pos["validate"]).items()}
 
-    trainer = Trainer(run, "prior", prior, step_fn, len(data["train"]), args.prior_batch_size or args.batch_size,
-                      args.prior_epochs, args.prior_lr, validate, better=lambda a, b: a["val_bits"] < b["val_bits"])
+    trainer = Trainer(run, "prior", prior, step_fn, n, args.prior_batch_size or args.batch_size,
+                      args.prior_epochs, args.prior_lr, validate, better=lambda a, b: a["val_bits"] < b["val_bits"],
+                      ema=args.prior_ema)
     path = run.out / "prior.pt"
     if path.exists() and vq.load_checkpoint(path).get("vqvae_fingerprint") != fingerprint:
         # its codes are another VQ-VAE's: nothing in it applies to this one

@@ -621,6 +621,8 @@ def evaluate_vqvae(run, model, data, trainer=None):
 def _shifted_codes(vqvae, x, codes, k, seed):
     """The prior's training maps: the codes of x (N, C, H, W), then those of k - 1 copies of x with each
     slice moved by up to 2 px each way (a random roll): more maps of the same anatomy."""
+    if k == 1:
+        return codes
     g = torch.Generator().manual_seed(seed)
     maps = [codes] + [vqvae.encode(torch.stack([  # one copy at a time: the memory of one data set
         s.roll(tuple(torch.randint(-2, 3, (2,), generator=g).tolist()), (-2, -1)) for s in x])) for _ in range(k - 1)]
@@ -634,7 +636,8 @@ def train_prior(run, data, vqvae, fingerprint):
     two = isinstance(codes["train"], tuple)
     codes["train"] = _shifted_codes(vqvae, data["train"], codes["train"], args.prior_shifts, args.seed)
     train_pos = data["positions"]["train"]
-    train_pos = None if train_pos is None else train_pos.repeat(args.prior_shifts)
+    if train_pos is not None and args.prior_shifts > 1:
+        train_pos = train_pos.repeat(args.prior_shifts)
     h, w = (codes["train"][1] if two else codes["train"]).shape[1:]
     pos = data["positions"]
     shared = dict(n_codes=vqvae.config.n_codes, positional=pos["train"] is not None)

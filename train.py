@@ -292,7 +292,8 @@ class Trainer:
                  generator=None, ema=0.0):
         self.run, self.name, self.model, self.step_fn = run, name, model, step_fn
         # an exponential moving average of the weights (decay ema; 0: none): validated, kept and saved as best
-        self.ema = ema and [p.detach().clone() for p in model.parameters()]
+        self.weights = [p.detach() for p in model.parameters()]  # views: writing them writes the model
+        self.ema = ema and [w.clone() for w in self.weights]
         self.decay = ema
         self.generator = generator  # a model's own random stream, saved with the training state
         # A small folder gets smaller batches: some hundreds of updates in the default epochs, not tens.
@@ -347,7 +348,7 @@ class Trainer:
         self.best, self.best_state, self.seconds = s["best"], s["best_state"], s["seconds"]
         self.schedule_steps, self.history = s["schedule_steps"], s["history"]
         if self.ema:
-            torch._foreach_copy_(self.ema, s.get("ema") or list(self.model.parameters()))
+            torch._foreach_copy_(self.ema, s.get("ema") or self.weights)
         self.run.set_rng_state(s["rng"])
         if self.generator is not None:
             self.generator.set_state(s["generator"])
@@ -405,7 +406,7 @@ class Trainer:
                 self.opt.step()
                 if self.ema:  # the average starts short and lengthens to 1 / (1 - decay) steps
                     d = min(self.decay, (1 + self.step) / (10 + self.step))
-                    torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.parameters()], 1 - d)
+                    torch._foreach_lerp_(self.ema, self.weights, 1 - d)
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), self.step, bad_step)
                 for k, v in dict(parts, loss=loss).items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
@@ -457,12 +458,12 @@ class Trainer:
         if not self.ema:
             yield
             return
-        own = [p.detach().clone() for p in self.model.parameters()]
-        torch._foreach_copy_([p.detach() for p in self.model.parameters()], self.ema)
+        own = [w.clone() for w in self.weights]
+        torch._foreach_copy_(self.weights, self.ema)
         try:
             yield
         finally:
-            torch._foreach_copy_([p.detach() for p in self.model.parameters()], own)
+            torch._foreach_copy_(self.weights, own)
 
     @staticmethod
     def _fmt(k, v):

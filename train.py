@@ -636,9 +636,6 @@ def train_prior(run, data, vqvae, fingerprint):
     codes = {k: vqvae.eval().encode(data[k]) for k in vq.SPLITS}  # (N, h, w), or (top, bottom) pairs
     two = isinstance(codes["train"], tuple)
     codes["train"] = _shifted_codes(vqvae, data["train"], codes["train"], args.prior_shifts, args.seed)
-    train_pos = data["positions"]["train"]
-    if train_pos is not None and args.prior_shifts > 1:
-        train_pos = train_pos.repeat(args.prior_shifts)
     h, w = (codes["train"][1] if two else codes["train"]).shape[1:]
     pos = data["positions"]
     shared = dict(n_codes=vqvae.config.n_codes, positional=pos["train"] is not None)
@@ -656,7 +653,7 @@ def train_prior(run, data, vqvae, fingerprint):
     saved_cfg = {k: asdict(c) for k, c in cfg.items()} if two else asdict(cfg)
     run.seed(salt=1)
     train_c = tuple(c.to(run.device) for c in vq.as_levels(codes["train"]))
-    train_p = train_pos.to(run.device) if shared["positional"] else None
+    train_p = pos["train"].repeat(args.prior_shifts).to(run.device) if shared["positional"] else None  # per map
     shifts = f" and {args.prior_shifts - 1} shifted copies of each" if args.prior_shifts > 1 else ""
     run.log(f"prior: encoded {len(data['train'])} train slices{shifts} into {'two levels of ' if two else ''}"
             f"{h}x{w} code maps in {time.time() - t0:.1f}s"

@@ -431,6 +431,24 @@ def test_swap_replaces_bottom_codes_by_the_next_slices_in_training_only(levels):
     torch.manual_seed(3)
     model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, levels=levels, swap=0.6))
     x = vq.phantom_slices(6, (64, 48), seed=4)  # a 16 x 12 bottom map, 8 x 6 top
+    _check_swaps(model, x, lambda own: own[:, :8].roll(1, 0))
+
+
+def test_swap_with_rate_substitutes_the_rate_models_draws():
+    torch.manual_seed(4)
+    # rate so small that the choice of codes is the nearest, as in eval after the training step's EMA update
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, swap=0.6, rate=1e-6))
+    x = vq.phantom_slices(6, (64, 48), seed=4)
+    model.train()(x)  # seeds the codebook and the scale
+    with torch.no_grad():  # a rate model sure of code 5 everywhere: every draw is code 5
+        model.rate_model.head.bias.copy_(torch.arange(32).eq(5) * 50.0)
+    _check_swaps(model, x, lambda own: model.quantizer.codebook[5][None, :, None, None].expand_as(own))
+
+
+def _check_swaps(model, x, theirs_of):
+    """One training forward of model on x: each slice's decoder input holds its own bottom vectors, or
+    theirs_of(own)'s at the same places, for a share of its codes that differs between slices; in
+    evaluation, its own."""
     seen = []
     model.decoder.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
     model.train()
@@ -440,7 +458,7 @@ def test_swap_replaces_bottom_codes_by_the_next_slices_in_training_only(levels):
         own = model._quantize(x)[0]  # the decoder's input without swaps (the same codebook: eval does no EMA)
     got, (B, C, h, w) = seen[0], own.shape
     mine = (got[:, :8] == own[:, :8]).all(1)  # (B, h, w): bottom vector kept
-    theirs = (got[:, :8] == own[:, :8].roll(1, 0)).all(1)  # or the next slice's at the same place
+    theirs = (got[:, :8] == theirs_of(own)).all(1)  # or the substitute at the same place
     assert (mine | theirs).all()
     share = (~mine).float().flatten(1).mean(1)  # per slice: uniform up to 0.6, so they differ
     assert 0 < share.max() <= 0.75 and share.max() - share.min() > 0.05
@@ -587,10 +605,55 @@ def test_kmeans_init_puts_codes_on_the_data():
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def test_rate_model_is_causal_on_any_map_size():
+    model = vq.CodeModel(16, channels=8).double()  # float64: exact zeros where a logit must not move
+    for h, w in [(5, 7), (9, 3)]:
+        codes = torch.randint(0, 16, (2, h, w), generator=torch.Generator().manual_seed(h))
+        order = torch.arange(h * w).view(h, w)
+        with torch.no_grad():
+            base = model(codes)
+            for i, j in [(0, 0), (0, w - 1), (2, 1), (h - 1, 0)]:
+                changed = codes.clone()
+                changed[:, i, j] = (changed[:, i, j] + 3) % 16
+                moved = (model(changed) - base).abs().amax(dim=(0, 1))  # (h, w)
+                assert moved[order <= order[i, j]].max() == 0, f"logits at or before {(i, j)} moved"
+                assert (moved[order > order[i, j]] > 1e-9).all(), f"some later logit missed {(i, j)}"
+
+
+def test_rate_chooses_the_code_of_least_distance_plus_cost_and_its_model_learns():
+    torch.manual_seed(6)
+    cfg = dict(channels=16, code_dim=8, n_codes=32)
+    model = vq.VQVAE(vq.VQVAEConfig(**cfg, rate=0.7))
+    x = vq.phantom_slices(8, (48, 32), seed=5)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    bits = []
+    for _ in range(12):  # the first step seeds the codebook and the scale; the rate model learns the codes
+        _, loss, stats = model.train()(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bits.append(stats["rate_bits"].item())
+    assert bits[-1] < bits[0] - 0.3
+    model.eval()
+    with torch.no_grad():  # the choice, from its definition: squared distance + rate x scale x nats
+        flat = model.encoder(x).permute(0, 2, 3, 1).reshape(-1, 8)  # (N, D)
+        d2 = ((flat[:, None] - model.quantizer.codebook[None]) ** 2).sum(-1)  # (N, K)
+        nearest = d2.argmin(1).view(8, 12, 8)
+        nats = -torch.log_softmax(model.rate_model(nearest), 1).permute(0, 2, 3, 1).reshape(-1, 32)
+        want = (d2 + 0.7 * model.rate_model.scale * nats).argmin(1).view(8, 12, 8)
+    got = model.encode(x)
+    assert (got == want).float().mean() > 0.99  # ties and float rounding aside
+    assert (got != nearest).any() and model.rate_model.scale > 0
+    with pytest.raises(ValueError, match="rate"):
+        vq.VQVAEConfig(rate=0.5, levels=2)
+
+
 @pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("size", [(32, 32), (32, 16)], ids=["square", "8x4"])  # bottom maps 8 x 8 and 8 x 4
 def test_checkpoint_round_trip(tmp_path, levels, size):
-    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, levels=levels)).eval()
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, levels=levels, rate=0.5 * (levels == 1)))
+    model.train()(vq.phantom_slices(4, size, seed=1))  # k-means seeding and the rate model's scale
+    model.eval()
     vq.save_checkpoint({"vqvae_config": asdict(model.config), "vqvae": model.state_dict()}, tmp_path / "m.pt")
     loaded = vq.VQVAE.from_checkpoint(tmp_path / "m.pt")
     x = vq.phantom_slices(2, size)

@@ -234,7 +234,7 @@ def _fingerprint(model):
     h = hashlib.sha1()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(v.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-dim too
     return h.hexdigest()[:16]
 
 
@@ -562,7 +562,7 @@ def train_vqvae(run, data):
         _, loss, stats = net(train_x[idx].float())
         used = {f"used{s}": stats[f"usage{s}"] * cfg.n_codes for s in ("", "_top") if f"usage{s}" in stats}
         return loss, {"recon": stats["recon"], "perplexity": stats["perplexity"], **used,
-                      **{k: stats[k] for k in ("adv", "critic") if k in stats}}
+                      **{k: stats[k] for k in ("adv", "critic", "rate_bits") if k in stats}}
 
     def validate(m):
         m.eval()

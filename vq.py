@@ -804,8 +804,10 @@ class VectorQuantizer(nn.Module):
         self._seeded = False  # a host copy of initialised, once it is True
         self.generator = None  # a torch.Generator for restarts; train.py sets and checkpoints it
 
-    def forward(self, z):
-        """z (B, D, h, w) -> (z_q straight-through, codes (B, h, w), loss, stats)."""
+    def forward(self, z, cost=None):
+        """z (B, D, h, w) -> (z_q straight-through, codes (B, h, w), loss, stats). cost: None, or a function
+        of the nearest codes (B, h, w) and their squared distances (N,) giving what each code would add to
+        its squared distance (N, K): the code of least distance plus cost is chosen (entropy-constrained)."""
         with torch.autocast(z.device.type, enabled=False):  # distances and EMA need float32
             z = z.float()
             B, D, h, w = z.shape
@@ -816,6 +818,10 @@ class VectorQuantizer(nn.Module):
                     self._kmeans(flat.detach())
                     self._seeded = True
             codes, dist = nearest_code(flat.detach(), self.codebook)
+            if cost is not None:
+                full = torch.cdist(flat.detach(), self.codebook).pow(2)  # (N, K)
+                codes = (full + cost(codes.view(B, h, w), dist)).argmin(1)
+                dist = full.gather(1, codes[:, None])[:, 0]
             counts = _histogram(codes, self.n_codes)  # (K,) no N x K one-hot
             if self.training:
                 self._ema_update(flat.detach(), codes, counts, dist)
@@ -906,6 +912,7 @@ class VQVAEConfig:
     adv_weight: float = 0.0  # weight of an adversarial patch loss on the decoder (0: no critic)
     levels: int = 1  # 1: one code map; 2: VQ-VAE-2, plus a top map at twice the down-sampling for the layout
     swap: float = 0.0  # training only: up to this share of a slice's (bottom) codes swapped for another slice's
+    rate: float = 0.0  # nats a code costs under a causal model of the codes, weighed against its squared distance
 
     def __post_init__(self):
         _check_positive(self, "in_channels", "channels", "n_res_blocks", "code_dim", "beta")
@@ -923,6 +930,8 @@ class VQVAEConfig:
             raise ValueError(f"levels must be 1 or 2, got {self.levels}")
         if not 0 <= self.swap <= 1:
             raise ValueError(f"swap must be in [0, 1], got {self.swap}")
+        if self.rate < 0 or (self.rate and self.levels != 1):
+            raise ValueError(f"rate must be >= 0, and 0 with two levels, got {self.rate} with levels {self.levels}")
 
 
 def _check_positive(config, *names):
@@ -981,11 +990,35 @@ class VQVAE(nn.Module):
         self.decoder = Decoder(c.in_channels, c.channels, c.levels * D, c.downsample, c.n_res_blocks)
         if c.adv_weight:
             self.critic = PatchCritic(c.in_channels, c.channels // 2)
+        if c.rate:
+            self.rate_model = CodeModel(c.n_codes)
+
+    def _rate_cost(self, codes, dist):
+        """(N, K): rate x the nats of each code given the nearest codes before it, in units of the mean
+        squared distance of a vector to its nearest code (a running mean, kept in the rate model)."""
+        m = self.rate_model
+        if self.training:  # the first batch sets the scale, later ones move it slowly
+            mean = dist.mean().detach()
+            m.scale.copy_(torch.where(m.scale > 0, m.scale.lerp(mean, 0.01), mean))
+        with torch.no_grad():
+            nats = -F.log_softmax(m(codes).float(), 1)  # (B, K, h, w)
+        return self.config.rate * m.scale * nats.permute(0, 2, 3, 1).reshape(-1, nats.shape[1])  # (N, K)
 
     def _quantize(self, x):
         """x (B, C, H, W) -> (the decoder's input, codes, commitment loss, stats); codes are (B, h, w), or
         (top (B, h/2, w/2), bottom (B, h, w)) with two levels."""
         z = self.encoder(x)  # (B, D, h, w)
+        if self.config.rate:
+            # codes chosen for their distance and their cost under the rate model, which learns the codes so
+            # chosen: codes that carry what a causal prior can predict, at some cost in distance
+            z_q, codes, commit, stats = self.quantizer(z, self._rate_cost)
+            logits = self.rate_model(codes)  # (B, K, h, w)
+            nats = code_nats(logits, codes)
+            stats["rate_bits"] = nats.detach() / math.log(2)
+            if self.config.swap and self.training:  # for swap: a draw of each code given the true codes before it
+                u = torch.rand(logits.shape, device=x.device).clamp(1e-7, 1 - 1e-7)
+                stats["draws"] = (logits.detach().float() - torch.log(-torch.log(u))).argmax(1)  # (B, h, w)
+            return z_q, codes, commit + nats * self.training, stats
         if self.config.levels == 1:
             return self.quantizer(z)
         top_q, top, top_commit, top_stats = self.quantizer_top(self.encoder_top(z))  # (B, D, h/2, w/2)
@@ -1002,11 +1035,14 @@ class VQVAE(nn.Module):
         if self.config.swap and self.training:
             # a decoder that repairs plausible substitutes: each slice has a share (uniform up to swap) of
             # its codes replaced by those at the same places in the next slice of the batch, and must
-            # still give back itself; with two levels only the bottom codes, so the top must hold the layout
+            # still give back itself; with two levels only the bottom codes, so the top must hold the layout;
+            # with rate > 0 the substitutes are the rate model's draws, codes a prior would plausibly put there
             (B, _, h, w), D = z_q.shape, self.config.code_dim
             share = self.config.swap * torch.rand(B, 1, 1, 1, device=x.device)
             swapped = torch.rand(B, 1, h, w, device=x.device) < share
-            z_q = torch.cat([torch.where(swapped, z_q[:, :D].roll(1, 0), z_q[:, :D]), z_q[:, D:]], 1)
+            other = (self.quantizer.codebook[stats.pop("draws")].permute(0, 3, 1, 2) if self.config.rate
+                     else z_q[:, :D].roll(1, 0))  # (B, D, h, w)
+            z_q = torch.cat([torch.where(swapped, other, z_q[:, :D]), z_q[:, D:]], 1)
         recon = self.decoder(z_q)  # (B, C, H, W)
         with torch.autocast(x.device.type, enabled=False):  # SSIM's variances need float32
             r, x = recon.float(), x.float()
@@ -1122,6 +1158,26 @@ class GatedLayer(nn.Module):
         v = v + self.drop(gated_tanh(v_pre))
         h = h + self.hout(self.drop(gated_tanh(h_pre)))  # residual: the horizontal stack goes deep
         return v, h
+
+
+class CodeModel(nn.Module):
+    """A small causal model of code maps of any size (gated layers, no position embedding): the rate
+    model a VQ-VAE with rate > 0 trains beside its codebook."""
+
+    def __init__(self, n_codes, channels=32, dilations=(1, 2, 4, 8, 16)):
+        super().__init__()
+        self.embed = nn.Embedding(n_codes, channels)
+        self.layers = nn.ModuleList(GatedLayer(channels, d, 0.0) for d in dilations)
+        self.head = nn.Conv2d(channels, n_codes, 1)
+        self.register_buffer("scale", torch.zeros(()))  # the running mean squared distance to the nearest code
+
+    def forward(self, codes):
+        """codes (B, h, w) -> logits (B, K, h, w), each from the codes before it in row order."""
+        x = self.embed(codes).permute(0, 3, 1, 2)  # (B, C, h, w)
+        v, h = x, F.pad(x, (1, 0))[..., :-1]  # the horizontal stack: codes left of j only
+        for layer in self.layers:
+            v, h = layer(v, h)
+        return self.head(F.relu(h))
 
 
 N_FREQ = 8  # sin / cos pairs that describe a slice position to the prior

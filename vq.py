@@ -993,31 +993,31 @@ class VQVAE(nn.Module):
         if c.rate:
             self.rate_model = CodeModel(c.n_codes)
 
-    def _rate_cost(self, codes, dist):
-        """(N, K): rate x the nats of each code given the nearest codes before it, in units of the mean
-        squared distance of a vector to its nearest code (a running mean, kept in the rate model)."""
-        m = self.rate_model
-        if self.training:  # the first batch sets the scale, later ones move it slowly
-            mean = dist.mean().detach()
-            m.scale.copy_(torch.where(m.scale > 0, m.scale.lerp(mean, 0.01), mean))
-        with torch.no_grad():
-            nats = -F.log_softmax(m(codes).float(), 1)  # (B, K, h, w)
-        return self.config.rate * m.scale * nats.permute(0, 2, 3, 1).reshape(-1, nats.shape[1])  # (N, K)
-
     def _quantize(self, x):
         """x (B, C, H, W) -> (the decoder's input, codes, commitment loss, stats); codes are (B, h, w), or
         (top (B, h/2, w/2), bottom (B, h, w)) with two levels."""
         z = self.encoder(x)  # (B, D, h, w)
         if self.config.rate:
-            # codes chosen for their distance and their cost under the rate model, which learns the codes so
-            # chosen: codes that carry what a causal prior can predict, at some cost in distance
-            z_q, codes, commit, stats = self.quantizer(z, self._rate_cost)
-            logits = self.rate_model(codes)  # (B, K, h, w)
-            nats = code_nats(logits, codes)
+            # entropy-constrained codes: each chosen for its squared distance plus rate x its nats under the
+            # rate model given the nearest codes before it (one pass), in units of the mean squared distance
+            # to the nearest code; the rate model learns the codes so chosen. Codes then carry what a causal
+            # prior can predict, at some cost in distance.
+            m, seen = self.rate_model, []
+
+            def cost(nearest, dist):  # (B, h, w), (N,) -> (N, K)
+                if self.training:  # the first batch sets the scale, later ones move it slowly
+                    mean = dist.mean().detach()
+                    m.scale.copy_(torch.where(m.scale > 0, m.scale.lerp(mean, 0.01), mean))
+                seen.append(m(nearest))  # (B, K, h, w)
+                nats = -F.log_softmax(seen[0].detach().float(), 1)
+                return self.config.rate * m.scale * nats.permute(0, 2, 3, 1).reshape(-1, nats.shape[1])
+
+            z_q, codes, commit, stats = self.quantizer(z, cost)
+            nats = code_nats(seen[0], codes)
             stats["rate_bits"] = nats.detach() / math.log(2)
-            if self.config.swap and self.training:  # for swap: a draw of each code given the true codes before it
-                u = torch.rand(logits.shape, device=x.device).clamp(1e-7, 1 - 1e-7)
-                stats["draws"] = (logits.detach().float() - torch.log(-torch.log(u))).argmax(1)  # (B, h, w)
+            if self.config.swap and self.training:  # for swap: a draw of each code from the rate model
+                u = torch.rand(seen[0].shape, device=x.device).clamp(1e-7, 1 - 1e-7)
+                stats["draws"] = (seen[0].detach().float() - torch.log(-torch.log(u))).argmax(1)  # (B, h, w)
             return z_q, codes, commit + nats * self.training, stats
         if self.config.levels == 1:
             return self.quantizer(z)

@@ -1488,6 +1488,20 @@ def test_vqvae_resume_of_a_finished_run_keeps_its_prior_and_other_data_is_refuse
     assert e.value.code == 2 and "not phantom seed 5" in capsys.readouterr().err
 
 
+def test_rate_train_resume_and_sample(tmp_path, capsys):
+    # a VQ-VAE with a rate model: its scale buffer is 0-dim (the fingerprint reads it), its codes depend on it
+    _train(tmp_path, "--rate", "1.0", "--swap", "0.3", "--prior_epochs", "1", "--realism", "false")
+    ckpt = vq.load_checkpoint(tmp_path / "model.pt")
+    model = vq.VQVAE.from_checkpoint(ckpt)
+    assert ckpt["vqvae_config"]["rate"] == 1.0 and model.rate_model.scale > 0
+    _train(tmp_path, "--rate", "1.0", "--swap", "0.3", "--prior_epochs", "1", "--realism", "false", "--resume")
+    assert "resume" in capsys.readouterr().out.lower()
+    assert vq.load_checkpoint(tmp_path / "model.pt")["vqvae_fingerprint"] == ckpt["vqvae_fingerprint"]
+    x = vq.load_splits(ckpt["data"])["test"]
+    assert torch.equal(model.encode(x), vq.VQVAE.from_checkpoint(tmp_path / "model.pt").encode(x))
+    assert sample.main(["--out", str(tmp_path), "--n", "2"]).shape == (2, 1, *x.shape[-2:])
+
+
 def test_two_level_train_and_sample(tmp_path, capsys):
     # not square: code maps of 8 x 4 (bottom) and 4 x 2 (top)
     _train(tmp_path, "--levels", "2", "--prior_epochs", "1", "--size", "32", "16")

@@ -1015,9 +1015,6 @@ class VQVAE(nn.Module):
             z_q, codes, commit, stats = self.quantizer(z, cost)
             nats = code_nats(seen[0], codes)
             stats["rate_bits"] = nats.detach() / math.log(2)
-            if self.config.swap and self.training:  # for swap: a draw of each code from the rate model
-                u = torch.rand(seen[0].shape, device=x.device).clamp(1e-7, 1 - 1e-7)
-                stats["draws"] = (seen[0].detach().float() - torch.log(-torch.log(u))).argmax(1)  # (B, h, w)
             return z_q, codes, commit + nats * self.training, stats
         if self.config.levels == 1:
             return self.quantizer(z)
@@ -1035,14 +1032,11 @@ class VQVAE(nn.Module):
         if self.config.swap and self.training:
             # a decoder that repairs plausible substitutes: each slice has a share (uniform up to swap) of
             # its codes replaced by those at the same places in the next slice of the batch, and must
-            # still give back itself; with two levels only the bottom codes, so the top must hold the layout;
-            # with rate > 0 the substitutes are the rate model's draws, codes a prior would plausibly put there
+            # still give back itself; with two levels only the bottom codes, so the top must hold the layout
             (B, _, h, w), D = z_q.shape, self.config.code_dim
             share = self.config.swap * torch.rand(B, 1, 1, 1, device=x.device)
             swapped = torch.rand(B, 1, h, w, device=x.device) < share
-            other = (self.quantizer.codebook[stats.pop("draws")].permute(0, 3, 1, 2) if self.config.rate
-                     else z_q[:, :D].roll(1, 0))  # (B, D, h, w)
-            z_q = torch.cat([torch.where(swapped, other, z_q[:, :D]), z_q[:, D:]], 1)
+            z_q = torch.cat([torch.where(swapped, z_q[:, :D].roll(1, 0), z_q[:, :D]), z_q[:, D:]], 1)
         recon = self.decoder(z_q)  # (B, C, H, W)
         with torch.autocast(x.device.type, enabled=False):  # SSIM's variances need float32
             r, x = recon.float(), x.float()

@@ -625,6 +625,8 @@ def test_rate_chooses_the_code_of_least_distance_plus_cost_and_its_model_learns(
     got = model.encode(x)
     assert (got == want).float().mean() > 0.99  # ties and float rounding aside
     assert (got != nearest).any() and model.rate_model.scale > 0
+    model.quantizer.codebook[got[0, 0, 0]] = float("nan")  # a broken code is never chosen, as on every path
+    assert not (model.encode(x) == got[0, 0, 0]).any()
     with pytest.raises(ValueError, match="rate"):
         vq.VQVAEConfig(rate=0.5, levels=2)
 

@@ -820,6 +820,7 @@ class VectorQuantizer(nn.Module):
             codes, dist = nearest_code(flat.detach(), self.codebook)
             if cost is not None:
                 full = torch.cdist(flat.detach(), self.codebook).pow(2)  # (N, K)
+                full = full.where(self.codebook.isfinite().all(1), math.inf)  # as nearest_code: never a NaN code
                 codes = (full + cost(codes.view(B, h, w), dist)).argmin(1)
                 dist = full.gather(1, codes[:, None])[:, 0]
             counts = _histogram(codes, self.n_codes)  # (K,) no N x K one-hot

@@ -1014,7 +1014,7 @@ ROOT = Path(__file__).resolve().parent
 # a tiny model and data set: seconds per run on a CPU
 TINY = ["--n_train", "48", "--n_val", "16", "--n_test", "16", "--size", "32", "32", "--batch_size", "8",
         "--channels", "16", "--code_dim", "8", "--n_codes", "32", "--prior_channels", "16",
-        "--prior_layers", "3", "--prior_dilations", "1", "2", "4", "--log_every", "3"]
+        "--prior_layers", "3", "--prior_dilations", "1", "2", "4", "--log_every", "3", "--rate", "0"]  # rate: own tests
 
 
 def _train(out, *extra):
@@ -1484,6 +1484,19 @@ def test_rate_train_resume_and_sample(tmp_path, capsys):
     x = vq.load_splits(ckpt["data"])["test"]
     assert torch.equal(model.encode(x), vq.VQVAE.from_checkpoint(tmp_path / "model.pt").encode(x))
     assert sample.main(["--out", str(tmp_path), "--n", "2"]).shape == (2, 1, *x.shape[-2:])
+
+
+def test_a_run_from_before_rate_resumes_with_rate_0_and_is_refused_in_one_line_without(tmp_path, capsys):
+    _train(tmp_path, "--stage", "vqvae", "--epochs", "1", "--rate", "0")
+    ckpt = vq.load_checkpoint(tmp_path / "vqvae.pt")
+    del ckpt["vqvae_config"]["rate"]  # as written before the field existed
+    vq.save_checkpoint(ckpt, tmp_path / "vqvae.pt")
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "--stage", "vqvae", "--epochs", "2", "--resume", "--rate", "0.25")  # train.py's default
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--rate 0.0 (now 0.25)" in err and len(err.strip().splitlines()) == 1
+    _train(tmp_path, "--stage", "vqvae", "--epochs", "2", "--resume", "--rate", "0")
+    assert vq.load_checkpoint(tmp_path / "vqvae.pt")["trainer"]["epoch"] == 2
 
 
 def test_two_level_train_and_sample(tmp_path, capsys):

@@ -247,9 +247,14 @@ def _resume_state(run, name, settings, config_key, config):
     if not (run.args.resume and path.exists()):
         return None
     ckpt = vq.load_checkpoint(path)
-    if ckpt[config_key] != config:
-        raise UsageError(f"{path} was trained with other {'prior' if name == 'prior' else 'model'} flags: "
-                         f"{ckpt[config_key]}")
+    old = ckpt[config_key]
+    if name == "vqvae":  # a field added since the checkpoint was written holds its (off) default there
+        old = {**asdict(vq.VQVAEConfig()), **old}
+    if old != config:
+        what = ", ".join(f"--{k} {old.get(k)} (now {config.get(k)})" for k in sorted(set(old) | set(config))
+                         if old.get(k) != config.get(k))
+        raise UsageError(f"{path} was trained with other {'prior' if name == 'prior' else 'model'} flags: {what}; "
+                         "pass the same, or start afresh with --overwrite")
     saved, world = ckpt.get("data", {}), ckpt["trainer"].get("world", 1)
     for key, flag in (("source", "--data"), ("size", "--size")):
         if saved.get(key) != settings[key]:

@@ -817,11 +817,13 @@ class VectorQuantizer(nn.Module):
                 if not self._seeded:
                     self._kmeans(flat.detach())
                     self._seeded = True
-            codes, dist = nearest_code(flat.detach(), self.codebook)
-            if cost is not None:
+            if cost is None:
+                codes, dist = nearest_code(flat.detach(), self.codebook)
+            else:  # one N x K matrix gives the nearest codes, then the choice with their cost
                 full = torch.cdist(flat.detach(), self.codebook).pow(2)  # (N, K)
                 full = full.where(self.codebook.isfinite().all(1), math.inf)  # as nearest_code: never a NaN code
-                codes = (full + cost(codes.view(B, h, w), dist)).argmin(1)
+                nearest = full.argmin(1)
+                codes = (full + cost(nearest.view(B, h, w), full.gather(1, nearest[:, None])[:, 0])).argmin(1)
                 dist = full.gather(1, codes[:, None])[:, 0]
             counts = _histogram(codes, self.n_codes)  # (K,) no N x K one-hot
             if self.training:

@@ -912,14 +912,13 @@ class VQVAEConfig:
     dead_threshold: float = 0.01  # restart a code with fewer hits in a step than this fraction of an even share
     kmeans_init: bool = True  # seed the codebook by k-means on the first batch
     ssim_weight: float = 0.1  # weight of 1 - SSIM beside the MSE in the reconstruction loss (0.1: see README)
-    adv_weight: float = 0.0  # weight of an adversarial patch loss on the decoder (0: no critic)
     levels: int = 1  # 1: one code map; 2: VQ-VAE-2, plus a top map at twice the down-sampling for the layout
     swap: float = 0.0  # training only: up to this share of a slice's (bottom) codes swapped for another slice's
     rate: float = 0.0  # nats a code costs under a causal model of the codes, weighed against its squared distance
 
     def __post_init__(self):
         _check_positive(self, "in_channels", "channels", "n_res_blocks", "code_dim", "beta")
-        if self.channels < 8:  # the encoder halves it per extra stride, the critic once more
+        if self.channels < 8:  # the encoder halves it per extra stride
             raise ValueError(f"channels must be at least 8, got {self.channels}")
         if not 0 <= self.dead_threshold < 1:
             raise ValueError(f"dead_threshold must be in [0, 1) (0: no restarts), got {self.dead_threshold}")
@@ -943,25 +942,6 @@ def _check_positive(config, *names):
             raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
 
 
-class PatchCritic(nn.Module):
-    """PatchGAN-style critic: a real-or-decoded score for each overlapping patch of about 34 x 34 pixels."""
-
-    def __init__(self, in_channels, width):
-        super().__init__()
-        chans = [in_channels, width // 2, width, width]
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 4, stride=2 if k < 2 else 1, padding=1)
-                                   for k, (a, b) in enumerate(zip(chans, chans[1:])))
-        self.score = nn.Conv2d(width, 1, 3, padding=1)
-
-    def forward(self, x, frozen=False):
-        """x (B, C, H, W) -> scores (B, 1, h, w); frozen: no gradient reaches the critic's weights."""
-        for conv in [*self.convs, self.score]:
-            w, b = (conv.weight.detach(), conv.bias.detach()) if frozen else (conv.weight, conv.bias)
-            x = F.conv2d(x, w, b, stride=conv.stride, padding=conv.padding)
-            x = x if conv is self.score else F.leaky_relu(x, 0.2)
-        return x
-
-
 def _batched(fn, x, model, batch_size):
     """fn over x (a tensor, or a tuple of tensors split alike) in batches on the model's device, in
     float32 (no autocast); its results (a tensor or a tuple) on x's device."""
@@ -976,7 +956,7 @@ def _batched(fn, x, model, batch_size):
 
 
 class VQVAE(nn.Module):
-    """Encoder, vector quantizer and decoder (and, with adv_weight, a patch critic); with levels=2 also
+    """Encoder, vector quantizer and decoder; with levels=2 also
     a top encoder, quantizer and decoder, as in VQ-VAE-2."""
 
     def __init__(self, config: VQVAEConfig):
@@ -991,8 +971,6 @@ class VQVAE(nn.Module):
             self.decoder_top = Decoder(D, c.channels, D, 2, c.n_res_blocks)  # top codes -> bottom resolution
             self.merge = nn.Conv2d(2 * D, D, 1)  # bottom features and decoded top -> the bottom quantizer's input
         self.decoder = Decoder(c.in_channels, c.channels, c.levels * D, c.downsample, c.n_res_blocks)
-        if c.adv_weight:
-            self.critic = PatchCritic(c.in_channels, c.channels // 2)
         if c.rate:
             self.rate_model = CodeModel(c.n_codes)
 
@@ -1029,8 +1007,7 @@ class VQVAE(nn.Module):
         return torch.cat([z_q, t], 1), (top, codes), commit + top_commit, stats  # (B, 2D, h, w)
 
     def forward(self, x):
-        """x (B, C, H, W) -> (recon, loss, stats); loss = MSE (+ weighted 1 - SSIM, + adversarial and critic
-        terms, as configured) + commitment."""
+        """x (B, C, H, W) -> (recon, loss, stats); loss = MSE (+ weighted 1 - SSIM) + commitment."""
         z_q, codes, commit, stats = self._quantize(x)
         if self.config.swap and self.training:
             # a decoder that repairs plausible substitutes: each slice has a share (uniform up to swap) of
@@ -1048,13 +1025,6 @@ class VQVAE(nn.Module):
             if self.config.ssim_weight:  # its blurs are convolutions: in TF32, E[x^2] - E[x]^2 would cancel
                 with _no_tf32():
                     loss = loss + self.config.ssim_weight * (1 - _ssim_terms(x, r)[0].mean())
-            if self.config.adv_weight and self.training:
-                # hinge losses: the decoder is judged by a frozen copy of the critic, the critic on
-                # detached reconstructions, so one backward pass trains each against the other
-                adv = -self.critic(r, frozen=True).mean()
-                critic = F.relu(1 - self.critic(x)).mean() + F.relu(1 + self.critic(r.detach())).mean()
-                loss = loss + self.config.adv_weight * adv + critic
-                stats.update(adv=adv.detach(), critic=critic.detach())
         stats.update(recon=mse.detach(), commit=commit.detach())
         return recon, loss, stats
 

@@ -1483,10 +1483,11 @@ def test_rate_train_resume_and_sample(tmp_path, capsys):
     assert sample.main(["--out", str(tmp_path), "--n", "2"]).shape == (2, 1, *x.shape[-2:])
 
 
-def test_a_run_from_before_rate_resumes_with_rate_0_and_is_refused_in_one_line_without(tmp_path, capsys):
+def test_a_run_from_before_resumes_with_rate_0_and_is_refused_in_one_line_without(tmp_path, capsys):
     _train(tmp_path, "--stage", "vqvae", "--epochs", "1", "--rate", "0")
     ckpt = vq.load_checkpoint(tmp_path / "vqvae.pt")
     del ckpt["vqvae_config"]["rate"]  # as written before the field existed
+    ckpt["vqvae_config"]["adv_weight"] = 0.0  # and with a field since dropped
     vq.save_checkpoint(ckpt, tmp_path / "vqvae.pt")
     with pytest.raises(SystemExit) as e:
         _train(tmp_path, "--stage", "vqvae", "--epochs", "2", "--resume", "--rate", "0.25")  # train.py's default

@@ -1539,6 +1539,25 @@ def test_sigterm_saves_at_the_next_step_and_resume_finishes(tmp_path, capsys, mo
     assert torch.load(tmp_path / "vqvae.pt", weights_only=True)["trainer"]["step"] == 12
 
 
+def test_ctrl_c_during_the_reports_stops_at_once_with_both_models_saved(tmp_path, capsys, monkeypatch):
+    report_prior = train.report_prior
+
+    def interrupted(*args, **kwargs):  # Ctrl-C as the reports start: they take minutes at full size
+        os.kill(os.getpid(), signal.SIGINT)
+        return report_prior(*args, **kwargs)
+
+    monkeypatch.setattr(train, "report_prior", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "--prior_epochs", "1")
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and signal.getsignal(signal.SIGINT) is before
+    assert "stopped by SIGINT during the reports" in err and "sample.py --evaluate" in err and "Traceback" not in err
+    assert isinstance(vq.load_prior(tmp_path / "model.pt"), vq.PixelCNN)  # both models kept, with their figures
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "prior_bits_per_code" in summary and "two_sample_samples" not in summary
+
+
 def test_an_interrupted_prior_resumes_with_its_records(tmp_path, capsys, monkeypatch):
     lr_at, sent = train._lr_at, []
 

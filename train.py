@@ -142,6 +142,7 @@ class Run:
             vq.set_tf32(True)
         self.main = self.rank == 0
         self.signalled = None  # the name of a SIGINT / SIGTERM that came: save at the next step, then stop
+        self.reporting = False  # in the reports after stage 2, when model.pt is complete: a signal stops at once
         self.out = Path(args.out)
         self.t0 = time.time()
 
@@ -271,6 +272,11 @@ class Interrupted(Exception):
     """Training stopped by SIGINT / SIGTERM, after saving."""
 
 
+def _stopped_in_reports(run):
+    return (f"stopped by {run.signalled} during the reports: {run.out / 'model.pt'} holds both models; "
+            f"python sample.py --evaluate --out {run.out} writes the reports")
+
+
 @contextlib.contextmanager
 def _save_on_signals(run):
     """SIGINT and SIGTERM (a cluster's preemption) ask the loop to save and stop at the next step;
@@ -279,6 +285,8 @@ def _save_on_signals(run):
         run.signalled = signal.Signals(signum).name
         for s, h in saved.items():
             signal.signal(s, h)
+        if run.reporting:
+            raise Interrupted(_stopped_in_reports(run))
 
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
@@ -833,7 +841,13 @@ def _stages(run, files):
                 f"(unigram {summary['unigram_bits_per_code']:.3f})")
         write(final, summary)  # the prior is kept before the reports run
         if run.main:
-            summary.update(report_prior(run, data, vqvae, prior, parts["surprise"]))
+            if run.signalled:  # came after the last step: the models are saved, so stop before the reports
+                raise Interrupted(_stopped_in_reports(run))
+            run.reporting = True
+            try:
+                summary.update(report_prior(run, data, vqvae, prior, parts["surprise"]))
+            finally:
+                run.reporting = False
             run.log(f"samples in {run.out / 'samples.png'}")
     summary["seconds_total"] = round(time.time() - run.t0, 1)
     write(final, summary)

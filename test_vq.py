@@ -426,33 +426,6 @@ def test_vqvae_shapes_and_gradient_reaches_encoder(levels):
             assert (model.decode(other_top) - model.decode(codes)).abs().max() > 1e-5
 
 
-@pytest.mark.parametrize("levels", [1, 2])
-def test_swap_replaces_bottom_codes_by_the_next_slices_in_training_only(levels):
-    torch.manual_seed(3)
-    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, levels=levels, swap=0.6))
-    x = vq.phantom_slices(6, (64, 48), seed=4)  # a 16 x 12 bottom map, 8 x 6 top
-    seen = []
-    model.decoder.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
-    model.train()
-    model(x)
-    model.eval()
-    with torch.no_grad():
-        own = model._quantize(x)[0]  # the decoder's input without swaps (the same codebook: eval does no EMA)
-    got, (B, C, h, w) = seen[0], own.shape
-    mine = (got[:, :8] == own[:, :8]).all(1)  # (B, h, w): bottom vector kept
-    theirs = (got[:, :8] == own[:, :8].roll(1, 0)).all(1)  # or the next slice's at the same place
-    assert (mine | theirs).all()
-    share = (~mine).float().flatten(1).mean(1)  # per slice: uniform up to 0.6, so they differ
-    assert 0 < share.max() <= 0.75 and share.max() - share.min() > 0.05
-    assert torch.equal(got[:, 8:], own[:, 8:])  # a top level's decoded map is never swapped
-    seen.clear()
-    with torch.no_grad():
-        model(x)
-    assert torch.equal(seen[0], own)  # evaluation decodes what the slice encodes
-    with pytest.raises(ValueError, match="swap"):
-        vq.VQVAEConfig(swap=1.5)
-
-
 def test_losses_reach_what_they_should():
     torch.manual_seed(0)
     x = vq.phantom_slices(3, (64, 32), seed=2)

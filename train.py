@@ -250,8 +250,7 @@ def _resume_state(run, name, settings, config_key, config):
     ckpt = vq.load_checkpoint(path)
     old = ckpt[config_key]
     if name == "vqvae":  # a field added since the checkpoint holds its (off) default there; one dropped is left out
-        now = asdict(vq.VQVAEConfig())
-        old = {k: v for k, v in {**now, **old}.items() if k in now}
+        old = asdict(vq._config_of(vq.VQVAEConfig, old))
     if old != config:
         what = ", ".join(f"--{k} {old.get(k)} (now {config.get(k)})" for k in sorted(set(old) | set(config))
                          if old.get(k) != config.get(k))
@@ -578,7 +577,7 @@ def train_vqvae(run, data):
         _, loss, stats = net(train_x[idx].float())
         used = {f"used{s}": stats[f"usage{s}"] * cfg.n_codes for s in ("", "_top") if f"usage{s}" in stats}
         return loss, {"recon": stats["recon"], "perplexity": stats["perplexity"], **used,
-                      **{k: stats[k] for k in ("rate_bits",) if k in stats}}
+                      **({"rate_bits": stats["rate_bits"]} if "rate_bits" in stats else {})}
 
     def validate(m):
         m.eval()

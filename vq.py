@@ -913,7 +913,6 @@ class VQVAEConfig:
     kmeans_init: bool = True  # seed the codebook by k-means on the first batch
     ssim_weight: float = 0.1  # weight of 1 - SSIM beside the MSE in the reconstruction loss (0.1: see README)
     levels: int = 1  # 1: one code map; 2: VQ-VAE-2, plus a top map at twice the down-sampling for the layout
-    swap: float = 0.0  # training only: up to this share of a slice's (bottom) codes swapped for another slice's
     rate: float = 0.0  # nats a code costs under a causal model of the codes, weighed against its squared distance
 
     def __post_init__(self):
@@ -930,8 +929,6 @@ class VQVAEConfig:
             raise ValueError(f"decay must be between 0 and 1, got {self.decay}")
         if self.levels not in (1, 2):
             raise ValueError(f"levels must be 1 or 2, got {self.levels}")
-        if not 0 <= self.swap <= 1:
-            raise ValueError(f"swap must be in [0, 1], got {self.swap}")
         if self.rate < 0 or (self.rate and self.levels != 1):
             raise ValueError(f"rate must be >= 0, and 0 with two levels, got {self.rate} with levels {self.levels}")
 
@@ -956,8 +953,7 @@ def _batched(fn, x, model, batch_size):
 
 
 class VQVAE(nn.Module):
-    """Encoder, vector quantizer and decoder; with levels=2 also
-    a top encoder, quantizer and decoder, as in VQ-VAE-2."""
+    """Encoder, vector quantizer and decoder; with levels=2 also a top encoder, quantizer and decoder (VQ-VAE-2)."""
 
     def __init__(self, config: VQVAEConfig):
         super().__init__()
@@ -1009,14 +1005,6 @@ class VQVAE(nn.Module):
     def forward(self, x):
         """x (B, C, H, W) -> (recon, loss, stats); loss = MSE (+ weighted 1 - SSIM) + commitment."""
         z_q, codes, commit, stats = self._quantize(x)
-        if self.config.swap and self.training:
-            # a decoder that repairs plausible substitutes: each slice has a share (uniform up to swap) of
-            # its codes replaced by those at the same places in the next slice of the batch, and must
-            # still give back itself; with two levels only the bottom codes, so the top must hold the layout
-            (B, _, h, w), D = z_q.shape, self.config.code_dim
-            share = self.config.swap * torch.rand(B, 1, 1, 1, device=x.device)
-            swapped = torch.rand(B, 1, h, w, device=x.device) < share
-            z_q = torch.cat([torch.where(swapped, z_q[:, :D].roll(1, 0), z_q[:, :D]), z_q[:, D:]], 1)
         recon = self.decoder(z_q)  # (B, C, H, W)
         with torch.autocast(x.device.type, enabled=False):  # SSIM's variances need float32
             r, x = recon.float(), x.float()

@@ -916,27 +916,25 @@ class VQVAEConfig:
     rate: float = 0.0  # nats a code costs under a causal model of the codes, weighed against its squared distance
 
     def __post_init__(self):
-        _check_positive(self, "in_channels", "channels", "n_res_blocks", "code_dim", "beta")
-        if self.channels < 8:  # the encoder halves it per extra stride
-            raise ValueError(f"channels must be at least 8, got {self.channels}")
-        if not 0 <= self.dead_threshold < 1:
-            raise ValueError(f"dead_threshold must be in [0, 1) (0: no restarts), got {self.dead_threshold}")
-        if self.downsample not in (4, 8):
-            raise ValueError(f"downsample must be 4 or 8, got {self.downsample}")
-        if self.n_codes < 2:
-            raise ValueError(f"n_codes must be at least 2, got {self.n_codes}")
-        if not 0 < self.decay < 1:
-            raise ValueError(f"decay must be between 0 and 1, got {self.decay}")
-        if self.levels not in (1, 2):
-            raise ValueError(f"levels must be 1 or 2, got {self.levels}")
-        if self.rate < 0 or (self.rate and self.levels != 1):
-            raise ValueError(f"rate must be >= 0, and 0 with two levels, got {self.rate} with levels {self.levels}")
+        _require(self, ("in_channels", "channels", "n_res_blocks", "code_dim", "beta"),
+                 (self.channels >= 8, f"channels must be at least 8, got {self.channels}"),  # halved per extra stride
+                 (0 <= self.dead_threshold < 1, f"dead_threshold must be in [0, 1) (0: no restarts), got "
+                                                 f"{self.dead_threshold}"),
+                 (self.downsample in (4, 8), f"downsample must be 4 or 8, got {self.downsample}"),
+                 (self.n_codes >= 2, f"n_codes must be at least 2, got {self.n_codes}"),
+                 (0 < self.decay < 1, f"decay must be between 0 and 1, got {self.decay}"),
+                 (self.levels in (1, 2), f"levels must be 1 or 2, got {self.levels}"),
+                 (self.rate >= 0 and (not self.rate or self.levels == 1),
+                  f"rate must be >= 0, and 0 with two levels, got {self.rate} with levels {self.levels}"))
 
 
-def _check_positive(config, *names):
-    for name in names:
-        if not getattr(config, name) > 0:
-            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+def _require(config, positive, *checks):
+    """ValueError with the message of the first failing check: the fields named in positive must be > 0,
+    then each (ok, message) must hold."""
+    positive = [(getattr(config, n) > 0, f"{n} must be positive, got {getattr(config, n)}") for n in positive]
+    for ok, message in positive + list(checks):
+        if not ok:
+            raise ValueError(message)
 
 
 def _batched(fn, x, model, batch_size):
@@ -1060,11 +1058,10 @@ class PriorConfig:
 
     def __post_init__(self):
         self.prior_dilations = tuple(self.prior_dilations)  # JSON and argparse hand back lists
-        _check_positive(self, "n_codes", "height", "width", "prior_channels", "prior_layers")
-        if not self.prior_dilations or min(self.prior_dilations) < 1:
-            raise ValueError(f"prior_dilations must be integers >= 1, got {self.prior_dilations}")
-        if not 0 <= self.prior_dropout < 1:
-            raise ValueError(f"prior_dropout must be in [0, 1), got {self.prior_dropout}")
+        _require(self, ("n_codes", "height", "width", "prior_channels", "prior_layers"),
+                 (self.prior_dilations and min(self.prior_dilations) >= 1,
+                  f"prior_dilations must be integers >= 1, got {self.prior_dilations}"),
+                 (0 <= self.prior_dropout < 1, f"prior_dropout must be in [0, 1), got {self.prior_dropout}"))
 
     def blind_spot(self):
         """None when every logit sees every code before it; else why not, in a line. Each gated layer

@@ -1328,6 +1328,39 @@ def test_fewer_training_slices_than_processes(tmp_path):
     assert "train.py\", line" not in done.stderr
 
 
+def test_teacher_forced_against_its_definition():
+    # one pass over the true codes: the argmax redraw is the prior's argmax at every code, so its share
+    # and SSIM follow from one forward; the sampled redraw keeps a code with the prior's probability of it
+    torch.manual_seed(0)
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=7))
+    x = vq.phantom_slices(64, (24, 20), seed=5)
+    model(x)  # a training step seeds the codebook by k-means: codes that vary
+    # a decoder whose images differ visibly from code to code, so the SSIMs are not all 1
+    model.decoder = nn.Sequential(nn.Upsample(scale_factor=4), nn.Conv2d(8, 1, 3, padding=1), nn.Sigmoid())
+    nn.init.normal_(model.decoder[1].weight, std=0.2 / model.quantizer.codebook.std().item())  # logits of sd ~1.7
+    nn.init.zeros_(model.decoder[1].bias)
+    model.eval()
+    codes = model.encode(x)  # (64, 6, 5)
+    prior = small_prior(seed=3, **RICH).train()
+    pos, opt = _position(prior, 64), torch.optim.Adam(prior.parameters(), 1e-2)
+    for _ in range(15):  # a prior that has begun to learn these codes: it keeps most, not all
+        opt.zero_grad()
+        prior.loss(codes, pos)[0].backward()
+        opt.step()
+    prior.eval()
+    with torch.no_grad():
+        logits = prior(codes, pos)
+    best, recon = logits.argmax(1), model.decode(codes)
+    kept = logits.softmax(1).gather(1, codes[:, None]).double().mean().item()  # the sampled redraw's expected share
+    assert 0.02 < (best != codes).double().mean() < 1 - kept - 0.05  # argmax and sampling told apart
+    got = vq.teacher_forced(model, prior, x, pos, torch.Generator().manual_seed(0))
+    assert got["changed_argmax"] == pytest.approx((best != codes).double().mean().item())
+    assert got["ssim_argmax"] == pytest.approx(vq.ssim(recon, model.decode(best)).mean().item(), abs=1e-6)
+    assert got["ssim_argmax"] < 0.999 and got["ssim"] < 0.999
+    assert abs(got["changed"] - (1 - kept)) < 0.025  # 1920 codes: about 3 standard errors
+    assert got != vq.teacher_forced(model, prior, x, pos, torch.Generator().manual_seed(1))
+
+
 def test_realism_report_sanity():
     a, b = vq.phantom_slices(80, (64, 32), seed=11), vq.phantom_slices(80, (64, 32), seed=12)
     blurred = F.interpolate(F.avg_pool2d(b, 2), scale_factor=2, mode="bilinear")  # what a smooth decoder draws

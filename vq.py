@@ -1083,6 +1083,12 @@ class PriorConfig:
                 f"before them (a blind spot); use prior_layers {layers} or larger dilations")
 
 
+def _gumbel(shape, generator, device, dtype=torch.float32):
+    """Gumbel noise -log(-log(u)), u uniform kept off 0 and 1: argmax(logits + noise) samples softmax(logits)."""
+    u, eps = torch.rand(shape, generator=generator, dtype=dtype, device=device), torch.finfo(dtype).eps
+    return -torch.log(-torch.log(u.clamp_(eps, 1 - eps)))
+
+
 def gated_tanh(x, dim=1):
     """tanh of the first half of the channels times sigmoid of the second half."""
     a, b = x.chunk(2, dim=dim)
@@ -1229,10 +1235,7 @@ class PixelCNN(nn.Module):
             raise ValueError(f"n must be an integer >= 1, got {n}")
         if self.config.positional and position is None:
             position = self.draw_positions(n, generator)
-        p = self.pos
-        u = torch.rand(n, *self.shape, self.config.n_codes, generator=generator, dtype=p.dtype, device=p.device)
-        eps = torch.finfo(p.dtype).eps
-        return position, -torch.log(-torch.log(u.clamp_(eps, 1 - eps)))
+        return position, _gumbel((n, *self.shape, self.config.n_codes), generator, self.pos.device, self.pos.dtype)
 
     @torch.no_grad()
     def generate(self, n, temperature=1.0, generator=None, position=None, cond=None, keep=None):
@@ -1432,8 +1435,7 @@ def teacher_forced(vqvae, prior, x, position=None, generator=None):
     codes = vqvae.encode(x)
     recon = vqvae.decode(codes)
     out = {}
-    for name, draw in (("", lambda lg: (lg - torch.log(-torch.log(torch.rand(lg.shape, generator=generator,
-                                                                              device=lg.device).clamp(1e-7, 1 - 1e-7)))).argmax(1)),
+    for name, draw in (("", lambda lg: (lg + _gumbel(lg.shape, generator, lg.device)).argmax(1)),
                        ("_argmax", lambda lg: lg.argmax(1))):
         redrawn = _per_code(prior, codes, position, lambda lg, c: draw(lg))
         same = sum((a == b).sum().item() for a, b in zip(as_levels(redrawn), as_levels(codes)))

@@ -991,7 +991,7 @@ def _train(out, *extra):
     return train.main(["--out", str(out), "--epochs", "2", "--prior_epochs", "2", *TINY, *extra])
 
 
-def test_train_and_sample_end_to_end(tmp_path, capsys):
+def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     result = _train(tmp_path)
     s = json.loads((tmp_path / "summary.json").read_text())
     for key in ("test_ssim_mean", "test_ssim_std", "test_ssim_min", "test_psnr_mean", "n_train", "n_val", "n_test",
@@ -1045,6 +1045,21 @@ def test_train_and_sample_end_to_end(tmp_path, capsys):
     assert (tmp_path / "samples_seed7_t1_p0.9" / "grid.png").exists() and not torch.equal(at, images)
     report = sample.main(["--out", str(tmp_path), "--evaluate", "--seed", "3"])
     assert json.loads((tmp_path / "summary.json").read_text())["two_sample_samples"] == report["two_sample_samples"]
+    # more draws, each with its own critic: the first is the single report's, the score their mean, the rest as before
+    critic, seen = sample.two_sample_score, []  # what each critic is given
+
+    def spy(a, b, seed, **kw):
+        seen.append((b, seed))
+        return critic(a, b, seed, **kw)
+    monkeypatch.setattr(sample, "two_sample_score", spy)
+    more = sample.main(["--out", str(tmp_path), "--evaluate", "--seed", "3", "--repeats", "3"])
+    runs = more.pop("two_sample_samples_runs")
+    assert len(runs) == 3 and runs[0] == report["two_sample_samples"]
+    (first, s0), _, _, (second, s1), (third, s2) = seen  # samples, floor, real against real, then two more draws
+    assert (s0, s1, s2) == (3, 4, 5) and not torch.equal(first, second) and not torch.equal(second, third)
+    assert more.pop("two_sample_samples") == pytest.approx(sum(runs) / 3)
+    assert more == {k: v for k, v in report.items() if k != "two_sample_samples"}
+    assert "two-sample" in capsys.readouterr().out
     (tmp_path / "summary.json").write_text('{"test_ssim_mean": 0.9')  # cut short by an old version's crash
     capsys.readouterr()
     again = sample.main(["--out", str(tmp_path), "--evaluate", "--seed", "3"])
@@ -1109,7 +1124,7 @@ def test_sample_usage_errors(tmp_path, capsys):
     cases = [([], "no checkpoint"), (["--n", "0"], "--n"), (["--temperature", "0"], "temperature"),
              (["--device", "gpu"], "expected cpu, cuda"), (["--seed", str(2**70)], "--seed"),
              (["--dest", str(tmp_path / "a_file")], "is a file"),
-             (["--evaluate", "--reconstruct", "x.nii"], "separate modes")]
+             (["--evaluate", "--reconstruct", "x.nii"], "separate modes"), (["--repeats", "0"], "--repeats")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "no CUDA device"))
     for argv, says in cases:

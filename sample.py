@@ -5,6 +5,7 @@
     python sample.py --reconstruct a.nii.gz b.nii.gz
     python sample.py --surprise a.nii.gz b.nii.gz   # where each slice is unusual: map, healed slice, score
     python sample.py --evaluate                    # realism report against the held-out test slices
+    python sample.py --evaluate --repeats 4        # its two-sample score averaged over 4 draws and critics
     python sample.py --bench --n 16                # cached sampler against the naive one
 """
 

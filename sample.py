@@ -404,9 +404,9 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
             vqvae, prior, test, position if prior.config.positional else None,
             torch.Generator(next(prior.parameters()).device).manual_seed(seed)).items()},
     })
-    runs = report.get("two_sample_samples_runs", report.get("two_sample_samples_folds"))
+    parts = report.get("two_sample_samples_runs", report.get("two_sample_samples_folds"))  # draws, or one's folds
     scores = (f"two-sample {report['two_sample_samples']:.3f} ({'draws' if repeats > 1 else 'folds'} "
-              f"{' / '.join(f'{f:.3f}' for f in runs)}; reconstruction floor "
+              f"{' / '.join(f'{f:.3f}' for f in parts)}; reconstruction floor "
               f"{report['two_sample_recon_floor']:.3f}; real against real {report['two_sample_real']:.3f}) | "
               if n >= 8 else "")
     log(f"realism | {scores}nearest training slice ssim {report['nearest_train_ssim_samples']:.3f} (real test "

@@ -99,10 +99,8 @@ def _subdirs(root):
 def _case_id(name):
     """The patient a slice belongs to: case_XXX, else the name without its last number (p07_s012 -> p07_s)."""
     m = re.search(r"case_\d+", name, re.I)
-    if m:
-        return m.group().lower()
     stem = re.sub(r"(\.nii)?(\.gz|\.png)?$", "", name, count=1, flags=re.I)
-    return re.sub(r"\d+(?=\D*$)", "", stem)  # the last number is the slice's; what is left names the patient
+    return m.group().lower() if m else re.sub(r"\d+(?=\D*$)", "", stem)  # the last number is the slice's
 
 
 def find_splits(root):
@@ -1241,13 +1239,10 @@ class PixelCNN(nn.Module):
     def generate(self, n, temperature=1.0, generator=None, position=None, cond=None, keep=None):
         """Sample n code maps in scan order: returns codes (n, h, w) int64.
 
-        Incremental: the vertical stack runs once per finished row on a rolling window of the rows
-        its kernels reach; the horizontal stack runs once per position on the cached columns its
-        kernels reach; so a position costs a few (n, 2C) matmuls per layer instead of a
-        forward. On a GPU each row is one replayed CUDA graph. Code (i, j) is
-        argmax(logits / temperature + Gumbel noise), the noise drawn up front from `generator`,
-        so `generate_naive` returns the same codes for the same generator state (up to float
-        rounding at near-ties). Dropout is never applied.
+        Incremental (_SamplerState): a position costs a few (n, 2C) matmuls per layer, not a forward;
+        on a GPU each row is one replayed CUDA graph. Code (i, j) is argmax(logits / temperature +
+        Gumbel noise), the noise drawn up front from `generator`, so `generate_naive` returns the same
+        codes for the same generator state (up to float rounding at near-ties). No dropout.
 
         n: number of maps, >= 1. temperature: > 0; below 1 sharpens, above 1 flattens.
         generator: a torch.Generator on the model's device, for reproducible samples.
@@ -1434,10 +1429,11 @@ def teacher_forced(vqvae, prior, x, position=None, generator=None):
     intact anatomy."""
     codes = vqvae.encode(x)
     recon = vqvae.decode(codes)
-    out = {}
-    for name, draw in (("", lambda lg: (lg + _gumbel(lg.shape, generator, lg.device)).argmax(1)),
-                       ("_argmax", lambda lg: lg.argmax(1))):
-        redrawn = _per_code(prior, codes, position, lambda lg, c: draw(lg))
+    out = {}  # one pass of the prior gives both redraws: sampled, argmax
+    draws = as_levels(_per_code(prior, codes, position, lambda lg, c: torch.stack(
+        [(lg + _gumbel(lg.shape, generator, lg.device)).argmax(1), lg.argmax(1)], 1)))  # (N, 2, h, w) per level
+    for k, name in enumerate(("", "_argmax")):
+        redrawn = tuple(d[:, k] for d in draws) if isinstance(codes, tuple) else draws[0][:, k]
         same = sum((a == b).sum().item() for a, b in zip(as_levels(redrawn), as_levels(codes)))
         out[f"changed{name}"] = 1 - same / sum(c.numel() for c in as_levels(codes))
         out[f"ssim{name}"] = ssim(recon, vqvae.decode(redrawn)).mean().item()
@@ -1489,15 +1485,14 @@ def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, te
         codes = vqvae.encode(xb)
         bits = code_bits(prior, codes, pb)
         redo = tuple(b > threshold for b in as_levels(bits))
-        keep = (codes, redo) if isinstance(codes, tuple) else (codes, redo[0])
-        healed_codes = prior.generate(len(xb), temperature, generator, pb, keep=keep)
+        redo = redo if isinstance(codes, tuple) else redo[0]
+        healed_codes = prior.generate(len(xb), temperature, generator, pb, keep=(codes, redo))
         healed = vqvae.decode(healed_codes).cpu()
-        cells = torch.stack([F.interpolate(r[:, None].float(), size=xb.shape[-2:]) for r in redo]).amax(0)
+        cells = torch.stack([F.interpolate(r[:, None].float(), size=xb.shape[-2:]) for r in as_levels(redo)]).amax(0)
         m = _blur((xb - healed).abs().mean(1, keepdim=True) * cells, sigma)  # (b, 1, H, W)
+        healed_codes = tuple(c.cpu() for c in healed_codes) if isinstance(codes, tuple) else healed_codes.cpu()
         for name, v in (("map", m), ("healed", healed), ("score", m.flatten(1).mean(1)), ("bits", bits),
-                        ("redo", redo if len(redo) == 2 else redo[0]), ("codes", codes),
-                        ("healed_codes", tuple(c.cpu() for c in as_levels(healed_codes)) if len(redo) == 2
-                         else healed_codes.cpu())):
+                        ("redo", redo), ("codes", codes), ("healed_codes", healed_codes)):
             out[name].append(v)
     cat = lambda vs: tuple(map(torch.cat, zip(*vs))) if isinstance(vs[0], tuple) else torch.cat(vs)  # noqa: E731
     return {k: cat(v) for k, v in out.items()}

@@ -1422,15 +1422,13 @@ def prior_bits(prior, codes, position=None, batch_size=128):
 
 def teacher_forced(vqvae, prior, x, position=None, generator=None):
     """How much of a slice's codes the prior can predict: encode x (N, C, H, W), redraw every code from
-    the prior given the true codes before it (one forward pass, so no error compounds), once sampled
-    (temperature 1) and once at the argmax, and decode. Returns {"changed", "changed_argmax": the share
-    of codes redrawn differently, "ssim", "ssim_argmax": mean SSIM of those decodes against the
-    reconstruction}: high SSIM means the decoder turns the prior's plausible substitutes into
-    intact anatomy."""
-    codes = vqvae.encode(x)
+    the prior given the true codes before it (one forward pass, so no error compounds), sampled and at
+    the argmax, and decode. Returns {"changed", "changed_argmax": the share of codes redrawn otherwise,
+    "ssim", "ssim_argmax": mean SSIM of those decodes against the reconstruction}: high SSIM means the
+    decoder turns the prior's plausible substitutes into intact anatomy."""
+    codes, out = vqvae.encode(x), {}
     recon = vqvae.decode(codes)
-    out = {}  # one pass of the prior gives both redraws: sampled, argmax
-    draws = as_levels(_per_code(prior, codes, position, lambda lg, c: torch.stack(
+    draws = as_levels(_per_code(prior, codes, position, lambda lg, c: torch.stack(  # both from one pass
         [(lg + _gumbel(lg.shape, generator, lg.device)).argmax(1), lg.argmax(1)], 1)))  # (N, 2, h, w) per level
     for k, name in enumerate(("", "_argmax")):
         redrawn = tuple(d[:, k] for d in draws) if isinstance(codes, tuple) else draws[0][:, k]
@@ -1470,8 +1468,7 @@ def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, te
     `threshold` bits (see surprise_threshold) are redrawn from the prior in scan order, every other
     code kept as it is (exact conditional sampling with the cached sampler), and decoded: the healed
     slice. The map is the absolute difference between the slice and its healed decode, inside the
-    redrawn codes' cells, Gaussian-smoothed by sigma pixels; the score is the map's mean (higher is
-    more unusual: large, strong departures from what the prior expects).
+    redrawn codes' cells, Gaussian-smoothed by sigma pixels; the score is the map's mean (higher: more unusual).
 
     x: (B, C, H, W) in [0, 1], at the VQ-VAE's size; position: (B,) slice positions for a positional
     prior. generator: a torch.Generator on the prior's device. Returns a dict of "map" (B, 1, H, W),

@@ -436,7 +436,10 @@ def test_bench_gpu_table_with_a_stand_in_timer(tmp_path):
     report = json.loads(path.read_text())
     assert len(report["rows"]) == 2 * len(bench.GPU_PATHS)
     for r in report["rows"]:
-        assert "error" not in r and not r["fell_back"] and r["beyond_near_tie"] == 0, r
+        # torch's own tf32 search is the baseline, not ours: on a GPU it is truly tf32 and can pick a farther
+        # code (an H200 did, on one row in 300); every other path must be exact
+        tf32_baseline = r["path"] == "torch addmm tf32" and DEVICE == "cuda"
+        assert "error" not in r and not r["fell_back"] and (r["beyond_near_tie"] == 0 or tf32_baseline), r
         assert r["graph_us"] == 7.0 and r["x_floor"] == pytest.approx(7.0 / r["floor_us"])
     assert all(0 <= r["rechecked_fraction"] <= 1 for r in report["rows"] if r["path"].startswith("triton tf32 "))
     assert [(v["inputs"], v["precision"], v["speedup"]) for v in report["goals"]] == \

@@ -41,6 +41,9 @@ PHANTOM_DEFAULTS = dict(size=[128, 64], epochs=10, prior_epochs=12, channels=64,
                         prior_layers=8, prior_lr=6e-3, rate=0.25)
 REAL_DEFAULTS = dict(size=[256, 128], epochs=30, prior_epochs=30, prior_lr=3e-3, rate=0.25)
 SYNC_EVERY = 16  # under DDP, steps between the shared "is the --minutes budget spent?" votes
+# curves.png during training at most this often (and always at the end): a drawing takes 0.5 s, and on an
+# H200 a phantom epoch takes 1 to 3 s (README)
+CURVES_EVERY_S = 30
 
 
 def _bool(s):
@@ -143,6 +146,7 @@ class Run:
         self.main = self.rank == 0
         self.signalled = None  # the name of a SIGINT / SIGTERM that came: save at the next step, then stop
         self.reporting = False  # in the reports after stage 2, when model.pt is complete: a signal stops at once
+        self.curves_drawn = 0.0  # when curves.png was last drawn during training
         self.out = Path(args.out)
         self.t0 = time.time()
 
@@ -453,8 +457,9 @@ class Trainer:
                               lr=_lr_at(self.step - 1, self.schedule_steps, self.lr), **record)
                 run.write_metrics(dict(stage=self.name, epoch=self.epoch, step=self.step,
                                        seconds=round(self.seconds, 1), **record))
-                if run.main:
+                if run.main and time.time() - run.curves_drawn >= CURVES_EVERY_S:
                     draw_curves(_read_json_lines(run.out / "metrics.jsonl"), run.out / "curves.png")
+                    run.curves_drawn = time.time()
                 run.log(f"{self.name} ep {self.epoch}/{self.epochs} validation | " +
                         " | ".join(self._fmt(k, v) for k, v in record.items() if k == "train_loss" or k[:4] == "val_"))
             run.save({**checkpoint, "trainer": self.state()}, f"{self.name}.pt")  # an epoch ended, or a stop

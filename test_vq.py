@@ -1265,8 +1265,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
 
 
-def _torchrun(tmp_path, out, *args, skew=0.0, signal_at=None, timeout=300):
-    """train.main in two gloo processes; rank 1's clock runs `skew` seconds ahead (and it alone gets
+def _torchrun(tmp_path, out, *args, clock=1.0, signal_at=None, timeout=300):
+    """train.main in two gloo processes; rank 1's clock runs `clock` times as fast (and it alone gets
     SIGTERM as step signal_at starts); each rank saves its codebook and a draw from its random stream."""
     script = tmp_path / "ddp_run.py"
     script.write_text(
@@ -1274,7 +1274,7 @@ def _torchrun(tmp_path, out, *args, skew=0.0, signal_at=None, timeout=300):
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import train\n"
         "if os.environ['RANK'] == '1':\n"
-        f"    real = time.time; time.time = lambda: real() + {skew}\n"
+        f"    real = time.time; t0 = real(); time.time = lambda: t0 + (real() - t0) * {clock}\n"
         "    lr_at, sent = train._lr_at, []\n"
         "    def preempted(step, total, lr):\n"
         f"        if step == {signal_at} and not sent: sent.append(os.kill(os.getpid(), signal.SIGTERM))\n"
@@ -1312,16 +1312,17 @@ def test_ddp_two_cpu_processes_keep_identical_codebooks(tmp_path, capsys):
 
 
 def test_ddp_minutes_budget_is_one_decision(tmp_path):
-    # Rank 1's clock is 29 s ahead: alone it would stop almost at once, while rank 0 waits in the
-    # quantizer's all-reduce for a step that never comes (a hang, or mismatched collectives).
+    # Rank 1's clock runs 30 times as fast: alone it would stop after a second, while rank 0 waits in the
+    # quantizer's all-reduce for a step that never comes (a hang, or mismatched collectives). Far more
+    # epochs than the 30 s budget can run, so the budget ends the stage: rank 1's, as rank 0 reports it.
     out = tmp_path / "o"
-    # far more epochs than 30 s can run, so the budget, not the epochs, ends the stage
     done = _torchrun(tmp_path, out, "--epochs", "2000", "--prior_epochs", "1", "--minutes", "0.5", *TINY,
-                     skew=29.0, timeout=240)
+                     clock=30.0, timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.count("--minutes budget of 0.5 reached") == 1  # rank 0's log: one decision
     state = torch.load(out / "vqvae.pt", weights_only=True)["trainer"]
     assert state["step"] % train.SYNC_EVERY == 0 and state["epoch"] < 2000
+    assert state["seconds"] < 20  # on rank 0's clock: it stopped at rank 1's word, not at its own budget
     assert torch.equal(torch.load(out / "codebook0.pt"), torch.load(out / "codebook1.pt"))
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,8 +29,7 @@ def _version(module):
 # Triton 3.6 and older hand the interpreted kernel its int arguments as 1-element arrays, which NumPy 2.4
 # no longer turns into an index (TypeError: only 0-dimensional arrays ...); 3.7 and later work. A CUDA
 # torch pins its Triton (torch 2.11: 3.6), so on such a machine the kernel is tested compiled, on the GPU.
-INTERPRETER_OK = HAVE_TRITON and not (_version(importlib.import_module("triton")) < (3, 7) and
-                                      _version(importlib.import_module("numpy")) >= (2, 4))
+INTERPRETER_OK = HAVE_TRITON and not (_version(nc.triton) < (3, 7) and _version(np) >= (2, 4))
 OLD_INTERPRETER = ("this Triton's interpreter cannot run the kernel under NumPy >= 2.4: use triton >= 3.7 or "
                    "numpy < 2.4, or on a GPU run the tests without TRITON_INTERPRET")
 needs_triton = pytest.mark.skipif(

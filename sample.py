@@ -301,39 +301,34 @@ class _Critic(nn.Module):
         return self.net(F.avg_pool2d(x, 2) * 2 - 1)[:, 0]
 
 
-def two_sample_score(a, b, seed=0, steps=600, batch_size=32, device="cpu", flip_dim=-2):
-    """How well a CNN, trained for a fixed budget, tells slices a from slices b: its accuracy on the
-    half of the pairs it did not train on, for each of the two halves (2-fold). 0.5: it cannot tell
-    them apart; 1.0: trivially apart. a, b: (N, 1, H, W) in [0, 1]; the first min(len) of each are
-    used. Training batches are mirrored at random along flip_dim (the body's left-right axis), so
-    the critic needs the anatomy, not one side of it. Returns (mean accuracy, [fold accuracies])."""
-    n = min(len(a), len(b))
-    if n < 4:
-        raise ValueError(f"two_sample_score needs at least 4 slices in each set, got {n}")
+def two_sample_score(real_fit, fake_fit, real_test, fake_test, seed=0, steps=1000, batch_size=32, device="cpu",
+                     flip_dim=-2):
+    """How well a CNN tells real slices from others: trained for a fixed budget on real_fit against
+    fake_fit, scored on real_test against fake_test, which it never saw. Returns (mean of the two
+    accuracies, [share of real_test called real, share of fake_test called fake]); 0.5: it cannot tell
+    them apart, 1.0: always. All (N, 1, H, W) in [0, 1]. Training batches are mirrored at random along
+    flip_dim (the body's left-right axis), so the critic needs the anatomy, not one side of it."""
+    if min(len(real_fit), len(fake_fit), len(real_test), len(fake_test)) < 4:
+        raise ValueError("two_sample_score needs at least 4 slices in each set")
     g = torch.Generator().manual_seed(seed)
-    folds = torch.randperm(n, generator=g).chunk(2)
-    x = torch.cat([a[:n], b[:n]]).float().to(device)
-    y = torch.cat([torch.zeros(n), torch.ones(n)]).to(device)
-    accuracy = []
-    for k in range(2):
-        train_idx, test_idx = folds[k], folds[1 - k]
-        train_idx, test_idx = torch.cat([train_idx, train_idx + n]), torch.cat([test_idx, test_idx + n])
-        torch.manual_seed(seed * 7 + k)
-        critic = _Critic().to(device)
-        opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
-        for _ in range(steps):
-            idx = train_idx[torch.randint(len(train_idx), (batch_size,), generator=g)].to(device)
-            xb = x[idx]
-            flip = (torch.rand(batch_size, generator=g) < 0.5).to(device)
-            xb = torch.where(flip[:, None, None, None], xb.flip(flip_dim), xb)
-            loss = F.binary_cross_entropy_with_logits(critic(xb), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            logits = torch.cat([critic(x[i.to(device)]) for i in test_idx.split(256)])
-        accuracy.append(((logits > 0).float() == y[test_idx.to(device)]).float().mean().item())
-    return sum(accuracy) / 2, accuracy
+    x = torch.cat([real_fit, fake_fit]).float().to(device)
+    y = torch.cat([torch.ones(len(real_fit)), torch.zeros(len(fake_fit))]).to(device)
+    torch.manual_seed(seed)
+    critic = _Critic().to(device)
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    for _ in range(steps):
+        idx = torch.randint(len(x), (batch_size,), generator=g).to(device)
+        flip = (torch.rand(batch_size, generator=g) < 0.5).to(device)
+        xb = torch.where(flip[:, None, None, None], x[idx].flip(flip_dim), x[idx])
+        loss = F.binary_cross_entropy_with_logits(critic(xb), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        called_real = [torch.cat([critic(b.float().to(device)) > 0 for b in t.split(256)]).float().mean().item()
+                       for t in (real_test, fake_test)]
+    parts = [called_real[0], 1 - called_real[1]]
+    return sum(parts) / 2, parts
 
 
 def nearest_ssim(x, pool, shortlist=8):
@@ -363,37 +358,44 @@ def pair_ssim(x, pairs=256, seed=0):
     return vq.ssim(x[i], x[j]).mean().item()
 
 
+FIT = 1000  # training slices (and as many others) a two-sample critic learns from
+
+
 @torch.no_grad()
 def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, rot90=1, temperature=1.0,
                    position=None, repeats=1):
-    """How far decoded samples are from real held-out slices, beside the floor the decoder sets and
-    the score of real against real: two-sample scores (each with its two folds), memorisation and
+    """How far decoded samples are from real held-out slices, beside the floor the decoder sets:
+    two-sample scores (critics trained on up to FIT training slices against as many samples, or
+    reconstructions, and scored on the test slices against as many fresh ones), memorisation and
     diversity (see the README), and the teacher-forced redraw (vq.teacher_forced). test, train: (N, 1, H, W);
     position: the test slices' positions (N,), for a positional prior; rot90 as the data's settings say, so the
-    critic mirrors along the body's left-right axis. With fewer than 8 test slices the two-sample
+    critic mirrors along the body's left-right axis. With fewer than 8 test or training slices the two-sample
     scores are left out (None), with a line saying so. repeats > 1: the samples' two-sample score is
     the mean over that many draws, each with its own critic (seeds seed, seed + 1, ...; the first is
     the draw the other figures use), listed in "two_sample_samples_runs"."""
-    n = len(test)
+    n, fit = len(test), train[:FIT]
     g = torch.Generator(device).manual_seed(seed)
     samples, recon = vq.sample_slices(vqvae, prior, n, temperature, generator=g), vqvae.reconstruct(test)
     report = {"realism_n": n, "realism_temperature": temperature}
-    if n >= 8:
-        halves = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).chunk(2)
-        pairs = {"samples": (test, samples), "recon_floor": (test, recon), "real": tuple(test[h] for h in halves)}
+    if min(n, len(fit)) >= 8:
         flip = -2 if rot90 % 2 else -1
         with torch.enable_grad():
-            for name, (a, b) in pairs.items():
-                score, folds = two_sample_score(a, b, seed, device=device, flip_dim=flip)
-                report.update({f"two_sample_{name}": score, f"two_sample_{name}_folds": folds})
-            runs = [report["two_sample_samples"]]
-            for r in range(1, repeats):  # more draws, each with its own critic
-                more = vq.sample_slices(vqvae, prior, n, temperature, torch.Generator(device).manual_seed(seed + r))
-                runs.append(two_sample_score(test, more, seed + r, device=device, flip_dim=flip)[0])
+            floor, parts = two_sample_score(fit, vqvae.reconstruct(fit), test, recon, seed, device=device, flip_dim=flip)
+            report.update(two_sample_recon_floor=floor, two_sample_recon_floor_parts=parts)
+            runs = []
+            for r in range(repeats):  # each draw with its own critic
+                gr = g if r == 0 else torch.Generator(device).manual_seed(seed + r)
+                draw = samples if r == 0 else vq.sample_slices(vqvae, prior, n, temperature, gr)
+                fakes = vq.sample_slices(vqvae, prior, len(fit), temperature, gr)  # the critic's own, never scored
+                score, parts = two_sample_score(fit, fakes, test, draw, seed + r, device=device, flip_dim=flip)
+                runs.append(score)
+                if r == 0:
+                    report.update(two_sample_samples=score, two_sample_samples_parts=parts)
         if repeats > 1:
             report.update(two_sample_samples=sum(runs) / repeats, two_sample_samples_runs=runs)
     else:
-        log(f"realism: {n} test slices are too few for the two-sample scores (8 or more needed); left out")
+        log(f"realism: {n} test and {len(fit)} training slices are too few for the two-sample scores (8 of each "
+            "needed); left out")
     near_samples, near_real = nearest_ssim(samples, train), nearest_ssim(test, train)
     report.update({
         "nearest_train_ssim_samples": near_samples.median().item(),
@@ -404,11 +406,12 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
             vqvae, prior, test, position if prior.config.positional else None,
             torch.Generator(next(prior.parameters()).device).manual_seed(seed)).items()},
     })
-    parts = report.get("two_sample_samples_runs", report.get("two_sample_samples_folds"))  # draws, or one's folds
-    scores = (f"two-sample {report['two_sample_samples']:.3f} ({'draws' if repeats > 1 else 'folds'} "
-              f"{' / '.join(f'{f:.3f}' for f in parts)}; reconstruction floor "
-              f"{report['two_sample_recon_floor']:.3f}; real against real {report['two_sample_real']:.3f}) | "
-              if n >= 8 else "")
+    parts = report.get("two_sample_samples_runs", report.get("two_sample_samples_parts"))  # draws, or one's parts
+    scores = (f"two-sample {report['two_sample_samples']:.3f} ("
+              + (f"draws {' / '.join(f'{f:.3f}' for f in parts)}" if repeats > 1 else
+                 f"real called real {parts[0]:.3f}, samples called samples {parts[1]:.3f}")
+              + f"; reconstruction floor {report['two_sample_recon_floor']:.3f}) | " if "two_sample_samples" in report
+              else "")
     log(f"realism | {scores}nearest training slice ssim {report['nearest_train_ssim_samples']:.3f} (real test "
         f"slices {report['nearest_train_ssim_real']:.3f}; copies {report['copies']:.1%}) | pair ssim "
         f"{_f(report['diversity_samples'])} (real {_f(report['diversity_real'])}) | teacher-forced redraw: "

@@ -1048,15 +1048,18 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     # more draws, each with its own critic: the first is the single report's, the score their mean, the rest as before
     critic, seen = sample.two_sample_score, []  # what each critic is given
 
-    def spy(a, b, seed, **kw):
-        seen.append((b, seed))
-        return critic(a, b, seed, **kw)
+    def spy(real_fit, fake_fit, real_test, fake_test, seed, **kw):
+        seen.append((fake_fit, fake_test, seed))
+        return critic(real_fit, fake_fit, real_test, fake_test, seed, **kw)
     monkeypatch.setattr(sample, "two_sample_score", spy)
     more = sample.main(["--out", str(tmp_path), "--evaluate", "--seed", "3", "--repeats", "3"])
     runs = more.pop("two_sample_samples_runs")
     assert len(runs) == 3 and runs[0] == report["two_sample_samples"]
-    (first, s0), _, _, (second, s1), (third, s2) = seen  # samples, floor, real against real, then two more draws
-    assert (s0, s1, s2) == (3, 4, 5) and not torch.equal(first, second) and not torch.equal(second, third)
+    (_, recon, _), *draws = seen  # the floor (fit on reconstructions), then three draws
+    assert [s for *_, s in draws] == [3, 4, 5] and not torch.equal(recon, draws[0][1])
+    scored = [d for _, d, _ in draws]
+    assert not torch.equal(scored[0], scored[1]) and not torch.equal(scored[1], scored[2])
+    assert all(not torch.equal(fit[: len(d)], d) for fit, d, _ in draws)  # the critic never trains on what it scores
     assert more.pop("two_sample_samples") == pytest.approx(sum(runs) / 3)
     assert more == {k: v for k, v in report.items() if k != "two_sample_samples"}
     assert "two-sample" in capsys.readouterr().out
@@ -1380,10 +1383,14 @@ def test_teacher_forced_against_its_definition():
 
 def test_realism_report_sanity():
     a, b = vq.phantom_slices(80, (64, 32), seed=11), vq.phantom_slices(80, (64, 32), seed=12)
-    blurred = F.interpolate(F.avg_pool2d(b, 2), scale_factor=2, mode="bilinear")  # what a smooth decoder draws
-    (same, same_folds), (apart, apart_folds) = (sample.two_sample_score(a, x, steps=300) for x in (b, blurred))
+    blur = lambda t: F.interpolate(F.avg_pool2d(t, 2), scale_factor=2, mode="bilinear")  # noqa: E731 (a smooth decoder)
+    same, same_parts = sample.two_sample_score(a[:40], b[:40], a[40:], b[40:], steps=300)
+    apart, apart_parts = sample.two_sample_score(a[:40], blur(b[:40]), a[40:], blur(b[40:]), steps=300)
     assert abs(same - 0.5) < 0.12 and apart > 0.9, (same, apart)
-    assert len(same_folds) == 2 and same == pytest.approx(sum(same_folds) / 2) and min(apart_folds) > 0.8
+    assert len(same_parts) == 2 and same == pytest.approx(sum(same_parts) / 2) and min(apart_parts) > 0.8
+    # scored only on slices it never trained on: blurred fakes to fit, sharp ones to score, and it is fooled
+    fooled, fooled_parts = sample.two_sample_score(a[:40], blur(b[:40]), a[40:], b[40:], steps=300)
+    assert fooled < 0.75 and fooled_parts[1] < 0.5, (fooled, fooled_parts)
     # a copy of a training slice is as near as can be; real held-out slices are not
     assert torch.allclose(sample.nearest_ssim(b[:4], torch.cat([a, b[:4]])), torch.ones(4))
     assert sample.nearest_ssim(b[:4], a).max() < 0.99

@@ -510,8 +510,8 @@ def evaluate(args):
     path = Path(args.out) / "summary.json"
     summary = read_summary(path)
     if summary and summary.get("vqvae_fingerprint") == ckpt.get("vqvae_fingerprint"):  # it describes this model.pt
-        summary.update(report)
-        vq.save_json(path, summary)
+        summary = {k: v for k, v in summary.items() if not k.startswith("two_sample_")}  # the report's, whole
+        vq.save_json(path, {**summary, **report})
         print(f"added to {path}")
     else:
         print(f"not saved: {path} {'describes another model' if summary else 'is missing or unreadable'}; "

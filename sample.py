@@ -382,17 +382,15 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
         with torch.enable_grad():
             floor, parts = two_sample_score(fit, vqvae.reconstruct(fit), test, recon, seed, device=device, flip_dim=flip)
             report.update(two_sample_recon_floor=floor, two_sample_recon_floor_parts=parts)
-            runs = []
-            for r in range(repeats):  # each draw with its own critic
+            runs = []  # (score, parts) of each draw, each with its own critic
+            for r in range(repeats):
                 gr = g if r == 0 else torch.Generator(device).manual_seed(seed + r)
                 draw = samples if r == 0 else vq.sample_slices(vqvae, prior, n, temperature, gr)
                 fakes = vq.sample_slices(vqvae, prior, len(fit), temperature, gr)  # the critic's own, never scored
-                score, parts = two_sample_score(fit, fakes, test, draw, seed + r, device=device, flip_dim=flip)
-                runs.append(score)
-                if r == 0:
-                    report.update(two_sample_samples=score, two_sample_samples_parts=parts)
+                runs.append(two_sample_score(fit, fakes, test, draw, seed + r, device=device, flip_dim=flip))
+        report.update(two_sample_samples=sum(s for s, _ in runs) / repeats, two_sample_samples_parts=runs[0][1])
         if repeats > 1:
-            report.update(two_sample_samples=sum(runs) / repeats, two_sample_samples_runs=runs)
+            report["two_sample_samples_runs"] = [s for s, _ in runs]
     else:
         log(f"realism: {n} test and {len(fit)} training slices are too few for the two-sample scores (8 of each "
             "needed); left out")
@@ -406,12 +404,13 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
             vqvae, prior, test, position if prior.config.positional else None,
             torch.Generator(next(prior.parameters()).device).manual_seed(seed)).items()},
     })
-    parts = report.get("two_sample_samples_runs", report.get("two_sample_samples_parts"))  # draws, or one's parts
-    scores = (f"two-sample {report['two_sample_samples']:.3f} ("
-              + (f"draws {' / '.join(f'{f:.3f}' for f in parts)}" if repeats > 1 else
-                 f"real called real {parts[0]:.3f}, samples called samples {parts[1]:.3f}")
-              + f"; reconstruction floor {report['two_sample_recon_floor']:.3f}) | " if "two_sample_samples" in report
-              else "")
+    scores = ""
+    if "two_sample_samples" in report:
+        runs, parts = report.get("two_sample_samples_runs"), report["two_sample_samples_parts"]
+        detail = (f"draws {' / '.join(f'{f:.3f}' for f in runs)}" if runs else
+                  f"real called real {parts[0]:.3f}, samples called samples {parts[1]:.3f}")
+        scores = (f"two-sample {report['two_sample_samples']:.3f} ({detail}; reconstruction floor "
+                  f"{report['two_sample_recon_floor']:.3f}) | ")
     log(f"realism | {scores}nearest training slice ssim {report['nearest_train_ssim_samples']:.3f} (real test "
         f"slices {report['nearest_train_ssim_real']:.3f}; copies {report['copies']:.1%}) | pair ssim "
         f"{_f(report['diversity_samples'])} (real {_f(report['diversity_real'])}) | teacher-forced redraw: "

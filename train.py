@@ -37,7 +37,7 @@ from sample import (Parser, UsageError, check_seed_and_device, fail, image_grid,
 # 6e-3 on the phantom (1e-2 no better), 3e-3 on real anatomy (6e-3 no better).
 # rate 0.25: codes the prior predicts better (README: DEV samples whole hemispheres, the phantom's SSIM kept); the
 # library's VQVAEConfig keeps rate 0, so checkpoints without the field load as plain VQ
-PHANTOM_DEFAULTS = dict(size=[128, 64], epochs=10, prior_epochs=12, channels=64, n_codes=128, prior_channels=32,
+PHANTOM_DEFAULTS = dict(size=[128, 64], epochs=16, prior_epochs=13, channels=64, n_codes=128, prior_channels=32,
                         prior_layers=8, prior_lr=6e-3, rate=0.25)
 REAL_DEFAULTS = dict(size=[256, 128], epochs=30, prior_epochs=30, prior_lr=3e-3, rate=0.25)
 SYNC_EVERY = 16  # under DDP, steps between the shared "is the --minutes budget spent?" votes
@@ -69,8 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--data", help="root folder of slices; default: the embedded phantom data set")
     p.add_argument("--out", default="out", help="output folder (default out)")
     p.add_argument("--stage", choices=["vqvae", "prior", "all"], default="all")
-    p.add_argument("--epochs", type=int, help="VQ-VAE epochs (default 30; phantom 10)")
-    p.add_argument("--prior_epochs", type=int, help="prior epochs (default 30; phantom 12)")
+    p.add_argument("--epochs", type=int, help="VQ-VAE epochs (default 30; phantom 16)")
+    p.add_argument("--prior_epochs", type=int, help="prior epochs (default 30; phantom 13)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget per stage")
     p.add_argument("--batch_size", type=int, help="default 32, less for small folders: at least 8 steps an epoch")
     p.add_argument("--prior_batch_size", type=int, help="default as --batch_size")

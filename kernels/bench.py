@@ -375,6 +375,48 @@ def bench_load(n, size):
     return times
 
 
+def bench_steps(reps=10, batch=32, size=(128, 64)):
+    """Milliseconds of one training step (forward, backward, Adam) of the phantom defaults' VQ-VAE and
+    prior, and of the SSIM loss term alone, its blur as matmuls (vq) and as the one-channel convolutions
+    it replaced."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    h, w = size[0] // 4, size[1] // 4
+    vqvae = vq.VQVAE(vq.VQVAEConfig(channels=64, n_codes=128, rate=0.25)).train()
+    prior = vq.PixelCNN(vq.PriorConfig(n_codes=128, height=h, width=w, prior_channels=32, prior_layers=8)).train()
+    x, codes = torch.rand(batch, 1, *size), torch.randint(128, (batch, h, w))
+    g = vq._gaussian_window()
+
+    def conv_blur(t, g, valid=True):  # the former path: one-channel convolutions, 'valid' outputs only
+        out = F.conv2d(F.conv2d(t.flatten(0, 1)[:, None], g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))
+        return out.view(*t.shape[:2], *out.shape[-2:])
+
+    def ssim_loss(blur):
+        y = x.clone().requires_grad_(True)
+        saved, vq._gauss_blur = vq._gauss_blur, blur
+        try:
+            (1 - vq._ssim_terms(x, y)[0].mean()).backward()
+        finally:
+            vq._gauss_blur = saved
+
+    def step(model, loss):
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        return lambda: (opt.zero_grad(), loss().backward(), opt.step())
+
+    rows = {"vqvae step": step(vqvae, lambda: vqvae(x)[1]),
+            "prior step": step(prior, lambda: vq.code_nats(prior(codes), codes)),
+            "ssim loss, matmul blur": lambda: ssim_loss(vq._gauss_blur),
+            "ssim loss, conv blur": lambda: ssim_loss(conv_blur)}
+    print(f"batch {batch} of {size[0]}x{size[1]} (codes {h}x{w}), {torch.get_num_threads()} threads; median of {reps}")
+    times = {}
+    for name, fn in rows.items():
+        fn()  # warm-up
+        times[name] = _median_ms(fn, reps, sync=lambda: None)
+        print(f"{name:<24} {times[name]:8.1f} ms")
+    return times
+
+
 def _shape(text):
     try:
         N, K, D = (int(v) for v in text.lower().split("x"))
@@ -397,11 +439,15 @@ def main(argv=None):
     parser.add_argument("--load", type=int, metavar="N", help="time loading N phantom .nii.gz slices, then exit")
     parser.add_argument("--size", type=int, nargs=2, default=(256, 128), metavar=("H", "W"),
                         help="slice size for --load (default 256 128)")
+    parser.add_argument("--steps", action="store_true", help="time training steps of the phantom defaults' "
+                        "models and the SSIM loss's two blurs, then exit")
     parser.add_argument("--worker", nargs=4, metavar=("PATH", "N", "K", "D"), help=argparse.SUPPRESS)
     parser.add_argument("--warm-shard", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.load:
         return bench_load(args.load, tuple(args.size))
+    if args.steps:
+        return bench_steps()
     if args.worker:
         path, *nkd = args.worker
         ms, peak = _measure_cpu(path, *map(int, nkd), reps=5)

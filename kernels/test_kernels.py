@@ -545,3 +545,13 @@ def test_bench_load_times_the_loader_and_cleans_up(capsys, tmp_path, monkeypatch
     assert sorted(times) == ["cold", "naive", "warm"] and all(t > 0 for t in times.values())
     assert "12 slices of 32x16" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []  # the slices and the cache went with the temporary folder
+
+
+def test_bench_steps_times_every_row_and_restores_the_blur(capsys):
+    from kernels import bench
+
+    blur = bench.vq._gauss_blur
+    times = bench.bench_steps(reps=1, batch=2, size=(32, 16))
+    assert sorted(times) == ["prior step", "ssim loss, conv blur", "ssim loss, matmul blur", "vqvae step"]
+    assert all(t > 0 for t in times.values()) and bench.vq._gauss_blur is blur
+    assert "batch 2 of 32x16 (codes 8x4)" in capsys.readouterr().out

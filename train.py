@@ -37,9 +37,11 @@ from sample import (Parser, UsageError, check_seed_and_device, fail, image_grid,
 # 6e-3 on the phantom (1e-2 no better), 3e-3 on real anatomy (6e-3 no better).
 # rate 0.25: codes the prior predicts better (README: DEV samples whole hemispheres, the phantom's SSIM kept); the
 # library's VQVAEConfig keeps rate 0, so checkpoints without the field load as plain VQ
-PHANTOM_DEFAULTS = dict(size=[128, 64], epochs=16, prior_epochs=13, channels=64, n_codes=128, prior_channels=32,
-                        prior_layers=8, prior_lr=6e-3, rate=0.25)
-REAL_DEFAULTS = dict(size=[256, 128], epochs=30, prior_epochs=30, prior_lr=3e-3, rate=0.25)
+# largest_batch: the batch size without --batch_size, less for small folders; 16 on the phantom, where a step
+# costs half of one at 32 on a CPU and steps count (README)
+PHANTOM_DEFAULTS = dict(size=[128, 64], largest_batch=16, epochs=15, prior_epochs=12, channels=64, n_codes=128,
+                        prior_channels=32, prior_layers=8, prior_lr=6e-3, rate=0.25)
+REAL_DEFAULTS = dict(size=[256, 128], largest_batch=32, epochs=30, prior_epochs=30, prior_lr=3e-3, rate=0.25)
 SYNC_EVERY = 16  # under DDP, steps between the shared "is the --minutes budget spent?" votes
 # curves.png during training at most this often (and always at the end): a drawing takes 0.5 s, and on an
 # H200 a phantom epoch takes 1 to 3 s (README)
@@ -69,10 +71,11 @@ def parse_args(argv=None):
     p.add_argument("--data", help="root folder of slices; default: the embedded phantom data set")
     p.add_argument("--out", default="out", help="output folder (default out)")
     p.add_argument("--stage", choices=["vqvae", "prior", "all"], default="all")
-    p.add_argument("--epochs", type=int, help="VQ-VAE epochs (default 30; phantom 16)")
-    p.add_argument("--prior_epochs", type=int, help="prior epochs (default 30; phantom 13)")
+    p.add_argument("--epochs", type=int, help="VQ-VAE epochs (default 30; phantom 15)")
+    p.add_argument("--prior_epochs", type=int, help="prior epochs (default 30; phantom 12)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget per stage")
-    p.add_argument("--batch_size", type=int, help="default 32, less for small folders: at least 8 steps an epoch")
+    p.add_argument("--batch_size", type=int,
+                   help="default 32 (phantom 16), less for small folders: at least 8 steps an epoch")
     p.add_argument("--prior_batch_size", type=int, help="default as --batch_size")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--prior_lr", type=float, help="default 3e-3; phantom 6e-3")
@@ -316,7 +319,7 @@ class Trainer:
         self.decay = ema
         self.generator = generator  # a model's own random stream, saved with the training state
         # A small folder gets smaller batches: some hundreds of updates in the default epochs, not tens.
-        batch_size = batch_size or min(32, max(1, n_train // run.world // 8))
+        batch_size = batch_size or min(run.args.largest_batch, max(1, n_train // run.world // 8))
         self.n_train, self.batch_size, self.epochs, self.lr = n_train, batch_size, epochs, lr
         self.validate, self.better = validate, better
         if n_train < run.world:

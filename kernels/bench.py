@@ -441,13 +441,14 @@ def main(argv=None):
                         help="slice size for --load (default 256 128)")
     parser.add_argument("--steps", action="store_true", help="time training steps of the phantom defaults' "
                         "models and the SSIM loss's two blurs, then exit")
+    parser.add_argument("--batch", type=int, default=32, help="batch size for --steps (default 32)")
     parser.add_argument("--worker", nargs=4, metavar=("PATH", "N", "K", "D"), help=argparse.SUPPRESS)
     parser.add_argument("--warm-shard", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.load:
         return bench_load(args.load, tuple(args.size))
     if args.steps:
-        return bench_steps()
+        return bench_steps(batch=args.batch)
     if args.worker:
         path, *nkd = args.worker
         ms, peak = _measure_cpu(path, *map(int, nkd), reps=5)

@@ -386,19 +386,19 @@ def bench_steps(reps=10, batch=32, size=(128, 64)):
     vqvae = vq.VQVAE(vq.VQVAEConfig(channels=64, n_codes=128, rate=0.25)).train()
     prior = vq.PixelCNN(vq.PriorConfig(n_codes=128, height=h, width=w, prior_channels=32, prior_layers=8)).train()
     x, codes = torch.rand(batch, 1, *size), torch.randint(128, (batch, h, w))
-    g = vq._gaussian_window()
 
-    def conv_blur(t, g, valid=True):  # the former path: one-channel convolutions, 'valid' outputs only
+    def conv_blur(t, sigma=1.5, valid=True):  # the former path: one-channel convolutions, 'valid' outputs only
+        g = vq._gaussian_window(sigma)
         out = F.conv2d(F.conv2d(t.flatten(0, 1)[:, None], g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))
         return out.view(*t.shape[:2], *out.shape[-2:])
 
     def ssim_loss(blur):
         y = x.clone().requires_grad_(True)
-        saved, vq._gauss_blur = vq._gauss_blur, blur
+        saved, vq._blur = vq._blur, blur
         try:
             (1 - vq._ssim_terms(x, y)[0].mean()).backward()
         finally:
-            vq._gauss_blur = saved
+            vq._blur = saved
 
     def step(model, loss):
         opt = torch.optim.Adam(model.parameters(), 1e-3)
@@ -406,7 +406,7 @@ def bench_steps(reps=10, batch=32, size=(128, 64)):
 
     rows = {"vqvae step": step(vqvae, lambda: vqvae(x)[1]),
             "prior step": step(prior, lambda: vq.code_nats(prior(codes), codes)),
-            "ssim loss, matmul blur": lambda: ssim_loss(vq._gauss_blur),
+            "ssim loss, matmul blur": lambda: ssim_loss(vq._blur),
             "ssim loss, conv blur": lambda: ssim_loss(conv_blur)}
     print(f"batch {batch} of {size[0]}x{size[1]} (codes {h}x{w}), {torch.get_num_threads()} threads; median of {reps}")
     times = {}

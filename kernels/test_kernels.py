@@ -550,8 +550,8 @@ def test_bench_load_times_the_loader_and_cleans_up(capsys, tmp_path, monkeypatch
 def test_bench_steps_times_every_row_and_restores_the_blur(capsys):
     from kernels import bench
 
-    blur = bench.vq._gauss_blur
+    blur = bench.vq._blur
     times = bench.bench_steps(reps=1, batch=2, size=(32, 16))
     assert sorted(times) == ["prior step", "ssim loss, conv blur", "ssim loss, matmul blur", "vqvae step"]
-    assert all(t > 0 for t in times.values()) and bench.vq._gauss_blur is blur
+    assert all(t > 0 for t in times.values()) and bench.vq._blur is blur
     assert "batch 2 of 32x16 (codes 8x4)" in capsys.readouterr().out

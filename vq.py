@@ -635,11 +635,10 @@ def _blur(t, sigma=1.5, valid=False):
     g = _gaussian_window(sigma, device=t.device, dtype=t.dtype)
     k = len(g)
 
-    def band(n):  # (m, n): row i holds the window over the inputs output i sees
+    def band(n):  # (m, n): output i weighs input j by g[j - i (+ k // 2 with padding)], 0 off the window
         m = n - k + 1 if valid else n
-        idx = torch.arange(m, device=t.device)[:, None] + torch.arange(k, device=t.device) - (0 if valid else k // 2)
-        w = g.expand(m, k).where((idx >= 0) & (idx < n), 0)
-        return torch.zeros(m, n, dtype=t.dtype, device=t.device).scatter_add_(1, idx.clamp(0, n - 1), w)
+        d = torch.arange(n, device=t.device) - torch.arange(m, device=t.device)[:, None] + (0 if valid else k // 2)
+        return g[d.clamp(0, k - 1)].where((d >= 0) & (d < k), 0)
 
     return band(t.shape[-2]) @ t @ band(t.shape[-1]).mT
 
@@ -1018,7 +1017,7 @@ class VQVAE(nn.Module):
             r, x = recon.float(), x.float()
             mse = F.mse_loss(r, x)
             loss = mse + commit
-            if self.config.ssim_weight:  # its blurs are convolutions: in TF32, E[x^2] - E[x]^2 would cancel
+            if self.config.ssim_weight:  # its blurs are matmuls: in TF32, E[x^2] - E[x]^2 would cancel
                 with _no_tf32():
                     loss = loss + self.config.ssim_weight * (1 - _ssim_terms(x, r)[0].mean())
         stats.update(recon=mse.detach(), commit=commit.detach())

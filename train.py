@@ -33,15 +33,16 @@ from sample import (Parser, UsageError, check_seed_and_device, fail, image_grid,
                     realism_report, save_png)
 
 # Without --data: defaults sized so both stages finish in minutes on a 2-core CPU (flags still win).
-# prior_lr: the prior was far from converged at 1e-3; the best measured at the same budget (README):
-# 6e-3 on the phantom (1e-2 no better), 3e-3 on real anatomy (6e-3 no better).
+# lr, prior_lr: the best measured at the same budget (README). The phantom's VQ-VAE, 1875 steps, at 5e-3
+# (1e-3 to 3e-3 lose); DEV's, 270 steps of 100 slices, at 1e-3 (3e-3 loses). The prior was far from
+# converged at 1e-3: 6e-3 on the phantom (1e-2 no better), 3e-3 on real anatomy (6e-3 no better).
 # rate 0.25: codes the prior predicts better (README: DEV samples whole hemispheres, the phantom's SSIM kept); the
 # library's VQVAEConfig keeps rate 0, so checkpoints without the field load as plain VQ
 # largest_batch: the batch size without --batch_size, less for small folders; 16 on the phantom, where a step
 # costs half of one at 32 on a CPU and steps count (README)
 PHANTOM_DEFAULTS = dict(size=[128, 64], largest_batch=16, epochs=15, prior_epochs=12, channels=64, n_codes=128,
-                        prior_channels=32, prior_layers=8, prior_lr=6e-3, rate=0.25)
-REAL_DEFAULTS = dict(size=[256, 128], largest_batch=32, epochs=30, prior_epochs=30, prior_lr=3e-3, rate=0.25)
+                        prior_channels=32, prior_layers=8, lr=5e-3, prior_lr=6e-3, rate=0.25)
+REAL_DEFAULTS = dict(size=[256, 128], largest_batch=32, epochs=30, prior_epochs=30, lr=1e-3, prior_lr=3e-3, rate=0.25)
 SYNC_EVERY = 16  # under DDP, steps between the shared "is the --minutes budget spent?" votes
 # curves.png during training at most this often (and always at the end): a drawing takes 0.5 s, and on an
 # H200 a phantom epoch takes 1 to 3 s (README)
@@ -77,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int,
                    help="default 32 (phantom 16), less for small folders: at least 8 steps an epoch")
     p.add_argument("--prior_batch_size", type=int, help="default as --batch_size")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, help="the VQ-VAE's peak learning rate: default 1e-3; phantom 5e-3")
     p.add_argument("--prior_lr", type=float, help="default 3e-3; phantom 6e-3")
     p.add_argument("--prior_shifts", type=int, default=1, help="code maps per training slice for the prior: itself "
                    "and copies moved by up to 2 px, one drawn per epoch (default 1)")

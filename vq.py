@@ -1224,9 +1224,9 @@ class PixelCNN(nn.Module):
             v, h = layer(v, h)
         return self._scan(self.head(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))  # (B, K, h, w)
 
-    def loss(self, codes, position=None, cond=None):
-        """Mean cross-entropy per code as (nats, bits)."""
-        nats = code_nats(self(codes, position, cond), codes)
+    def loss(self, codes, *conditions):
+        """Mean cross-entropy per code as (nats, bits); conditions (position, ...) as forward takes them."""
+        nats = code_nats(self(codes, *conditions), codes)
         return nats, nats / math.log(2)
 
     def draw_positions(self, n, generator=None):
@@ -1348,10 +1348,7 @@ class TwoLevelPrior(nn.Module):
         """(top, bottom) codes -> (top logits (B, K, h/2, w/2), bottom logits (B, K, h, w))."""
         return self.top(codes[0], position), self.bottom(codes[1], position, cond=codes[0])
 
-    def loss(self, codes, position=None):
-        """Mean cross-entropy per code of both maps as (nats, bits)."""
-        nats = code_nats(self(codes, position), codes)
-        return nats, nats / math.log(2)
+    loss = PixelCNN.loss  # over the codes of both maps
 
     @torch.no_grad()
     def generate(self, n, temperature=1.0, generator=None, position=None, keep=None, naive=False):

@@ -366,13 +366,14 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
                    position=None, repeats=1):
     """How far decoded samples are from real held-out slices, beside the floor the decoder sets:
     two-sample scores (critics trained on up to FIT training slices against as many samples, or
-    reconstructions, and scored on the test slices against as many fresh ones), memorisation and
+    reconstructions, and scored on the test slices against as many fresh ones; "two_sample_prior": the
+    reconstructions of both against samples, what the prior gets wrong beyond the decoder), memorisation and
     diversity (see the README), and the teacher-forced redraw (vq.teacher_forced). test, train: (N, 1, H, W);
     position: the test slices' positions (N,), for a positional prior; rot90 as the data's settings say, so the
     critic mirrors along the body's left-right axis. With fewer than 8 test or training slices the two-sample
     scores are left out (None), with a line saying so. repeats > 1: the samples' two-sample score is
     the mean over that many draws, each with its own critic (seeds seed, seed + 1, ...; the first is
-    the draw the other figures use), listed in "two_sample_samples_runs"."""
+    the draw the other figures use), listed in "two_sample_samples_runs" and "two_sample_prior_runs"."""
     n, fit = len(test), train[:FIT]
     g = torch.Generator(device).manual_seed(seed)
     samples, recon = vq.sample_slices(vqvae, prior, n, temperature, generator=g), vqvae.reconstruct(test)
@@ -380,17 +381,23 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
     if min(n, len(fit)) >= 8:
         flip = -2 if rot90 % 2 else -1
         with torch.enable_grad():
-            floor, parts = two_sample_score(fit, vqvae.reconstruct(fit), test, recon, seed, device=device, flip_dim=flip)
+            fit_recon = vqvae.reconstruct(fit)
+            floor, parts = two_sample_score(fit, fit_recon, test, recon, seed, device=device, flip_dim=flip)
             report.update(two_sample_recon_floor=floor, two_sample_recon_floor_parts=parts)
-            runs = []  # (score, parts) of each draw, each with its own critic
+            runs, prior_runs = [], []  # (score, parts) of each draw, each with its own critics
             for r in range(repeats):
                 gr = g if r == 0 else torch.Generator(device).manual_seed(seed + r)
                 draw = samples if r == 0 else vq.sample_slices(vqvae, prior, n, temperature, gr)
-                fakes = vq.sample_slices(vqvae, prior, len(fit), temperature, gr)  # the critic's own, never scored
+                fakes = vq.sample_slices(vqvae, prior, len(fit), temperature, gr)  # the critics' own, never scored
                 runs.append(two_sample_score(fit, fakes, test, draw, seed + r, device=device, flip_dim=flip))
-        report.update(two_sample_samples=sum(s for s, _ in runs) / repeats, two_sample_samples_parts=runs[0][1])
+                prior_runs.append(two_sample_score(fit_recon, fakes, recon, draw, seed + r, device=device,
+                                                   flip_dim=flip))
+        report.update(two_sample_samples=sum(s for s, _ in runs) / repeats, two_sample_samples_parts=runs[0][1],
+                      two_sample_prior=sum(s for s, _ in prior_runs) / repeats,
+                      two_sample_prior_parts=prior_runs[0][1])
         if repeats > 1:
             report["two_sample_samples_runs"] = [s for s, _ in runs]
+            report["two_sample_prior_runs"] = [s for s, _ in prior_runs]
     else:
         log(f"realism: {n} test and {len(fit)} training slices are too few for the two-sample scores (8 of each "
             "needed); left out")
@@ -410,7 +417,8 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
         detail = (f"draws {' / '.join(f'{f:.3f}' for f in runs)}" if runs else
                   f"real called real {parts[0]:.3f}, samples called samples {parts[1]:.3f}")
         scores = (f"two-sample {report['two_sample_samples']:.3f} ({detail}; reconstruction floor "
-                  f"{report['two_sample_recon_floor']:.3f}) | ")
+                  f"{report['two_sample_recon_floor']:.3f}; samples against reconstructions "
+                  f"{report['two_sample_prior']:.3f}) | ")
     log(f"realism | {scores}nearest training slice ssim {report['nearest_train_ssim_samples']:.3f} (real test "
         f"slices {report['nearest_train_ssim_real']:.3f}; copies {report['copies']:.1%}) | pair ssim "
         f"{_f(report['diversity_samples'])} (real {_f(report['diversity_real'])}) | teacher-forced redraw: "

@@ -1068,19 +1068,25 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     critic, seen = sample.two_sample_score, []  # what each critic is given
 
     def spy(real_fit, fake_fit, real_test, fake_test, seed, **kw):
-        seen.append((fake_fit, fake_test, seed))
+        seen.append((real_fit, fake_fit, real_test, fake_test, seed))
         return critic(real_fit, fake_fit, real_test, fake_test, seed, **kw)
     monkeypatch.setattr(sample, "two_sample_score", spy)
     more = sample.main(["--out", str(tmp_path), "--evaluate", "--seed", "3", "--repeats", "3"])
-    runs = more.pop("two_sample_samples_runs")
-    assert len(runs) == 3 and runs[0] == report["two_sample_samples"]
-    (_, recon, _), *draws = seen  # the floor (fit on reconstructions), then three draws
-    assert [s for *_, s in draws] == [3, 4, 5] and not torch.equal(recon, draws[0][1])
-    scored = [d for _, d, _ in draws]
+    runs, prior_runs = more.pop("two_sample_samples_runs"), more.pop("two_sample_prior_runs")
+    assert len(runs) == len(prior_runs) == 3 and runs[0] == report["two_sample_samples"]
+    assert prior_runs[0] == report["two_sample_prior"]
+    (real, recon_fit, test, recon, _), *critics = seen  # the floor (fit on reconstructions), then two per draw
+    draws, priors = critics[::2], critics[1::2]  # real against samples, then reconstructions against the same
+    assert [c[-1] for c in draws] == [c[-1] for c in priors] == [3, 4, 5] and not torch.equal(recon, draws[0][3])
+    scored = [d[3] for d in draws]
     assert not torch.equal(scored[0], scored[1]) and not torch.equal(scored[1], scored[2])
-    assert all(not torch.equal(fit[: len(d)], d) for fit, d, _ in draws)  # the critic never trains on what it scores
+    assert all(not torch.equal(d[1][: len(d[3])], d[3]) for d in draws)  # the critic never trains on what it scores
+    for d, p in zip(draws, priors):  # the same samples; the reconstructions of the same slices in place of them
+        assert torch.equal(d[0], real) and torch.equal(d[2], test) and p[1] is d[1] and p[3] is d[3]
+        assert p[0] is recon_fit and torch.equal(p[2], recon)
     assert more.pop("two_sample_samples") == pytest.approx(sum(runs) / 3)
-    assert more == {k: v for k, v in report.items() if k != "two_sample_samples"}
+    assert more.pop("two_sample_prior") == pytest.approx(sum(prior_runs) / 3)
+    assert more == {k: v for k, v in report.items() if k not in ("two_sample_samples", "two_sample_prior")}
     assert "two-sample" in capsys.readouterr().out
     (tmp_path / "summary.json").write_text('{"test_ssim_mean": 0.9')  # cut short by an old version's crash
     capsys.readouterr()

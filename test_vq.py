@@ -1481,6 +1481,17 @@ def test_quantizer_sees_float32_encoder_outputs_under_bf16(levels):
     assert seen == {name: [torch.float32] for name in want} and z.dtype == torch.float32  # not bf16-rounded vectors
 
 
+@pytest.mark.parametrize("has, flag", [(True, "true"), (False, "true"), (True, "false")])
+def test_cpu_training_steps_are_bf16_only_on_a_cpu_with_bf16_instructions(monkeypatch, has, flag):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    run = train.Run(train.parse_args(["--device", "cpu", "--bf16", flag]))
+    want = has and flag == "true"
+    with run.autocast():
+        y = F.conv2d(torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3))
+    assert run.bf16 == want and y.dtype == (torch.bfloat16 if want else torch.float32)
+
+
 def test_checkpoints_get_the_mode_of_any_other_file(tmp_path):
     old = os.umask(0o022)
     try:

@@ -377,7 +377,7 @@ def bench_load(n, size):
 
 def bench_steps(reps=10, batch=32, size=(128, 64)):
     """Milliseconds of one training step (forward, backward, Adam) of the phantom defaults' VQ-VAE and
-    prior, and of the SSIM loss term alone, its blur as matmuls (vq) and as the one-channel convolutions
+    prior, in float32 and in bf16 autocast, and of the SSIM loss term alone, its blur as matmuls (vq) and as the one-channel convolutions
     it replaced."""
     import torch.nn.functional as F
 
@@ -400,12 +400,20 @@ def bench_steps(reps=10, batch=32, size=(128, 64)):
         finally:
             vq._blur = saved
 
-    def step(model, loss):
+    def step(model, loss, bf16=False):  # bf16: the forward in bf16 autocast, as train.py on a CPU with bf16 instructions
         opt = torch.optim.Adam(model.parameters(), 1e-3)
-        return lambda: (opt.zero_grad(), loss().backward(), opt.step())
 
-    rows = {"vqvae step": step(vqvae, lambda: vqvae(x)[1]),
-            "prior step": step(prior, lambda: vq.code_nats(prior(codes), codes)),
+        def run():
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                value = loss()
+            value.backward()
+            opt.step()
+        return run
+
+    vqvae_loss, prior_loss = lambda: vqvae(x)[1], lambda: vq.code_nats(prior(codes), codes)
+    rows = {"vqvae step": step(vqvae, vqvae_loss), "vqvae step, bf16": step(vqvae, vqvae_loss, True),
+            "prior step": step(prior, prior_loss), "prior step, bf16": step(prior, prior_loss, True),
             "ssim loss, matmul blur": lambda: ssim_loss(vq._blur),
             "ssim loss, conv blur": lambda: ssim_loss(conv_blur)}
     print(f"batch {batch} of {size[0]}x{size[1]} (codes {h}x{w}), {torch.get_num_threads()} threads; median of {reps}")

@@ -552,6 +552,7 @@ def test_bench_steps_times_every_row_and_restores_the_blur(capsys):
 
     blur = bench.vq._blur
     times = bench.bench_steps(reps=1, batch=2, size=(32, 16))
-    assert sorted(times) == ["prior step", "ssim loss, conv blur", "ssim loss, matmul blur", "vqvae step"]
+    assert sorted(times) == ["prior step", "prior step, bf16", "ssim loss, conv blur", "ssim loss, matmul blur",
+                             "vqvae step", "vqvae step, bf16"]
     assert all(t > 0 for t in times.values()) and bench.vq._blur is blur
     assert "batch 2 of 32x16 (codes 8x4)" in capsys.readouterr().out

@@ -384,7 +384,7 @@ def bench_steps(reps=10, batch=32, size=(128, 64)):
     torch.manual_seed(0)
     h, w = size[0] // 4, size[1] // 4
     vqvae = vq.VQVAE(vq.VQVAEConfig(channels=64, n_codes=128, rate=0.25)).train()
-    prior = vq.PixelCNN(vq.PriorConfig(n_codes=128, height=h, width=w, prior_channels=32, prior_layers=8)).train()
+    prior = vq.PixelCNN(vq.PriorConfig(n_codes=128, height=h, width=w, prior_channels=32, prior_layers=12)).train()
     x, codes = torch.rand(batch, 1, *size), torch.randint(128, (batch, h, w))
 
     def conv_blur(t, sigma=1.5, valid=True):  # the former path: one-channel convolutions, 'valid' outputs only

@@ -125,7 +125,7 @@ def parse_args(argv=None):
 
 def _cpu_has_bf16():
     """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX): there bf16 autocast makes a training step
-    16 to 19% faster (README); elsewhere it is emulated and slower."""
+    about 26% cheaper (python -m kernels.bench --steps); elsewhere it is emulated and slower."""
     return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
                                                                        "_is_amx_tile_supported"))
 

@@ -377,8 +377,8 @@ def bench_load(n, size):
 
 def bench_steps(reps=10, batch=32, size=(128, 64)):
     """Milliseconds of one training step (forward, backward, Adam) of the phantom defaults' VQ-VAE and
-    prior, in float32 and in bf16 autocast, and of the SSIM loss term alone, its blur as matmuls (vq) and as the one-channel convolutions
-    it replaced."""
+    prior, in float32 and in bf16 autocast, and of the SSIM loss term alone, its blur as matmuls (vq) and as
+    the one-channel convolutions it replaced."""
     import torch.nn.functional as F
 
     torch.manual_seed(0)
@@ -400,7 +400,7 @@ def bench_steps(reps=10, batch=32, size=(128, 64)):
         finally:
             vq._blur = saved
 
-    def step(model, loss, bf16=False):  # bf16: the forward in bf16 autocast, as train.py on a CPU with bf16 instructions
+    def step(model, loss, bf16=False):  # bf16: the forward in bf16 autocast, as train.py uses where it pays
         opt = torch.optim.Adam(model.parameters(), 1e-3)
 
         def run():

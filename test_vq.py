@@ -965,6 +965,24 @@ def test_generate_ignores_dropout_in_train_mode():
     assert model.training
 
 
+@pytest.mark.parametrize("p", [0.1, 0.37])
+def test_byte_dropout_drops_its_share_keeps_the_mean_and_masks_the_gradient(p):
+    torch.manual_seed(3)
+    x = (torch.rand(7, 5, 33, 19) + 0.5).requires_grad_()  # odd size: the last random integer is cut
+    y = vq.byte_dropout(x, p)
+    dropped = y == 0
+    cut = round(256 * p)
+    n = x.numel()
+    assert abs(dropped.float().mean().item() - cut / 256) < 4 * math.sqrt(cut / 256 * (1 - cut / 256) / n)
+    kept = ~dropped
+    assert torch.allclose(y[kept], x[kept] * 256 / (256 - cut))
+    assert abs(y.mean().item() / x.mean().item() - 1) < 0.02
+    y.sum().backward()
+    assert torch.allclose(x.grad, kept.float() * 256 / (256 - cut))
+    assert not torch.equal(dropped, vq.byte_dropout(x, p) == 0)  # a fresh mask each call
+    assert vq.byte_dropout(x, p, training=False) is x and vq.byte_dropout(x, 0.0) is x
+
+
 def test_loss_bits_and_training_lowers_it():
     torch.manual_seed(0)
     cfg = PriorConfig(**{**SMALL, "prior_dropout": 0.0})

@@ -40,7 +40,7 @@ from sample import (Parser, UsageError, check_seed_and_device, fail, image_grid,
 # library's VQVAEConfig keeps rate 0, so checkpoints without the field load as plain VQ
 # largest_batch: the batch size without --batch_size, less for small folders; 16 on the phantom, where a step
 # costs half of one at 32 on a CPU and steps count (README)
-PHANTOM_DEFAULTS = dict(size=[128, 64], largest_batch=16, epochs=15, prior_epochs=12, channels=64, n_codes=128,
+PHANTOM_DEFAULTS = dict(size=[128, 64], largest_batch=16, epochs=15, prior_epochs=14, channels=64, n_codes=128,
                         prior_channels=32, prior_layers=12, lr=5e-3, prior_lr=6e-3, rate=0.25)
 REAL_DEFAULTS = dict(size=[256, 128], largest_batch=32, epochs=30, prior_epochs=30, lr=1e-3, prior_lr=3e-3, rate=0.25)
 SYNC_EVERY = 16  # under DDP, steps between the shared "is the --minutes budget spent?" votes

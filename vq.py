@@ -1104,6 +1104,18 @@ def gated_tanh(x, dim=1):
     return torch.tanh(a) * torch.sigmoid(b)
 
 
+def byte_dropout(x, p, training=True):
+    """Dropout with a mask from random bytes, each kept when >= round(256 p) (p in steps of 1/256: 0.1 drops
+    26 in 256). On a CPU torch's Bernoulli mask for a 262k-element map costs 1.6 ms, a seventh of a prior
+    step; four bytes from each random 32-bit integer cost a fifth of that."""
+    if not training or p == 0:
+        return x
+    n, cut = x.numel(), round(256 * p)
+    r = torch.randint(-2 ** 31, 2 ** 31 - 1, ((n + 3) // 4,), dtype=torch.int32, device=x.device)
+    keep = r.view(torch.uint8)[:n].view(x.shape) >= cut
+    return x * (keep.to(x.dtype) * (256 / (256 - cut)))
+
+
 class GatedLayer(nn.Module):
     """One layer of both stacks: vertical sees rows <= i, horizontal sees columns <= j of row i."""
 
@@ -1115,15 +1127,15 @@ class GatedLayer(nn.Module):
         self.hconv = nn.Conv2d(C, 2 * C, (1, 2), dilation=d)  # taps: columns j-d, j of row i
         self.v2h = nn.Conv2d(2 * C, 2 * C, 1)  # hands the horizontal stack everything above its row
         self.hout = nn.Conv2d(C, C, 1)
-        self.drop = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(self, v, h):
         d = self.dilation
         v_pre = self.vconv(F.pad(v, (d, d, d, 0)))  # (B, 2C, h, w), from rows <= i
         above = F.pad(v_pre, (0, 0, 1, 0))[:, :, :-1]  # shifted down a row: from rows < i only
         h_pre = self.hconv(F.pad(h, (d, 0))) + self.v2h(above)  # (B, 2C, h, w)
-        v = v + self.drop(gated_tanh(v_pre))
-        h = h + self.hout(self.drop(gated_tanh(h_pre)))  # residual: the horizontal stack goes deep
+        v = v + byte_dropout(gated_tanh(v_pre), self.dropout, self.training)
+        h = h + self.hout(byte_dropout(gated_tanh(h_pre), self.dropout, self.training))  # residual: the horizontal stack goes deep
         return v, h
 
 

@@ -377,8 +377,8 @@ def bench_load(n, size):
 
 def bench_steps(reps=10, batch=32, size=(128, 64)):
     """Milliseconds of one training step (forward, backward, Adam) of the phantom defaults' VQ-VAE and
-    prior, in float32 and in bf16 autocast, and of the SSIM loss term alone, its blur as matmuls (vq) and as
-    the one-channel convolutions it replaced."""
+    prior, in float32 and in bf16 autocast (the prior also with torch's dropout in place of vq.byte_dropout),
+    and of the SSIM loss term alone, its blur as matmuls (vq) and as the one-channel convolutions it replaced."""
     import torch.nn.functional as F
 
     torch.manual_seed(0)
@@ -400,20 +400,25 @@ def bench_steps(reps=10, batch=32, size=(128, 64)):
         finally:
             vq._blur = saved
 
-    def step(model, loss, bf16=False):  # bf16: the forward in bf16 autocast, as train.py uses where it pays
+    def step(model, loss, bf16=False, dropout=None):  # bf16: the forward in bf16 autocast, as train.py uses
         opt = torch.optim.Adam(model.parameters(), 1e-3)
 
         def run():
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                value = loss()
-            value.backward()
-            opt.step()
+            saved, vq.byte_dropout = vq.byte_dropout, dropout or vq.byte_dropout
+            try:
+                opt.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    value = loss()
+                value.backward()
+                opt.step()
+            finally:
+                vq.byte_dropout = saved
         return run
 
     vqvae_loss, prior_loss = lambda: vqvae(x)[1], lambda: vq.code_nats(prior(codes), codes)
     rows = {"vqvae step": step(vqvae, vqvae_loss), "vqvae step, bf16": step(vqvae, vqvae_loss, True),
             "prior step": step(prior, prior_loss), "prior step, bf16": step(prior, prior_loss, True),
+            "prior step, bf16, torch dropout": step(prior, prior_loss, True, F.dropout),
             "ssim loss, matmul blur": lambda: ssim_loss(vq._blur),
             "ssim loss, conv blur": lambda: ssim_loss(conv_blur)}
     print(f"batch {batch} of {size[0]}x{size[1]} (codes {h}x{w}), {torch.get_num_threads()} threads; median of {reps}")
@@ -421,7 +426,7 @@ def bench_steps(reps=10, batch=32, size=(128, 64)):
     for name, fn in rows.items():
         fn()  # warm-up
         times[name] = _median_ms(fn, reps, sync=lambda: None)
-        print(f"{name:<24} {times[name]:8.1f} ms")
+        print(f"{name:<32} {times[name]:8.1f} ms")
     return times
 
 

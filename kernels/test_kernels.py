@@ -547,12 +547,12 @@ def test_bench_load_times_the_loader_and_cleans_up(capsys, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []  # the slices and the cache went with the temporary folder
 
 
-def test_bench_steps_times_every_row_and_restores_the_blur(capsys):
+def test_bench_steps_times_every_row_and_restores_the_blur_and_the_dropout(capsys):
     from kernels import bench
 
-    blur = bench.vq._blur
+    blur, dropout = bench.vq._blur, bench.vq.byte_dropout
     times = bench.bench_steps(reps=1, batch=2, size=(32, 16))
-    assert sorted(times) == ["prior step", "prior step, bf16", "ssim loss, conv blur", "ssim loss, matmul blur",
-                             "vqvae step", "vqvae step, bf16"]
-    assert all(t > 0 for t in times.values()) and bench.vq._blur is blur
+    assert sorted(times) == ["prior step", "prior step, bf16", "prior step, bf16, torch dropout",
+                             "ssim loss, conv blur", "ssim loss, matmul blur", "vqvae step", "vqvae step, bf16"]
+    assert all(t > 0 for t in times.values()) and bench.vq._blur is blur and bench.vq.byte_dropout is dropout
     assert "batch 2 of 32x16 (codes 8x4)" in capsys.readouterr().out

@@ -1440,6 +1440,21 @@ def test_realism_report_sanity():
     assert sample.pair_ssim(a[:1].repeat(6, 1, 1, 1)) == pytest.approx(1.0) and sample.pair_ssim(a) < 0.8
 
 
+
+def test_two_sample_critic_learning_rate_decays_to_zero(monkeypatch):
+    seen = []  # the learning rate of every step the critic takes
+
+    class Spy(torch.optim.Adam):
+        def step(self, *a, **k):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(*a, **k)
+
+    monkeypatch.setattr(sample.torch.optim, "Adam", Spy)
+    a, b = vq.phantom_slices(12, (32, 16), seed=3), vq.phantom_slices(12, (32, 16), seed=4)
+    sample.two_sample_score(a[:6], b[:6], a[6:], b[6:], steps=40, batch_size=4)
+    assert len(seen) == 40 and seen[0] == pytest.approx(1e-3)
+    assert all(x >= y for x, y in zip(seen, seen[1:])) and seen[-1] < 1e-5 and seen[20] == pytest.approx(0.5e-3)
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_metrics_and_reference_search_ignore_tf32_on_gpu():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them

@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out", help="output folder (default out)")
     p.add_argument("--stage", choices=["vqvae", "prior", "all"], default="all")
     p.add_argument("--epochs", type=int, help="VQ-VAE epochs (default 30; phantom 15)")
-    p.add_argument("--prior_epochs", type=int, help="prior epochs (default 30; phantom 12)")
+    p.add_argument("--prior_epochs", type=int, help="prior epochs (default 30; phantom 14)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget per stage")
     p.add_argument("--batch_size", type=int,
                    help="default 32 (phantom 16), less for small folders: at least 8 steps an epoch")

@@ -319,7 +319,7 @@ def two_sample_score(real_fit, fake_fit, real_test, fake_test, seed=0, steps=100
     critic = _Critic().to(device)
     opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
     for step in range(steps):
-        opt.param_groups[0]["lr"] = 0.5e-3 * (1 + math.cos(math.pi * step / steps))
+        opt.param_groups[0]["lr"] = 1e-3 * (1 + math.cos(math.pi * step / steps)) / 2  # from Adam's 1e-3 to 0
         idx = torch.randint(len(x), (batch_size,), generator=g).to(device)
         flip = (torch.rand(batch_size, generator=g) < 0.5).to(device)
         xb = torch.where(flip[:, None, None, None], x[idx].flip(flip_dim), x[idx])

@@ -906,7 +906,7 @@ def test_position_reaches_every_logit_only_through_the_condition():
         small_prior()(codes, torch.full((3,), 0.5))
     # with no position given, positions are drawn from the training quantiles
     model.position_quantiles.copy_(torch.linspace(0.8, 0.9, 101))
-    drawn, _ = model._noise(500, 1.0, torch.Generator().manual_seed(0), None)
+    drawn, _, _ = model._noise(500, 1.0, torch.Generator().manual_seed(0), None)
     assert 0.8 <= drawn.min() and drawn.max() <= 0.9 and drawn.std() > 0.02
 
 
@@ -950,7 +950,7 @@ def test_two_level_cached_sampler_matches_naive(temperature, top):
 def test_cached_logits_match_forward(kind):
     model = small_prior(seed=3, **{**kind, "n_codes": 13, "height": 7, "width": 9, "prior_dilations": (1, 2, 4)})
     pos = _position(model, 3)
-    _, noise = model._noise(3, 1.0, torch.Generator().manual_seed(0), pos)
+    _, noise, _ = model._noise(3, 1.0, torch.Generator().manual_seed(0), pos)
     codes, logits = model._generate_cached(noise, 1.0, model._condition(3, pos, None), keep_logits=True)
     with torch.no_grad():
         full = model._scan(model(model._scan(codes, (1, 2)), pos)).permute(0, 2, 3, 1)  # (n, *shape, K) scanned
@@ -1475,7 +1475,7 @@ def test_cuda_graph_sampler_matches_naive_on_gpu(kind):
     pos = None if pos is None else pos.cuda()
     cached = model.generate(4, 0.9, torch.Generator("cuda").manual_seed(5), position=pos)
     assert torch.equal(cached, model.generate_naive(4, 0.9, torch.Generator("cuda").manual_seed(5), position=pos))
-    _, noise = model._noise(3, 1.0, torch.Generator("cuda").manual_seed(0), pos[:3] if pos is not None else None)
+    _, noise, _ = model._noise(3, 1.0, torch.Generator("cuda").manual_seed(0), pos[:3] if pos is not None else None)
     codes, logits = model._generate_cached(noise, 1.0, model._condition(3, pos[:3] if pos is not None else None, None),
                                            keep_logits=True)
     with torch.no_grad():

@@ -1245,16 +1245,17 @@ class PixelCNN(nn.Module):
         q, lo = self.position_quantiles, u.floor().long().clamp(max=99)
         return q[lo] + (q[lo + 1] - q[lo]) * (u - lo)
 
-    def _noise(self, n, temperature, generator, position):
-        """Positions (drawn as in the training data when None) and Gumbel noise (n, *shape, K) in scan
-        order, drawn up front from generator, so both samplers use the same numbers."""
+    def _noise(self, n, temperature, generator, position, keep=None):
+        """Positions (drawn as in the training data when None), Gumbel noise (n, *shape, K) in scan order,
+        drawn up front from generator so both samplers use the same numbers, and keep as _keep gives it."""
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n}")
         if self.config.positional and position is None:
             position = self.draw_positions(n, generator)
-        return position, _gumbel((n, *self.shape, self.config.n_codes), generator, self.pos.device, self.pos.dtype)
+        g = _gumbel((n, *self.shape, self.config.n_codes), generator, self.pos.device, self.pos.dtype)
+        return position, g, self._keep(n, keep, g.device)
 
     @torch.no_grad()
     def generate(self, n, temperature=1.0, generator=None, position=None, cond=None, keep=None):
@@ -1273,8 +1274,7 @@ class PixelCNN(nn.Module):
         keep: None, or (codes (n, h, w), redo (n, h, w) bool): conditional resampling, where every code
             with redo False is kept as given and the others are drawn given all codes before them.
         """
-        position, g = self._noise(n, temperature, generator, position)
-        keep = self._keep(n, keep, g.device)
+        position, g, keep = self._noise(n, temperature, generator, position, keep)
         with _no_tf32():
             return self._scan(self._generate_cached(g, temperature, self._condition(n, position, cond), keep)[0])
 
@@ -1317,8 +1317,7 @@ class PixelCNN(nn.Module):
     @torch.no_grad()
     def generate_naive(self, n, temperature=1.0, generator=None, position=None, cond=None, keep=None):
         """Reference sampler: a full forward per position, same noise and codes as `generate`."""
-        position, g = self._noise(n, temperature, generator, position)
-        keep = self._keep(n, keep, g.device)
+        position, g, keep = self._noise(n, temperature, generator, position, keep)
         codes = torch.zeros(n, self.config.height, self.config.width, dtype=torch.long, device=g.device)
         scanned = self._scan(codes, (1, 2))  # a view: writing it writes codes
         training = self.training
@@ -1490,8 +1489,7 @@ def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, te
         pb = None if position is None else torch.as_tensor(position).float().expand(len(x))[k:k + batch_size]
         codes = vqvae.encode(xb)
         bits = code_bits(prior, codes, pb)
-        redo = tuple(b > threshold for b in as_levels(bits))
-        redo = redo if isinstance(codes, tuple) else redo[0]
+        redo = tuple(b > threshold for b in bits) if isinstance(bits, tuple) else bits > threshold
         healed_codes = prior.generate(len(xb), temperature, generator, pb, keep=(codes, redo))
         healed = vqvae.decode(healed_codes).cpu()
         cells = torch.stack([F.interpolate(r[:, None].float(), size=xb.shape[-2:]) for r in as_levels(redo)]).amax(0)

@@ -639,7 +639,7 @@ def test_checkpoint_of_the_one_level_format_still_loads(tmp_path):
     model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32)).eval()
     old = {k: v for k, v in asdict(model.config).items() if k != "levels"}
     prior = vq.PixelCNN(vq.PriorConfig(**SMALL)).eval()
-    old_prior = {k: v for k, v in asdict(prior.config).items() if k not in ("cond_codes", "prior_transpose")}
+    old_prior = {k: v for k, v in asdict(prior.config).items() if k not in ("cond_codes", "prior_transpose", "code_dim")}
     vq.save_checkpoint({"vqvae_config": old, "vqvae": model.state_dict(), "prior_config": old_prior,
                         "prior": prior.state_dict()}, tmp_path / "m.pt")
     assert vq.VQVAE.from_checkpoint(tmp_path / "m.pt").config.levels == 1
@@ -648,7 +648,7 @@ def test_checkpoint_of_the_one_level_format_still_loads(tmp_path):
 
 @pytest.mark.parametrize("top", [(3, 3), (3, 5)], ids=["square", "3x5"])
 def test_two_level_prior_checkpoint_round_trip(tmp_path, top):
-    prior = two_level_prior(top=top).eval()
+    prior = two_level_prior(top=top, code_dim=4 * (top == (3, 5))).eval()  # 3 x 5: tied
     cfg = {"top": asdict(prior.top.config), "bottom": asdict(prior.bottom.config)}
     vq.save_checkpoint({"prior_config": cfg, "prior": prior.state_dict()}, tmp_path / "p.pt")
     loaded = vq.load_prior(tmp_path / "p.pt")
@@ -691,6 +691,8 @@ def test_truncated_checkpoint_gives_clear_error(tmp_path):
 SMALL = dict(n_codes=7, height=6, width=5, prior_channels=16, prior_layers=4, prior_dilations=(1, 2))
 # the same with a slice-position condition
 RICH = dict(SMALL, positional=True)
+# tied to a codebook of 5-dimensional vectors (small_prior ties it to a random one)
+TIED = dict(RICH, code_dim=5)
 
 
 def small_prior(seed=0, **overrides):
@@ -698,6 +700,9 @@ def small_prior(seed=0, **overrides):
     model = PixelCNN(PriorConfig(**{**SMALL, **overrides})).eval()
     if model.config.positional:  # non-trivial weights for the condition (PyTorch's init is small)
         torch.nn.init.normal_(model.cond_maps, std=1.0)  # zero at init in vq.py
+    if model.config.code_dim:  # a random codebook, and free weights that are not zero as at init
+        model.tie(torch.randn(model.config.n_codes, model.config.code_dim) * 3)
+        torch.nn.init.normal_(model.embed.weight, std=0.3), torch.nn.init.normal_(model.head[-1].weight, std=0.3)
     return model
 
 
@@ -706,14 +711,18 @@ TOP = dict(SMALL, height=3, width=3, positional=True, prior_transpose=True)
 BOTTOM = dict(TOP, height=6, width=6, cond_codes=SMALL["n_codes"])
 
 
-def two_level_prior(seed=0, top=(3, 3)):
-    """A two-level prior with a top map of `top` (h, w) and a bottom map of twice that."""
+def two_level_prior(seed=0, top=(3, 3), code_dim=0):
+    """A two-level prior with a top map of `top` (h, w) and a bottom map of twice that; code_dim > 0: tied
+    to two random codebooks."""
     torch.manual_seed(seed)
     (h, w) = top
-    model = vq.TwoLevelPrior(PriorConfig(**dict(TOP, height=h, width=w)),
-                             PriorConfig(**dict(BOTTOM, height=2 * h, width=2 * w))).eval()
+    model = vq.TwoLevelPrior(PriorConfig(**dict(TOP, height=h, width=w, code_dim=code_dim)),
+                             PriorConfig(**dict(BOTTOM, height=2 * h, width=2 * w, code_dim=code_dim))).eval()
     for m in (model.top, model.bottom):
         torch.nn.init.normal_(m.cond_maps, std=1.0)
+        if code_dim:
+            m.tie(torch.randn(SMALL["n_codes"], code_dim))
+            torch.nn.init.normal_(m.embed.weight, std=0.3), torch.nn.init.normal_(m.head[-1].weight, std=0.3)
     return model
 
 
@@ -730,7 +739,7 @@ def _position(model, n, seed=9):
 TRANSPOSED = dict(RICH, prior_transpose=True)
 
 
-@pytest.mark.parametrize("kind", [SMALL, RICH, TRANSPOSED], ids=["gated", "position", "transposed"])
+@pytest.mark.parametrize("kind", [SMALL, RICH, TRANSPOSED, TIED], ids=["gated", "position", "transposed", "tied"])
 def test_causal_and_no_blind_spot(kind):
     # float64: exact zeros where a logit must not move, whatever the conv algorithm
     model = small_prior(**kind).double()
@@ -840,7 +849,7 @@ def test_bottom_prior_sees_no_later_bottom_code_and_every_top_code():
         assert (model((top.flip(1), bottom), pos)[1] - base).abs().amax(dim=(0, 1))[0, 0] > 1e-9
 
 
-@pytest.mark.parametrize("kind", [SMALL, RICH, TRANSPOSED], ids=["gated", "position", "transposed"])
+@pytest.mark.parametrize("kind", [SMALL, RICH, TRANSPOSED, TIED], ids=["gated", "position", "transposed", "tied"])
 def test_conditional_resampling_matches_naive_and_keeps_the_rest(kind):
     model = small_prior(seed=4, **kind).double()
     g = torch.Generator().manual_seed(3)
@@ -865,7 +874,7 @@ def test_conditional_resampling_matches_naive_and_keeps_the_rest(kind):
 
 
 def test_two_level_conditional_resampling_matches_naive():
-    model = two_level_prior(seed=5, top=(3, 5)).double()
+    model = two_level_prior(seed=5, top=(3, 5), code_dim=3).double()
     g = torch.Generator().manual_seed(4)
     codes = (torch.randint(0, SMALL["n_codes"], (3, 3, 5), generator=g),
              torch.randint(0, SMALL["n_codes"], (3, 6, 10), generator=g))
@@ -910,7 +919,7 @@ def test_position_reaches_every_logit_only_through_the_condition():
     assert 0.8 <= drawn.min() and drawn.max() <= 0.9 and drawn.std() > 0.02
 
 
-@pytest.mark.parametrize("kind", [SMALL, RICH, TRANSPOSED], ids=["gated", "position", "transposed"])
+@pytest.mark.parametrize("kind", [SMALL, RICH, TRANSPOSED, TIED], ids=["gated", "position", "transposed", "tied"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_cached_sampler_matches_naive(kind, temperature):
     # float64, so rounding differences between the two paths cannot flip a near-tie
@@ -932,7 +941,7 @@ def test_cached_sampler_matches_naive(kind, temperature):
 @pytest.mark.parametrize("temperature", [1.0, 0.8])
 @pytest.mark.parametrize("top", [(3, 3), (3, 5)], ids=["square", "3x5"])  # the scan is transposed: h != w matters
 def test_two_level_cached_sampler_matches_naive(temperature, top):
-    model = two_level_prior(seed=3, top=top).double()
+    model = two_level_prior(seed=3, top=top, code_dim=4 * (top == (3, 5))).double()  # 3 x 5: tied
     (h, w) = top
     for pos in (torch.tensor([0.1, 0.5, 0.9]), None):  # given, and drawn once for both levels
         cached = model.generate(3, temperature, torch.Generator().manual_seed(4), position=pos)
@@ -946,7 +955,7 @@ def test_two_level_cached_sampler_matches_naive(temperature, top):
     assert nats.item() > 0 and torch.isfinite(nats)
 
 
-@pytest.mark.parametrize("kind", [SMALL, RICH, TRANSPOSED], ids=["gated", "position", "transposed"])
+@pytest.mark.parametrize("kind", [SMALL, RICH, TRANSPOSED, TIED], ids=["gated", "position", "transposed", "tied"])
 def test_cached_logits_match_forward(kind):
     model = small_prior(seed=3, **{**kind, "n_codes": 13, "height": 7, "width": 9, "prior_dilations": (1, 2, 4)})
     pos = _position(model, 3)
@@ -955,6 +964,38 @@ def test_cached_logits_match_forward(kind):
     with torch.no_grad():
         full = model._scan(model(model._scan(codes, (1, 2)), pos)).permute(0, 2, 3, 1)  # (n, *shape, K) scanned
     assert (full - logits).abs().max() < 1e-5
+
+
+def test_tied_prior_sees_codes_through_the_codebook_and_keeps_it(tmp_path):
+    # at init a tied prior knows codes only by their codebook vectors: two codes with one vector are
+    # interchangeable, in the input and in the logits; untied, they are not
+    cb = torch.randn(SMALL["n_codes"], 5) * 4
+    cb[2] = cb[1]
+    codes = torch.randint(0, SMALL["n_codes"], (3, SMALL["height"], SMALL["width"]), generator=torch.Generator().manual_seed(0))
+    swapped = torch.where(codes == 1, 2, torch.where(codes == 2, 1, codes))
+    assert (codes == 1).any() and (codes == 2).any()
+    torch.manual_seed(0)
+    tied = PixelCNN(PriorConfig(**SMALL, code_dim=5)).eval().tie(cb)
+    assert tied.codebook.pow(2).mean().item() == pytest.approx(1.0)
+    assert torch.allclose(tied.codebook * cb.pow(2).mean().sqrt(), cb, atol=1e-5)  # scaled, not changed
+    with torch.no_grad():
+        logits = tied(codes)
+        assert torch.allclose(logits[:, 1], logits[:, 2]) and torch.allclose(tied(swapped), logits, atol=1e-6)
+        assert not torch.allclose(logits[:, 1], logits[:, 3])
+        untied = small_prior()
+        assert not torch.allclose(untied(codes)[:, 1], untied(codes)[:, 2])
+    # a checkpoint keeps the codebook: the loaded prior gives the same logits and samples
+    prior = small_prior(seed=1, **TIED)
+    vq.save_checkpoint({"prior_config": asdict(prior.config), "prior": prior.state_dict()}, tmp_path / "p.pt")
+    loaded = vq.load_prior(tmp_path / "p.pt")
+    pos = _position(prior, 3)
+    assert torch.equal(loaded.codebook, prior.codebook) and loaded.config == prior.config
+    with torch.no_grad():
+        assert torch.equal(loaded(codes, pos), prior(codes, pos))
+    assert torch.equal(loaded.generate(3, generator=torch.Generator().manual_seed(2), position=pos),
+                       prior.generate(3, generator=torch.Generator().manual_seed(2), position=pos))
+    with pytest.raises(ValueError, match="code_dim"):
+        PriorConfig(**SMALL, code_dim=-1)
 
 
 def test_generate_ignores_dropout_in_train_mode():
@@ -1250,6 +1291,9 @@ def test_prior_restarts_when_its_vqvae_trained_on(tmp_path, capsys):
         _train(tmp_path, "--resume", "--prior_epochs", "3", "--prior_dilations", "1", "2", "4", "8")
     err = capsys.readouterr().err
     assert e.value.code == 2 and "other prior flags" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:  # the tie is named by its flag
+        _train(tmp_path, "--resume", "--prior_epochs", "3", "--prior_tied", "false")
+    assert e.value.code == 2 and "--prior_tied True (now False)" in capsys.readouterr().err
 
 
 def test_resume_refuses_other_data_and_keeps_the_schedule(tmp_path, capsys):

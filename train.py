@@ -100,7 +100,9 @@ def parse_args(argv=None):
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable file")
     p.add_argument("--log_every", type=int, default=50, help="steps between log lines")
     _config_flags(p, vq.VQVAEConfig)
-    _config_flags(p, vq.PriorConfig, skip=("n_codes", "height", "width", "positional", "cond_codes"))
+    _config_flags(p, vq.PriorConfig, skip=("n_codes", "height", "width", "positional", "cond_codes", "code_dim"))
+    p.add_argument("--prior_tied", type=_bool, default=True, help="tie the prior's code embedding and logits to "
+                   "the codebook (default true; README: fewer bits, nearer wrong draws)")
     known, _ = p.parse_known_args([a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")])
     p.set_defaults(**(REAL_DEFAULTS if known.data else PHANTOM_DEFAULTS))
     args = p.parse_args(argv)
@@ -267,10 +269,11 @@ def _resume_state(run, name, settings, config_key, config):
         return None
     ckpt = vq.load_checkpoint(path)
     old = ckpt[config_key]
-    if name == "vqvae":  # a field added since the checkpoint holds its (off) default there; one dropped is left out
-        old = asdict(vq._config_of(vq.VQVAEConfig, old))
+    if "top" not in old:  # a field added since the checkpoint holds its (off) default there; one dropped is left out
+        old = asdict(vq._config_of(vq.VQVAEConfig if name == "vqvae" else vq.PriorConfig, old))
     if old != config:
-        what = ", ".join(f"--{k} {old.get(k)} (now {config.get(k)})" for k in sorted(set(old) | set(config))
+        what = ", ".join(f"--prior_tied {bool(old.get(k))} (now {bool(config.get(k))})" if k == "code_dim" else
+                         f"--{k} {old.get(k)} (now {config.get(k)})" for k in sorted(set(old) | set(config))
                          if old.get(k) != config.get(k))
         raise UsageError(f"{path} was trained with other {'prior' if name == 'prior' else 'model'} flags: {what}; "
                          "pass the same, or start afresh with --overwrite")
@@ -672,7 +675,8 @@ def train_prior(run, data, vqvae, fingerprint):
     codes["train"] = _shifted_codes(vqvae, data["train"], codes["train"], args.prior_shifts, args.seed)
     h, w = (codes["train"][1] if two else codes["train"]).shape[1:]
     pos = data["positions"]
-    shared = dict(n_codes=vqvae.config.n_codes, positional=pos["train"] is not None)
+    shared = dict(n_codes=vqvae.config.n_codes, positional=pos["train"] is not None,
+                  code_dim=vqvae.config.code_dim if args.prior_tied else 0)
     cfg = _config(vq.PriorConfig, args, height=h, width=w, cond_codes=shared["n_codes"] if two else 0, **shared)
     torch.manual_seed(args.seed)
     if two:  # the top prior: the same flags, on the top map, with no coarser map above it
@@ -680,6 +684,10 @@ def train_prior(run, data, vqvae, fingerprint):
         prior = vq.TwoLevelPrior(cfg["top"], cfg["bottom"]).to(run.device)
     else:
         prior = vq.PixelCNN(cfg).to(run.device)
+    if args.prior_tied:
+        pairs = ((prior.top, vqvae.quantizer_top), (prior.bottom, vqvae.quantizer)) if two else ((prior, vqvae.quantizer),)
+        for m, q in pairs:
+            m.tie(q.codebook)
     if shared["positional"]:  # so generate() draws positions as the training slices have them
         q = torch.quantile(pos["train"].float(), torch.linspace(0, 1, 101))
         for m in (prior.top, prior.bottom) if two else (prior,):

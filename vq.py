@@ -1064,13 +1064,15 @@ class PriorConfig:
     positional: bool = False  # conditioned on the slice's position in its volume (set from the data)
     cond_codes: int = 0  # K of a map of half the size that conditions this one (a top level's codes); 0: none
     prior_transpose: bool = False  # scan the map column by column, so a scanned row runs along array axis 0
+    code_dim: int = 0  # D of the VQ-VAE codebook the prior is tied to (PixelCNN.tie); 0: untied
 
     def __post_init__(self):
         self.prior_dilations = tuple(self.prior_dilations)  # JSON and argparse hand back lists
         _require(self, ("n_codes", "height", "width", "prior_channels", "prior_layers"),
                  (self.prior_dilations and min(self.prior_dilations) >= 1,
                   f"prior_dilations must be integers >= 1, got {self.prior_dilations}"),
-                 (0 <= self.prior_dropout < 1, f"prior_dropout must be in [0, 1), got {self.prior_dropout}"))
+                 (0 <= self.prior_dropout < 1, f"prior_dropout must be in [0, 1), got {self.prior_dropout}"),
+                 (self.code_dim >= 0, f"code_dim must be >= 0 (0: untied), got {self.code_dim}"))
 
     def blind_spot(self):
         """None when every logit sees every code before it; else why not, in a line. Each gated layer
@@ -1194,6 +1196,31 @@ class PixelCNN(nn.Module):
                                           nn.ConvTranspose2d(C, C, 4, stride=2, padding=1))
         # channel-last, so the cached sampler calls the same modules on (n, C) rows
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(C, C), nn.ReLU(), nn.Linear(C, c.n_codes))
+        if c.code_dim:  # tied to the codebook: the free table and last layer start at 0, the codebook decides
+            self.register_buffer("codebook", torch.zeros(c.n_codes, c.code_dim))
+            self.code_in, self.code_out = nn.Linear(c.code_dim, C, bias=False), nn.Linear(C, c.code_dim, bias=False)
+            for w in (self.embed.weight, *self.head[-1].parameters()):
+                nn.init.zeros_(w)
+
+    def tie(self, codebook):
+        """Tie to the VQ-VAE's codebook (K, D), kept scaled to unit RMS: a code's input vector gains a map of
+        its codebook vector, and its logit the head's features against it. Codes near in the codebook start
+        near in the prior, so with few maps it learns what they share, and a wrong draw tends to be a near
+        code (measured: README). Call it before training; checkpoints keep the codebook."""
+        self.codebook.copy_(codebook / codebook.pow(2).mean().sqrt())
+        return self
+
+    def _embed(self, codes):
+        """Codes (...) -> their input vectors (..., C)."""
+        x = self.embed(codes)
+        return x + self.code_in(self.codebook[codes]) if self.config.code_dim else x
+
+    def _logits(self, x):
+        """Features (..., C) -> logits (..., K)."""
+        if not self.config.code_dim:
+            return self.head(x)
+        f = self.head[:-1](x)
+        return self.head[-1](f) + self.code_out(f) @ self.codebook.T.to(f.dtype)
 
     def _scan(self, t, dims=(-2, -1)):
         """A map in array order to scan order, or back (the same swap)."""
@@ -1227,12 +1254,12 @@ class PixelCNN(nn.Module):
         if codes.dim() != 3 or tuple(codes.shape[1:]) != (c.height, c.width):
             raise ValueError(f"codes must be (B, {c.height}, {c.width}), got {tuple(codes.shape)}")
         pos = self._condition(len(codes), position, cond)
-        x = self.embed(self._scan(codes, (1, 2))).permute(0, 3, 1, 2)  # (B, C, *shape)
+        x = self._embed(self._scan(codes, (1, 2))).permute(0, 3, 1, 2)  # (B, C, *shape)
         v = x + pos
         h = F.pad(x, (1, 0))[..., :-1] + pos  # shifted right a column: codes left of j only
         for layer in self.layers:
             v, h = layer(v, h)
-        return self._scan(self.head(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))  # (B, K, h, w)
+        return self._scan(self._logits(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))  # (B, K, h, w)
 
     def loss(self, codes, *conditions):
         """Mean cross-entropy per code as (nats, bits); conditions (position, ...) as forward takes them."""
@@ -1581,19 +1608,19 @@ class _SamplerState:
         if self.keep is not None:
             given, redo = (t.index_select(1, self.i)[:, 0] for t in self.keep)  # (n, w) each
         for j in range(W):
-            x = pos[:, :, j] + m.embed(self.row_codes[:, j - 1]) if j else pos[:, :, j]  # (n, C)
+            x = pos[:, :, j] + m._embed(self.row_codes[:, j - 1]) if j else pos[:, :, j]  # (n, C)
             for k, L in enumerate(m.layers):
                 d, hb = L.dilation, self.hbuf[k]
                 hb[:, d + j] = x
                 pre = torch.addmm(self.vh[k][:, j], hb[:, j:j + d + 1:d].reshape(n, 2 * C), self.wh[k])  # (n, 2C)
                 x = x + torch.addmm(L.hout.bias, gated_tanh(pre), self.wo[k])
-            logits = m.head(x)  # (n, K)
+            logits = m._logits(x)  # (n, K)
             if self.logits is not None:
                 self.logits[:, :, j].index_copy_(1, self.i, logits[:, None])
             drawn = (logits / self.temperature + g[:, j]).argmax(-1)
             self.row_codes[:, j] = drawn if self.keep is None else torch.where(redo[:, j], drawn, given[:, j])
         self.codes.index_copy_(1, self.i, self.row_codes[:, None])
-        v = pos + m.embed(self.row_codes).transpose(1, 2)  # (n, C, w)
+        v = pos + m._embed(self.row_codes).transpose(1, 2)  # (n, C, w)
         for k, L in enumerate(m.layers):
             d, win = L.dilation, self.vwin[k]
             win.copy_(torch.cat([win[:, :, 1:], F.pad(v, (d, d))[:, :, None]], 2))  # roll in row i

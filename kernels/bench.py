@@ -377,14 +377,15 @@ def bench_load(n, size):
 
 def bench_steps(reps=10, batch=32, size=(128, 64)):
     """Milliseconds of one training step (forward, backward, Adam) of the phantom defaults' VQ-VAE and
-    prior, in float32 and in bf16 autocast (the prior also with torch's dropout in place of vq.byte_dropout),
+    (tied) prior, in float32 and in bf16 autocast (the prior also with torch's dropout in place of vq.byte_dropout),
     and of the SSIM loss term alone, its blur as matmuls (vq) and as the one-channel convolutions it replaced."""
     import torch.nn.functional as F
 
     torch.manual_seed(0)
     h, w = size[0] // 4, size[1] // 4
     vqvae = vq.VQVAE(vq.VQVAEConfig(channels=64, n_codes=128, rate=0.25)).train()
-    prior = vq.PixelCNN(vq.PriorConfig(n_codes=128, height=h, width=w, prior_channels=32, prior_layers=12)).train()
+    prior = vq.PixelCNN(vq.PriorConfig(n_codes=128, height=h, width=w, prior_channels=32, prior_layers=12,
+                                       code_dim=vqvae.config.code_dim)).tie(vqvae.quantizer.codebook).train()
     x, codes = torch.rand(batch, 1, *size), torch.randint(128, (batch, h, w))
 
     def conv_blur(t, sigma=1.5, valid=True):  # the former path: one-channel convolutions, 'valid' outputs only

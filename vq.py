@@ -1203,20 +1203,17 @@ class PixelCNN(nn.Module):
                 nn.init.zeros_(w)
 
     def tie(self, codebook):
-        """Tie to the VQ-VAE's codebook (K, D), kept scaled to unit RMS: a code's input vector gains a map of
-        its codebook vector, and its logit the head's features against it. Codes near in the codebook start
-        near in the prior, so with few maps it learns what they share, and a wrong draw tends to be a near
-        code (measured: README). Call it before training; checkpoints keep the codebook."""
+        """Before training: keep the VQ-VAE's codebook (K, D) at unit RMS. A code's input vector gains a map of
+        its codebook vector, its logit the head's features against it: codes near in the codebook start near
+        here, so the prior learns from few maps and a wrong draw tends to be a near code (README)."""
         self.codebook.copy_(codebook / codebook.pow(2).mean().sqrt())
         return self
 
-    def _embed(self, codes):
-        """Codes (...) -> their input vectors (..., C)."""
+    def _embed(self, codes):  # codes (...) -> input vectors (..., C)
         x = self.embed(codes)
         return x + self.code_in(self.codebook[codes]) if self.config.code_dim else x
 
-    def _logits(self, x):
-        """Features (..., C) -> logits (..., K)."""
+    def _logits(self, x):  # features (..., C) -> logits (..., K)
         if not self.config.code_dim:
             return self.head(x)
         f = self.head[:-1](x)

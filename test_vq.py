@@ -1656,6 +1656,15 @@ def test_two_level_train_and_sample(tmp_path, capsys):
                         str(folder / "sample_001.nii.gz")])
     assert len(sims) == 2 and all(0 < v.item() <= 1 for v in sims)
     assert "identical codes: True" in capsys.readouterr().out
+    # the config of a two-level prior from before the tie (no code_dim) reads as untied: refused, in one line
+    ckpt = vq.load_checkpoint(tmp_path / "prior.pt")
+    for level in ("top", "bottom"):
+        del ckpt["prior_config"][level]["code_dim"]
+    vq.save_checkpoint(ckpt, tmp_path / "prior.pt")
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "--levels", "2", "--prior_epochs", "2", "--size", "32", "16", "--resume")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("--prior_tied False (now True)") == 1 and len(err.strip().splitlines()) == 1
 
 
 def test_sigterm_saves_at_the_next_step_and_resume_finishes(tmp_path, capsys, monkeypatch):

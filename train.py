@@ -269,12 +269,15 @@ def _resume_state(run, name, settings, config_key, config):
         return None
     ckpt = vq.load_checkpoint(path)
     old = ckpt[config_key]
-    if "top" not in old:  # a field added since the checkpoint holds its (off) default there; one dropped is left out
-        old = asdict(vq._config_of(vq.VQVAEConfig if name == "vqvae" else vq.PriorConfig, old))
+    # a field added since the checkpoint holds its (off) default there; one dropped is left out
+    norm = lambda c: asdict(vq._config_of(vq.VQVAEConfig if name == "vqvae" else vq.PriorConfig, c))
+    two = "top" in old and "top" in config  # two levels: the same flags in both priors
+    old = {k: norm(v) for k, v in old.items()} if two else norm(old) if "top" not in old else old
     if old != config:
-        what = ", ".join(f"--prior_tied {bool(old.get(k))} (now {bool(config.get(k))})" if k == "code_dim" else
-                         f"--{k} {old.get(k)} (now {config.get(k)})" for k in sorted(set(old) | set(config))
-                         if old.get(k) != config.get(k))
+        pairs = [(old[k], config[k]) for k in ("top", "bottom")] if two else [(old, config)]
+        what = ", ".join(sorted({f"--prior_tied {bool(o.get(k))} (now {bool(c.get(k))})" if k == "code_dim" else
+                                 f"--{k} {o.get(k)} (now {c.get(k)})" for o, c in pairs for k in set(o) | set(c)
+                                 if o.get(k) != c.get(k)}))
         raise UsageError(f"{path} was trained with other {'prior' if name == 'prior' else 'model'} flags: {what}; "
                          "pass the same, or start afresh with --overwrite")
     saved, world = ckpt.get("data", {}), ckpt["trainer"].get("world", 1)

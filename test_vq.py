@@ -700,10 +700,15 @@ def small_prior(seed=0, **overrides):
     model = PixelCNN(PriorConfig(**{**SMALL, **overrides})).eval()
     if model.config.positional:  # non-trivial weights for the condition (PyTorch's init is small)
         torch.nn.init.normal_(model.cond_maps, std=1.0)  # zero at init in vq.py
-    if model.config.code_dim:  # a random codebook, and free weights that are not zero as at init
-        model.tie(torch.randn(model.config.n_codes, model.config.code_dim) * 3)
-        torch.nn.init.normal_(model.embed.weight, std=0.3), torch.nn.init.normal_(model.head[-1].weight, std=0.3)
+    if model.config.code_dim:
+        _tie_at_random(model, scale=3)
     return model
+
+
+def _tie_at_random(model, scale=1):
+    """Tie to a random codebook, with free weights that are not zero as at init."""
+    model.tie(torch.randn(model.config.n_codes, model.config.code_dim) * scale)
+    torch.nn.init.normal_(model.embed.weight, std=0.3), torch.nn.init.normal_(model.head[-1].weight, std=0.3)
 
 
 # the top map of a two-level model (3 x 3) and its bottom map (6 x 6), scanned transposed
@@ -721,8 +726,7 @@ def two_level_prior(seed=0, top=(3, 3), code_dim=0):
     for m in (model.top, model.bottom):
         torch.nn.init.normal_(m.cond_maps, std=1.0)
         if code_dim:
-            m.tie(torch.randn(SMALL["n_codes"], code_dim))
-            torch.nn.init.normal_(m.embed.weight, std=0.3), torch.nn.init.normal_(m.head[-1].weight, std=0.3)
+            _tie_at_random(m)
     return model
 
 

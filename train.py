@@ -687,13 +687,12 @@ def train_prior(run, data, vqvae, fingerprint):
         prior = vq.TwoLevelPrior(cfg["top"], cfg["bottom"]).to(run.device)
     else:
         prior = vq.PixelCNN(cfg).to(run.device)
-    if args.prior_tied:
-        pairs = ((prior.top, vqvae.quantizer_top), (prior.bottom, vqvae.quantizer)) if two else ((prior, vqvae.quantizer),)
-        for m, q in pairs:
-            m.tie(q.codebook)
-    if shared["positional"]:  # so generate() draws positions as the training slices have them
-        q = torch.quantile(pos["train"].float(), torch.linspace(0, 1, 101))
-        for m in (prior.top, prior.bottom) if two else (prior,):
+    q = torch.quantile(pos["train"].float(), torch.linspace(0, 1, 101)) if shared["positional"] else None
+    levels = ((prior.top, vqvae.quantizer_top), (prior.bottom, vqvae.quantizer)) if two else ((prior, vqvae.quantizer),)
+    for m, quantizer in levels:  # each prior level with the codebook of its codes
+        if args.prior_tied:
+            m.tie(quantizer.codebook)
+        if q is not None:  # so generate() draws positions as the training slices have them
             m.position_quantiles.copy_(q)
     saved_cfg = {k: asdict(c) for k, c in cfg.items()} if two else asdict(cfg)
     run.seed(salt=1)

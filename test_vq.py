@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 from dataclasses import asdict
 from pathlib import Path
 
@@ -1184,6 +1185,31 @@ def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     for p in bad:
         assert printed.count(p.name) == 1  # each bad file named once
+    # 40 slices in batches of 8: a small folder, so its prior trains on shifted maps with more dropout
+    assert torch.load(out / "model.pt", weights_only=True)["prior_config"]["prior_dropout"] == 0.3
+    assert "a small folder (40 training slices" in printed and "--prior_shifts 4" in printed
+
+
+def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):
+    """--data's epochs, prior shifts and dropout follow the folder's size where not given (train.MIN_STEPS)."""
+    def filled(n, *argv):
+        args, lines = train.parse_args(["--data", str(tmp_path), *argv]), []
+        train._fill_defaults(types.SimpleNamespace(args=args, world=1, log=lines.append), n)
+        return args, lines
+
+    for n in (37, 100, 300, 900):
+        args, lines = filled(n)
+        steps = math.ceil(n / min(32, n // 8))  # an epoch, in the batches a small folder gets
+        for epochs in (args.epochs, args.prior_epochs):  # the fewest epochs that make MIN_STEPS steps
+            assert epochs * steps >= train.MIN_STEPS > (epochs - 1) * steps and epochs > train.REAL_EPOCHS
+        assert (args.prior_shifts, args.prior_dropout) == (4, 0.3) and f"a small folder ({n} training" in lines[0]
+    args, lines = filled(5000)  # big enough: the plain defaults, nothing said
+    assert (args.epochs, args.prior_epochs, args.prior_shifts, args.prior_dropout) == (30, 30, 1, 0.1) and not lines
+    args, _ = filled(100, "--epochs", "5", "--prior_shifts", "2", "--prior_dropout", "0.05")  # given flags win
+    assert (args.epochs, args.prior_shifts, args.prior_dropout) == (5, 2, 0.05) and args.prior_epochs > 30
+    args = train.parse_args([])  # the phantom has its own defaults
+    train._fill_defaults(types.SimpleNamespace(args=args, world=1, log=print), 48)
+    assert (args.epochs, args.prior_epochs, args.prior_shifts, args.prior_dropout) == (15, 14, 1, 0.1)
 
 
 @pytest.mark.parametrize("argv, says", [

@@ -42,7 +42,15 @@ from sample import (Parser, UsageError, check_seed_and_device, fail, image_grid,
 # costs half of one at 32 on a CPU and steps count (README)
 PHANTOM_DEFAULTS = dict(size=[128, 64], largest_batch=16, epochs=15, prior_epochs=14, channels=64, n_codes=128,
                         prior_channels=32, prior_layers=12, lr=5e-3, prior_lr=6e-3, rate=0.25)
-REAL_DEFAULTS = dict(size=[256, 128], largest_batch=32, epochs=30, prior_epochs=30, lr=1e-3, prior_lr=3e-3, rate=0.25)
+# None: set by the folder's size once it is loaded (_fill_defaults)
+REAL_DEFAULTS = dict(size=[256, 128], largest_batch=32, epochs=None, prior_epochs=None, lr=1e-3, prior_lr=3e-3,
+                     rate=0.25, prior_shifts=None, prior_dropout=None)
+# A small folder takes few steps an epoch (DEV's 100 slices: 9). Where these --data flags are not given, a stage
+# that REAL_EPOCHS would give fewer than MIN_STEPS steps trains MIN_STEPS, and its prior, which would then learn
+# its few maps by heart (best at a quarter of the steps), trains on 4 shifted maps of each slice with dropout 0.3
+# (README: DEV)
+REAL_EPOCHS, MIN_STEPS = 30, 1000
+PRIOR_BY_SIZE = dict(prior_shifts=(4, 1), prior_dropout=(0.3, vq.PriorConfig.prior_dropout))  # small folder, other
 SYNC_EVERY = 16  # under DDP, steps between the shared "is the --minutes budget spent?" votes
 # curves.png during training at most this often (and always at the end): a drawing takes 0.5 s, and on an
 # H200 a phantom epoch takes 1 to 3 s (README)
@@ -57,14 +65,16 @@ def _bool(s):
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
-def _config_flags(parser, config_cls, skip=()):
+def _config_flags(parser, config_cls, skip=(), defaults=None):
+    """A flag per field of config_cls; defaults: help text of a default that is not the field's."""
     for f in fields(config_cls):
         if f.name in skip:
             continue
         kind = {bool: _bool, tuple: int}.get(type(f.default), type(f.default))
         nargs = "+" if isinstance(f.default, tuple) else None
         parser.add_argument(f"--{f.name}", type=kind, nargs=nargs, default=f.default,
-                            help=f"{config_cls.__name__}.{f.name} (default %(default)s)")
+                            help=f"{config_cls.__name__}.{f.name} "
+                                 f"(default {(defaults or {}).get(f.name, '%(default)s')})")
 
 
 def parse_args(argv=None):
@@ -72,16 +82,18 @@ def parse_args(argv=None):
     p.add_argument("--data", help="root folder of slices; default: the embedded phantom data set")
     p.add_argument("--out", default="out", help="output folder (default out)")
     p.add_argument("--stage", choices=["vqvae", "prior", "all"], default="all")
-    p.add_argument("--epochs", type=int, help="VQ-VAE epochs (default 30; phantom 15)")
-    p.add_argument("--prior_epochs", type=int, help="prior epochs (default 30; phantom 14)")
+    p.add_argument("--epochs", type=int, help=f"VQ-VAE epochs (default {REAL_EPOCHS}, or {MIN_STEPS} steps' worth on a "
+                   "small folder; phantom 15)")
+    p.add_argument("--prior_epochs", type=int, help="prior epochs (default as --epochs; phantom 14)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget per stage")
     p.add_argument("--batch_size", type=int,
                    help="default 32 (phantom 16), less for small folders: at least 8 steps an epoch")
     p.add_argument("--prior_batch_size", type=int, help="default as --batch_size")
     p.add_argument("--lr", type=float, help="the VQ-VAE's peak learning rate: default 1e-3; phantom 5e-3")
     p.add_argument("--prior_lr", type=float, help="default 3e-3; phantom 6e-3")
-    p.add_argument("--prior_shifts", type=int, default=1, help="code maps per training slice for the prior: itself "
-                   "and copies moved by up to 2 px, one drawn per epoch (default 1)")
+    p.add_argument("--prior_shifts", type=int, default=1, help="code maps per training slice for the prior: itself and "
+                   "copies moved by up to 2 px, one drawn per epoch (default 1; 4, and --prior_dropout 0.3, on a "
+                   "small folder)")
     p.add_argument("--prior_ema", type=float, default=0.0, help="decay of an average of the prior's weights (0: none)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="slice size (default 256 128; phantom 128 64)")
     p.add_argument("--n_train", type=int, default=2000, help="phantom slices for training")
@@ -100,7 +112,8 @@ def parse_args(argv=None):
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable file")
     p.add_argument("--log_every", type=int, default=50, help="steps between log lines")
     _config_flags(p, vq.VQVAEConfig)
-    _config_flags(p, vq.PriorConfig, skip=("n_codes", "height", "width", "positional", "cond_codes", "code_dim"))
+    _config_flags(p, vq.PriorConfig, skip=("n_codes", "height", "width", "positional", "cond_codes", "code_dim"),
+                  defaults={"prior_dropout": f"{vq.PriorConfig.prior_dropout}; 0.3 on a small folder"})
     p.add_argument("--prior_tied", type=_bool, default=True, help="tie the prior's code embedding and logits to "
                    "the codebook (default true; README: fewer bits, nearer wrong draws)")
     known, _ = p.parse_known_args([a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")])
@@ -324,6 +337,29 @@ def _save_on_signals(run):
             signal.signal(s, h)
 
 
+def _batch_size(run, n_train, given):
+    """given, or the largest batch; a small folder gets smaller batches, at least 8 steps an epoch."""
+    return given or min(run.args.largest_batch, max(1, n_train // run.world // 8))
+
+
+def _fill_defaults(run, n_train):
+    """--data's defaults that depend on the folder's size (None until it is loaded): see MIN_STEPS."""
+    args, said = run.args, []
+    steps = {name: math.ceil(n_train // run.world / _batch_size(run, n_train, batch)) for name, batch in
+             (("epochs", args.batch_size), ("prior_epochs", args.prior_batch_size or args.batch_size))}
+    for name, k in steps.items():
+        if getattr(args, name) is None:
+            setattr(args, name, max(REAL_EPOCHS, math.ceil(MIN_STEPS / k)))
+            said += [f"--{name} {getattr(args, name)}"] if getattr(args, name) > REAL_EPOCHS else []
+    small = REAL_EPOCHS * steps["prior_epochs"] < MIN_STEPS
+    for name, values in PRIOR_BY_SIZE.items():
+        if getattr(args, name) is None:
+            setattr(args, name, values[0] if small else values[1])
+            said += [f"--{name} {values[0]}"] if small else []
+    if said:
+        run.log(f"a small folder ({n_train} training slices, {steps['epochs']} steps an epoch): {', '.join(said)}")
+
+
 class Trainer:
     """The loop both stages share: epochs, resumable mid-epoch, budget, log lines, best by validation."""
 
@@ -335,8 +371,7 @@ class Trainer:
         self.ema = ema and [w.clone() for w in self.weights]
         self.decay = ema
         self.generator = generator  # a model's own random stream, saved with the training state
-        # A small folder gets smaller batches: some hundreds of updates in the default epochs, not tens.
-        batch_size = batch_size or min(run.args.largest_batch, max(1, n_train // run.world // 8))
+        batch_size = _batch_size(run, n_train, batch_size)
         self.n_train, self.batch_size, self.epochs, self.lr = n_train, batch_size, epochs, lr
         self.validate, self.better = validate, better
         if n_train < run.world:
@@ -818,6 +853,7 @@ def _stages(run, files):
         raise UsageError(f"--stage prior needs a trained VQ-VAE: {model_path} does not exist")
     _refuse_overwrite(run, stages)
     data = load_data(run, files)
+    _fill_defaults(run, len(data["train"]))
     common = dict(n_train=len(data["train"]), n_val=len(data["validate"]), n_test=len(data["test"]),
                   skipped_files=data["skipped"], device=str(run.device) + (f" x{run.world}" if run.world > 1 else ""),
                   data=data["settings"])

@@ -1205,6 +1205,10 @@ def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):
         assert (args.prior_shifts, args.prior_dropout) == (4, 0.3) and f"a small folder ({n} training" in lines[0]
     args, lines = filled(5000)  # big enough: the plain defaults, nothing said
     assert (args.epochs, args.prior_epochs, args.prior_shifts, args.prior_dropout) == (30, 30, 1, 0.1) and not lines
+    _, lines = filled(100, "--stage", "vqvae")  # the log names only the flags of the stages this run trains
+    assert "--epochs" in lines[0] and "prior" not in lines[0].split(":")[1]
+    _, lines = filled(100, "--stage", "prior")
+    assert "--epochs" not in lines[0] and "--prior_epochs" in lines[0]
     args, _ = filled(100, "--epochs", "5", "--prior_shifts", "2", "--prior_dropout", "0.05")  # given flags win
     assert (args.epochs, args.prior_shifts, args.prior_dropout) == (5, 2, 0.05) and args.prior_epochs > 30
     args = train.parse_args([])  # the phantom has its own defaults

@@ -356,6 +356,8 @@ def _fill_defaults(run, n_train):
         if getattr(args, name) is None:
             setattr(args, name, values[0] if small else values[1])
             said += [f"--{name} {values[0]}"] if small else []
+    said = [f for f in said if (f.startswith("--epochs") or args.stage != "vqvae")  # the stages this run trains
+            and (not f.startswith("--epochs") or args.stage != "prior")]
     if said:
         run.log(f"a small folder ({n_train} training slices, {steps['epochs']} steps an epoch): {', '.join(said)}")
 

@@ -347,17 +347,14 @@ def _fill_defaults(run, n_train):
     args, said = run.args, []
     steps = {name: math.ceil(n_train // run.world / _batch_size(run, n_train, batch)) for name, batch in
              (("epochs", args.batch_size), ("prior_epochs", args.prior_batch_size or args.batch_size))}
-    for name, k in steps.items():
-        if getattr(args, name) is None:
-            setattr(args, name, max(REAL_EPOCHS, math.ceil(MIN_STEPS / k)))
-            said += [f"--{name} {getattr(args, name)}"] if getattr(args, name) > REAL_EPOCHS else []
     small = REAL_EPOCHS * steps["prior_epochs"] < MIN_STEPS
-    for name, values in PRIOR_BY_SIZE.items():
+    fill = {name: max(REAL_EPOCHS, math.ceil(MIN_STEPS / k)) for name, k in steps.items()}
+    fill.update({name: values[0] if small else values[1] for name, values in PRIOR_BY_SIZE.items()})
+    for name, value in fill.items():
         if getattr(args, name) is None:
-            setattr(args, name, values[0] if small else values[1])
-            said += [f"--{name} {values[0]}"] if small else []
-    said = [f for f in said if (f.startswith("--epochs") or args.stage != "vqvae")  # the stages this run trains
-            and (not f.startswith("--epochs") or args.stage != "prior")]
+            setattr(args, name, value)
+            trained = args.stage != ("prior" if name == "epochs" else "vqvae")  # named only if this run trains it
+            said += [f"--{name} {value}"] if trained and (value > REAL_EPOCHS if "epochs" in name else small) else []
     if said:
         run.log(f"a small folder ({n_train} training slices, {steps['epochs']} steps an epoch): {', '.join(said)}")
 

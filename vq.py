@@ -361,10 +361,10 @@ def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, 
     SkippedFileWarning and left out; strict=True raises DataError on the first one instead.
     Raises DataError for a missing folder or when nothing is readable. PNG needs Pillow.
 
-    Decoding runs on `workers` processes (default: all cores; serial under 64 files). The result
-    is cached as float16 in cache_dir (default $VQ_CACHE_DIR, else ~/.cache/vq_slices; False turns
-    it off), keyed by the paths, sizes and mtimes of the files, size and the preprocessing version;
-    a warm load repeats the same warnings. Values are float16-exact whether cached or not.
+    Decoding runs on `workers` threads (default: all cores; serial under 64 files). The result is
+    cached as float16 in cache_dir (default $VQ_CACHE_DIR, else ~/.cache/vq_slices; False: off), keyed
+    by the files' paths, sizes and mtimes, size and the preprocessing version; a warm load repeats the
+    warnings. Values are float16-exact whether cached or not.
 
     info: if a dict, filled with {"skipped": [(path, reason), ...], "nonfinite": count of NaN/inf
     zeroed, "files": number of files, "cached": whether this came from the cache, "positions": each
@@ -1549,10 +1549,11 @@ def _tf32_knobs():
 
 
 def set_tf32(on):
-    """TF32 for float32 matmuls and convolutions on or off; returns the previous settings, one per switch."""
-    saved = [getattr(obj, name) for obj, name, _, _ in _tf32_knobs()]
-    for obj, name, yes, no in _tf32_knobs():
-        setattr(obj, name, yes if on else no)
+    """TF32 for float32 matmuls and convolutions on, off, or as a list it returned; returns the previous list."""
+    knobs = _tf32_knobs()
+    saved = [getattr(obj, name) for obj, name, _, _ in knobs]
+    for k, (obj, name, yes, no) in enumerate(knobs):
+        setattr(obj, name, on[k] if isinstance(on, list) else yes if on else no)
     return saved
 
 
@@ -1563,8 +1564,7 @@ def _no_tf32():
     try:
         yield
     finally:
-        for (obj, name, _, _), value in zip(_tf32_knobs(), saved):
-            setattr(obj, name, value)
+        set_tf32(saved)
 
 
 class _SamplerState:

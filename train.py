@@ -345,7 +345,7 @@ def _batch_size(run, n_train, given):
 def _fill_defaults(run, n_train):
     """--data's defaults that depend on the folder's size (None until it is loaded): see MIN_STEPS."""
     args, said = run.args, []
-    steps = {name: math.ceil(n_train // run.world / _batch_size(run, n_train, batch)) for name, batch in
+    steps = {name: max(1, math.ceil(n_train // run.world / _batch_size(run, n_train, batch))) for name, batch in
              (("epochs", args.batch_size), ("prior_epochs", args.prior_batch_size or args.batch_size))}
     small = REAL_EPOCHS * steps["prior_epochs"] < MIN_STEPS
     fill = {name: max(REAL_EPOCHS, math.ceil(MIN_STEPS / k)) for name, k in steps.items()}

@@ -1214,6 +1214,9 @@ def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):
     args = train.parse_args([])  # the phantom has its own defaults
     train._fill_defaults(types.SimpleNamespace(args=args, world=1, log=print), 48)
     assert (args.epochs, args.prior_epochs, args.prior_shifts, args.prior_dropout) == (15, 14, 1, 0.1)
+    # the prior's width: 128 on real data whatever its size, 32 on the phantom, a given flag wins
+    assert [filled(n)[0].prior_channels for n in (100, 5000)] == [128, 128] and args.prior_channels == 32
+    assert filled(5000, "--prior_channels", "48")[0].prior_channels == 48
 
 
 @pytest.mark.parametrize("argv, says", [

@@ -36,6 +36,8 @@ from sample import (Parser, UsageError, check_seed_and_device, fail, image_grid,
 # lr, prior_lr: the best measured at the same budget (README). The phantom's VQ-VAE, 1875 steps, at 5e-3
 # (1e-3 to 3e-3 lose); DEV's, 270 steps of 100 slices, at 1e-3 (3e-3 loses). The prior was far from
 # converged at 1e-3: 6e-3 on the phantom (1e-2 no better), 3e-3 on real anatomy (6e-3 no better).
+# prior_channels: on real anatomy 128 (DEV: inner structure where 64 drew mottled middles, README; 2.5x the
+# prior's time); the phantom keeps 32 for a 2-core CPU's minutes (64 loses there at equal time, wins at twice it)
 # rate 0.25: codes the prior predicts better (README: DEV samples whole hemispheres, the phantom's SSIM kept); the
 # library's VQVAEConfig keeps rate 0, so checkpoints without the field load as plain VQ
 # largest_batch: the batch size without --batch_size, less for small folders; 16 on the phantom, where a step
@@ -44,7 +46,7 @@ PHANTOM_DEFAULTS = dict(size=[128, 64], largest_batch=16, epochs=15, prior_epoch
                         prior_channels=32, prior_layers=12, lr=5e-3, prior_lr=6e-3, rate=0.25)
 # None: set by the folder's size once it is loaded (_fill_defaults)
 REAL_DEFAULTS = dict(size=[256, 128], largest_batch=32, epochs=None, prior_epochs=None, lr=1e-3, prior_lr=3e-3,
-                     rate=0.25, prior_shifts=None, prior_dropout=None)
+                     rate=0.25, prior_shifts=None, prior_dropout=None, prior_channels=128)
 # A small folder takes few steps an epoch (DEV's 100 slices: 9). Where these --data flags are not given, a stage
 # that REAL_EPOCHS would give fewer than MIN_STEPS steps trains MIN_STEPS, and its prior, which would then learn
 # its few maps by heart (best at a quarter of the steps), trains on 4 shifted maps of each slice with dropout 0.3

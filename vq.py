@@ -19,7 +19,7 @@ import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass, fields
-from functools import lru_cache
+from functools import lru_cache, partialmethod
 from pathlib import Path
 
 import numpy as np
@@ -234,15 +234,12 @@ def _decode_chunk(files, size):
             x, nf = _decode_file(f, size)
         except DataError:
             raise
-        except (_IOFailure, ImportError, MemoryError) as e:  # may be fixed without touching the file
-            skipped.append((str(f), f"{str(e).splitlines()[0]} (not cached: read again next time)"))
+        except Exception as e:  # nibabel, gzip and numpy raise many kinds; each is "this file is bad", unless
+            retry = isinstance(e, (_IOFailure, ImportError, MemoryError))  # it may be fixed without touching the file
+            why = str(e) if type(e) is ValueError or retry and str(e) else f"{type(e).__name__}: {e}"
+            skipped.append((str(f), why.splitlines()[0] + (" (not cached: read again next time)" if retry else "")))
             done.append(None)
-            transient = True
-            continue
-        except Exception as e:  # nibabel, gzip and numpy raise many kinds; each is "this file is bad"
-            why = str(e) if type(e) is ValueError else f"{type(e).__name__}: {e}"  # ours are plain ValueErrors
-            skipped.append((str(f), why.splitlines()[0]))
-            done.append(None)
+            transient |= retry
             continue
         nonfinite += nf
         done.append(x)
@@ -1395,8 +1392,7 @@ class TwoLevelPrior(nn.Module):
         top = getattr(self.top, sample)(n, temperature, generator, position, keep=keeps[0])
         return top, getattr(self.bottom, sample)(n, temperature, generator, position, cond=top, keep=keeps[1])
 
-    def generate_naive(self, n, temperature=1.0, generator=None, position=None, keep=None):
-        return self.generate(n, temperature, generator, position, keep, naive=True)
+    generate_naive = partialmethod(generate, naive=True)
 
 
 def load_prior(path_or_ckpt, map_location="cpu"):

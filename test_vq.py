@@ -1202,21 +1202,18 @@ def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):
         steps = math.ceil(n / min(32, n // 8))  # an epoch, in the batches a small folder gets
         for epochs in (args.epochs, args.prior_epochs):  # the fewest epochs that make MIN_STEPS steps
             assert epochs * steps >= train.MIN_STEPS > (epochs - 1) * steps and epochs > train.REAL_EPOCHS
-        assert (args.prior_shifts, args.prior_dropout, args.prior_ema) == (4, 0.3, 0.995)
-        assert f"a small folder ({n} training" in lines[0] and "--prior_ema 0.995" in lines[0]
+        assert (args.prior_shifts, args.prior_dropout) == (4, 0.3) and f"a small folder ({n} training" in lines[0]
     args, lines = filled(5000)  # big enough: the plain defaults, nothing said
-    assert (args.epochs, args.prior_epochs, args.prior_shifts, args.prior_dropout, args.prior_ema) == (30, 30, 1, 0.1, 0)
-    assert not lines
+    assert (args.epochs, args.prior_epochs, args.prior_shifts, args.prior_dropout) == (30, 30, 1, 0.1) and not lines
     _, lines = filled(100, "--stage", "vqvae")  # the log names only the flags of the stages this run trains
     assert "--epochs" in lines[0] and "prior" not in lines[0].split(":")[1]
     _, lines = filled(100, "--stage", "prior")
     assert "--epochs" not in lines[0] and "--prior_epochs" in lines[0]
-    args, _ = filled(100, "--epochs", "5", "--prior_shifts", "2", "--prior_dropout", "0.05", "--prior_ema", "0")
-    assert (args.epochs, args.prior_shifts, args.prior_dropout, args.prior_ema) == (5, 2, 0.05, 0)  # given flags win
-    assert args.prior_epochs > 30
+    args, _ = filled(100, "--epochs", "5", "--prior_shifts", "2", "--prior_dropout", "0.05")  # given flags win
+    assert (args.epochs, args.prior_shifts, args.prior_dropout) == (5, 2, 0.05) and args.prior_epochs > 30
     args = train.parse_args([])  # the phantom has its own defaults
     train._fill_defaults(types.SimpleNamespace(args=args, world=1, log=print), 48)
-    assert (args.epochs, args.prior_epochs, args.prior_shifts, args.prior_dropout, args.prior_ema) == (15, 14, 1, 0.1, 0)
+    assert (args.epochs, args.prior_epochs, args.prior_shifts, args.prior_dropout) == (15, 14, 1, 0.1)
     # the prior's width: 128 on real data whatever its size, 32 on the phantom, a given flag wins
     assert [filled(n)[0].prior_channels for n in (100, 5000)] == [128, 128] and args.prior_channels == 32
     assert filled(5000, "--prior_channels", "48")[0].prior_channels == 48

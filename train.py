@@ -46,14 +46,13 @@ PHANTOM_DEFAULTS = dict(size=[128, 64], largest_batch=16, epochs=15, prior_epoch
                         prior_channels=32, prior_layers=12, lr=5e-3, prior_lr=6e-3, rate=0.25)
 # None: set by the folder's size once it is loaded (_fill_defaults)
 REAL_DEFAULTS = dict(size=[256, 128], largest_batch=32, epochs=None, prior_epochs=None, lr=1e-3, prior_lr=3e-3,
-                     rate=0.25, prior_shifts=None, prior_dropout=None, prior_ema=None, prior_channels=128)
+                     rate=0.25, prior_shifts=None, prior_dropout=None, prior_channels=128)
 # A small folder takes few steps an epoch (DEV's 100 slices: 9). Where these --data flags are not given, a stage
 # that REAL_EPOCHS would give fewer than MIN_STEPS steps trains MIN_STEPS, and its prior, which would then learn
 # its few maps by heart (best at a quarter of the steps), trains on 4 shifted maps of each slice with dropout 0.3
-# and is validated and kept as an average of its weights (decay 0.995; README: DEV)
+# (README: DEV)
 REAL_EPOCHS, MIN_STEPS = 30, 1000
-PRIOR_BY_SIZE = dict(prior_shifts=(4, 1), prior_dropout=(0.3, vq.PriorConfig.prior_dropout),  # small folder, other
-                     prior_ema=(0.995, 0.0))
+PRIOR_BY_SIZE = dict(prior_shifts=(4, 1), prior_dropout=(0.3, vq.PriorConfig.prior_dropout))  # small folder, other
 SYNC_EVERY = 16  # under DDP, steps between the shared "is the --minutes budget spent?" votes
 # curves.png during training at most this often (and always at the end): a drawing takes 0.5 s, and on an
 # H200 a phantom epoch takes 1 to 3 s (README)
@@ -97,8 +96,7 @@ def parse_args(argv=None):
     p.add_argument("--prior_shifts", type=int, default=1, help="code maps per training slice for the prior: itself and "
                    "copies moved by up to 2 px, one drawn per epoch (default 1; 4, and --prior_dropout 0.3, on a "
                    "small folder)")
-    p.add_argument("--prior_ema", type=float, default=0.0, help="decay of an average of the prior's weights, which is "
-                   "validated and kept (0: none; default 0, 0.995 on a small folder)")
+    p.add_argument("--prior_ema", type=float, default=0.0, help="decay of an average of the prior's weights (0: none)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="slice size (default 256 128; phantom 128 64)")
     p.add_argument("--n_train", type=int, default=2000, help="phantom slices for training")
     p.add_argument("--n_val", type=int, default=200, help="phantom slices for validation")
@@ -131,7 +129,7 @@ def parse_args(argv=None):
         for name in names:
             if getattr(args, name) is not None and not ok(getattr(args, name)):
                 fail(f"--{name} must be {rule}, got {getattr(args, name)}")
-    if args.prior_ema is not None and not 0 <= args.prior_ema < 1:
+    if not 0 <= args.prior_ema < 1:
         fail(f"--prior_ema must be in [0, 1) (0: no average), got {args.prior_ema}")
     if min(args.size) < 16:
         fail(f"--size must be at least 16 x 16 (SSIM's window is 11), got {args.size[0]} {args.size[1]}")

@@ -1136,6 +1136,15 @@ class GatedLayer(nn.Module):
         return v, h
 
 
+def _stacks(x, layers, pos=0):
+    """Embedded codes (B, C, h, w) -> the horizontal stack's output: the vertical stack starts at the codes, the
+    horizontal one shifted right a column (codes left of j only); pos is added to both."""
+    v, h = x + pos, F.pad(x, (1, 0))[..., :-1] + pos
+    for layer in layers:
+        v, h = layer(v, h)
+    return h
+
+
 class CodeModel(nn.Module):
     """A small causal model of code maps of any size (gated layers, no position embedding): the rate
     model a VQ-VAE with rate > 0 trains beside its codebook."""
@@ -1149,11 +1158,7 @@ class CodeModel(nn.Module):
 
     def forward(self, codes):
         """codes (B, h, w) -> logits (B, K, h, w), each from the codes before it in row order."""
-        x = self.embed(codes).permute(0, 3, 1, 2)  # (B, C, h, w)
-        v, h = x, F.pad(x, (1, 0))[..., :-1]  # the horizontal stack: codes left of j only
-        for layer in self.layers:
-            v, h = layer(v, h)
-        return self.head(F.relu(h))
+        return self.head(F.relu(_stacks(self.embed(codes).permute(0, 3, 1, 2), self.layers)))
 
 
 N_FREQ = 8  # sin / cos pairs that describe a slice position to the prior
@@ -1248,11 +1253,7 @@ class PixelCNN(nn.Module):
         if codes.dim() != 3 or tuple(codes.shape[1:]) != (c.height, c.width):
             raise ValueError(f"codes must be (B, {c.height}, {c.width}), got {tuple(codes.shape)}")
         pos = self._condition(len(codes), position, cond)
-        x = self._embed(self._scan(codes, (1, 2))).permute(0, 3, 1, 2)  # (B, C, *shape)
-        v = x + pos
-        h = F.pad(x, (1, 0))[..., :-1] + pos  # shifted right a column: codes left of j only
-        for layer in self.layers:
-            v, h = layer(v, h)
+        h = _stacks(self._embed(self._scan(codes, (1, 2))).permute(0, 3, 1, 2), self.layers, pos)  # (B, C, *shape)
         return self._scan(self._logits(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))  # (B, K, h, w)
 
     def loss(self, codes, *conditions):
@@ -1280,12 +1281,9 @@ class PixelCNN(nn.Module):
 
     @torch.no_grad()
     def generate(self, n, temperature=1.0, generator=None, position=None, cond=None, keep=None):
-        """Sample n code maps in scan order: returns codes (n, h, w) int64.
-
-        Incremental (_SamplerState): a position costs a few (n, 2C) matmuls per layer, not a forward;
-        on a GPU each row is one replayed CUDA graph. Code (i, j) is argmax(logits / temperature +
-        Gumbel noise), the noise drawn up front from `generator`, so `generate_naive` returns the same
-        codes for the same generator state (up to float rounding at near-ties). No dropout.
+        """Sample n code maps in scan order: returns codes (n, h, w) int64. Incremental (_SamplerState: a few
+        (n, 2C) matmuls per position and layer); code (i, j) is argmax(logits / temperature + Gumbel noise drawn
+        up front from `generator`), so `generate_naive` gives the same codes (up to rounding at near-ties).
 
         n: number of maps, >= 1. temperature: > 0; below 1 sharpens, above 1 flattens.
         generator: a torch.Generator on the model's device, for reproducible samples.

@@ -410,6 +410,7 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
         "nearest_train_ssim_real": near_real.median().item(),
         "copies": (near_samples > near_real.max()).float().mean().item(),
         "diversity_samples": pair_ssim(samples, seed=seed), "diversity_real": pair_ssim(test, seed=seed),
+        "diversity_recon": pair_ssim(recon, seed=seed),  # the decoder's own smoothing raises it above real
         **{f"teacher_forced_{k}": v for k, v in vq.teacher_forced(
             vqvae, prior, test, position if prior.config.positional else None,
             torch.Generator(next(prior.parameters()).device).manual_seed(seed)).items()},
@@ -424,7 +425,8 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
                   f"{report['two_sample_prior']:.3f}) | ")
     log(f"realism | {scores}nearest training slice ssim {report['nearest_train_ssim_samples']:.3f} (real test "
         f"slices {report['nearest_train_ssim_real']:.3f}; copies {report['copies']:.1%}) | pair ssim "
-        f"{_f(report['diversity_samples'])} (real {_f(report['diversity_real'])}) | teacher-forced redraw: "
+        f"{_f(report['diversity_samples'])} (real {_f(report['diversity_real'])}, reconstructions "
+        f"{_f(report['diversity_recon'])}) | teacher-forced redraw: "
         f"{report['teacher_forced_changed']:.1%} of codes changed, ssim to the reconstruction "
         f"{report['teacher_forced_ssim']:.3f} (argmax {report['teacher_forced_changed_argmax']:.1%}, "
         f"{report['teacher_forced_ssim_argmax']:.3f})")

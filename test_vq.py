@@ -1097,6 +1097,8 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
     assert ckpt["vqvae_config"]["n_codes"] == 32 and ckpt["prior_config"]["prior_layers"] == 3
     assert ckpt["data"]["size"] == [32, 32] and ckpt["prior_config"]["positional"]  # phantom levels
+    recon = vq.VQVAE.from_checkpoint(ckpt).reconstruct(vq.load_splits(ckpt["data"])["test"])
+    assert s["diversity_recon"] == pytest.approx(sample.pair_ssim(recon), abs=1e-6) != s["diversity_real"]
     assert torch.equal(ckpt["prior"]["embed.weight"], result["prior"].state_dict()["embed.weight"])
 
     images = sample.main(["--out", str(tmp_path), "--n", "3", "--seed", "7"])

@@ -1269,7 +1269,8 @@ class PixelCNN(nn.Module):
 
     def _noise(self, n, temperature, generator, position, keep=None):
         """Positions (drawn as in the training data when None), Gumbel noise (n, *shape, K) in scan order,
-        drawn up front from generator so both samplers use the same numbers, and keep as _keep gives it."""
+        drawn up front from generator so both samplers use the same numbers, and keep (None: draw every code) in
+        scan order."""
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not isinstance(n, int) or n < 1:
@@ -1277,7 +1278,13 @@ class PixelCNN(nn.Module):
         if self.config.positional and position is None:
             position = self.draw_positions(n, generator)
         g = _gumbel((n, *self.shape, self.config.n_codes), generator, self.pos.device, self.pos.dtype)
-        return position, g, self._keep(n, keep, g.device)
+        if keep is not None:  # (codes, redo) in scan order on g's device
+            shape = (n, self.config.height, self.config.width)
+            if tuple(keep[0].shape) != shape or tuple(keep[1].shape) != shape:
+                raise ValueError(f"keep must be two maps of {shape}, got {tuple(keep[0].shape)}, "
+                                 f"{tuple(keep[1].shape)}")
+            keep = tuple(self._scan(t.to(g.device), (1, 2)).contiguous() for t in keep)
+        return position, g, keep
 
     @torch.no_grad()
     def generate(self, n, temperature=1.0, generator=None, position=None, cond=None, keep=None):
@@ -1296,15 +1303,6 @@ class PixelCNN(nn.Module):
         position, g, keep = self._noise(n, temperature, generator, position, keep)
         with _no_tf32():
             return self._scan(self._generate_cached(g, temperature, self._condition(n, position, cond), keep)[0])
-
-    def _keep(self, n, keep, device):
-        """keep as generate takes it -> (codes, redo) in scan order on device; None draws every code."""
-        if keep is None:
-            return None
-        shape = (n, self.config.height, self.config.width)
-        if tuple(keep[0].shape) != shape or tuple(keep[1].shape) != shape:
-            raise ValueError(f"keep must be two maps of {shape}, got {tuple(keep[0].shape)}, {tuple(keep[1].shape)}")
-        return tuple(self._scan(t.to(device), (1, 2)).contiguous() for t in keep)
 
     def _generate_cached(self, g, temperature, pos, keep=None, keep_logits=False):
         """The cached sampler on noise g (n, *shape, K) and the condition pos (n, C, *shape), keeping the
@@ -1533,18 +1531,13 @@ def sample_slices(vqvae, prior, n, temperature=1.0, generator=None, position=Non
     return torch.cat(out)
 
 
-def _tf32_knobs():
-    """(object, attribute, on, off) of the TF32 switches for matmuls and convolutions: torch's fp32_precision
-    API where it exists (torch >= 2.9; a program that set it may not read the legacy flags), else the flags."""
-    if hasattr(torch.backends, "fp32_precision"):
-        return [(torch.backends.cuda.matmul, "fp32_precision", "tf32", "ieee"),
-                (torch.backends.cudnn.conv, "fp32_precision", "tf32", "ieee")]
-    return [(torch.backends.cuda.matmul, "allow_tf32", True, False), (torch.backends.cudnn, "allow_tf32", True, False)]
-
-
 def set_tf32(on):
-    """TF32 for float32 matmuls and convolutions on, off, or as a list it returned; returns the previous list."""
-    knobs = _tf32_knobs()
+    """TF32 for float32 matmuls and convolutions on, off, or as a list it returned; returns the previous list.
+    Through torch's fp32_precision API where it exists (torch >= 2.9; a program that set it may not read the
+    legacy flags), else the allow_tf32 flags: (object, attribute, on, off) each."""
+    knobs = ([(torch.backends.cuda.matmul, "fp32_precision", "tf32", "ieee"), (torch.backends.cudnn.conv,
+              "fp32_precision", "tf32", "ieee")] if hasattr(torch.backends, "fp32_precision") else
+             [(torch.backends.cuda.matmul, "allow_tf32", True, False), (torch.backends.cudnn, "allow_tf32", True, False)])
     saved = [getattr(obj, name) for obj, name, _, _ in knobs]
     for k, (obj, name, yes, no) in enumerate(knobs):
         setattr(obj, name, on[k] if isinstance(on, list) else yes if on else no)

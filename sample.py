@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--evaluate", action="store_true", help="realism report against the test slices, into summary.json")
     p.add_argument("--repeats", type=int, default=1, help="with --evaluate: the two-sample score of samples "
                    "averaged over this many draws and critics (its spread on one model is about 0.02 a draw)")
+    p.add_argument("--judge", metavar="PATH", help="with --evaluate: a model.pt whose prior learnt this model's "
+                   "codes in the other scan order (train.py --stage prior --prior_transpose true in a copy of OUT); "
+                   "reports the bits it gives samples beyond their own (judge_excess_bits_*)")
     p.add_argument("--bench", action="store_true", help="time the cached sampler against the naive one")
     args = p.parse_args(argv)
     if args.n < 1:
@@ -69,6 +72,8 @@ def parse_args(argv=None):
     modes = [f"--{m}" for m in ("reconstruct", "surprise", "evaluate", "bench") if getattr(args, m)]
     if len(modes) > 1:
         fail(f"{' and '.join(modes)} are separate modes: give one")
+    if args.judge and not args.evaluate:
+        fail("--judge goes with --evaluate")
     if args.dest and Path(args.dest).exists() and not Path(args.dest).is_dir():
         fail(f"--dest {args.dest} is a file, not a folder")
     return args
@@ -100,6 +105,21 @@ def _load(args, need_prior):
         if args.position is not None and not prior.config.positional:
             raise vq.CheckpointError(f"the prior in {path} was trained without slice positions: drop --position")
     return ckpt, vqvae, prior, device
+
+
+def _judge(args, ckpt, prior, device):
+    """The prior of --judge's model.pt: one of this VQ-VAE's codes, scanning them in the other order."""
+    judge_ckpt = vq.load_checkpoint(args.judge)
+    if "prior" not in judge_ckpt or judge_ckpt.get("vqvae_fingerprint") != ckpt.get("vqvae_fingerprint"):
+        raise UsageError(f"--judge {args.judge} holds no prior of this VQ-VAE's codes: train one in a copy of "
+                         f"{args.out} (python train.py --stage prior --out COPY --prior_transpose true)")
+    judge = vq.load_prior(judge_ckpt).to(device)
+    if not isinstance(prior, vq.PixelCNN) or not isinstance(judge, vq.PixelCNN):
+        raise UsageError("--judge takes one-level priors only")
+    if judge.config.prior_transpose == prior.config.prior_transpose:  # it would share the prior's blind spots
+        raise UsageError(f"--judge {args.judge} scans the codes in the same order as the prior: train it with "
+                         f"--prior_transpose {str(not prior.config.prior_transpose).lower()}")
+    return judge
 
 
 def _save_nifti(path, image):
@@ -366,7 +386,7 @@ FIT = 1000  # training slices (and as many others) a two-sample critic learns fr
 
 @torch.no_grad()
 def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, rot90=1, temperature=1.0,
-                   position=None, repeats=1):
+                   position=None, repeats=1, judge=None):
     """How far decoded samples are from real held-out slices, beside the floor the decoder sets:
     two-sample scores (critics trained on up to FIT training slices against as many samples, or
     reconstructions, and scored on the test slices against as many fresh ones; "two_sample_prior": the
@@ -376,7 +396,8 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
     critic mirrors along the body's left-right axis. With fewer than 8 test or training slices the two-sample
     scores are left out (None), with a line saying so. repeats > 1: the samples' two-sample score is
     the mean over that many draws, each with its own critic (seeds seed, seed + 1, ...; the first is
-    the draw the other figures use), listed in "two_sample_samples_runs" and "two_sample_prior_runs"."""
+    the draw the other figures use), listed in "two_sample_samples_runs" and "two_sample_prior_runs".
+    judge: a prior of the same codes in the other scan order, for judge_report's figures."""
     n, fit = len(test), train[:FIT]
     g = torch.Generator(device).manual_seed(seed)
     samples, recon = vq.sample_slices(vqvae, prior, n, temperature, generator=g), vqvae.reconstruct(test)
@@ -430,7 +451,34 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
         f"{report['teacher_forced_changed']:.1%} of codes changed, ssim to the reconstruction "
         f"{report['teacher_forced_ssim']:.3f} (argmax {report['teacher_forced_changed_argmax']:.1%}, "
         f"{report['teacher_forced_ssim_argmax']:.3f})")
+    if judge is not None:
+        report.update(judge_report(prior, judge, vqvae.encode(test), position if prior.config.positional else None,
+                                   temperature, seed))
+        log(f"judge | samples cost the other-order prior {report['judge_excess_bits_samples']:.1f} bits a slice "
+            f"beyond their own (real test slices {report['judge_excess_bits_real']:.1f} +- "
+            f"{report['judge_excess_bits_real_std']:.1f})")
     return report
+
+
+@torch.no_grad()
+def judge_report(prior, judge, codes, position=None, temperature=1.0, seed=0, batch_size=64):
+    """What a prior of the same codes in the other scan order (judge) makes of prior's samples: per slice, the
+    judge's bits minus prior's own, -log2 p_judge(x) + log2 p_prior(x). On samples (as many as codes, drawn at
+    temperature, positions as in the training data) its mean estimates KL(samples || judge) at temperature 1;
+    on the real code maps codes (N, h, w) with their positions it is near 0 when both priors fit the data.
+    The orders share no blind spot: samples that hold together by the prior's order but not by the judge's
+    (a broken organ, an outline that does not close) cost the judge more."""
+    n, device = len(codes), next(prior.parameters()).device
+    g = torch.Generator(device).manual_seed(seed)
+    where = prior.draw_positions(n, g) if prior.config.positional else None
+    drawn = torch.cat([prior.generate(min(batch_size, n - k), temperature, g, None if where is None else
+                                      where[k:k + batch_size]) for k in range(0, n, batch_size)])
+
+    def excess(c, at):  # per slice
+        return (vq.code_bits(judge, c, at) - vq.code_bits(prior, c, at)).flatten(1).sum(1)
+    fake, real = excess(drawn, where), excess(codes, position)
+    return {"judge_excess_bits_samples": fake.mean().item(), "judge_excess_bits_real": real.mean().item(),
+            "judge_excess_bits_real_std": real.std().item() if n > 1 else 0.0}
 
 
 def draw_lesions(x, seed=0, share=0.5):
@@ -514,15 +562,18 @@ def lesion_report(vqvae, prior, x, position, surprise, seed=0, log=print):
 
 def evaluate(args):
     ckpt, vqvae, prior, device = _load(args, need_prior=True)
+    judge = _judge(args, ckpt, prior, device) if args.judge else None
     data = vq.load_splits(ckpt["data"])
     report = realism_report(vqvae, prior, data["test"], data["train"], args.seed, device, rot90=ckpt["data"]["rot90"],
-                            temperature=args.temperature, position=data["positions"]["test"], repeats=args.repeats)
+                            temperature=args.temperature, position=data["positions"]["test"], repeats=args.repeats,
+                            judge=judge)
     report.update(lesion_report(vqvae, prior, data["test"], data["positions"]["test"], _surprise_settings(ckpt, vqvae, prior, data),
                                 args.seed)[0])
     path = Path(args.out) / "summary.json"
     summary = read_summary(path)
     if summary and summary.get("vqvae_fingerprint") == ckpt.get("vqvae_fingerprint"):  # it describes this model.pt
-        summary = {k: v for k, v in summary.items() if not k.startswith("two_sample_")}  # the report's, whole
+        # the report's figures, whole: a run without --judge leaves no judge figures of an earlier one
+        summary = {k: v for k, v in summary.items() if not k.startswith(("two_sample_", "judge_"))}
         vq.save_json(path, {**summary, **report})
         print(f"added to {path}")
     else:

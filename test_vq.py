@@ -1160,6 +1160,50 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     assert again == report and "not saved" in capsys.readouterr().out  # a report, not a traceback
 
 
+def test_judge_scores_samples_by_a_prior_of_the_other_scan_order(tmp_path, capsys):
+    run, other = tmp_path / "run", tmp_path / "judge"
+    _train(run, "--realism", "false")
+    other.mkdir()
+    for name in ("vqvae.pt", "model.pt", "summary.json", "metrics.jsonl"):  # a copy, as the README says
+        shutil.copy(run / name, other / name)
+    train.main(["--out", str(other), "--stage", "prior", "--prior_epochs", "2", *TINY, "--prior_transpose", "true",
+                "--realism", "false"])
+    ckpt = vq.load_checkpoint(run / "model.pt")
+    vqvae, prior, judge = vq.VQVAE.from_checkpoint(ckpt), vq.load_prior(ckpt), vq.load_prior(other / "model.pt")
+    assert judge.config.prior_transpose and not prior.config.prior_transpose
+    report = sample.main(["--out", str(run), "--evaluate", "--seed", "3", "--judge", str(other / "model.pt")])
+    assert "judge |" in capsys.readouterr().out
+    saved = json.loads((run / "summary.json").read_text())
+    assert all(saved[k] == report[k] for k in ("judge_excess_bits_samples", "judge_excess_bits_real"))
+    plain = sample.main(["--out", str(run), "--evaluate", "--seed", "3"])  # without it: no stale judge figures
+    assert not any(k.startswith("judge_") for k in (*plain, *json.loads((run / "summary.json").read_text())))
+    # the real slices' figure, from the two priors' logits directly
+    data = vq.load_splits(ckpt["data"])
+    codes, where = vqvae.encode(data["test"]), data["positions"]["test"]
+    with torch.no_grad():
+        nll = [F.cross_entropy(m.eval()(codes, where), codes, reduction="none").sum((1, 2)) / math.log(2)
+               for m in (judge, prior)]
+    assert report["judge_excess_bits_real"] == pytest.approx((nll[0] - nll[1]).mean().item(), rel=1e-4, abs=1e-3)
+    assert report["judge_excess_bits_real_std"] == pytest.approx((nll[0] - nll[1]).std().item(), rel=1e-3, abs=1e-3)
+    # samples: a prior judging its own draws finds nothing beyond them; with a seed, the same draws
+    same = sample.judge_report(prior, prior, codes[:5], where[:5], seed=1)
+    assert all(abs(v) < 1e-3 for v in same.values())
+    a = sample.judge_report(prior, judge, codes, where, seed=1)
+    b = sample.judge_report(prior, judge, codes, where, seed=1, batch_size=3)  # batches draw the same maps
+    assert a["judge_excess_bits_samples"] == pytest.approx(b["judge_excess_bits_samples"], rel=1e-5)
+    assert a != sample.judge_report(prior, judge, codes, where, seed=2)
+    # usage: with --evaluate only; a prior of the same order or of another VQ-VAE's codes is refused
+    stranger = dict(vq.load_checkpoint(other / "model.pt"), vqvae_fingerprint="another")
+    vq.save_checkpoint(stranger, tmp_path / "stranger.pt")
+    for argv, says in (([], "goes with --evaluate"), (["--evaluate"], "same order"),
+                       (["--evaluate", "--judge", str(tmp_path / "stranger.pt")], "no prior of this VQ-VAE"),
+                       (["--evaluate", "--judge", str(tmp_path / "nothing.pt")], "no checkpoint")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--out", str(run), "--judge", str(run / "model.pt"), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
 def test_realism_false_trains_both_stages_without_the_report(tmp_path, capsys):
     # what kernels.gpu_check's timing runs pass: the report's host SSIM searches are not what they time
     train.main(["--out", str(tmp_path), "--epochs", "1", "--prior_epochs", "1", *TINY, "--realism", "false"])

@@ -797,7 +797,7 @@ def report_prior(run, data, vqvae, prior, surprise):
 
 # the figures of summary.json that describe the prior (they go when the prior does)
 PRIOR_FIGURES = ("prior_", "unigram_", "realism_", "two_sample_", "nearest_train_", "copies", "diversity_",
-                 "teacher_forced_", "lesion_", "seconds_prior", "epochs_prior")
+                 "teacher_forced_", "judge_", "lesion_", "seconds_prior", "epochs_prior")
 PRIOR_KEYS = ("prior_config", "prior", "prior_fingerprint", "surprise")  # model.pt's keys that the prior owns
 
 

@@ -400,7 +400,8 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
     judge: a prior of the same codes in the other scan order, for judge_report's figures."""
     n, fit = len(test), train[:FIT]
     g = torch.Generator(device).manual_seed(seed)
-    samples, recon = vq.sample_slices(vqvae, prior, n, temperature, generator=g), vqvae.reconstruct(test)
+    samples, codes = vq.sample_slices(vqvae, prior, n, temperature, generator=g), vqvae.encode(test)
+    recon = vqvae.decode(codes)
     report = {"realism_n": n, "realism_temperature": temperature}
     if min(n, len(fit)) >= 8:
         flip = -2 if rot90 % 2 else -1
@@ -452,7 +453,7 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
         f"{report['teacher_forced_ssim']:.3f} (argmax {report['teacher_forced_changed_argmax']:.1%}, "
         f"{report['teacher_forced_ssim_argmax']:.3f})")
     if judge is not None:
-        report.update(judge_report(prior, judge, vqvae.encode(test), position if prior.config.positional else None,
+        report.update(judge_report(prior, judge, codes, position if prior.config.positional else None,
                                    temperature, seed))
         log(f"judge | samples cost the other-order prior {report['judge_excess_bits_samples']:.1f} bits a slice "
             f"beyond their own (real test slices {report['judge_excess_bits_real']:.1f} +- "
@@ -468,11 +469,10 @@ def judge_report(prior, judge, codes, position=None, temperature=1.0, seed=0, ba
     on the real code maps codes (N, h, w) with their positions it is near 0 when both priors fit the data.
     The orders share no blind spot: samples that hold together by the prior's order but not by the judge's
     (a broken organ, an outline that does not close) cost the judge more."""
-    n, device = len(codes), next(prior.parameters()).device
-    g = torch.Generator(device).manual_seed(seed)
+    n = len(codes)
+    g = torch.Generator(next(prior.parameters()).device).manual_seed(seed)
     where = prior.draw_positions(n, g) if prior.config.positional else None
-    drawn = torch.cat([prior.generate(min(batch_size, n - k), temperature, g, None if where is None else
-                                      where[k:k + batch_size]) for k in range(0, n, batch_size)])
+    drawn = vq.sample_codes(prior, n, temperature, g, where, batch_size)
 
     def excess(c, at):  # per slice
         return (vq.code_bits(judge, c, at) - vq.code_bits(prior, c, at)).flatten(1).sum(1)

@@ -1519,16 +1519,17 @@ def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, te
 
 
 @torch.no_grad()
+def sample_codes(prior, n, temperature=1.0, generator=None, position=None, batch_size=64):
+    """n code maps (n, h, w), or (top, bottom) pairs, drawn by prior batch_size at a time (so the noise of a big
+    n never sits in memory at once), on position's device (the CPU). position: None, a number, or (n,) positions."""
+    where = torch.as_tensor(math.nan if position is None else position, dtype=torch.float32).expand(n)
+    return _batched(lambda p: prior.generate(len(p), temperature, generator, None if position is None else p),
+                    where, prior, batch_size)
+
+
 def sample_slices(vqvae, prior, n, temperature=1.0, generator=None, position=None, batch_size=64):
-    """n new slices (n, C, H, W) in [0, 1] on the CPU: code maps drawn by prior (batch_size at a time,
-    so the noise of a big n never sits in memory at once), decoded by vqvae. position: None, a
-    number, or (n,) positions."""
-    out = []
-    for k in range(0, n, batch_size):
-        m = min(batch_size, n - k)
-        p = position[k:k + m] if torch.is_tensor(position) and position.dim() else position
-        out.append(vqvae.decode(prior.generate(m, temperature, generator, p)).cpu())
-    return torch.cat(out)
+    """n new slices (n, C, H, W) in [0, 1] on the CPU: sample_codes decoded by vqvae."""
+    return vqvae.decode(sample_codes(prior, n, temperature, generator, position, batch_size), batch_size).cpu()
 
 
 def set_tf32(on):

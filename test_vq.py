@@ -1280,6 +1280,7 @@ def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):
     (["--size", "8", "8"], "at least 16"),
     (["--channels", "1"], "channels must be at least 8"),
     (["--levels", "3"], "levels must be 1 or 2"),
+    (["--compile", "--device", "cpu"], "--compile is for CUDA"),
 ])
 def test_train_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, says):
     with pytest.raises(SystemExit) as e:

@@ -105,7 +105,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default cuda when present)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
-    p.add_argument("--compile", action="store_true", help="torch.compile the models")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (CUDA only)")
     p.add_argument("--bf16", type=_bool, default=True, help="bf16 autocast on CUDA, and on CPUs with bf16 "
                    "instructions (default true)")
     p.add_argument("--realism", type=_bool, default=True,
@@ -161,6 +161,8 @@ class Run:
         if device == "cuda" and self.world > 1:
             device = f"cuda:{local}"
         self.device = torch.device(device)
+        if args.compile and self.device.type != "cuda":  # torch 2.13's CPU inductor segfaults on the prior
+            raise UsageError("--compile is for CUDA devices: on a CPU torch.compile crashed the prior's training")
         if self.device.type == "cuda" and self.device.index is None:  # set_device needs an index
             self.device = torch.device("cuda", torch.cuda.current_device())
         if self.world > 1 and not dist.is_initialized():

@@ -346,28 +346,24 @@ def _resolve(src):
 def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, workers=None, info=None):
     """Read 2D MR slices into one float tensor (N, 1, H, W) in [0, 1].
 
-    files_or_folder: a folder (its .nii / .nii.gz / .png slice files, naturally sorted; label files
-    named seg_* and *_seg_* folders are never read), a single file, or a list of files (kept in order).
-    Each file: singleton axes squeezed; a 2-D array is one image, a 3-D array one image per index of
-    its last axis; NaN/inf set to 0; each image mapped to [0, 1] by its 0.5 / 99.5 percentiles
-    (a constant image becomes zeros). Each slice is scaled by min(H/h, W/w) with antialiased linear
-    resampling, keeping its aspect ratio (untouched when already H x W), then zero-padded, centred,
-    to exactly H x W, where (H, W) = size. Array axis 0 stays H, as stored.
+    files_or_folder: a folder (its .nii / .nii.gz / .png slice files, naturally sorted; label files named seg_*
+    and *_seg_* folders are never read), a single file, or a list of files (kept in order). Each file: singleton
+    axes squeezed; a 2-D array is one image, a 3-D array one per index of its last axis; NaN/inf set to 0; each
+    image mapped to [0, 1] by its 0.5 / 99.5 percentiles (a constant one to zeros), scaled by min(H/h, W/w)
+    (antialiased linear, aspect kept, untouched when already H x W) and zero-padded, centred, to size (H, W).
+    Array axis 0 stays H, as stored.
 
-    Files that cannot be read (corrupt, empty, not NIfTI, not 2-D/3-D) are each named in a
-    SkippedFileWarning and left out; strict=True raises DataError on the first one instead.
-    Raises DataError for a missing folder or when nothing is readable. PNG needs Pillow.
+    Unreadable files (corrupt, empty, not NIfTI, not 2-D/3-D) are each named in a SkippedFileWarning and left
+    out; strict=True raises DataError on the first one. DataError for a missing folder or nothing readable.
+    PNG needs Pillow. Decoding runs on `workers` threads (default: all cores; serial under 64 files); the result
+    is cached as float16 (float16-exact either way) in cache_dir (default $VQ_CACHE_DIR, else
+    ~/.cache/vq_slices; False: off), keyed by the files' paths, sizes and mtimes, size and the preprocessing
+    version; a warm load repeats the warnings.
 
-    Decoding runs on `workers` threads (default: all cores; serial under 64 files). The result is
-    cached as float16 in cache_dir (default $VQ_CACHE_DIR, else ~/.cache/vq_slices; False: off), keyed
-    by the files' paths, sizes and mtimes, size and the preprocessing version; a warm load repeats the
-    warnings. Values are float16-exact whether cached or not.
-
-    info: if a dict, filled with {"skipped": [(path, reason), ...], "nonfinite": count of NaN/inf
-    zeroed, "files": number of files, "cached": whether this came from the cache, "positions": each
-    image's position in its volume in [0, 1] (Z / the largest Z of its volume for names like
-    case_004_week_0_slice_Z; k / (n - 1) for image k of an n-slice file), or None when a name
-    carries no slice number}.
+    info: if a dict, filled with {"skipped": [(path, reason), ...], "nonfinite": NaN/inf zeroed, "files",
+    "cached", "positions": each image's position in its volume in [0, 1] (Z / the largest Z of its volume for
+    names like case_004_week_0_slice_Z; k / (n - 1) for image k of an n-slice file), or None without slice
+    numbers}.
     """
     files, where = _resolve(files_or_folder)
     size = (int(size[0]), int(size[1]))
@@ -651,21 +647,12 @@ def _ssim_terms(x, y, data_range=1.0):
 
 
 def ssim(x, y, data_range=1.0, foreground=None):
-    """Structural similarity per image, as scikit-image computes it.
-
-    Equal to `skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False, data_range=data_range)` (window 11, K1 0.01, K2 0.03), averaged
-    over the pixels at least 5 from the border, which is where scikit-image averages too.
-
-    Args:
-        x, y: (B, 1, H, W) or (B, H, W) tensors, H and W at least 11; x is the original.
-        data_range: the value range of the images (1.0 for [0, 1] images).
-        foreground: None, or a fraction of data_range: then average only over the body, the
-            pixels where the Gaussian-weighted local mean of x exceeds it (0.1 leaves out the
-            black background, whose easy SSIM would flatter a blurry reconstruction).
-    Returns:
-        (B,) float32 tensor of SSIM values (NaN for an image with no foreground pixel).
-    """
+    """Structural similarity per image (B,) float32, equal to scikit-image's `structural_similarity(
+    gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=data_range)` (window 11, K1 0.01,
+    K2 0.03, averaged over the pixels at least 5 from the border). x, y: (B, 1, H, W) or (B, H, W), H and W at
+    least 11; x is the original. foreground: None, or a fraction of data_range: average only over the body, where
+    the Gaussian-weighted local mean of x exceeds it (0.1 leaves out the black background, whose easy SSIM
+    would flatter a blurry reconstruction); NaN for an image with no such pixel."""
     if x.shape != y.shape:
         raise ValueError(f"ssim needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
     x = x.reshape(-1, 1, *x.shape[-2:])  # (B, 1, H, W)
@@ -1290,16 +1277,11 @@ class PixelCNN(nn.Module):
     def generate(self, n, temperature=1.0, generator=None, position=None, cond=None, keep=None):
         """Sample n code maps in scan order: returns codes (n, h, w) int64. Incremental (_SamplerState: a few
         (n, 2C) matmuls per position and layer); code (i, j) is argmax(logits / temperature + Gumbel noise drawn
-        up front from `generator`), so `generate_naive` gives the same codes (up to rounding at near-ties).
-
-        n: number of maps, >= 1. temperature: > 0; below 1 sharpens, above 1 flattens.
-        generator: a torch.Generator on the model's device, for reproducible samples.
-        position: for a positional prior, the slices' position in their volume in [0, 1], a number
-            or (n,) tensor; None draws positions as the training data has them.
-        cond: for a prior conditioned on top codes, those codes (n, h/2, w/2).
-        keep: None, or (codes (n, h, w), redo (n, h, w) bool): conditional resampling, where every code
-            with redo False is kept as given and the others are drawn given all codes before them.
-        """
+        up front from `generator`, a torch.Generator on the model's device), so `generate_naive` gives the same
+        codes (up to rounding at near-ties). n >= 1; temperature > 0 (below 1 sharpens). position: for a
+        positional prior, the slices' position in their volume in [0, 1], a number or (n,); None draws positions
+        as the training data has them. cond: the top codes (n, h/2, w/2) of a conditioned prior. keep: None, or
+        (codes (n, h, w), redo (n, h, w) bool): codes with redo False kept, the others drawn given all before."""
         position, g, keep = self._noise(n, temperature, generator, position, keep)
         with _no_tf32():
             return self._scan(self._generate_cached(g, temperature, self._condition(n, position, cond), keep)[0])

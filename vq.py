@@ -1390,10 +1390,8 @@ def as_levels(codes):
 def code_nats(logits, codes):
     """Mean cross-entropy per code, in nats, of logits (B, K, h, w) for codes (B, h, w), or of
     tuples of them (one per level), averaged over all codes of all levels."""
-    if torch.is_tensor(codes):
-        return F.cross_entropy(logits.float(), codes)
-    total = sum(F.cross_entropy(lg.float(), c, reduction="sum") for lg, c in zip(logits, codes))
-    return total / sum(c.numel() for c in codes)
+    pairs = list(zip(as_levels(logits), as_levels(codes)))
+    return sum(F.cross_entropy(lg.float(), c, reduction="sum") for lg, c in pairs) / sum(c.numel() for _, c in pairs)
 
 
 @torch.no_grad()

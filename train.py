@@ -778,12 +778,21 @@ def train_prior(run, data, vqvae, fingerprint):
     }, {"prior_config": saved_cfg, "prior": prior.state_dict(), "surprise": surprise}
 
 
+def _real_over_samples(test, samples, rot90):
+    """Up to 8 test slices, evenly spaced, over a grey band over the samples (8 a row): what a reader compares."""
+    real = test[torch.linspace(0, len(test) - 1, min(8, len(test))).round().long()]
+    top, bottom = image_grid(real, ncol=8, rot90=rot90), image_grid(samples, ncol=8, rot90=rot90)
+    top = np.pad(top, ((0, 0), (0, bottom.shape[1] - top.shape[1])), constant_values=1)  # fewer than 8 test slices
+    return np.concatenate([top, np.full((6, bottom.shape[1]), 0.5, np.float32), bottom])
+
+
 def report_prior(run, data, vqvae, prior, surprise):
     """Samples and positions pictures, then (with --realism) the realism and lesion reports: run after
     model.pt holds the prior, so a report that fails loses no training."""
     args, rot, pos = run.args, data["settings"]["rot90"], data["positions"]
     g = torch.Generator(run.device).manual_seed(args.seed)
-    save_png(run.out / "samples.png", image_grid(vq.sample_slices(vqvae, prior, 16, generator=g), ncol=8, rot90=rot))
+    samples = vq.sample_slices(vqvae, prior, 16, generator=g)
+    save_png(run.out / "samples.png", _real_over_samples(data["test"], samples, rot))
     if prior.config.positional:  # columns from the first slice of a volume (0) to the last (1), two rows
         where = torch.linspace(0, 1, 8, device=run.device).repeat(2)
         strip = vq.sample_slices(vqvae, prior, 16, generator=g, position=where)

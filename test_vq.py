@@ -1094,6 +1094,14 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     curves = (tmp_path / "curves.png").read_bytes()
     assert curves[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(curves[16:20], "big") > 3 * 200  # three panels
     assert 0 < s["test_ssim_body_mean"] <= 1 and len(s["test_best"]) == 4
+    assert 0 <= s["two_sample_samples"] <= 1 and 0 <= s["copies"] <= 1 and s["realism_n"] == 16
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert ckpt["vqvae_config"]["n_codes"] == 32 and ckpt["prior_config"]["prior_layers"] == 3
+    assert ckpt["data"]["size"] == [32, 32] and ckpt["prior_config"]["positional"]  # phantom levels
+    test = vq.load_splits(ckpt["data"])["test"]
+    recon = vq.VQVAE.from_checkpoint(ckpt).reconstruct(test)
+    assert s["diversity_recon"] == pytest.approx(sample.pair_ssim(recon), abs=1e-6) != s["diversity_real"]
+    assert torch.equal(ckpt["prior"]["embed.weight"], result["prior"].state_dict()["embed.weight"])
     # samples.png: the first, middle and last of 8 evenly spaced test slices (32 x 32, shown turned), a grey band,
     # then two rows of samples; read back through zlib alone
     png = (tmp_path / "samples.png").read_bytes()
@@ -1105,19 +1113,10 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
         i += 12 + n
     pic = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, w + 1)[:, 1:] / 255
     assert (w, h) == (2 + 8 * 34, (2 + 34) + 6 + (2 + 2 * 34))
-    test = vq.load_splits(torch.load(tmp_path / "model.pt", weights_only=True)["data"])["test"]
-    rot = torch.load(tmp_path / "model.pt", weights_only=True)["data"]["rot90"]
     for col, k in ((0, 0), (4, 9), (7, 15)):  # linspace(0, 15, 8) rounded: 0, 2, 4, 6, 9, 11, 13, 15
         tile = pic[2:34, 2 + 34 * col:34 + 34 * col]
-        assert np.abs(tile - np.rot90(test[k, 0].numpy(), rot)).max() <= 0.6 / 255, (col, k)
+        assert np.abs(tile - np.rot90(test[k, 0].numpy(), ckpt["data"]["rot90"])).max() <= 0.6 / 255, (col, k)
     assert np.allclose(pic[36:42], 128 / 255)  # the band
-    assert 0 <= s["two_sample_samples"] <= 1 and 0 <= s["copies"] <= 1 and s["realism_n"] == 16
-    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert ckpt["vqvae_config"]["n_codes"] == 32 and ckpt["prior_config"]["prior_layers"] == 3
-    assert ckpt["data"]["size"] == [32, 32] and ckpt["prior_config"]["positional"]  # phantom levels
-    recon = vq.VQVAE.from_checkpoint(ckpt).reconstruct(vq.load_splits(ckpt["data"])["test"])
-    assert s["diversity_recon"] == pytest.approx(sample.pair_ssim(recon), abs=1e-6) != s["diversity_real"]
-    assert torch.equal(ckpt["prior"]["embed.weight"], result["prior"].state_dict()["embed.weight"])
 
     images = sample.main(["--out", str(tmp_path), "--n", "3", "--seed", "7"])
     again = sample.main(["--out", str(tmp_path), "--n", "3", "--seed", "7", "--dest", str(tmp_path / "b")])

@@ -7,6 +7,7 @@
     python sample.py --evaluate                    # realism report against the held-out test slices
     python sample.py --evaluate --repeats 4        # its two-sample score averaged over 4 draws and critics
     python sample.py --bench --n 16                # cached sampler against the naive one
+    python sample.py --blind out_b                 # this run's and out_b's samples shuffled: judge, then the key
 """
 
 import argparse
@@ -59,6 +60,9 @@ def parse_args(argv=None):
                    "codes in the other scan order (train.py --stage prior --prior_transpose true in a copy of OUT); "
                    "reports the bits it gives samples beyond their own (judge_excess_bits_*)")
     p.add_argument("--bench", action="store_true", help="time the cached sampler against the naive one")
+    p.add_argument("--blind", metavar="RUN", help="--n samples of OUT and as many of RUN (another training output "
+                   "folder, or 'test': OUT's reconstructions of random test slices) shuffled into blind.png, to be "
+                   "judged before blind_key.json says which is which (default dest OUT/blind_seedS)")
     args = p.parse_args(argv)
     if args.n < 1:
         fail(f"--n must be at least 1, got {args.n}")
@@ -69,7 +73,7 @@ def parse_args(argv=None):
     if args.position is not None and not 0 <= args.position <= 1:
         fail(f"--position must be between 0 and 1, got {args.position}")
     check_seed_and_device(args)
-    modes = [f"--{m}" for m in ("reconstruct", "surprise", "evaluate", "bench") if getattr(args, m)]
+    modes = [f"--{m}" for m in ("reconstruct", "surprise", "evaluate", "bench", "blind") if getattr(args, m)]
     if len(modes) > 1:
         fail(f"{' and '.join(modes)} are separate modes: give one")
     if args.judge and not args.evaluate:
@@ -140,6 +144,41 @@ def generate(args):
         _save_nifti(dest / f"sample_{i:03d}.nii.gz", im[0].numpy())  # as stored: the input slices' orientation
     print(f"wrote {args.n} samples to {dest} (grid.png and sample_*.nii.gz)")
     return images
+
+
+def blind(args):
+    """A blind comparison of two runs (or of a run and real slices): --n images of each, OUT's samples (seed
+    --seed) and --blind's (samples with seed --seed + 1, or reconstructed test slices), shuffled into one
+    picture, 8 a row; blind_key.json names each tile's source, to be read only after each tile is judged
+    (for instance: organs whole or not). Returns (the images in the picture's order, their sources)."""
+    arms, images, settings = [args.out, args.blind], [], []
+    for k, run in enumerate(arms):
+        real = run == "test"
+        ckpt, vqvae, prior, device = _load(argparse.Namespace(**{**vars(args), "out": arms[0] if real else run}),
+                                           need_prior=not real)
+        settings.append((ckpt["data"]["size"], ckpt["data"]["rot90"]))
+        if settings[k] != settings[0]:
+            raise UsageError(f"--blind {run}: its slices are {settings[k][0]} (rot90 {settings[k][1]}), "
+                             f"{arms[0]}'s {settings[0][0]} (rot90 {settings[0][1]}): compare runs of one size")
+        g = torch.Generator(device).manual_seed(args.seed + k)
+        if real:
+            test = vq.load_splits(ckpt["data"])["test"]
+            if len(test) < args.n:
+                raise UsageError(f"--blind test: {len(test)} test slices, fewer than --n {args.n}")
+            pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:args.n]
+            images.append(vqvae.reconstruct(test[pick].to(device)).cpu())
+        else:
+            images.append(vq.sample_slices(vqvae, prior, args.n, args.temperature, g, args.position))
+    order = torch.randperm(2 * args.n, generator=torch.Generator().manual_seed(args.seed))
+    shown, sources = torch.cat(images)[order], [arms[i // args.n] for i in order.tolist()]
+    dest = Path(args.dest or Path(args.out) / f"blind_seed{args.seed}")
+    dest.mkdir(parents=True, exist_ok=True)
+    grid = image_grid(shown, ncol=8, rot90=settings[0][1])
+    scale = max(1, 256 // shown.shape[-2])  # small slices enlarged, to be judged by eye
+    save_png(dest / "blind.png", grid.repeat(scale, 0).repeat(scale, 1))
+    vq.save_json(dest / "blind_key.json", {"tiles": sources, "counts": {a: sources.count(a) for a in arms}})
+    print(f"wrote {dest / 'blind.png'} ({2 * args.n} tiles, 8 a row): judge each, then read {dest / 'blind_key.json'}")
+    return shown, sources
 
 
 def _write_slices(path, x):
@@ -601,6 +640,8 @@ def main(argv=None):
             return surprise(args)
         if args.evaluate:
             return evaluate(args)
+        if args.blind:
+            return blind(args)
         return bench(args) if args.bench else generate(args)
     except (UsageError, vq.CheckpointError, vq.DataError) as e:
         fail(str(e))

@@ -1221,6 +1221,44 @@ def test_judge_scores_samples_by_a_prior_of_the_other_scan_order(tmp_path, capsy
         assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, (argv, err)
 
 
+def test_blind_comparison_shuffles_two_sources_and_keys_them(tmp_path, capsys):
+    run = tmp_path / "run"
+    _train(run, "--realism", "false")
+    ckpt = vq.load_checkpoint(run / "model.pt")
+    vqvae, prior = vq.VQVAE.from_checkpoint(ckpt), vq.load_prior(ckpt)
+    test = vq.load_splits(ckpt["data"])["test"]
+    shown, sources = sample.main(["--out", str(run), "--blind", "test", "--n", "5", "--seed", "4"])
+    key = json.loads((run / "blind_seed4" / "blind_key.json").read_text())
+    assert key["tiles"] == sources and key["counts"] == {str(run): 5, "test": 5} and sources != sorted(sources)
+    assert (run / "blind_seed4" / "blind.png").exists() and "judge each" in capsys.readouterr().out
+
+    def matched(tiles, pool):  # each tile is one image of pool, none twice
+        gap = (tiles[:, None] - pool[None]).abs().flatten(2).amax(2)  # (tiles, pool)
+        return bool((gap.min(1).values < 1e-5).all()) and len(set(gap.argmin(1).tolist())) == len(tiles)
+
+    mine = vq.sample_slices(vqvae, prior, 5, generator=torch.Generator().manual_seed(4))
+    is_mine = torch.tensor([s == str(run) for s in sources])
+    assert matched(shown[is_mine], mine) and matched(shown[~is_mine], vqvae.reconstruct(test))
+    assert not matched(shown[~is_mine], mine)
+    # a run against itself: the second source draws with the next seed
+    shown, sources = sample.main(["--out", str(run), "--blind", str(run), "--n", "3", "--seed", "4",
+                                  "--dest", str(tmp_path / "self")])
+    first, second = (vq.sample_slices(vqvae, prior, 3, generator=torch.Generator().manual_seed(k)) for k in (4, 5))
+    assert sources.count(str(run)) == 6 and matched(shown, torch.cat([first, second]))
+    # usage: a run of another size, more real slices than the test split has, a second mode
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    vq.save_checkpoint({**ckpt, "data": {**ckpt["data"], "size": [64, 32]}}, stranger / "model.pt")
+    for argv, says in ((["--blind", str(stranger)], "compare runs of one size"),
+                       (["--blind", "test", "--n", "17"], "fewer than --n 17"),
+                       (["--blind", str(tmp_path / "none")], "no checkpoint"),
+                       (["--blind", "test", "--evaluate"], "separate modes")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--out", str(run), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
 def test_realism_false_trains_both_stages_without_the_report(tmp_path, capsys):
     # what kernels.gpu_check's timing runs pass: the report's host SSIM searches are not what they time
     train.main(["--out", str(tmp_path), "--epochs", "1", "--prior_epochs", "1", *TINY, "--realism", "false"])

@@ -61,8 +61,9 @@ def parse_args(argv=None):
                    "reports the bits it gives samples beyond their own (judge_excess_bits_*)")
     p.add_argument("--bench", action="store_true", help="time the cached sampler against the naive one")
     p.add_argument("--blind", metavar="RUN", help="--n samples of OUT and as many of RUN (another training output "
-                   "folder, or 'test': OUT's reconstructions of random test slices) shuffled into blind.png, to be "
-                   "judged before blind_key.json says which is which (default dest OUT/blind_seedS)")
+                   "folder, or 'test' / 'train': OUT's reconstructions of random slices of that split; a folder so "
+                   "named: ./test) shuffled into blind.png, to be judged before blind_key.json says which is which "
+                   "(default dest OUT/blind_seedS)")
     args = p.parse_args(argv)
     if args.n < 1:
         fail(f"--n must be at least 1, got {args.n}")
@@ -148,12 +149,13 @@ def generate(args):
 
 def blind(args):
     """A blind comparison of two runs (or of a run and real slices): --n images of each, OUT's samples (seed
-    --seed) and --blind's (samples with seed --seed + 1, or reconstructed test slices), shuffled into one
+    --seed) and --blind's (samples with seed --seed + 1, or reconstructions of random slices of OUT's "test" or
+    "train" split: train where the test split holds one region of the anatomy), shuffled into one
     picture, 8 a row; blind_key.json names each tile's source, to be read only after each tile is judged
     (for instance: organs whole or not). Returns (the images in the picture's order, their sources)."""
     arms, images, settings = [args.out, args.blind], [], []
     for k, run in enumerate(arms):
-        real = run == "test"
+        real = run in ("test", "train")  # a split of OUT's data
         ckpt, vqvae, prior, device = _load(argparse.Namespace(**{**vars(args), "out": arms[0] if real else run}),
                                            need_prior=not real)
         settings.append((ckpt["data"]["size"], ckpt["data"]["rot90"]))
@@ -162,11 +164,11 @@ def blind(args):
                              f"{arms[0]}'s {settings[0][0]} (rot90 {settings[0][1]}): compare runs of one size")
         g = torch.Generator(device).manual_seed(args.seed + k)
         if real:
-            test = vq.load_splits(ckpt["data"])["test"]
-            if len(test) < args.n:
-                raise UsageError(f"--blind test: {len(test)} test slices, fewer than --n {args.n}")
-            pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:args.n]
-            images.append(vqvae.reconstruct(test[pick].to(device)).cpu())
+            x = vq.load_splits(ckpt["data"])[run]
+            if len(x) < args.n:
+                raise UsageError(f"--blind {run}: {len(x)} {run} slices, fewer than --n {args.n}")
+            pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[:args.n]
+            images.append(vqvae.reconstruct(x[pick].to(device)).cpu())
         else:
             images.append(vq.sample_slices(vqvae, prior, args.n, args.temperature, g, args.position))
     order = torch.randperm(2 * args.n, generator=torch.Generator().manual_seed(args.seed))

@@ -1240,6 +1240,11 @@ def test_blind_comparison_shuffles_two_sources_and_keys_them(tmp_path, capsys):
     is_mine = torch.tensor([s == str(run) for s in sources])
     assert matched(shown[is_mine], mine) and matched(shown[~is_mine], vqvae.reconstruct(test))
     assert not matched(shown[~is_mine], mine)
+    shown, sources = sample.main(["--out", str(run), "--blind", "train", "--n", "5", "--seed", "4", "--dest",
+                                  str(tmp_path / "train")])
+    train_recon = vqvae.reconstruct(vq.load_splits(ckpt["data"])["train"])
+    is_mine = torch.tensor([s == str(run) for s in sources])
+    assert matched(shown[~is_mine], train_recon) and not matched(shown[~is_mine], vqvae.reconstruct(test))
     # a run against itself: the second source draws with the next seed
     shown, sources = sample.main(["--out", str(run), "--blind", str(run), "--n", "3", "--seed", "4",
                                   "--dest", str(tmp_path / "self")])

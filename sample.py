@@ -64,6 +64,8 @@ def parse_args(argv=None):
                    "folder, or 'test' / 'train': OUT's reconstructions of random slices of that split; a folder so "
                    "named: ./test) shuffled into blind.png, to be judged before blind_key.json says which is which "
                    "(default dest OUT/blind_seedS)")
+    p.add_argument("--calls", metavar="0,1,...", help="with --blind: your call on each tile of blind.png in reading "
+                   "order (1: say yes, 0: no); counts them by source from blind_key.json, drawing nothing")
     args = p.parse_args(argv)
     if args.n < 1:
         fail(f"--n must be at least 1, got {args.n}")
@@ -79,6 +81,8 @@ def parse_args(argv=None):
         fail(f"{' and '.join(modes)} are separate modes: give one")
     if args.judge and not args.evaluate:
         fail("--judge goes with --evaluate")
+    if args.calls is not None and not args.blind:
+        fail("--calls goes with --blind")
     if args.dest and Path(args.dest).exists() and not Path(args.dest).is_dir():
         fail(f"--dest {args.dest} is a file, not a folder")
     return args
@@ -152,7 +156,11 @@ def blind(args):
     --seed) and --blind's (samples with seed --seed + 1, or reconstructions of random slices of OUT's "test" or
     "train" split: train where the test split holds one region of the anatomy), shuffled into one
     picture, 8 a row; blind_key.json names each tile's source, to be read only after each tile is judged
-    (for instance: organs whole or not). Returns (the images in the picture's order, their sources)."""
+    (for instance: organs whole or not); with --calls, those calls counted by source. Returns (the images
+    in the picture's order, their sources "a" (OUT) or "b" (--blind)), or the counts."""
+    dest = Path(args.dest or Path(args.out) / f"blind_seed{args.seed}")
+    if args.calls is not None:
+        return _count_calls(dest / "blind_key.json", args.calls)
     arms, images, settings = [args.out, args.blind], [], []
     for k, run in enumerate(arms):
         real = run in ("test", "train")  # a split of OUT's data
@@ -172,15 +180,31 @@ def blind(args):
         else:
             images.append(vq.sample_slices(vqvae, prior, args.n, args.temperature, g, args.position))
     order = torch.randperm(2 * args.n, generator=torch.Generator().manual_seed(args.seed))
-    shown, sources = torch.cat(images)[order], [arms[i // args.n] for i in order.tolist()]
-    dest = Path(args.dest or Path(args.out) / f"blind_seed{args.seed}")
+    shown, sources = torch.cat(images)[order], ["ab"[i // args.n] for i in order.tolist()]
     dest.mkdir(parents=True, exist_ok=True)
     grid = image_grid(shown, ncol=8, rot90=settings[0][1])
     scale = max(1, 256 // shown.shape[-2])  # small slices enlarged, to be judged by eye
     save_png(dest / "blind.png", grid.repeat(scale, 0).repeat(scale, 1))
-    vq.save_json(dest / "blind_key.json", {"tiles": sources, "counts": {a: sources.count(a) for a in arms}})
-    print(f"wrote {dest / 'blind.png'} ({2 * args.n} tiles, 8 a row): judge each, then read {dest / 'blind_key.json'}")
+    vq.save_json(dest / "blind_key.json", {"a": arms[0], "b": arms[1], "tiles": sources})
+    print(f"wrote {dest / 'blind.png'} ({2 * args.n} tiles, 8 a row): judge each, then give your calls with "
+          f"--calls (or read {dest / 'blind_key.json'})")
     return shown, sources
+
+
+def _count_calls(path, calls):
+    """--calls '1,0,...' against the key of a blind picture: {"a": OUT's tiles called 1, "b": --blind's}."""
+    try:
+        key = json.loads(path.read_text())
+        tiles, _, _ = key["tiles"], key["a"], key["b"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"no blind key at {path}: draw the picture first (same --out, --dest and --seed)")
+    said = calls.replace(" ", "").split(",")
+    if len(said) != len(tiles) or not set(said) <= {"0", "1"}:
+        raise UsageError(f"--calls: give {len(tiles)} calls of 0 or 1, one per tile in reading order, got {calls!r}")
+    counts = {a: sum(int(c) for c, t in zip(said, tiles) if t == a) for a in "ab"}
+    for a in "ab":
+        print(f"{a}: {key[a]}: {counts[a]} of {tiles.count(a)} called 1")
+    return counts
 
 
 def _write_slices(path, x):

@@ -1229,35 +1229,43 @@ def test_blind_comparison_shuffles_two_sources_and_keys_them(tmp_path, capsys):
     test = vq.load_splits(ckpt["data"])["test"]
     shown, sources = sample.main(["--out", str(run), "--blind", "test", "--n", "5", "--seed", "4"])
     key = json.loads((run / "blind_seed4" / "blind_key.json").read_text())
-    assert key["tiles"] == sources and key["counts"] == {str(run): 5, "test": 5} and sources != sorted(sources)
+    assert key == {"a": str(run), "b": "test", "tiles": sources} and sources != sorted(sources)
+    assert sources.count("a") == sources.count("b") == 5
     assert (run / "blind_seed4" / "blind.png").exists() and "judge each" in capsys.readouterr().out
+    calls = torch.randint(0, 2, (10,), generator=torch.Generator().manual_seed(1)).tolist()  # counted, nothing drawn
+    counts = sample.main(["--out", str(run), "--blind", "test", "--seed", "4", "--calls", ",".join(map(str, calls))])
+    assert counts == {a: sum(c for c, t in zip(calls, sources) if t == a) for a in "ab"}
+    assert f"b: test: {counts['b']} of 5 called 1" in capsys.readouterr().out
 
     def matched(tiles, pool):  # each tile is one image of pool, none twice
         gap = (tiles[:, None] - pool[None]).abs().flatten(2).amax(2)  # (tiles, pool)
         return bool((gap.min(1).values < 1e-5).all()) and len(set(gap.argmin(1).tolist())) == len(tiles)
 
     mine = vq.sample_slices(vqvae, prior, 5, generator=torch.Generator().manual_seed(4))
-    is_mine = torch.tensor([s == str(run) for s in sources])
+    is_mine = torch.tensor([s == "a" for s in sources])
     assert matched(shown[is_mine], mine) and matched(shown[~is_mine], vqvae.reconstruct(test))
     assert not matched(shown[~is_mine], mine)
     shown, sources = sample.main(["--out", str(run), "--blind", "train", "--n", "5", "--seed", "4", "--dest",
                                   str(tmp_path / "train")])
     train_recon = vqvae.reconstruct(vq.load_splits(ckpt["data"])["train"])
-    is_mine = torch.tensor([s == str(run) for s in sources])
+    is_mine = torch.tensor([s == "a" for s in sources])
     assert matched(shown[~is_mine], train_recon) and not matched(shown[~is_mine], vqvae.reconstruct(test))
     # a run against itself: the second source draws with the next seed
     shown, sources = sample.main(["--out", str(run), "--blind", str(run), "--n", "3", "--seed", "4",
                                   "--dest", str(tmp_path / "self")])
     first, second = (vq.sample_slices(vqvae, prior, 3, generator=torch.Generator().manual_seed(k)) for k in (4, 5))
-    assert sources.count(str(run)) == 6 and matched(shown, torch.cat([first, second]))
-    # usage: a run of another size, more real slices than the test split has, a second mode
+    is_a = torch.tensor([s == "a" for s in sources])
+    assert matched(shown[is_a], first) and matched(shown[~is_a], second) and not matched(shown[~is_a], first)
+    # usage: a run of another size, more real slices than the split has, a second mode, calls astray
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     vq.save_checkpoint({**ckpt, "data": {**ckpt["data"], "size": [64, 32]}}, stranger / "model.pt")
     for argv, says in ((["--blind", str(stranger)], "compare runs of one size"),
                        (["--blind", "test", "--n", "17"], "fewer than --n 17"),
                        (["--blind", str(tmp_path / "none")], "no checkpoint"),
-                       (["--blind", "test", "--evaluate"], "separate modes")):
+                       (["--blind", "test", "--evaluate"], "separate modes"), (["--calls", "1"], "goes with --blind"),
+                       (["--blind", "test", "--seed", "4", "--calls", "1,0"], "give 10 calls"),
+                       (["--blind", "test", "--seed", "5", "--calls", "1"], "no blind key")):
         with pytest.raises(SystemExit) as e:
             sample.main(["--out", str(run), *argv])
         err = capsys.readouterr().err

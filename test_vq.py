@@ -1801,6 +1801,8 @@ def test_two_level_train_and_sample(tmp_path, capsys):
                                                       + 32 * s["prior_bits_per_code_bottom"], rel=1e-5)
     images = sample.main(["--out", str(tmp_path), "--n", "3", "--position", "0.4", "--temperature", "0.8"])
     assert images.shape == (3, 1, 32, 16)
+    shown, sources = sample.main(["--out", str(tmp_path), "--blind", "test", "--n", "3", "--position", "0.4"])
+    assert shown.shape == (6, 1, 32, 16) and sorted(sources) == ["a"] * 3 + ["b"] * 3
     bench = sample.main(["--out", str(tmp_path), "--n", "2", "--bench"])
     assert all(map(torch.equal, vq.as_levels(bench["cached"][1]), vq.as_levels(bench["naive"][1])))
     folder = tmp_path / "samples_seed0_t0.8_p0.4"

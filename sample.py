@@ -161,31 +161,31 @@ def blind(args):
     dest = Path(args.dest or Path(args.out) / f"blind_seed{args.seed}")
     if args.calls is not None:
         return _count_calls(dest / "blind_key.json", args.calls)
-    arms, images, settings = [args.out, args.blind], [], []
-    for k, run in enumerate(arms):
-        real = run in ("test", "train")  # a split of OUT's data
-        ckpt, vqvae, prior, device = _load(argparse.Namespace(**{**vars(args), "out": arms[0] if real else run}),
-                                           need_prior=not real)
-        settings.append((ckpt["data"]["size"], ckpt["data"]["rot90"]))
-        if settings[k] != settings[0]:
-            raise UsageError(f"--blind {run}: its slices are {settings[k][0]} (rot90 {settings[k][1]}), "
-                             f"{arms[0]}'s {settings[0][0]} (rot90 {settings[0][1]}): compare runs of one size")
-        g = torch.Generator(device).manual_seed(args.seed + k)
-        if real:
-            x = vq.load_splits(ckpt["data"])[run]
-            if len(x) < args.n:
-                raise UsageError(f"--blind {run}: {len(x)} {run} slices, fewer than --n {args.n}")
-            pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[:args.n]
-            images.append(vqvae.reconstruct(x[pick].to(device)).cpu())
-        else:
-            images.append(vq.sample_slices(vqvae, prior, args.n, args.temperature, g, args.position))
+    ckpt, vqvae, prior, device = _load(args, need_prior=True)
+    draw = lambda model, p, k: vq.sample_slices(  # noqa: E731
+        model, p, args.n, args.temperature, torch.Generator(device).manual_seed(args.seed + k), args.position)
+    if args.blind in ("test", "train"):  # a split of OUT's data
+        x = vq.load_splits(ckpt["data"])[args.blind]
+        if len(x) < args.n:
+            raise UsageError(f"--blind {args.blind}: {len(x)} {args.blind} slices, fewer than --n {args.n}")
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[:args.n]
+        second = vqvae.reconstruct(x[pick].to(device)).cpu()
+    else:  # another run, its size checked before anything is drawn
+        theirs_ckpt, theirs_vqvae, theirs_prior, _ = _load(argparse.Namespace(**{**vars(args), "out": args.blind}),
+                                                           need_prior=True)
+        mine, theirs = ((c["data"]["size"], c["data"]["rot90"]) for c in (ckpt, theirs_ckpt))
+        if theirs != mine:
+            raise UsageError(f"--blind {args.blind}: its slices are {theirs[0]} (rot90 {theirs[1]}), {args.out}'s "
+                             f"{mine[0]} (rot90 {mine[1]}): compare runs of one size")
+        second = draw(theirs_vqvae, theirs_prior, 1)
+    images = [draw(vqvae, prior, 0), second]
     order = torch.randperm(2 * args.n, generator=torch.Generator().manual_seed(args.seed))
     shown, sources = torch.cat(images)[order], ["ab"[i // args.n] for i in order.tolist()]
     dest.mkdir(parents=True, exist_ok=True)
-    grid = image_grid(shown, ncol=8, rot90=settings[0][1])
+    grid = image_grid(shown, ncol=8, rot90=ckpt["data"]["rot90"])
     scale = max(1, 256 // shown.shape[-2])  # small slices enlarged, to be judged by eye
     save_png(dest / "blind.png", grid.repeat(scale, 0).repeat(scale, 1))
-    vq.save_json(dest / "blind_key.json", {"a": arms[0], "b": arms[1], "tiles": sources})
+    vq.save_json(dest / "blind_key.json", {"a": args.out, "b": args.blind, "tiles": sources})
     print(f"wrote {dest / 'blind.png'} ({2 * args.n} tiles, 8 a row): judge each, then give your calls with "
           f"--calls (or read {dest / 'blind_key.json'})")
     return shown, sources
@@ -195,7 +195,7 @@ def _count_calls(path, calls):
     """--calls '1,0,...' against the key of a blind picture: {"a": OUT's tiles called 1, "b": --blind's}."""
     try:
         key = json.loads(path.read_text())
-        tiles, _, _ = key["tiles"], key["a"], key["b"]
+        tiles, names = key["tiles"], {a: key[a] for a in "ab"}
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"no blind key at {path}: draw the picture first (same --out, --dest and --seed)")
     said = calls.replace(" ", "").split(",")
@@ -203,7 +203,7 @@ def _count_calls(path, calls):
         raise UsageError(f"--calls: give {len(tiles)} calls of 0 or 1, one per tile in reading order, got {calls!r}")
     counts = {a: sum(int(c) for c, t in zip(said, tiles) if t == a) for a in "ab"}
     for a in "ab":
-        print(f"{a}: {key[a]}: {counts[a]} of {tiles.count(a)} called 1")
+        print(f"{a}: {names[a]}: {counts[a]} of {tiles.count(a)} called 1")
     return counts
 
 

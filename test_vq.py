@@ -1344,6 +1344,7 @@ def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):
     (["--size", "30", "30"], "divisible"),
     (["--bogus"], "unrecognized"),
     (["--seed", "-1"], "--seed"),
+    (["--prior_seed", "-1"], "--prior_seed"),
     (["--device", "gpu"], "expected cpu, cuda"),
     (["--size", "8", "8"], "at least 16"),
     (["--channels", "1"], "channels must be at least 8"),
@@ -1762,6 +1763,32 @@ def test_vqvae_resume_of_a_finished_run_keeps_its_prior_and_other_data_is_refuse
     with pytest.raises(SystemExit) as e:
         _train(tmp_path, "--stage", "prior", "--overwrite", "--seed", "5")  # other phantom slices
     assert e.value.code == 2 and "not phantom seed 5" in capsys.readouterr().err
+
+
+def test_prior_seed_trains_another_prior_of_the_same_vqvae(tmp_path, capsys):
+    _train(tmp_path, "--realism", "false")
+    first, before = torch.load(tmp_path / "model.pt", weights_only=True), json.loads((tmp_path / "summary.json").read_text())
+    assert before["prior_seed"] == 0  # the default: --seed
+    _train(tmp_path, "--stage", "prior", "--overwrite", "--prior_seed", "0", "--realism", "false")
+    again = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(torch.equal(first["prior"][k], v) for k, v in again["prior"].items())  # the same seed: the same prior
+    _train(tmp_path, "--stage", "prior", "--overwrite", "--prior_seed", "7", "--realism", "false")
+    other, after = torch.load(tmp_path / "model.pt", weights_only=True), json.loads((tmp_path / "summary.json").read_text())
+    assert after["prior_seed"] == 7 and after["vqvae_fingerprint"] == before["vqvae_fingerprint"]
+    assert after["test_ssim_mean"] == before["test_ssim_mean"]  # the VQ-VAE and its figures kept
+    assert all(torch.equal(first["vqvae"][k], v) for k, v in other["vqvae"].items())
+    assert not all(torch.equal(first["prior"][k], v) for k, v in other["prior"].items())  # another prior
+    assert after["prior_bits_per_code"] != before["prior_bits_per_code"]
+    # resuming under another prior seed would replay another slice order: refused in one line
+    _train(tmp_path, "--stage", "prior", "--overwrite", "--prior_seed", "7", "--minutes", "0.0001", "--realism", "false")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "--stage", "prior", "--resume", "--prior_seed", "8")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--prior_seed 7, not 8" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:  # on the phantom --seed draws other slices: the refusal names --prior_seed
+        _train(tmp_path, "--stage", "prior", "--overwrite", "--seed", "5")
+    assert e.value.code == 2 and "--prior_seed" in capsys.readouterr().err
 
 
 def test_rate_train_resume_and_sample(tmp_path, capsys):

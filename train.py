@@ -101,7 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--n_train", type=int, default=2000, help="phantom slices for training")
     p.add_argument("--n_val", type=int, default=200, help="phantom slices for validation")
     p.add_argument("--n_test", type=int, default=300, help="phantom slices for testing")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="weights, slice order and, on the phantom, its slices")
+    p.add_argument("--prior_seed", type=int, help="the prior's weights, slice order and dropout (default --seed): "
+                   "another prior of the same VQ-VAE and data")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default cuda when present)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
@@ -129,6 +131,8 @@ def parse_args(argv=None):
         for name in names:
             if getattr(args, name) is not None and not ok(getattr(args, name)):
                 fail(f"--{name} must be {rule}, got {getattr(args, name)}")
+    if args.prior_seed is not None and not 0 <= args.prior_seed < 2**63:
+        fail(f"--prior_seed must be between 0 and 2**63 - 1, got {args.prior_seed}")
     if not 0 <= args.prior_ema < 1:
         fail(f"--prior_ema must be in [0, 1) (0: no average), got {args.prior_ema}")
     if min(args.size) < 16:
@@ -220,9 +224,9 @@ class Run:
         if self.device.type == "cuda" and states[self.rank]["cuda"] is not None:
             torch.cuda.set_rng_state(states[self.rank]["cuda"], self.device)
 
-    def seed(self, salt=0):
+    def seed(self, seed, salt=0):
         """Seed for what should differ between ranks (dropout, restarts): seed, rank and salt."""
-        torch.manual_seed(self.args.seed * 1_000_003 + self.rank * 7919 + salt)
+        torch.manual_seed(seed * 1_000_003 + self.rank * 7919 + salt)
 
 
 def load_data(run, files=None):
@@ -262,9 +266,9 @@ def _lr_at(step, total, lr):
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
 
 
-def _epoch_order(run, n, epoch):
+def _epoch_order(run, n, epoch, seed):
     """This rank's slice order for one epoch: a permutation fixed by (seed, epoch), so resuming replays it."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(run.args.seed * 100003 + epoch))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     per_rank = n // run.world
     return perm[run.rank * per_rank:(run.rank + 1) * per_rank]
 
@@ -367,8 +371,8 @@ class Trainer:
     """The loop both stages share: epochs, resumable mid-epoch, budget, log lines, best by validation."""
 
     def __init__(self, run, name, model, step_fn, n_train, batch_size, epochs, lr, validate, better,
-                 generator=None, ema=0.0):
-        self.run, self.name, self.model, self.step_fn = run, name, model, step_fn
+                 seed, generator=None, ema=0.0):
+        self.run, self.name, self.model, self.step_fn, self.seed = run, name, model, step_fn, seed
         # an exponential moving average of the weights (decay ema; 0: none): validated, kept and saved as best
         self.weights = [p.detach() for p in model.parameters()]  # views: writing them writes the model
         self.ema = ema and [w.clone() for w in self.weights]
@@ -408,7 +412,7 @@ class Trainer:
             "seconds": self.seconds, "rng": self.run.rng_states(), "world": self.run.world,
             "schedule_steps": self.schedule_steps, "history": self.history, "batch_size": self.batch_size,
             "generator": self.generator.get_state() if self.generator is not None else None,
-            "ema": self.ema or None,
+            "ema": self.ema or None, "seed": self.seed,
         }
 
     def resume(self, ckpt):
@@ -419,6 +423,10 @@ class Trainer:
         if s["batch_size"] != self.batch_size:  # the position in the epoch would index other batches
             raise UsageError(f"{self.name} was trained with batch size {s['batch_size']}, not {self.batch_size}: "
                              "resume with the same batch size")
+        if s.get("seed", self.seed) != self.seed:  # its slice order and random streams come from the seed
+            flag = "--prior_seed" if self.name == "prior" else "--seed"
+            raise UsageError(f"{self.name} was trained with {flag} {s['seed']}, not {self.seed}: "
+                             f"resume with the same {flag}, or start afresh with --overwrite")
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["optimizer"])
         self.epoch, self.batch, self.step = s["epoch"], s["batch"], s["step"]
@@ -467,7 +475,7 @@ class Trainer:
         stopped = None
         while self.epoch < self.epochs and not stopped:
             self.model.train()
-            batches = _epoch_order(run, self.n_train, self.epoch).to(run.device).split(self.batch_size)
+            batches = _epoch_order(run, self.n_train, self.epoch, self.seed).to(run.device).split(self.batch_size)
             sums, steps, logged, t_log, n_img = {}, 0, (0.0, 0), time.time(), 0  # sums on the device: no syncs
             while self.batch < len(batches):
                 stopped = self._stop(time.time() - fit_start, self.step - start_step)
@@ -630,7 +638,7 @@ def train_vqvae(run, data):
     model.quantizer.generator = torch.Generator().manual_seed(args.seed + 1)
     if cfg.levels == 2:  # one random stream for both codebooks' restarts, saved with the training state
         model.quantizer_top.generator = model.quantizer.generator
-    run.seed()
+    run.seed(args.seed)
     # training data on the GPU as float16 (HipMRI: 0.75 GB), so no step waits for a host copy
     train_x = data["train"].to(run.device, torch.float16) if run.device.type == "cuda" else data["train"]
     val_x = data["validate"]
@@ -660,7 +668,7 @@ def train_vqvae(run, data):
 
     trainer = Trainer(run, "vqvae", model, step_fn, len(train_x), args.batch_size, args.epochs, args.lr,
                       validate, better=lambda a, b: a["val_ssim"] > b["val_ssim"],
-                      generator=model.quantizer.generator)
+                      seed=args.seed, generator=model.quantizer.generator)
     trainer.resume(_resume_state(run, "vqvae", data["settings"], "vqvae_config", asdict(cfg)))
     trainer.fit({"vqvae_config": asdict(cfg), "data": data["settings"]})
     return model.eval(), trainer
@@ -713,13 +721,14 @@ def train_prior(run, data, vqvae, fingerprint):
     t0 = time.time()
     codes = {k: vqvae.eval().encode(data[k]) for k in vq.SPLITS}  # (N, h, w), or (top, bottom) pairs
     two = isinstance(codes["train"], tuple)
-    codes["train"] = _shifted_codes(vqvae, data["train"], codes["train"], args.prior_shifts, args.seed)
+    seed = args.seed if args.prior_seed is None else args.prior_seed
+    codes["train"] = _shifted_codes(vqvae, data["train"], codes["train"], args.prior_shifts, seed)
     h, w = (codes["train"][1] if two else codes["train"]).shape[1:]
     pos = data["positions"]
     shared = dict(n_codes=vqvae.config.n_codes, positional=pos["train"] is not None,
                   code_dim=vqvae.config.code_dim if args.prior_tied else 0)
     cfg = _config(vq.PriorConfig, args, height=h, width=w, cond_codes=shared["n_codes"] if two else 0, **shared)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     if two:  # the top prior: the same flags, on the top map, with no coarser map above it
         cfg = {"top": _config(vq.PriorConfig, args, height=h // 2, width=w // 2, cond_codes=0, **shared), "bottom": cfg}
         prior = vq.TwoLevelPrior(cfg["top"], cfg["bottom"]).to(run.device)
@@ -733,7 +742,7 @@ def train_prior(run, data, vqvae, fingerprint):
         if q is not None:  # so generate() draws positions as the training slices have them
             m.position_quantiles.copy_(q)
     saved_cfg = {k: asdict(c) for k, c in cfg.items()} if two else asdict(cfg)
-    run.seed(salt=1)
+    run.seed(seed, salt=1)
     train_c = tuple(c.to(run.device) for c in vq.as_levels(codes["train"]))
     train_p = pos["train"].repeat(args.prior_shifts).to(run.device) if shared["positional"] else None  # per map
     shifts = f" and {args.prior_shifts - 1} shifted copies of each" if args.prior_shifts > 1 else ""
@@ -756,7 +765,7 @@ def train_prior(run, data, vqvae, fingerprint):
 
     trainer = Trainer(run, "prior", prior, step_fn, n, args.prior_batch_size or args.batch_size,
                       args.prior_epochs, args.prior_lr, validate, better=lambda a, b: a["val_bits"] < b["val_bits"],
-                      ema=args.prior_ema)
+                      seed=seed, ema=args.prior_ema)
     path = run.out / "prior.pt"
     if path.exists() and vq.load_checkpoint(path).get("vqvae_fingerprint") != fingerprint:
         # its codes are another VQ-VAE's: nothing in it applies to this one
@@ -774,7 +783,7 @@ def train_prior(run, data, vqvae, fingerprint):
         **{f"prior_bits_{k}": v for k, v in test_bits.items() if k.endswith(("_top", "_bottom"))},
         "unigram_bits_per_code": _code_stats(codes["train"], shared["n_codes"])["bits"],
         "prior_val_bits_best": trainer.best["val_bits"] if trainer.best else None,
-        "seconds_prior": round(trainer.seconds, 1), "epochs_prior": trainer.epoch,
+        "seconds_prior": round(trainer.seconds, 1), "epochs_prior": trainer.epoch, "prior_seed": seed,
     }, {"prior_config": saved_cfg, "prior": prior.state_dict(), "surprise": surprise}
 
 
@@ -900,8 +909,10 @@ def _stages(run, files):
     else:
         for key, flag in (("source", "--data"), ("size", "--size"), ("phantom", "the phantom flags")):
             if old["data"].get(key) != data["settings"].get(key):
+                was, now = old["data"].get("phantom"), data["settings"].get("phantom")
+                hint = " (--prior_seed: another prior of the same slices)" if was and now and was[1:] == now[1:] else ""
                 raise UsageError(f"the VQ-VAE in {model_path} was trained with {flag} {old['data'].get(key)}, not "
-                                 f"{data['settings'].get(key)}: pass the same, or train both stages")
+                                 f"{data['settings'].get(key)}: pass the same, or train both stages{hint}")
         vqvae, final = vq.VQVAE.from_checkpoint(old).to(run.device), old
         summary = ({k: v for k, v in before.items() if not k.startswith(PRIOR_FIGURES)}  # the old prior's go
                    if before.get("vqvae_fingerprint") == _fingerprint(vqvae) else evaluate_vqvae(run, vqvae, data))

@@ -1342,6 +1342,8 @@ def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):
     (["--resume"], "nothing to resume"),
     (["--stage", "prior"], "needs a trained VQ-VAE"),
     (["--size", "30", "30"], "divisible"),
+    (["--data", "/no/such/folder", "--size", "30", "30"], "divisible"),  # before any file is looked for
+    (["--data", __file__], "not a folder"),
     (["--bogus"], "unrecognized"),
     (["--seed", "-1"], "--seed"),
     (["--prior_seed", "-1"], "--prior_seed"),

@@ -628,11 +628,6 @@ def _code_stats(codes, n_codes):
 def train_vqvae(run, data):
     args = run.args
     cfg = _config(vq.VQVAEConfig, args)
-    H, W = data["settings"]["size"]
-    step = cfg.downsample * 2 ** (cfg.levels - 1)  # the top map halves the bottom one once more
-    if H % step or W % step:
-        raise UsageError(f"--size {H} {W} must be divisible by {step} (--downsample {cfg.downsample}"
-                         f"{', two levels' if cfg.levels == 2 else ''})")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = vq.VQVAE(cfg).to(run.device)
     model.quantizer.generator = torch.Generator().manual_seed(args.seed + 1)
@@ -857,6 +852,12 @@ def _refuse_overwrite(run, stages):
 
 
 def train(args):
+    if args.stage != "prior":  # the VQ-VAE's flags and the size are checked before any slice is read
+        cfg, (H, W) = _config(vq.VQVAEConfig, args), args.size
+        step = cfg.downsample * 2 ** (cfg.levels - 1)  # the top map halves the bottom one once more
+        if H % step or W % step:
+            raise UsageError(f"--size {H} {W} must be divisible by {step} (--downsample {cfg.downsample}"
+                             f"{', two levels' if cfg.levels == 2 else ''})")
     files = vq.find_splits(args.data) if args.data is not None else None  # a bad layout fails first, fast
     run = Run(args)
     with _save_on_signals(run):

@@ -107,7 +107,7 @@ def find_splits(root):
     """Map a data root to {"train", "validate", "test"}: sorted lists of slice paths, labels never included."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"no such folder: {root}")
+        raise DataError(f"{'not a folder' if root.exists() else 'no such folder'}: {root}")
     dirs = _split_dirs(root)
     if not any(dirs.values()):  # maybe the zip's own top folder (X/keras_slices_data/keras_slices_*)
         nested = [d for d in _subdirs(root) if any(_split_dirs(d).values())]

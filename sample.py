@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,16 @@ def check_seed_and_device(args):
             fail(f"--device {args.device}: no CUDA device is available")
 
 
+def _prior_command(out, data):
+    """The train.py line that trains a prior for the VQ-VAE in OUT/model.pt: its out and data flags."""
+    flags = [] if Path(out) == Path("out") else ["--out", str(out)]
+    if data.get("phantom"):
+        flags += [w for k, v in zip(("seed", "n_train", "n_val", "n_test"), data["phantom"]) for w in (f"--{k}", str(v))]
+    else:
+        flags += ["--data", str(data["source"])]
+    return shlex.join(["python", "train.py", "--stage", "prior", *flags, "--size", *map(str, data["size"])])
+
+
 def _load(args, need_prior):
     path = Path(args.out) / "model.pt"
     if not path.exists():
@@ -109,7 +120,7 @@ def _load(args, need_prior):
     prior = None
     if need_prior:
         if "prior" not in ckpt:
-            raise vq.CheckpointError(f"{path} has no prior: train it with `python train.py --stage prior`")
+            raise vq.CheckpointError(f"{path} has no prior: train it with `{_prior_command(args.out, ckpt['data'])}`")
         prior = vq.load_prior(ckpt).to(device)
         if args.position is not None and not prior.config.positional:
             raise vq.CheckpointError(f"the prior in {path} was trained without slice positions: drop --position")

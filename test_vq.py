@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -1376,7 +1377,14 @@ def test_sample_usage_errors(tmp_path, capsys):
     _train(tmp_path, "--stage", "vqvae")
     with pytest.raises(SystemExit):
         sample.main(["--out", str(tmp_path)])
-    assert "has no prior" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no prior" in err
+    # the line it gives trains the prior of this VQ-VAE (its --out and data flags), quickly with TINY's prior flags
+    told = shlex.split(err.split("`")[1])
+    assert told[:4] == ["python", "train.py", "--stage", "prior"]
+    train.main([*told[2:], "--prior_epochs", "1", "--realism", "false", "--batch_size", "8", "--prior_channels", "16",
+                "--prior_layers", "3", "--prior_dilations", "1", "2", "4"])
+    assert "prior" in vq.load_checkpoint(tmp_path / "model.pt")
 
 
 def test_refuses_to_overwrite_a_run(tmp_path, capsys):
@@ -1753,7 +1761,7 @@ def test_cut_metrics_line_and_tiny_test_split(tmp_path, capsys):
     assert s["prior_fingerprint"] == ckpt["prior_fingerprint"] == train._fingerprint(vq.load_prior(ckpt))
 
 
-def test_vqvae_resume_of_a_finished_run_keeps_its_prior_and_other_data_is_refused(tmp_path, capsys):
+def test_vqvae_resume_of_a_finished_run_keeps_its_prior_and_other_data_is_refused(tmp_path, capsys, monkeypatch):
     _train(tmp_path)
     before = json.loads((tmp_path / "summary.json").read_text())
     _train(tmp_path, "--stage", "vqvae", "--resume")  # nothing left to train: the prior still fits
@@ -1762,9 +1770,14 @@ def test_vqvae_resume_of_a_finished_run_keeps_its_prior_and_other_data_is_refuse
     assert "prior" in ckpt and after["prior_bits_per_code"] == before["prior_bits_per_code"]
     assert [json.loads(r)["stage"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == \
         ["vqvae"] * 2 + ["prior"] * 2
-    with pytest.raises(SystemExit) as e:
-        _train(tmp_path, "--stage", "prior", "--overwrite", "--seed", "5")  # other phantom slices
-    assert e.value.code == 2 and "not phantom seed 5" in capsys.readouterr().err
+    capsys.readouterr()
+    monkeypatch.setattr(train, "load_data", None)  # other data is refused before any slice is read
+    for argv, says in [(["--seed", "5"], "not --seed 5 --n_train 48"), (["--n_val", "8"], "--n_val 8"),
+                       (["--size", "64", "32"], "not --size 64 32"), (["--data", str(tmp_path)], "no --data")]:
+        with pytest.raises(SystemExit) as e:
+            _train(tmp_path, "--stage", "prior", "--overwrite", *argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, (argv, err)
 
 
 def test_prior_seed_trains_another_prior_of_the_same_vqvae(tmp_path, capsys):

@@ -229,12 +229,15 @@ class Run:
         torch.manual_seed(seed * 1_000_003 + self.rank * 7919 + salt)
 
 
+def _data_settings(args):
+    return {"source": args.data, "size": args.size,
+            "phantom": None if args.data else [args.seed, args.n_train, args.n_val, args.n_test]}
+
+
 def load_data(run, files=None):
     """The splits of --data, or the phantom set (files: find_splits' lists, if already found), logged.
     Under DDP rank 0 decodes the slices and fills the cache; the other ranks then read it."""
-    args = run.args
-    settings = {"source": args.data, "size": args.size,
-                "phantom": None if args.data else [args.seed, args.n_train, args.n_val, args.n_test]}
+    args, settings = run.args, _data_settings(run.args)
     if run.world > 1 and not run.main:
         dist.barrier()
     with warnings.catch_warnings():
@@ -864,6 +867,25 @@ def train(args):
         return _stages(run, files)
 
 
+def _refuse_other_data(args, model_path, old):
+    """--stage prior learns the codes of model.pt's own slices: other --data, --size or phantom flags are refused
+    before any slice is read."""
+    if not old:
+        raise UsageError(f"--stage prior needs a trained VQ-VAE: {model_path} does not exist")
+    was, now = dict(old["data"]), _data_settings(args)
+    for d in (was, now):  # as load_splits records them: a resolved folder, or none and the phantom's flags
+        d["source"] = None if d.get("phantom") else str(Path(d["source"]).resolve())
+    said = {"source": lambda v: f"--data {v}" if v else "the phantom (no --data)",
+            "size": lambda v: f"--size {v[0]} {v[1]}",
+            "phantom": lambda v: " ".join(f"--{k} {n}" for k, n in zip(("seed", "n_train", "n_val", "n_test"), v))}
+    for key, say in said.items():
+        if was.get(key) != now[key]:
+            hint = " (--prior_seed: another prior of the same slices)" if was.get("phantom") and now["phantom"] \
+                and was["phantom"][1:] == now["phantom"][1:] else ""
+            raise UsageError(f"the VQ-VAE in {model_path} was trained with {say(was.get(key))}, not {say(now[key])}: "
+                             f"pass the same, or train both stages{hint}")
+
+
 def _stages(run, files):
     args, model_path, summary_path = run.args, run.out / "model.pt", run.out / "summary.json"
     if run.main:
@@ -871,8 +893,9 @@ def _stages(run, files):
     stages = ["vqvae", "prior"] if args.stage == "all" else [args.stage]
     if args.resume and not any((run.out / f"{s}.pt").exists() for s in stages):
         raise UsageError(f"--resume: nothing to resume in {run.out} (no {' or '.join(s + '.pt' for s in stages)})")
-    if args.stage == "prior" and not model_path.exists():
-        raise UsageError(f"--stage prior needs a trained VQ-VAE: {model_path} does not exist")
+    old = vq.load_checkpoint(model_path) if model_path.exists() else {}
+    if args.stage == "prior":
+        _refuse_other_data(args, model_path, old)
     _refuse_overwrite(run, stages)
     data = load_data(run, files)
     _fill_defaults(run, len(data["train"]))
@@ -880,7 +903,6 @@ def _stages(run, files):
                   skipped_files=data["skipped"], device=str(run.device) + (f" x{run.world}" if run.world > 1 else ""),
                   data=data["settings"])
     # summary.json always describes model.pt: both are rewritten, one after the other, after every stage
-    old = vq.load_checkpoint(model_path) if model_path.exists() else {}
     before = read_summary(summary_path)
 
     def write(final, summary):
@@ -908,12 +930,6 @@ def _stages(run, files):
                 f"psnr {summary['test_psnr_mean']:.2f} | codebook usage {summary['codebook_usage']:.2f} | "
                 f"perplexity {summary['perplexity']:.0f}")
     else:
-        for key, flag in (("source", "--data"), ("size", "--size"), ("phantom", "the phantom flags")):
-            if old["data"].get(key) != data["settings"].get(key):
-                was, now = old["data"].get("phantom"), data["settings"].get("phantom")
-                hint = " (--prior_seed: another prior of the same slices)" if was and now and was[1:] == now[1:] else ""
-                raise UsageError(f"the VQ-VAE in {model_path} was trained with {flag} {old['data'].get(key)}, not "
-                                 f"{data['settings'].get(key)}: pass the same, or train both stages{hint}")
         vqvae, final = vq.VQVAE.from_checkpoint(old).to(run.device), old
         summary = ({k: v for k, v in before.items() if not k.startswith(PRIOR_FIGURES)}  # the old prior's go
                    if before.get("vqvae_fingerprint") == _fingerprint(vqvae) else evaluate_vqvae(run, vqvae, data))

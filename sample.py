@@ -131,8 +131,8 @@ def _judge(args, ckpt, prior, device):
     """The prior of --judge's model.pt: one of this VQ-VAE's codes, scanning them in the other order."""
     judge_ckpt = vq.load_checkpoint(args.judge)
     if "prior" not in judge_ckpt or judge_ckpt.get("vqvae_fingerprint") != ckpt.get("vqvae_fingerprint"):
-        raise UsageError(f"--judge {args.judge} holds no prior of this VQ-VAE's codes: train one in a copy of "
-                         f"{args.out} (python train.py --stage prior --out COPY --prior_transpose true)")
+        raise UsageError(f"--judge {args.judge} holds no prior of this VQ-VAE's codes: train one in a copy COPY of "
+                         f"{args.out}: {_prior_command('COPY', ckpt['data'])} --overwrite --prior_transpose true")
     judge = vq.load_prior(judge_ckpt).to(device)
     if not isinstance(prior, vq.PixelCNN) or not isinstance(judge, vq.PixelCNN):
         raise UsageError("--judge takes one-level priors only")

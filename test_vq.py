@@ -1178,6 +1178,28 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     assert again == report and "not saved" in capsys.readouterr().out  # a report, not a traceback
 
 
+def test_readme_code_runs_with_vq_py_copied_alone(tmp_path):
+    """README's 'Copying vq.py' code as printed, in a folder holding vq.py, a model and slices, and no kernels/."""
+    _train(tmp_path / "run", "--realism", "false")
+    work = tmp_path / "elsewhere"
+    (work / "out").mkdir(parents=True)
+    shutil.copy(ROOT / "vq.py", work)
+    shutil.copy(tmp_path / "run" / "model.pt", work / "out")
+    rng = np.random.default_rng(3)
+    for z in range(9):  # another size than the model's 32 x 32: load_slices brings them to it
+        save(work / "keras_slices_test" / f"case_001_week_0_slice_{z}.nii.gz", rng.uniform(0, 500, (40, 24)))
+    code = (ROOT / "README.md").read_text().split("## Copying vq.py", 1)[1].split("```python\n", 1)[1].split("```")[0]
+    code += ("import importlib.util, os\n"
+             "assert importlib.util.find_spec('kernels') is None and vq.__file__ == os.path.abspath('vq.py')\n"
+             "assert x.shape == (9, 1, 32, 32) and codes.shape == (8, 8, 8) and new.shape == (4, 1, 32, 32)\n"
+             "assert many.shape == (1000, 1, 32, 32) and s['map'].shape == (8, 1, 32, 32) and s['score'].shape == (8,)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    printed = [float(v) for v in r.stdout.split("[", 1)[1].split("]")[0].split(",")]  # the SSIM of 8 reconstructions
+    assert len(printed) == 8 and all(-1 < v < 1 for v in printed)
+
+
 def test_judge_scores_samples_by_a_prior_of_the_other_scan_order(tmp_path, capsys):
     run, other = tmp_path / "run", tmp_path / "judge"
     _train(run, "--realism", "false")

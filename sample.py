@@ -51,9 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:1 (default cuda when present)")
     p.add_argument("--dest", default=None, help="where to write (default OUT/samples_seedS_tT)")
-    p.add_argument("--reconstruct", nargs="+", metavar="PATH", help="slices to reconstruct")
+    p.add_argument("--reconstruct", nargs="+", metavar="PATH", help="slices to reconstruct (files, or folders of them)")
     p.add_argument("--surprise", nargs="+", metavar="PATH",
-                   help="slices to score: surprise map, healed slice and picture each, surprise.json (default dest OUT/surprise)")
+                   help="slices (files, or folders of them) to score: surprise map, healed slice and picture each, surprise.json (default dest OUT/surprise)")
     p.add_argument("--evaluate", action="store_true", help="realism report against the test slices, into summary.json")
     p.add_argument("--repeats", type=int, default=1, help="with --evaluate: the two-sample score of samples "
                    "averaged over this many draws and critics (its spread on one model is about 0.02 a draw)")
@@ -224,11 +224,18 @@ def _write_slices(path, x):
     _save_nifti(path, a[..., 0] if len(x) == 1 else a)
 
 
+def _read_inputs(paths, size):
+    """(path, its slices at size) for each file named, or each slice file of a folder named (naturally sorted),
+    all read before anything is written; DataError names the first missing or unreadable one."""
+    files = [f for path in paths for f in vq._resolve(path)[0]]
+    return [(f, vq.load_slices([f], size, strict=True, cache_dir=False)) for f in files]
+
+
 def reconstruct(args):
     ckpt, vqvae, _, device = _load(args, need_prior=False)
     size, rot = tuple(ckpt["data"]["size"]), ckpt["data"]["rot90"]
     dest = Path(args.dest or Path(args.out) / "reconstructions")
-    inputs = [(path, vq.load_slices([path], size, strict=True, cache_dir=False)) for path in args.reconstruct]
+    inputs = _read_inputs(args.reconstruct, size)
     dest.mkdir(parents=True, exist_ok=True)
     results = []
     for i, (path, x) in enumerate(inputs):  # (S, 1, H, W): the S slices of one file
@@ -273,7 +280,7 @@ def surprise(args):
     size, rot = tuple(ckpt["data"]["size"]), ckpt["data"]["rot90"]
     settings = _surprise_settings(ckpt, vqvae, prior)
     dest = Path(args.dest or Path(args.out) / "surprise")
-    inputs = [(path, vq.load_slices([path], size, strict=True, cache_dir=False)) for path in args.surprise]
+    inputs = _read_inputs(args.surprise, size)
     dest.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device).manual_seed(args.seed)
     entries = []

@@ -1144,6 +1144,9 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     arr = np.asanyarray(nib.load(str(dest / "001_a_2_reconstruction.nii.gz")).dataobj)
     want = result["vqvae"].reconstruct(load_slices([tmp_path / names[1]], (32, 32), cache_dir=False))  # as read
     assert arr.shape == (32, 32) and arr.dtype == np.float32 and np.allclose(arr, want[0, 0].numpy(), atol=1e-5)
+    whole = sample.main(["--out", str(tmp_path), "--reconstruct", str(tmp_path / "d1"), str(tmp_path / names[2]),
+                         "--dest", str(tmp_path / "r2")])  # a folder: its slice files, naturally sorted
+    assert [v.item() for v in whole] == [v.item() for v in sims]
     at = sample.main(["--out", str(tmp_path), "--n", "3", "--seed", "7", "--position", "0.9"])
     assert (tmp_path / "samples_seed7_t1_p0.9" / "grid.png").exists() and not torch.equal(at, images)
     report = sample.main(["--out", str(tmp_path), "--evaluate", "--seed", "3"])
@@ -2073,6 +2076,14 @@ def test_surprise_maps_healed_slices_and_outputs(tmp_path, capsys):
     report = json.loads((dest / "surprise.json").read_text())
     assert [(Path(r["file"]).parent.name, r["slice"]) for r in report["slices"]] == [("d1", 0), ("d2", 0), ("d2", 1)]
     assert [r["score"] for r in report["slices"]] == [e["score"] for e in entries] and report["threshold_bits"] > 0
+    # a folder stands for its slice files; a missing path is named before anything is written
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--out", str(tmp_path), "--surprise", str(tmp_path / "d1"), str(tmp_path / "gone.nii.gz"),
+                     "--dest", str(tmp_path / "s2")])
+    assert e.value.code == 2 and "gone.nii.gz" in capsys.readouterr().err and not (tmp_path / "s2").exists()
+    again = sample.main(["--out", str(tmp_path), "--surprise", str(tmp_path / "d1"), str(tmp_path / "d2"),
+                         "--dest", str(tmp_path / "s2")])
+    assert [e["score"] for e in again] == [e["score"] for e in entries]
     for name, shape in (("000_case_1_slice_3", (32, 32)), ("001_case_1_slice_3", (32, 32, 2))):
         for kind in ("surprise", "healed"):
             arr = np.asanyarray(nib.load(str(dest / f"{name}_{kind}.nii.gz")).dataobj)

@@ -17,6 +17,7 @@ import re
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -227,7 +228,11 @@ def _write_slices(path, x):
 def _read_inputs(paths, size):
     """(path, its slices at size) for each file named, or each slice file of a folder named (naturally sorted),
     all read before anything is written; DataError names the first missing or unreadable one."""
-    files = [f for path in paths for f in vq._resolve(path)[0]]
+    with warnings.catch_warnings(record=True) as notes:  # such as a folder's pictures left out: one line each
+        warnings.simplefilter("always", vq.SkippedFileWarning)
+        files = [f for path in paths for f in vq._resolve(path)[0]]
+    for note in notes:
+        print(note.message)
     return [(f, vq.load_slices([f], size, strict=True, cache_dir=False)) for f in files]
 
 
@@ -266,7 +271,9 @@ def _position_of(path, prior):
     beside it), as training reads them; None for a prior without positions, 0.5 when the name has none."""
     if not prior.config.positional:
         return None
-    siblings = [f for f in vq._slice_files(Path(path).parent)] or [Path(path)]
+    with warnings.catch_warnings():  # a mixed folder's pictures were named when the inputs were read
+        warnings.simplefilter("ignore", vq.SkippedFileWarning)
+        siblings = vq._slice_files(Path(path).parent) or [Path(path)]
     pos = vq._positions(siblings, [1] * len(siblings))
     names = [f.name for f in siblings]
     if pos is None or Path(path).name not in names:

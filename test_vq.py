@@ -151,6 +151,19 @@ def test_png_slices(tmp_path, monkeypatch):
         load_slices(tmp_path, cache_dir=False)
 
 
+def test_png_pictures_beside_nifti_slices_are_left_out(tmp_path):
+    rng = np.random.default_rng(5)
+    for z in (10, 2):
+        save(tmp_path / f"case_003_slice_{z}.nii.gz", rng.uniform(0, 70, (48, 24)).astype(np.float32))
+    for name in ("grid.png", "case_003_slice_4.png"):  # pictures: not even read, so any bytes will do
+        (tmp_path / name).write_bytes(rng.bytes(64))
+    with pytest.warns(SkippedFileWarning, match=r"skipped 2 PNG .*case_003_slice_4.png, grid.png") as rec:
+        x = load_slices(tmp_path, size=(48, 24), cache_dir=False)
+    assert len(rec) == 1 and x.shape == (2, 1, 48, 24)
+    files = [tmp_path / f"case_003_slice_{z}.nii.gz" for z in (2, 10)]
+    assert torch.equal(x, load_slices(files, size=(48, 24), cache_dir=False))  # slice_2 before slice_10
+
+
 def test_cache_hit_invalidation_and_location(tmp_path, monkeypatch):
     data, cache = tmp_path / "data", tmp_path / "cache"
     rng = np.random.default_rng(2)
@@ -1147,6 +1160,11 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     whole = sample.main(["--out", str(tmp_path), "--reconstruct", str(tmp_path / "d1"), str(tmp_path / names[2]),
                          "--dest", str(tmp_path / "r2")])  # a folder: its slice files, naturally sorted
     assert [v.item() for v in whole] == [v.item() for v in sims]
+    capsys.readouterr()
+    own = sample.main(["--out", str(tmp_path), "--reconstruct", str(folder), "--dest", str(tmp_path / "r3")])
+    out = capsys.readouterr().out  # the samples' folder: its NIfTI samples, its grid.png named and left out
+    assert len(own) == 3 and out.count("grid.png") == 1 and "skipped 1 PNG" in out
+    assert not any("grid" in p.name for p in (tmp_path / "r3").iterdir())
     at = sample.main(["--out", str(tmp_path), "--n", "3", "--seed", "7", "--position", "0.9"])
     assert (tmp_path / "samples_seed7_t1_p0.9" / "grid.png").exists() and not torch.equal(at, images)
     report = sample.main(["--out", str(tmp_path), "--evaluate", "--seed", "3"])

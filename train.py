@@ -864,8 +864,12 @@ def train(args):
         if H % step or W % step:
             raise UsageError(f"--size {H} {W} must be divisible by {step} (--downsample {cfg.downsample}"
                              f"{', two levels' if cfg.levels == 2 else ''})")
-    files = vq.find_splits(args.data) if args.data is not None else None  # a bad layout fails first, fast
+    with warnings.catch_warnings(record=True) as notes:  # such as a folder's pictures left out: logged
+        warnings.simplefilter("always", vq.SkippedFileWarning)
+        files = vq.find_splits(args.data) if args.data is not None else None  # a bad layout fails first, fast
     run = Run(args)
+    for note in notes:
+        run.log(str(note.message))
     with _save_on_signals(run):
         return _stages(run, files)
 

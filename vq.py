@@ -73,10 +73,17 @@ def _natural_key(name):
 
 
 def _slice_files(folder):
-    """The slice files directly inside folder, naturally sorted; label (seg_) and dot files left out."""
+    """The slice files directly inside folder, naturally sorted; label (seg_) and dot files left out, and PNG
+    files beside NIfTI ones (named in one SkippedFileWarning)."""
     with os.scandir(folder) as entries:  # scandir: no extra stat per file on 11k-file folders
         names = [e.name for e in entries if e.is_file() and e.name.lower().endswith(SLICE_SUFFIXES)
                  and not e.name.lower().startswith(("seg_", "."))]  # ".": macOS "._" forks in zips
+    pngs = [n for n in names if n.lower().endswith(".png")]
+    if pngs and len(pngs) < len(names):  # NIfTI slices and pictures (a samples folder's grid.png): one kind
+        shown = ", ".join(sorted(pngs, key=_natural_key)[:3]) + (", ..." if len(pngs) > 3 else "")
+        warnings.warn(f"skipped {len(pngs)} PNG file(s) beside the NIfTI slices in {folder} ({shown}): "
+                      "a folder is read as one kind", SkippedFileWarning, stacklevel=3)
+        names = [n for n in names if n not in pngs]
     return [folder / n for n in sorted(names, key=_natural_key)]
 
 
@@ -347,7 +354,7 @@ def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, 
     """Read 2D MR slices into one float tensor (N, 1, H, W) in [0, 1].
 
     files_or_folder: a folder (its .nii / .nii.gz / .png slice files, naturally sorted; label files named seg_*
-    and *_seg_* folders are never read), a single file, or a list of files (kept in order). Each file: singleton
+    and *_seg_* folders are never read; PNG files beside NIfTI ones are pictures, left out), a single file, or a list of files (kept in order). Each file: singleton
     axes squeezed; a 2-D array is one image, a 3-D array one per index of its last axis; NaN/inf set to 0; each
     image mapped to [0, 1] by its 0.5 / 99.5 percentiles (a constant one to zeros), scaled by min(H/h, W/w)
     (antialiased linear, aspect kept, untouched when already H x W) and zero-padded, centred, to size (H, W).

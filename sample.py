@@ -90,6 +90,14 @@ def parse_args(argv=None):
     return args
 
 
+def _make_dest(dest):
+    """Create the output folder, or one line (exit 2) saying why it cannot be."""
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create {dest}: {e.strerror}") from None
+
+
 def check_seed_and_device(args):
     """--seed and --device, as both scripts take them: one line and exit 2 when they cannot work."""
     if not 0 <= args.seed < 2**63:  # what a torch.Generator (and the phantom's numpy seeds) accept
@@ -153,7 +161,7 @@ def generate(args):
     ckpt, vqvae, prior, device = _load(args, need_prior=True)
     where = "" if args.position is None else f"_p{args.position:g}"
     dest = Path(args.dest or Path(args.out) / f"samples_seed{args.seed}_t{args.temperature:g}{where}")
-    dest.mkdir(parents=True, exist_ok=True)
+    _make_dest(dest)
     g = torch.Generator(device).manual_seed(args.seed)
     images = vq.sample_slices(vqvae, prior, args.n, args.temperature, generator=g, position=args.position)  # (n, 1, H, W)
     save_png(dest / "grid.png", image_grid(images, ncol=8, rot90=ckpt["data"]["rot90"]))
@@ -193,7 +201,7 @@ def blind(args):
     images = [draw(vqvae, prior, 0), second]
     order = torch.randperm(2 * args.n, generator=torch.Generator().manual_seed(args.seed))
     shown, sources = torch.cat(images)[order], ["ab"[i // args.n] for i in order.tolist()]
-    dest.mkdir(parents=True, exist_ok=True)
+    _make_dest(dest)
     grid = image_grid(shown, ncol=8, rot90=ckpt["data"]["rot90"])
     scale = max(1, 256 // shown.shape[-2])  # small slices enlarged, to be judged by eye
     save_png(dest / "blind.png", grid.repeat(scale, 0).repeat(scale, 1))
@@ -241,7 +249,7 @@ def reconstruct(args):
     size, rot = tuple(ckpt["data"]["size"]), ckpt["data"]["rot90"]
     dest = Path(args.dest or Path(args.out) / "reconstructions")
     inputs = _read_inputs(args.reconstruct, size)
-    dest.mkdir(parents=True, exist_ok=True)
+    _make_dest(dest)
     results = []
     for i, (path, x) in enumerate(inputs):  # (S, 1, H, W): the S slices of one file
         r = vqvae.reconstruct(x)
@@ -288,7 +296,7 @@ def surprise(args):
     settings = _surprise_settings(ckpt, vqvae, prior)
     dest = Path(args.dest or Path(args.out) / "surprise")
     inputs = _read_inputs(args.surprise, size)
-    dest.mkdir(parents=True, exist_ok=True)
+    _make_dest(dest)
     g = torch.Generator(device).manual_seed(args.seed)
     entries = []
     for i, (path, x) in enumerate(inputs):  # (S, 1, H, W): the S slices of one file

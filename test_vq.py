@@ -1428,6 +1428,21 @@ def test_sample_usage_errors(tmp_path, capsys):
     train.main([*told[2:], "--prior_epochs", "1", "--realism", "false", "--batch_size", "8", "--prior_channels", "16",
                 "--prior_layers", "3", "--prior_dilations", "1", "2", "4"])
     assert "prior" in vq.load_checkpoint(tmp_path / "model.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # a folder that cannot be made: one line, not a traceback
+        sample.main(["--out", str(tmp_path), "--n", "1", "--dest", str(tmp_path / "a_file" / "x")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cannot create" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_out_that_cannot_be_a_folder(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("kept")
+    for out, says in ((tmp_path / "a_file", "it is a file, not a folder"), (tmp_path / "a_file" / "o", "cannot create")):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--out", str(out), *TINY])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "a_file").read_text() == "kept"
 
 
 def test_refuses_to_overwrite_a_run(tmp_path, capsys):

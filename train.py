@@ -896,7 +896,11 @@ def _refuse_other_data(args, model_path, old):
 def _stages(run, files):
     args, model_path, summary_path = run.args, run.out / "model.pt", run.out / "summary.json"
     if run.main:
-        run.out.mkdir(parents=True, exist_ok=True)
+        try:
+            run.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file of that name, a read-only disk: before any slice is read
+            why = "it is a file, not a folder" if run.out.is_file() else e.strerror
+            raise UsageError(f"cannot create --out {run.out}: {why}") from None
     stages = ["vqvae", "prior"] if args.stage == "all" else [args.stage]
     if args.resume and not any((run.out / f"{s}.pt").exists() for s in stages):
         raise UsageError(f"--resume: nothing to resume in {run.out} (no {' or '.join(s + '.pt' for s in stages)})")

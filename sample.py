@@ -191,6 +191,8 @@ def blind(args):
         pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[:args.n]
         second = vqvae.reconstruct(x[pick].to(device)).cpu()
     else:  # another run, its size checked before anything is drawn
+        if not (Path(args.blind) / "model.pt").exists():
+            raise UsageError(f"--blind {args.blind}: no model.pt there (give a training output folder, test or train)")
         theirs_ckpt, theirs_vqvae, theirs_prior, _ = _load(argparse.Namespace(**{**vars(args), "out": args.blind}),
                                                            need_prior=True)
         mine, theirs = ((c["data"]["size"], c["data"]["rot90"]) for c in (ckpt, theirs_ckpt))

@@ -1306,7 +1306,7 @@ def test_blind_comparison_shuffles_two_sources_and_keys_them(tmp_path, capsys):
     vq.save_checkpoint({**ckpt, "data": {**ckpt["data"], "size": [64, 32]}}, stranger / "model.pt")
     for argv, says in ((["--blind", str(stranger)], "compare runs of one size"),
                        (["--blind", "test", "--n", "17"], "fewer than --n 17"),
-                       (["--blind", str(tmp_path / "none")], "no checkpoint"),
+                       (["--blind", str(tmp_path / "none")], "no model.pt there"),
                        (["--blind", "test", "--evaluate"], "separate modes"), (["--calls", "1"], "goes with --blind"),
                        (["--blind", "test", "--seed", "4", "--calls", "1,0"], "give 10 calls"),
                        (["--blind", "test", "--seed", "5", "--calls", "1"], "no blind key")):

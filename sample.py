@@ -136,6 +136,15 @@ def _load(args, need_prior):
     return ckpt, vqvae, prior, device
 
 
+def _own_data(ckpt):
+    """The splits of the slices the model was trained on, or one line saying where they were looked for."""
+    try:
+        return vq.load_splits(ckpt["data"])
+    except vq.DataError as e:
+        raise UsageError(f"{e}: the model was trained on the slices there and reads them again (moved? put them "
+                         "back)") from None
+
+
 def _judge(args, ckpt, prior, device):
     """The prior of --judge's model.pt: one of this VQ-VAE's codes, scanning them in the other order."""
     judge_ckpt = vq.load_checkpoint(args.judge)
@@ -185,7 +194,7 @@ def blind(args):
     draw = lambda model, p, k: vq.sample_slices(  # noqa: E731
         model, p, args.n, args.temperature, torch.Generator(device).manual_seed(args.seed + k), args.position)
     if args.blind in ("test", "train"):  # a split of OUT's data
-        x = vq.load_splits(ckpt["data"])[args.blind]
+        x = _own_data(ckpt)[args.blind]
         if len(x) < args.n:
             raise UsageError(f"--blind {args.blind}: {len(x)} {args.blind} slices, fewer than --n {args.n}")
         pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[:args.n]
@@ -270,7 +279,7 @@ def _surprise_settings(ckpt, vqvae, prior, data=None):
     kept, set now from the validation slices, as train.py sets them."""
     if "surprise" in ckpt:
         return ckpt["surprise"]
-    data = data or vq.load_splits(ckpt["data"])
+    data = data or _own_data(ckpt)
     print("surprise: this checkpoint keeps no threshold: setting it from the validation slices")
     threshold = vq.surprise_threshold(prior, vqvae.encode(data["validate"]), data["positions"]["validate"])
     return {"threshold": threshold, "quantile": vq.SURPRISE_QUANTILE, "sigma": vq.SURPRISE_SIGMA}
@@ -663,7 +672,7 @@ def lesion_report(vqvae, prior, x, position, surprise, seed=0, log=print):
 def evaluate(args):
     ckpt, vqvae, prior, device = _load(args, need_prior=True)
     judge = _judge(args, ckpt, prior, device) if args.judge else None
-    data = vq.load_splits(ckpt["data"])
+    data = _own_data(ckpt)
     report = realism_report(vqvae, prior, data["test"], data["train"], args.seed, device, rot90=ckpt["data"]["rot90"],
                             temperature=args.temperature, position=data["positions"]["test"], repeats=args.repeats,
                             judge=judge)

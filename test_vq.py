@@ -1346,6 +1346,12 @@ def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
     # 40 slices in batches of 8: a small folder, so its prior trains on shifted maps with more dropout
     assert torch.load(out / "model.pt", weights_only=True)["prior_config"]["prior_dropout"] == 0.3
     assert "a small folder (40 training slices" in printed and "--prior_shifts 4" in printed
+    root.rename(tmp_path / "moved")  # the modes that read the training slices again say where they looked
+    for argv in (["--evaluate"], ["--blind", "test", "--n", "2"]):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--out", str(out), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and str(root) in err and "moved?" in err and len(err.strip().splitlines()) == 1
 
 
 def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):

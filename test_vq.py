@@ -1441,6 +1441,15 @@ def test_sample_usage_errors(tmp_path, capsys):
     assert e.value.code == 2 and "cannot create" in err and len(err.strip().splitlines()) == 1
 
 
+def test_train_help_shows_the_defaults_of_the_data_given(capsys):
+    for argv, shown in (([], train.PHANTOM_DEFAULTS), (["--data", "anywhere"], train.REAL_DEFAULTS)):
+        with pytest.raises(SystemExit):
+            train.parse_args([*argv, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse's wrapping undone
+        assert f"prior_channels (default {shown['prior_channels']})" in text
+        assert ("the phantom's; a folder's differ" in text) == (not argv)
+
+
 def test_train_out_that_cannot_be_a_folder(tmp_path, capsys):
     (tmp_path / "a_file").write_text("kept")
     for out, says in ((tmp_path / "a_file", "it is a file, not a folder"), (tmp_path / "a_file" / "o", "cannot create")):

@@ -122,6 +122,8 @@ def parse_args(argv=None):
                    "the codebook (default true; README: fewer bits, nearer wrong draws)")
     known, _ = p.parse_known_args([a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")])
     p.set_defaults(**(REAL_DEFAULTS if known.data else PHANTOM_DEFAULTS))
+    p.epilog = ("Defaults shown: a folder's." if known.data else
+                "Defaults shown: the phantom's; a folder's differ: python train.py --data DIR --help")
     args = p.parse_args(argv)
     for names, ok, rule in ((("batch_size", "prior_batch_size", "n_train", "n_val", "n_test", "log_every",
                               "prior_shifts"),

@@ -42,21 +42,26 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (see --help)")
 
 
+# The flags each mode leaves unused, refused when given ("n": plain sampling)
+MODE_IGNORES = {"reconstruct": ("n", "temperature", "position", "repeats"), "surprise": ("n", "position", "repeats"),
+                "evaluate": ("n", "position"), "bench": ("repeats",), "blind": ("repeats",), "n": ("repeats",)}
+
+
 def parse_args(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="out", help="the training output folder holding model.pt (default out)")
-    p.add_argument("--n", type=int, default=16, help="number of samples")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--n", type=int, help="number of samples (default 16)")
+    p.add_argument("--temperature", type=float, help="of the prior's draws (default 1)")
     p.add_argument("--position", type=float, default=None,
                    help="slice position in its volume, 0 (first) to 1 (last); default: drawn as in the training data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:1 (default cuda when present)")
-    p.add_argument("--dest", default=None, help="where to write (default OUT/samples_seedS_tT)")
+    p.add_argument("--dest", default=None, help="where to write (default a folder in OUT named for the mode)")
     p.add_argument("--reconstruct", nargs="+", metavar="PATH", help="slices to reconstruct (files, or folders of them)")
     p.add_argument("--surprise", nargs="+", metavar="PATH",
                    help="slices (files, or folders of them) to score: surprise map, healed slice and picture each, surprise.json (default dest OUT/surprise)")
     p.add_argument("--evaluate", action="store_true", help="realism report against the test slices, into summary.json")
-    p.add_argument("--repeats", type=int, default=1, help="with --evaluate: the two-sample score of samples "
+    p.add_argument("--repeats", type=int, help="with --evaluate: the two-sample score of samples "
                    "averaged over this many draws and critics (its spread on one model is about 0.02 a draw)")
     p.add_argument("--judge", metavar="PATH", help="with --evaluate: a model.pt whose prior learnt this model's "
                    "codes in the other scan order (train.py --stage prior --prior_transpose true in a copy of OUT); "
@@ -69,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--calls", metavar="0,1,...", help="with --blind: your call on each tile of blind.png in reading "
                    "order (1: say yes, 0: no); counts them by source from blind_key.json, drawing nothing")
     args = p.parse_args(argv)
+    given = {k: getattr(args, k) for k in ("n", "temperature", "position", "repeats")}
+    for k, v in (("n", 16), ("temperature", 1.0), ("repeats", 1)):
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.n < 1:
         fail(f"--n must be at least 1, got {args.n}")
     if args.repeats < 1:
@@ -81,6 +89,11 @@ def parse_args(argv=None):
     modes = [f"--{m}" for m in ("reconstruct", "surprise", "evaluate", "bench", "blind") if getattr(args, m)]
     if len(modes) > 1:
         fail(f"{' and '.join(modes)} are separate modes: give one")
+    mode = modes[0][2:] if modes else "n"
+    ignored = [f"--{k}" for k in MODE_IGNORES[mode] if given[k] is not None]
+    if ignored:
+        fail(f"{' and '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} nothing with "
+             f"{'sampling' if mode == 'n' else '--' + mode}: drop {'it' if len(ignored) == 1 else 'them'}")
     if args.judge and not args.evaluate:
         fail("--judge goes with --evaluate")
     if args.calls is not None and not args.blind:

@@ -1416,7 +1416,10 @@ def test_sample_usage_errors(tmp_path, capsys):
     cases = [([], "no checkpoint"), (["--n", "0"], "--n"), (["--temperature", "0"], "temperature"),
              (["--device", "gpu"], "expected cpu, cuda"), (["--seed", str(2**70)], "--seed"),
              (["--dest", str(tmp_path / "a_file")], "is a file"),
-             (["--evaluate", "--reconstruct", "x.nii"], "separate modes"), (["--repeats", "0"], "--repeats")]
+             (["--evaluate", "--reconstruct", "x.nii"], "separate modes"), (["--repeats", "0"], "--repeats"),
+             (["--reconstruct", "x.nii", "--n", "4", "--position", "0.3"], "--n and --position do nothing with --recon"),
+             (["--surprise", "x.nii", "--position", "0.3"], "--position does nothing with --surprise"),
+             (["--evaluate", "--n", "8"], "--n does nothing"), (["--repeats", "2"], "nothing with sampling")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "no CUDA device"))
     for argv, says in cases:

@@ -326,7 +326,7 @@ def test_plain_folder_grouped_by_patient_prefix(tmp_path):
     bare.mkdir()
     for z in range(12):  # nothing names a patient
         (bare / f"img_{z:04d}.nii").write_bytes(b"x")
-    with pytest.warns(vq.SplitWarning, match="slice by slice"):
+    with pytest.warns(vq.SplitWarning, match="split file by file"):
         splits = find_splits(bare)
     assert sorted(len(v) for v in splits.values()) == [1, 1, 10]
 

@@ -51,7 +51,7 @@ class SkippedFileWarning(UserWarning):
 
 
 class SplitWarning(UserWarning):
-    """A plain folder whose names carry no patient id was split slice by slice."""
+    """A plain folder whose names carry no patient id was split file by file."""
 
 
 class _IOFailure(Exception):
@@ -139,8 +139,9 @@ def _split_by_case(root):
         cases.setdefault(_case_id(f.name), []).append(f)
     if len(cases) == 1 and len(files) >= 3:  # names like img_0001: nothing tells the patients apart
         warnings.warn(f"{root}: the file names carry no patient id (such as case_XXX), so the folder is split "
-                      "slice by slice and one patient's neighbouring slices can land in train and test; give it "
-                      "train / validate / test sub-folders to split by patient", SplitWarning, stacklevel=3)
+                      "file by file: a volume file stays whole, but one patient's slice files can land in train and "
+                      "test; give it train / validate / test sub-folders to split by patient", SplitWarning,
+                      stacklevel=3)
         cases = {f.name: [f] for f in files}
     if len(cases) < 3:
         raise DataError(f"{root} needs train/validate/test sub-folders or slices from at least 3 cases "

@@ -189,7 +189,7 @@ def generate(args):
     save_png(dest / "grid.png", image_grid(images, ncol=8, rot90=ckpt["data"]["rot90"]))
     for i, im in enumerate(images):
         _save_nifti(dest / f"sample_{i:03d}.nii.gz", im[0].numpy())  # as stored: the input slices' orientation
-    print(f"wrote {args.n} samples to {dest} (grid.png and sample_*.nii.gz)")
+    print(f"wrote {args.n} sample{'s' * (args.n > 1)} to {dest} (grid.png and sample_*.nii.gz)")
     return images
 
 

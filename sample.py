@@ -728,6 +728,9 @@ def main(argv=None):
         return bench(args) if args.bench else generate(args)
     except (UsageError, vq.CheckpointError, vq.DataError) as e:
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C: one line; what was written stays, the model is only ever read
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

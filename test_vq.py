@@ -1411,7 +1411,7 @@ def test_train_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, says):
     assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_sample_usage_errors(tmp_path, capsys):
+def test_sample_usage_errors(tmp_path, capsys, monkeypatch):
     (tmp_path / "a_file").write_text("")
     cases = [([], "no checkpoint"), (["--n", "0"], "--n"), (["--temperature", "0"], "temperature"),
              (["--device", "gpu"], "expected cpu, cuda"), (["--seed", str(2**70)], "--seed"),
@@ -1442,6 +1442,13 @@ def test_sample_usage_errors(tmp_path, capsys):
         sample.main(["--out", str(tmp_path), "--n", "1", "--dest", str(tmp_path / "a_file" / "x")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "cannot create" in err and len(err.strip().splitlines()) == 1
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(vq, "sample_slices", ctrl_c)  # Ctrl-C while drawing: one line and 130, as train.py
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--out", str(tmp_path), "--n", "1"])
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
 
 
 def test_train_help_shows_the_defaults_of_the_data_given(capsys):

@@ -354,12 +354,12 @@ def _resolve(src):
 def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, workers=None, info=None):
     """Read 2D MR slices into one float tensor (N, 1, H, W) in [0, 1].
 
-    files_or_folder: a folder (its .nii / .nii.gz / .png slice files, naturally sorted; label files named seg_*
-    and *_seg_* folders are never read; PNG files beside NIfTI ones are pictures, left out), a single file, or a list of files (kept in order). Each file: singleton
-    axes squeezed; a 2-D array is one image, a 3-D array one per index of its last axis; NaN/inf set to 0; each
-    image mapped to [0, 1] by its 0.5 / 99.5 percentiles (a constant one to zeros), scaled by min(H/h, W/w)
-    (antialiased linear, aspect kept, untouched when already H x W) and zero-padded, centred, to size (H, W).
-    Array axis 0 stays H, as stored.
+    files_or_folder: a folder (its .nii / .nii.gz / .png slice files, naturally sorted; label files named seg_* and
+    *_seg_* folders are never read, nor PNG files beside NIfTI ones), a single file, or a list of files (kept in
+    order). Each file: singleton axes squeezed; a 2-D array is one image, a 3-D array one per index of its last
+    axis; NaN/inf set to 0; each image mapped to [0, 1] by its 0.5 / 99.5 percentiles (a constant one to zeros),
+    scaled by min(H/h, W/w) (antialiased linear, aspect kept, untouched when already H x W) and zero-padded,
+    centred, to size (H, W). Array axis 0 stays H, as stored.
 
     Unreadable files (corrupt, empty, not NIfTI, not 2-D/3-D) are each named in a SkippedFileWarning and left
     out; strict=True raises DataError on the first one. DataError for a missing folder or nothing readable.

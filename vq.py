@@ -73,17 +73,15 @@ def _natural_key(name):
 
 
 def _slice_files(folder):
-    """The slice files directly inside folder, naturally sorted; label (seg_) and dot files left out, and PNG
-    files beside NIfTI ones (named in one SkippedFileWarning)."""
+    """The slice files in folder, naturally sorted; label (seg_), dot files and PNGs beside NIfTI ones left out."""
     with os.scandir(folder) as entries:  # scandir: no extra stat per file on 11k-file folders
         names = [e.name for e in entries if e.is_file() and e.name.lower().endswith(SLICE_SUFFIXES)
                  and not e.name.lower().startswith(("seg_", "."))]  # ".": macOS "._" forks in zips
-    pngs = [n for n in names if n.lower().endswith(".png")]
-    if pngs and len(pngs) < len(names):  # NIfTI slices and pictures (a samples folder's grid.png): one kind
-        shown = ", ".join(sorted(pngs, key=_natural_key)[:3]) + (", ..." if len(pngs) > 3 else "")
-        warnings.warn(f"skipped {len(pngs)} PNG file(s) beside the NIfTI slices in {folder} ({shown}): "
-                      "a folder is read as one kind", SkippedFileWarning, stacklevel=3)
-        names = [n for n in names if n not in pngs]
+    pngs = sorted((n for n in names if n.lower().endswith(".png")), key=_natural_key)
+    if 0 < len(pngs) < len(names):  # pictures beside NIfTI slices (a samples folder's grid.png): one kind is read
+        warnings.warn(f"skipped {len(pngs)} PNG file(s) beside the NIfTI slices in {folder} ({', '.join(pngs[:3])}"
+                      f"{', ...' * (len(pngs) > 3)}): a folder is read as one kind", SkippedFileWarning, stacklevel=3)
+        names = list(set(names) - set(pngs))
     return [folder / n for n in sorted(names, key=_natural_key)]
 
 
@@ -138,10 +136,9 @@ def _split_by_case(root):
     for f in files:
         cases.setdefault(_case_id(f.name), []).append(f)
     if len(cases) == 1 and len(files) >= 3:  # names like img_0001: nothing tells the patients apart
-        warnings.warn(f"{root}: the file names carry no patient id (such as case_XXX), so the folder is split "
-                      "file by file: a volume file stays whole, but one patient's slice files can land in train and "
-                      "test; give it train / validate / test sub-folders to split by patient", SplitWarning,
-                      stacklevel=3)
+        warnings.warn(f"{root}: the file names carry no patient id (such as case_XXX), so the folder is split file "
+                      "by file (a volume file stays whole, a patient's slice files may not); give it train / validate "
+                      "/ test sub-folders to split by patient", SplitWarning, stacklevel=3)
         cases = {f.name: [f] for f in files}
     if len(cases) < 3:
         raise DataError(f"{root} needs train/validate/test sub-folders or slices from at least 3 cases "
@@ -698,19 +695,12 @@ class ResBlock(nn.Module):
         return x + self.net(x)
 
 
-def _n_halvings(downsample):
-    n = int(math.log2(downsample)) if downsample >= 2 else 0
-    if 2 ** n != downsample or n < 1:
-        raise ValueError(f"downsample must be a power of two >= 2, got {downsample}")
-    return n
-
-
 class Encoder(nn.Module):
     """Strided 4x4 convolutions halve the image log2(downsample) times, then residual blocks."""
 
     def __init__(self, in_channels, channels, code_dim, downsample, n_res_blocks):
         super().__init__()
-        n = _n_halvings(downsample)
+        n = int(math.log2(downsample))  # 4 or 8 (VQVAEConfig), 2 for a top level
         widths = [channels // 2 ** (n - 1 - i) for i in range(n)]  # widen as resolution drops
         layers, c = [], in_channels
         for i, w in enumerate(widths):
@@ -732,7 +722,7 @@ class Decoder(nn.Module):
 
     def __init__(self, out_channels, channels, code_dim, downsample, n_res_blocks):
         super().__init__()
-        n = _n_halvings(downsample)
+        n = int(math.log2(downsample))  # 4 or 8 (VQVAEConfig), 2 for a top level
         layers = [nn.Conv2d(code_dim, channels, 3, padding=1)]
         layers += [ResBlock(channels) for _ in range(n_res_blocks)]
         c = channels

@@ -126,7 +126,7 @@ def _prior_command(out, data):
     """The train.py line that trains a prior for the VQ-VAE in OUT/model.pt: its out and data flags."""
     flags = [] if Path(out) == Path("out") else ["--out", str(out)]
     if data.get("phantom"):
-        flags += [w for k, v in zip(("seed", "n_train", "n_val", "n_test"), data["phantom"]) for w in (f"--{k}", str(v))]
+        flags += [w for k, v in zip(vq.PHANTOM_RECORD, data["phantom"]) for w in (f"--{k}", str(v))]
     else:
         flags += ["--data", str(data["source"])]
     return shlex.join(["python", "train.py", "--stage", "prior", *flags, "--size", *map(str, data["size"])])

@@ -231,12 +231,9 @@ class Run:
         torch.manual_seed(seed * 1_000_003 + self.rank * 7919 + salt)
 
 
-PHANTOM_FLAGS = ("seed", "n_train", "n_val", "n_test")  # what draws the phantom's slices, as a data record keeps them
-
-
 def _data_settings(args):
     return {"source": args.data, "size": args.size,
-            "phantom": None if args.data else [getattr(args, k) for k in PHANTOM_FLAGS]}
+            "phantom": None if args.data else [getattr(args, k) for k in vq.PHANTOM_RECORD]}
 
 
 def load_data(run, files=None):
@@ -886,7 +883,7 @@ def _refuse_other_data(args, model_path, old):
         d["source"] = None if d.get("phantom") else str(Path(d["source"]).resolve())
     said = {"source": lambda v: f"--data {v}" if v else "the phantom (no --data)",
             "size": lambda v: f"--size {v[0]} {v[1]}",
-            "phantom": lambda v: " ".join(f"--{k} {n}" for k, n in zip(PHANTOM_FLAGS, v))}
+            "phantom": lambda v: " ".join(f"--{k} {n}" for k, n in zip(vq.PHANTOM_RECORD, v))}
     for key, say in said.items():
         if was.get(key) != now[key]:
             hint = " (--prior_seed: another prior of the same slices)" if was.get("phantom") and now["phantom"] \

@@ -36,6 +36,7 @@ except ImportError:
 # ----------------------------------------------------------------------------- data
 
 SPLITS = ("train", "validate", "test")
+PHANTOM_RECORD = ("seed", "n_train", "n_val", "n_test")  # a data record's "phantom" list: what draws the phantom set
 SLICE_SUFFIXES = (".nii", ".nii.gz", ".png")
 PERCENTILES = (0.5, 99.5)  # robust range per slice: a few hot pixels must not squash the contrast
 CACHE_VERSION = 3  # part of the cache key: bump it whenever decoding or the cached metadata changes

@@ -257,22 +257,31 @@ def _write_slices(path, x):
     _save_nifti(path, a[..., 0] if len(x) == 1 else a)
 
 
-def _read_inputs(paths, size):
+def _read_inputs(paths, size, rot90):
     """(path, its slices at size) for each file named, or each slice file of a folder named (naturally sorted),
-    all read before anything is written; DataError names the first missing or unreadable one."""
+    all read before anything is written; DataError names the first missing or unreadable one. A PNG is upright
+    and a NIfTI slice upright after np.rot90 (as train.py reads them): one of the kind the model was not trained
+    on is turned to the model's orientation (rot90: its data's), so it sees the anatomy the right way up."""
     with warnings.catch_warnings(record=True) as notes:  # such as a folder's pictures left out: one line each
         warnings.simplefilter("always", vq.SkippedFileWarning)
         files = [f for path in paths for f in vq._resolve(path)[0]]
     for note in notes:
         print(note.message)
-    return [(f, vq.load_slices([f], size, strict=True, cache_dir=False)) for f in files]
+    out = []
+    for f in files:
+        k = (not f.name.lower().endswith(".png")) - rot90  # the turn from the file's orientation to the model's
+        x = vq.load_slices([f], size[::-1] if k % 2 else size, strict=True, cache_dir=False)
+        if k:
+            print(f"{f}: turned to the model's orientation (it was trained on {'PNG' if k > 0 else 'NIfTI'} slices)")
+        out.append((f, torch.rot90(x, k, (2, 3))))
+    return out
 
 
 def reconstruct(args):
     ckpt, vqvae, _, device = _load(args, need_prior=False)
     size, rot = tuple(ckpt["data"]["size"]), ckpt["data"]["rot90"]
     dest = Path(args.dest or Path(args.out) / "reconstructions")
-    inputs = _read_inputs(args.reconstruct, size)
+    inputs = _read_inputs(args.reconstruct, size, rot)
     _make_dest(dest)
     results = []
     for i, (path, x) in enumerate(inputs):  # (S, 1, H, W): the S slices of one file
@@ -319,7 +328,7 @@ def surprise(args):
     size, rot = tuple(ckpt["data"]["size"]), ckpt["data"]["rot90"]
     settings = _surprise_settings(ckpt, vqvae, prior)
     dest = Path(args.dest or Path(args.out) / "surprise")
-    inputs = _read_inputs(args.surprise, size)
+    inputs = _read_inputs(args.surprise, size, rot)
     _make_dest(dest)
     g = torch.Generator(device).manual_seed(args.seed)
     entries = []

@@ -151,6 +151,20 @@ def test_png_slices(tmp_path, monkeypatch):
         load_slices(tmp_path, cache_dir=False)
 
 
+def test_sample_turns_inputs_of_the_other_kind_to_the_models_orientation(tmp_path, capsys):
+    Image = pytest.importorskip("PIL.Image")
+    stored = phantom_slices(1, size=(48, 32), seed=4)[0, 0].numpy()  # a NIfTI slice as stored, upright after rot90
+    save(tmp_path / "a.nii.gz", stored * 100)
+    Image.fromarray((np.rot90(stored) * 255).round().astype(np.uint8)).save(tmp_path / "a.png")  # as shown: upright
+    for rot, size in ((1, (24, 16)), (0, (16, 24))):  # a NIfTI-trained model, then a PNG-trained one
+        (_, png), (_, nii) = sample._read_inputs([tmp_path / "a.png", tmp_path / "a.nii.gz"], size, rot)
+        assert png.shape == nii.shape == (1, 1, *size)
+        assert (png - nii).abs().max() < 0.02  # the same anatomy, the same way up (8-bit rounding apart)
+        assert (png - nii.flip(2, 3)).abs().max() > 0.2  # which a turn the wrong way would not give
+    out = capsys.readouterr().out
+    assert out.count("turned to the model's orientation") == 2 and "trained on NIfTI" in out and "on PNG" in out
+
+
 def test_png_pictures_beside_nifti_slices_are_left_out(tmp_path):
     rng = np.random.default_rng(5)
     for z in (10, 2):

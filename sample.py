@@ -43,8 +43,9 @@ class Parser(argparse.ArgumentParser):
 
 
 # The flags each mode leaves unused, refused when given ("n": plain sampling)
-MODE_IGNORES = {"reconstruct": ("n", "temperature", "position", "repeats"), "surprise": ("n", "position", "repeats"),
-                "evaluate": ("n", "position"), "bench": ("repeats",), "blind": ("repeats",), "n": ("repeats",)}
+MODE_IGNORES = {"reconstruct": ("n", "temperature", "position", "repeats", "seed"),
+                "surprise": ("n", "position", "repeats"), "evaluate": ("n", "position"), "bench": ("repeats",),
+                "blind": ("repeats",), "n": ("repeats",)}
 
 
 def parse_args(argv=None):
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, help="of the prior's draws (default 1)")
     p.add_argument("--position", type=float, default=None,
                    help="slice position in its volume, 0 (first) to 1 (last); default: drawn as in the training data")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="of the draws (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:1 (default cuda when present)")
     p.add_argument("--dest", default=None, help="where to write (default a folder in OUT named for the mode)")
     p.add_argument("--reconstruct", nargs="+", metavar="PATH", help="slices to reconstruct (files, or folders of them)")
@@ -74,8 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--calls", metavar="0,1,...", help="with --blind: your call on each tile of blind.png in reading "
                    "order (1: say yes, 0: no); counts them by source from blind_key.json, drawing nothing")
     args = p.parse_args(argv)
-    given = {k: getattr(args, k) for k in ("n", "temperature", "position", "repeats")}
-    for k, v in (("n", 16), ("temperature", 1.0), ("repeats", 1)):
+    given = {k: getattr(args, k) for k in ("n", "temperature", "position", "repeats", "seed")}
+    for k, v in (("n", 16), ("temperature", 1.0), ("repeats", 1), ("seed", 0)):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.n < 1:
         fail(f"--n must be at least 1, got {args.n}")

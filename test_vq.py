@@ -1433,6 +1433,7 @@ def test_sample_usage_errors(tmp_path, capsys, monkeypatch):
              (["--evaluate", "--reconstruct", "x.nii"], "separate modes"), (["--repeats", "0"], "--repeats"),
              (["--reconstruct", "x.nii", "--n", "4", "--position", "0.3"], "--n and --position do nothing with --recon"),
              (["--surprise", "x.nii", "--position", "0.3"], "--position does nothing with --surprise"),
+             (["--reconstruct", "x.nii", "--seed", "3"], "--seed does nothing with --reconstruct"),
              (["--evaluate", "--n", "8"], "--n does nothing"), (["--repeats", "2"], "nothing with sampling")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "no CUDA device"))

@@ -153,7 +153,9 @@ def _load(args, need_prior):
 def _own_data(ckpt):
     """The splits of the slices the model was trained on, or one line saying where they were looked for."""
     try:
-        return vq.load_splits(ckpt["data"])
+        with warnings.catch_warnings():  # how the folder is split was said when the model was trained
+            warnings.simplefilter("ignore", vq.SplitWarning)
+            return vq.load_splits(ckpt["data"])
     except vq.DataError as e:
         raise UsageError(f"{e}: the model was trained on the slices there and reads them again (moved? put them "
                          "back)") from None

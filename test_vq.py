@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import types
+import warnings
 import zlib
 from dataclasses import asdict
 from pathlib import Path
@@ -297,11 +298,33 @@ def test_find_splits_hipmri_oasis_nested(tmp_path):
     splits = find_splits(oasis)
     assert {k: len(v) for k, v in splits.items()} == {"train": 3, "validate": 2, "test": 1}
     assert all(p.parent.name == f"keras_png_slices_{k}" for k, v in splits.items() for p in v)
+    with pytest.warns(vq.SplitWarning, match=r"one split of the layout in \S*oasis, .*--data \S*oasis reads"):
+        assert sorted(map(len, find_splits(oasis / "keras_png_slices_train").values())) == [1, 1, 1]  # by case
+    with pytest.raises(DataError, match="label folder"):
+        find_splits(oasis / "keras_png_slices_seg_train")
 
     (tmp_path / "partial" / "keras_slices_train").mkdir(parents=True)
     (tmp_path / "partial" / "keras_slices_test").mkdir()
     with pytest.raises(DataError, match="no validate folder"):
         find_splits(tmp_path / "partial")
+    with warnings.catch_warnings():  # not a whole layout: no word of it
+        warnings.simplefilter("error", vq.SplitWarning)
+        with pytest.raises(DataError, match="no slice files"):
+            find_splits(tmp_path / "partial" / "keras_slices_train")
+
+
+def test_sample_reads_a_split_folder_it_was_trained_on_without_a_warning(tmp_path):
+    rng = np.random.default_rng(2)
+    for split in ("train", "validate", "test"):
+        for c in range(3):
+            save(tmp_path / f"keras_slices_{split}" / f"case_{c}{split}_slice_0.nii.gz", rng.uniform(0, 9, (16, 16)))
+    settings = {"source": str(tmp_path / "keras_slices_train"), "size": [16, 16]}
+    with pytest.warns(vq.SplitWarning, match="one split of the layout"):  # train.py says it, once
+        want = vq.load_splits(settings)
+    with warnings.catch_warnings():  # sample.py reads the same slices, and says nothing of it
+        warnings.simplefilter("error")
+        got = sample._own_data({"data": want["settings"]})
+    assert all(torch.equal(got[k], want[k]) and len(got[k]) == 1 for k in ("train", "validate", "test"))
 
 
 def test_find_splits_plain_folder_by_case(tmp_path):

@@ -52,7 +52,7 @@ class SkippedFileWarning(UserWarning):
 
 
 class SplitWarning(UserWarning):
-    """A plain folder whose names carry no patient id was split file by file."""
+    """A plain folder was split file by file (its names carry no patient id), or is one split of a layout."""
 
 
 class _IOFailure(Exception):
@@ -127,13 +127,16 @@ def find_splits(root):
                 raise DataError(f"{root} has no {s} folder" if not ds else
                                 f"{root} has several {s} folders: {', '.join(d.name for d in ds)}")
         return {s: _slice_files(ds[0]) for s, ds in dirs.items()}
+    if any(root in ds for ds in _split_dirs(root.parent).values()) and all(_split_dirs(root.parent).values()):
+        warnings.warn(f"{root} is one split of the layout in {root.parent}, so it is split again on its own (--data "
+                      f"{root.parent} reads the layout's train / validate / test)", SplitWarning, stacklevel=2)
     return _split_by_case(root)
 
 
 def _split_by_case(root):
     """A plain folder: whole cases go to one split, ranked by a salt-free hash (reproducible, ~80/10/10)."""
     cases = {}
-    files = _slice_files(root)
+    files = _resolve(root)[0]  # a label folder, or one without slices: said so
     for f in files:
         cases.setdefault(_case_id(f.name), []).append(f)
     if len(cases) == 1 and len(files) >= 3:  # names like img_0001: nothing tells the patients apart
@@ -257,8 +260,7 @@ def _cpu_count():
 
 
 def _decode_all(files, size, strict, workers):
-    """Decode files in order over a thread pool (zlib, nibabel's reads and numpy release the GIL);
-    returns (N, H, W) float16 and info."""
+    """Decode files in order on a thread pool (zlib, nibabel's reads, numpy free the GIL): (N, H, W) float16, info."""
     workers = max(1, workers or _cpu_count())
     chunk = min(256, max(16, len(files) // (workers * 4) + 1))  # a few tasks per worker balance the load
     chunks = [files[i:i + chunk] for i in range(0, len(files), chunk)]
@@ -921,8 +923,7 @@ class VQVAEConfig:
 
 
 def _require(config, positive, *checks):
-    """ValueError with the message of the first failing check: the fields named in positive must be > 0,
-    then each (ok, message) must hold."""
+    """ValueError with the message of the first failing check: the fields in positive > 0, then each (ok, message)."""
     positive = [(getattr(config, n) > 0, f"{n} must be positive, got {getattr(config, n)}") for n in positive]
     for ok, message in positive + list(checks):
         if not ok:
@@ -1359,9 +1360,8 @@ class TwoLevelPrior(nn.Module):
 
     @torch.no_grad()
     def generate(self, n, temperature=1.0, generator=None, position=None, keep=None, naive=False):
-        """Sample n (top, bottom) code pairs: the top map, then the bottom map given it; see
-        PixelCNN.generate. keep: None or ((top, bottom) codes, (top, bottom) redo maps). naive: with
-        the reference sampler (same codes)."""
+        """Sample n (top, bottom) code pairs: the top map, then the bottom map given it; see PixelCNN.generate.
+        keep: None or ((top, bottom) codes, (top, bottom) redo maps). naive: the reference sampler (same codes)."""
         if self.config.positional and position is None:  # one position per slice, for both levels
             position = self.top.draw_positions(n, generator)
         sample = "generate_naive" if naive else "generate"

@@ -326,6 +326,19 @@ def _position_of(path, prior):
     return pos[names.index(Path(path).name)]
 
 
+def _runs(inputs, slices=64):
+    """(index, (path, its slices)) of each input, in runs of whole files holding at least `slices` slices
+    (the last run may hold fewer)."""
+    run = []
+    for item in enumerate(inputs):
+        run.append(item)
+        if sum(len(x) for _, (_, x) in run) >= slices:
+            yield run
+            run = []
+    if run:
+        yield run
+
+
 def surprise(args):
     ckpt, vqvae, prior, device = _load(args, need_prior=True)
     size, rot = tuple(ckpt["data"]["size"]), ckpt["data"]["rot90"]
@@ -335,25 +348,29 @@ def surprise(args):
     _make_dest(dest)
     g = torch.Generator(device).manual_seed(args.seed)
     entries = []
-    for i, (path, x) in enumerate(inputs):  # (S, 1, H, W): the S slices of one file
-        p = _position_of(path, prior)
-        s = vq.surprise(vqvae, prior, x, settings["threshold"], None if p is None else torch.full((len(x),), p),
+    for run in _runs(inputs):  # many files a call: the sampler's scan of the code map serves a batch of slices
+        ps = [_position_of(path, prior) for _, (path, _) in run]
+        where = None if ps[0] is None else torch.tensor([p for p, (_, (_, x)) in zip(ps, run) for _ in x])
+        s = vq.surprise(vqvae, prior, torch.cat([x for _, (_, x) in run]), settings["threshold"], where,
                         settings["sigma"], args.temperature, g)
-        name = f"{i:03d}_{Path(path).name.split('.')[0]}"  # index first: two inputs never share a name
-        for kind, image in (("surprise", s["map"]), ("healed", s["healed"])):
-            _write_slices(dest / f"{name}_{kind}.nii.gz", image)
-        grid = lambda t: image_grid(t, ncol=len(x), rot90=rot)  # noqa: E731
-        heat = grid(s["map"] / max(s["map"].max().item(), 1e-6))
-        save_png(dest / f"{name}.png", np.concatenate([np.stack([grid(x)] * 3, -1), np.stack([grid(s["healed"])] * 3, -1),
-                                                       overlay(grid(x), heat)]))
-        bits = [b.flatten(1) for b in vq.as_levels(s["bits"])]
-        for k in range(len(x)):
-            entries.append({"file": str(path), "slice": k, "score": s["score"][k].item(),
-                            "bits_per_code": torch.cat([b[k] for b in bits]).mean().item(),
-                            "redrawn_codes": int(sum(r[k].sum() for r in vq.as_levels(s["redo"]))),
-                            "position": p, "outputs": f"{name}_surprise.nii.gz, {name}_healed.nii.gz, {name}.png"})
-            print(f"{path}{f' slice {k}' if len(x) > 1 else ''}: score {entries[-1]['score']:.5f} | "
-                  f"{entries[-1]['redrawn_codes']} codes redrawn")
+        bits = torch.cat([b.flatten(1) for b in vq.as_levels(s["bits"])], 1)  # (N, all codes)
+        redrawn = sum(r.flatten(1).sum(1) for r in vq.as_levels(s["redo"]))  # (N,)
+        start = 0
+        for (i, (path, x)), p in zip(run, ps):  # (S, 1, H, W): the S slices of one file
+            at, start = slice(start, start + len(x)), start + len(x)
+            name = f"{i:03d}_{Path(path).name.split('.')[0]}"  # index first: two inputs never share a name
+            for kind, image in (("surprise", s["map"][at]), ("healed", s["healed"][at])):
+                _write_slices(dest / f"{name}_{kind}.nii.gz", image)
+            grid = lambda t: image_grid(t, ncol=len(x), rot90=rot)  # noqa: E731
+            heat = grid(s["map"][at] / max(s["map"][at].max().item(), 1e-6))
+            grey = [np.stack([grid(t)] * 3, -1) for t in (x, s["healed"][at])]
+            save_png(dest / f"{name}.png", np.concatenate([*grey, overlay(grid(x), heat)]))
+            for k, j in enumerate(range(at.start, at.stop)):
+                entries.append({"file": str(path), "slice": k, "score": s["score"][j].item(),
+                                "bits_per_code": bits[j].mean().item(), "redrawn_codes": int(redrawn[j]),
+                                "position": p, "outputs": f"{name}_surprise.nii.gz, {name}_healed.nii.gz, {name}.png"})
+                print(f"{path}{f' slice {k}' if len(x) > 1 else ''}: score {entries[-1]['score']:.5f} | "
+                      f"{entries[-1]['redrawn_codes']} codes redrawn")
     vq.save_json(dest / "surprise.json", {"threshold_bits": settings["threshold"], "sigma": settings["sigma"],
                                           "slices": entries})
     print(f"surprise maps, healed slices and surprise.json in {dest} (pictures: slice, healed, map in red over the slice)")

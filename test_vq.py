@@ -2143,7 +2143,7 @@ def test_a_lesion_raises_the_surprise_score():
     assert hurt["redo"].sum() > base["redo"].sum()
 
 
-def test_surprise_maps_healed_slices_and_outputs(tmp_path, capsys):
+def test_surprise_maps_healed_slices_and_outputs(tmp_path, capsys, monkeypatch):
     result = _train(tmp_path)
     vqvae, prior = result["vqvae"], result["prior"]
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
@@ -2168,6 +2168,11 @@ def test_surprise_maps_healed_slices_and_outputs(tmp_path, capsys):
     assert e.value.code == 2 and "bad.nii.gz" in capsys.readouterr().err
     entries = sample.main(["--out", str(tmp_path), "--surprise", str(tmp_path / "d1" / "case_1_slice_3.nii.gz"),
                            str(tmp_path / "d2" / "case_1_slice_3.nii.gz")])
+    g, files = torch.Generator().manual_seed(0), [tmp_path / d / "case_1_slice_3.nii.gz" for d in ("d1", "d2")]
+    one_by_one = [vq.surprise(vqvae, prior, t, settings["threshold"], torch.full((len(t),), e["position"]),
+                              settings["sigma"], generator=g)["score"] for t, e in
+                  ((load_slices([f], (32, 32), cache_dir=False), e) for f, e in zip(files, entries[:2]))]
+    assert [e["score"] for e in entries] == pytest.approx(torch.cat(one_by_one).tolist(), abs=1e-7)
     dest = tmp_path / "surprise"
     report = json.loads((dest / "surprise.json").read_text())
     assert [(Path(r["file"]).parent.name, r["slice"]) for r in report["slices"]] == [("d1", 0), ("d2", 0), ("d2", 1)]
@@ -2177,9 +2182,11 @@ def test_surprise_maps_healed_slices_and_outputs(tmp_path, capsys):
         sample.main(["--out", str(tmp_path), "--surprise", str(tmp_path / "d1"), str(tmp_path / "gone.nii.gz"),
                      "--dest", str(tmp_path / "s2")])
     assert e.value.code == 2 and "gone.nii.gz" in capsys.readouterr().err and not (tmp_path / "s2").exists()
+    calls, each = [], vq.surprise
+    monkeypatch.setattr(vq, "surprise", lambda vqvae, prior, x, *a: calls.append(len(x)) or each(vqvae, prior, x, *a))
     again = sample.main(["--out", str(tmp_path), "--surprise", str(tmp_path / "d1"), str(tmp_path / "d2"),
                          "--dest", str(tmp_path / "s2")])
-    assert [e["score"] for e in again] == [e["score"] for e in entries]
+    assert [e["score"] for e in again] == [e["score"] for e in entries] and calls == [3]  # both files in one call
     for name, shape in (("000_case_1_slice_3", (32, 32)), ("001_case_1_slice_3", (32, 32, 2))):
         for kind in ("surprise", "healed"):
             arr = np.asanyarray(nib.load(str(dest / f"{name}_{kind}.nii.gz")).dataobj)

@@ -310,20 +310,22 @@ def _surprise_settings(ckpt, vqvae, prior, data=None):
     return {"threshold": threshold, "quantile": vq.SURPRISE_QUANTILE, "sigma": vq.SURPRISE_SIGMA}
 
 
-def _position_of(path, prior):
+def _position_of(path, prior, seen):
     """A slice file's position in its volume, from its name and its neighbours' (slice_Z of the largest Z
-    beside it), as training reads them; None for a prior without positions, 0.5 when the name has none."""
+    beside it), as training reads them; None for a prior without positions, 0.5 when the name has none.
+    seen: {folder: {name: position}} of the folders read so far, filled as it goes (one scan a folder)."""
     if not prior.config.positional:
         return None
-    with warnings.catch_warnings():  # a mixed folder's pictures were named when the inputs were read
-        warnings.simplefilter("ignore", vq.SkippedFileWarning)
-        siblings = vq._slice_files(Path(path).parent) or [Path(path)]
-    pos = vq._positions(siblings, [1] * len(siblings))
-    names = [f.name for f in siblings]
-    if pos is None or Path(path).name not in names:
-        print(f"{path}: no slice_Z in its name: taken as the middle of its volume (position 0.5)")
+    path = Path(path)
+    if path.parent not in seen:
+        with warnings.catch_warnings():  # a mixed folder's pictures were named when the inputs were read
+            warnings.simplefilter("ignore", vq.SkippedFileWarning)
+            siblings = vq._slice_files(path.parent)
+        seen[path.parent] = dict(zip((f.name for f in siblings), vq._positions(siblings, [1] * len(siblings)) or []))
+    if path.name not in seen[path.parent]:
+        print(f"{path}: no position from slice_Z in the names of its folder: taken as 0.5, the middle of a volume")
         return 0.5
-    return pos[names.index(Path(path).name)]
+    return seen[path.parent][path.name]
 
 
 def _runs(inputs, slices=64):
@@ -347,9 +349,9 @@ def surprise(args):
     inputs = _read_inputs(args.surprise, size, rot)
     _make_dest(dest)
     g = torch.Generator(device).manual_seed(args.seed)
-    entries = []
+    entries, seen = [], {}
     for run in _runs(inputs):  # many files a call: the sampler's scan of the code map serves a batch of slices
-        ps = [_position_of(path, prior) for _, (path, _) in run]
+        ps = [_position_of(path, prior, seen) for _, (path, _) in run]
         where = None if ps[0] is None else torch.tensor([p for p, (_, (_, x)) in zip(ps, run) for _ in x])
         s = vq.surprise(vqvae, prior, torch.cat([x for _, (_, x) in run]), settings["threshold"], where,
                         settings["sigma"], args.temperature, g)

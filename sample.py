@@ -265,18 +265,17 @@ def _read_inputs(paths, size, rot90):
     all read before anything is written; DataError names the first missing or unreadable one. A PNG is upright
     and a NIfTI slice upright after np.rot90 (as train.py reads them): one of the kind the model was not trained
     on is turned to the model's orientation (rot90: its data's), so it sees the anatomy the right way up."""
-    with warnings.catch_warnings(record=True) as notes:  # such as a folder's pictures left out: one line each
+    with warnings.catch_warnings(record=True) as notes:  # a folder's pictures left out, NaN zeroed: one line each
         warnings.simplefilter("always", vq.SkippedFileWarning)
-        files = [f for path in paths for f in vq._resolve(path)[0]]
+        files, out = [f for path in paths for f in vq._resolve(path)[0]], []
+        for f in files:
+            k = (not f.name.lower().endswith(".png")) - rot90  # the turn from the file's orientation to the model's
+            x = vq.load_slices(f, size[::-1] if k % 2 else size, strict=True, cache_dir=False)
+            if k:
+                print(f"{f}: turned to the model's orientation (it was trained on {'PNG' if k > 0 else 'NIfTI'} slices)")
+            out.append((f, torch.rot90(x, k, (2, 3))))
     for note in notes:
         print(note.message)
-    out = []
-    for f in files:
-        k = (not f.name.lower().endswith(".png")) - rot90  # the turn from the file's orientation to the model's
-        x = vq.load_slices([f], size[::-1] if k % 2 else size, strict=True, cache_dir=False)
-        if k:
-            print(f"{f}: turned to the model's orientation (it was trained on {'PNG' if k > 0 else 'NIfTI'} slices)")
-        out.append((f, torch.rot90(x, k, (2, 3))))
     return out
 
 

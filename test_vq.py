@@ -1370,16 +1370,25 @@ def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
            root / "keras_slices_test" / "case_901_week_0_slice_0.nii.gz"]
     bad[0].write_bytes(b"")
     bad[1].write_text("not an image")
+    holed = sorted((root / "keras_slices_train").glob("case_*"))[5]
+    a = np.asanyarray(nib.load(str(holed)).dataobj).astype(np.float32)
+    a[3:6, 2:5] = np.nan  # 9 NaN: zeroed, and said in a line of the log, not a Python warning
+    save(holed, a)
     out = tmp_path / "out"
     train.main(["--data", str(root), "--out", str(out), "--epochs", "1", "--prior_epochs", "1", *TINY[6:]])
+    captured = capsys.readouterr()
+    assert "9 NaN/inf values set to 0 in 41 files from" in captured.out and "Warning" not in captured.err
     s = json.loads((out / "summary.json").read_text())
     # positions from the names (slice_Z of volumes of 4), skipped files and all: the prior is conditioned
     assert torch.load(out / "model.pt", weights_only=True)["prior_config"]["positional"]
     assert sorted(Path(f["file"]).name for f in s["skipped_files"]) == sorted(p.name for p in bad)
     assert (s["n_train"], s["n_val"], s["n_test"]) == (40, 12, 12)
-    printed = capsys.readouterr().out
+    printed = captured.out
     for p in bad:
         assert printed.count(p.name) == 1  # each bad file named once
+    sample.main(["--out", str(out), "--reconstruct", str(holed)])
+    captured = capsys.readouterr()
+    assert f"9 NaN/inf values set to 0 in {holed}\n" in captured.out and "Warning" not in captured.err
     # 40 slices in batches of 8: a small folder, so its prior trains on shifted maps with more dropout
     assert torch.load(out / "model.pt", weights_only=True)["prior_config"]["prior_dropout"] == 0.3
     assert "a small folder (40 training slices" in printed and "--prior_shifts 4" in printed

@@ -242,11 +242,13 @@ def load_data(run, files=None):
     args, settings = run.args, _data_settings(run.args)
     if run.world > 1 and not run.main:
         dist.barrier()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as notes:  # such as NaN zeroed: logged
         warnings.simplefilter("ignore", vq.SkippedFileWarning)  # logged below, once each
         data = vq.load_splits(settings, strict=args.strict, files=files)
     if run.world > 1 and run.main:
         dist.barrier()
+    for note in notes:
+        run.log(str(note.message))
     if data["skipped"]:
         run.log(f"skipped {len(data['skipped'])} unreadable file(s):\n"
                 + "\n".join(f"  {s['file']}: {s['reason']}" for s in data["skipped"]))

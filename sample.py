@@ -153,12 +153,15 @@ def _load(args, need_prior):
 def _own_data(ckpt):
     """The splits of the slices the model was trained on, or one line saying where they were looked for."""
     try:
-        with warnings.catch_warnings():  # how the folder is split was said when the model was trained
-            warnings.simplefilter("ignore", vq.SplitWarning)
-            return vq.load_splits(ckpt["data"])
+        with warnings.catch_warnings(record=True) as notes:  # files skipped: one line each
+            warnings.simplefilter("ignore", vq.SplitWarning)  # how the folder is split was said in training
+            data = vq.load_splits(ckpt["data"])
     except vq.DataError as e:
         raise UsageError(f"{e}: the model was trained on the slices there and reads them again (moved? put them "
                          "back)") from None
+    for note in notes:
+        print(note.message)
+    return data
 
 
 def _judge(args, ckpt, prior, device):

@@ -1392,6 +1392,9 @@ def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
     # 40 slices in batches of 8: a small folder, so its prior trains on shifted maps with more dropout
     assert torch.load(out / "model.pt", weights_only=True)["prior_config"]["prior_dropout"] == 0.3
     assert "a small folder (40 training slices" in printed and "--prior_shifts 4" in printed
+    sample.main(["--out", str(out), "--blind", "test", "--n", "2"])  # reads the test split again
+    captured = capsys.readouterr()
+    assert f"skipped {bad[1]}: " in captured.out and "Warning" not in captured.err  # a line, not a Python warning
     root.rename(tmp_path / "moved")  # the modes that read the training slices again say where they looked
     for argv in (["--evaluate"], ["--blind", "test", "--n", "2"]):
         with pytest.raises(SystemExit) as e:

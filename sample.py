@@ -123,14 +123,10 @@ def check_seed_and_device(args):
             fail(f"--device {args.device}: no CUDA device is available")
 
 
-def _prior_command(out, data):
-    """The train.py line that trains a prior for the VQ-VAE in OUT/model.pt: its out and data flags."""
-    flags = [] if Path(out) == Path("out") else ["--out", str(out)]
-    if data.get("phantom"):
-        flags += [w for k, v in zip(vq.PHANTOM_RECORD, data["phantom"]) for w in (f"--{k}", str(v))]
-    else:
-        flags += ["--data", str(data["source"])]
-    return shlex.join(["python", "train.py", "--stage", "prior", *flags, "--size", *map(str, data["size"])])
+def _prior_command(out):
+    """The train.py line that trains a prior for the VQ-VAE in OUT/model.pt, on the slices it was trained on."""
+    where = [] if Path(out) == Path("out") else ["--out", str(out)]
+    return shlex.join(["python", "train.py", "--stage", "prior", *where])
 
 
 def _load(args, need_prior):
@@ -143,7 +139,7 @@ def _load(args, need_prior):
     prior = None
     if need_prior:
         if "prior" not in ckpt:
-            raise vq.CheckpointError(f"{path} has no prior: train it with `{_prior_command(args.out, ckpt['data'])}`")
+            raise vq.CheckpointError(f"{path} has no prior: train it with `{_prior_command(args.out)}`")
         prior = vq.load_prior(ckpt).to(device)
         if args.position is not None and not prior.config.positional:
             raise vq.CheckpointError(f"the prior in {path} was trained without slice positions: drop --position")
@@ -169,7 +165,7 @@ def _judge(args, ckpt, prior, device):
     judge_ckpt = vq.load_checkpoint(args.judge)
     if "prior" not in judge_ckpt or judge_ckpt.get("vqvae_fingerprint") != ckpt.get("vqvae_fingerprint"):
         raise UsageError(f"--judge {args.judge} holds no prior of this VQ-VAE's codes: train one in a copy COPY of "
-                         f"{args.out}: {_prior_command('COPY', ckpt['data'])} --overwrite --prior_transpose true")
+                         f"{args.out}: {_prior_command('COPY')} --overwrite --prior_transpose true")
     judge = vq.load_prior(judge_ckpt).to(device)
     if not isinstance(prior, vq.PixelCNN) or not isinstance(judge, vq.PixelCNN):
         raise UsageError("--judge takes one-level priors only")
@@ -275,7 +271,7 @@ def _read_inputs(paths, size, rot90):
             k = (not f.name.lower().endswith(".png")) - rot90  # the turn from the file's orientation to the model's
             x = vq.load_slices(f, size[::-1] if k % 2 else size, strict=True, cache_dir=False)
             if k:
-                print(f"{f}: turned to the model's orientation (it was trained on {'PNG' if k > 0 else 'NIfTI'} slices)")
+                print(f"{f}: turned the model's way up (it was trained on {'PNG' if k > 0 else 'NIfTI'} slices)")
             out.append((f, torch.rot90(x, k, (2, 3))))
     for note in notes:
         print(note.message)

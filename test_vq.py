@@ -163,7 +163,7 @@ def test_sample_turns_inputs_of_the_other_kind_to_the_models_orientation(tmp_pat
         assert (png - nii).abs().max() < 0.02  # the same anatomy, the same way up (8-bit rounding apart)
         assert (png - nii.flip(2, 3)).abs().max() > 0.2  # which a turn the wrong way would not give
     out = capsys.readouterr().out
-    assert out.count("turned to the model's orientation") == 2 and "trained on NIfTI" in out and "on PNG" in out
+    assert out.count("turned the model's way up") == 2 and "trained on NIfTI" in out and "on PNG" in out
 
 
 def test_png_pictures_beside_nifti_slices_are_left_out(tmp_path):
@@ -1392,6 +1392,10 @@ def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
     # 40 slices in batches of 8: a small folder, so its prior trains on shifted maps with more dropout
     assert torch.load(out / "model.pt", weights_only=True)["prior_config"]["prior_dropout"] == 0.3
     assert "a small folder (40 training slices" in printed and "--prior_shifts 4" in printed
+    capsys.readouterr()
+    train.main(["--out", str(out), "--stage", "prior", "--overwrite", "--prior_epochs", "1", "--realism", "false",
+                *TINY[9:]])  # no --data, no --size: the slices of model.pt's VQ-VAE
+    assert f"slices of (32, 32) from {root.resolve()}" in capsys.readouterr().out
     sample.main(["--out", str(out), "--blind", "test", "--n", "2"])  # reads the test split again
     captured = capsys.readouterr()
     assert f"skipped {bad[1]}: " in captured.out and "Warning" not in captured.err  # a line, not a Python warning
@@ -1927,6 +1931,10 @@ def test_prior_seed_trains_another_prior_of_the_same_vqvae(tmp_path, capsys):
     assert all(torch.equal(first["vqvae"][k], v) for k, v in other["vqvae"].items())
     assert not all(torch.equal(first["prior"][k], v) for k, v in other["prior"].items())  # another prior
     assert after["prior_bits_per_code"] != before["prior_bits_per_code"]
+    train.main(["--out", str(tmp_path), "--stage", "prior", "--overwrite", "--prior_seed", "7", "--realism", "false",
+                "--prior_epochs", "2", *TINY[9:]])  # no --size, --n_train...: as model.pt's VQ-VAE was trained
+    same = torch.load(tmp_path / "model.pt", weights_only=True)["prior"]
+    assert all(torch.equal(other["prior"][k], v) for k, v in same.items())  # the same slices: the same prior
     # resuming under another prior seed would replay another slice order: refused in one line
     _train(tmp_path, "--stage", "prior", "--overwrite", "--prior_seed", "7", "--minutes", "0.0001", "--realism", "false")
     capsys.readouterr()

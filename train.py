@@ -79,11 +79,23 @@ def _config_flags(parser, config_cls, skip=(), defaults=None):
                                  f"(default {(defaults or {}).get(f.name, '%(default)s')})")
 
 
+def _recorded_data(model_path):
+    """--stage prior: the data flags model.pt's VQ-VAE was trained with, as defaults (a flag given still wins, and
+    other slices are then refused); none without a readable model.pt."""
+    try:
+        record = vq.load_checkpoint(model_path)["data"]
+    except (vq.CheckpointError, KeyError, TypeError):  # none, or not readable: said when the stage starts
+        return {}
+    return {"size": record["size"], **(dict(zip(vq.PHANTOM_RECORD, record["phantom"])) if record.get("phantom")
+                                       else {"data": record["source"]})}
+
+
 def parse_args(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="root folder of slices; default: the embedded phantom data set")
     p.add_argument("--out", default="out", help="output folder (default out)")
-    p.add_argument("--stage", choices=["vqvae", "prior", "all"], default="all")
+    p.add_argument("--stage", choices=["vqvae", "prior", "all"], default="all",
+                   help="prior: of the VQ-VAE in OUT/model.pt, on its slices (--data, --size: as it was trained)")
     p.add_argument("--epochs", type=int, help=f"VQ-VAE epochs (default {REAL_EPOCHS}, or {MIN_STEPS} steps' worth on a "
                    "small folder; phantom 15)")
     p.add_argument("--prior_epochs", type=int, help="prior epochs (default as --epochs; phantom 14)")
@@ -121,8 +133,10 @@ def parse_args(argv=None):
     p.add_argument("--prior_tied", type=_bool, default=True, help="tie the prior's code embedding and logits to "
                    "the codebook (default true; README: fewer bits, nearer wrong draws)")
     known, _ = p.parse_known_args([a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")])
-    p.set_defaults(**(REAL_DEFAULTS if known.data else PHANTOM_DEFAULTS))
-    p.epilog = ("Defaults shown: a folder's." if known.data else
+    recorded = _recorded_data(Path(known.out) / "model.pt") if known.stage == "prior" else {}
+    data = known.data or recorded.get("data")
+    p.set_defaults(**{**(REAL_DEFAULTS if data else PHANTOM_DEFAULTS), **recorded})
+    p.epilog = ("Defaults shown: a folder's." if data else
                 "Defaults shown: the phantom's; a folder's differ: python train.py --data DIR --help")
     args = p.parse_args(argv)
     for names, ok, rule in ((("batch_size", "prior_batch_size", "n_train", "n_val", "n_test", "log_every",

@@ -1405,6 +1405,10 @@ def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
             sample.main(["--out", str(out), *argv])
         err = capsys.readouterr().err
         assert e.value.code == 2 and str(root) in err and "moved?" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:  # and so does --stage prior, which reads them from model.pt's record
+        train.main(["--out", str(out), "--stage", "prior", "--overwrite"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and str(root) in err and "moved?" in err and len(err.strip().splitlines()) == 1
 
 
 def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):

@@ -139,6 +139,7 @@ def parse_args(argv=None):
     p.epilog = ("Defaults shown: a folder's." if data else
                 "Defaults shown: the phantom's; a folder's differ: python train.py --data DIR --help")
     args = p.parse_args(argv)
+    args.data_from_model = known.data is None and "data" in recorded
     for names, ok, rule in ((("batch_size", "prior_batch_size", "n_train", "n_val", "n_test", "log_every",
                               "prior_shifts"),
                              lambda v: v >= 1, "at least 1"),
@@ -881,7 +882,11 @@ def train(args):
                              f"{', two levels' if cfg.levels == 2 else ''})")
     with warnings.catch_warnings(record=True) as notes:  # such as a folder's pictures left out: logged
         warnings.simplefilter("always", vq.SkippedFileWarning)
-        files = vq.find_splits(args.data) if args.data is not None else None  # a bad layout fails first, fast
+        try:
+            files = vq.find_splits(args.data) if args.data is not None else None  # a bad layout fails first, fast
+        except vq.DataError as e:
+            raise vq.DataError(f"{e}: --stage prior reads the slices {args.out}/model.pt was trained on (moved? put "
+                               "them back)" if args.data_from_model else str(e)) from None
     run = Run(args)
     for note in notes:
         run.log(str(note.message))

@@ -1375,9 +1375,10 @@ def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
     a[3:6, 2:5] = np.nan  # 9 NaN: zeroed, and said in a line of the log, not a Python warning
     save(holed, a)
     out = tmp_path / "out"
-    train.main(["--data", str(root), "--out", str(out), "--epochs", "1", "--prior_epochs", "1", *TINY[6:]])
+    train.main(["--data", str(root), "--out", str(out), "--epochs", "1", "--prior_epochs", "1", *TINY[9:]])  # no --size
     captured = capsys.readouterr()
     assert "9 NaN/inf values set to 0 in 41 files from" in captured.out and "Warning" not in captured.err
+    assert "size 32 x 32: the training slices' most common shape" in captured.out  # the empty file's shape: none
     s = json.loads((out / "summary.json").read_text())
     # positions from the names (slice_Z of volumes of 4), skipped files and all: the prior is conditioned
     assert torch.load(out / "model.pt", weights_only=True)["prior_config"]["positional"]
@@ -1409,6 +1410,23 @@ def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
         train.main(["--out", str(out), "--stage", "prior", "--overwrite"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and str(root) in err and "moved?" in err and len(err.strip().splitlines()) == 1
+
+
+def test_native_size_is_the_most_common_shape_fit_within_longest(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(3)
+    files = [save(tmp_path / f"a{i}.nii.gz", rng.uniform(0, 5, shape).astype(np.float32))  # axes 1 dropped
+             for i, shape in enumerate([(60, 44), (60, 44, 1), (1, 60, 44), (80, 80), (80, 80), (60, 44, 3)])]
+    assert train._native_size(files, 4) == [60, 44] and train._native_size(files, 8) == [64, 48]  # rounded to step
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a header")
+    assert train._native_size([tmp_path / "bad.nii.gz", files[3]], 4) == [80, 80]  # unreadable: left out
+    assert train._native_size([tmp_path / "bad.nii.gz"], 4) is None
+    for i in range(3):  # PNG: width x height in the header; 600 wide, 300 high, fit within 256
+        Image.fromarray(rng.integers(0, 255, (300, 600), dtype=np.uint8)).save(tmp_path / f"p{i}.png")
+    assert train._native_size(sorted(tmp_path.glob("p*.png")), 8) == [128, 256]
+    assert train._native_size(files[:3], 16) == [64, 48]  # 3.75 and 2.75 steps of 16, rounded
+    tiny = save(tmp_path / "tiny.nii.gz", rng.uniform(0, 5, (10, 6)).astype(np.float32))
+    assert train._native_size([tiny], 4) == [16, 16]  # at least 16, SSIM's window
 
 
 def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):

@@ -45,13 +45,15 @@ from sample import (Parser, UsageError, check_seed_and_device, fail, image_grid,
 PHANTOM_DEFAULTS = dict(size=[128, 64], largest_batch=16, epochs=15, prior_epochs=14, channels=64, n_codes=128,
                         prior_channels=32, prior_layers=12, lr=5e-3, prior_lr=6e-3, rate=0.25)
 # None: set by the folder's size once it is loaded (_fill_defaults)
-REAL_DEFAULTS = dict(size=[256, 128], largest_batch=32, epochs=None, prior_epochs=None, lr=1e-3, prior_lr=3e-3,
+REAL_DEFAULTS = dict(size=None, largest_batch=32, epochs=None, prior_epochs=None, lr=1e-3, prior_lr=3e-3,
                      rate=0.25, prior_shifts=None, prior_dropout=None, prior_channels=128)
 # A small folder takes few steps an epoch (DEV's 100 slices: 9). Where these --data flags are not given, a stage
 # that REAL_EPOCHS would give fewer than MIN_STEPS steps trains MIN_STEPS, and its prior, which would then learn
 # its few maps by heart (best at a quarter of the steps), trains on 4 shifted maps of each slice with dropout 0.3
 # (README: DEV)
 REAL_EPOCHS, MIN_STEPS = 30, 1000
+# --data without --size: the training slices' own shape, scaled to fit this on its longer side (_native_size)
+LONGEST = 256
 PRIOR_BY_SIZE = dict(prior_shifts=(4, 1), prior_dropout=(0.3, vq.PriorConfig.prior_dropout))  # small folder, other
 SYNC_EVERY = 16  # under DDP, steps between the shared "is the --minutes budget spent?" votes
 # curves.png during training at most this often (and always at the end): a drawing takes 0.5 s, and on an
@@ -109,7 +111,8 @@ def parse_args(argv=None):
                    "copies moved by up to 2 px, one drawn per epoch (default 1; 4, and --prior_dropout 0.3, on a "
                    "small folder)")
     p.add_argument("--prior_ema", type=float, default=0.0, help="decay of an average of the prior's weights (0: none)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="slice size (default 256 128; phantom 128 64)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="slice size (default: the training slices' "
+                   f"most common shape, fit within {LONGEST} (HipMRI 256 128, OASIS 256 256); phantom 128 64)")
     p.add_argument("--n_train", type=int, default=2000, help="phantom slices for training")
     p.add_argument("--n_val", type=int, default=200, help="phantom slices for validation")
     p.add_argument("--n_test", type=int, default=300, help="phantom slices for testing")
@@ -152,7 +155,7 @@ def parse_args(argv=None):
         fail(f"--prior_seed must be between 0 and 2**63 - 1, got {args.prior_seed}")
     if not 0 <= args.prior_ema < 1:
         fail(f"--prior_ema must be in [0, 1) (0: no average), got {args.prior_ema}")
-    if min(args.size) < 16:
+    if args.size is not None and min(args.size) < 16:
         fail(f"--size must be at least 16 x 16 (SSIM's window is 11), got {args.size[0]} {args.size[1]}")
     check_seed_and_device(args)
     return args
@@ -873,13 +876,38 @@ def _refuse_overwrite(run, stages):
         raise UsageError(f"{path} holds an earlier run: add --resume to continue it or --overwrite to replace it")
 
 
+def _native_size(files, step):
+    """The most common shape (H, W) of up to 64 of files, read from their headers, scaled to fit LONGEST on its
+    longer side and rounded to multiples of step; None when no header reads."""
+    shapes = []
+    for f in files[::max(1, len(files) // 64)][:64]:
+        try:
+            if f.name.lower().endswith(".png"):
+                from PIL import Image
+                with Image.open(f) as im:
+                    shape = im.size[::-1]
+            else:
+                import nibabel as nib
+                shape = [d for d in nib.load(str(f)).shape if d != 1][:2]
+        except Exception:  # unreadable: named when the slices are read
+            continue
+        if len(shape) == 2:
+            shapes.append(tuple(shape))
+    if not shapes:
+        return None
+    h, w = max(set(shapes), key=shapes.count)
+    scale = min(1.0, LONGEST / max(h, w))
+    return [max(16, step, round(d * scale / step) * step) for d in (h, w)]
+
+
 def train(args):
+    step = 4  # --stage prior: the size is model.pt's
     if args.stage != "prior":  # the VQ-VAE's flags and the size are checked before any slice is read
-        cfg, (H, W) = _config(vq.VQVAEConfig, args), args.size
+        cfg = _config(vq.VQVAEConfig, args)
         step = cfg.downsample * 2 ** (cfg.levels - 1)  # the top map halves the bottom one once more
-        if H % step or W % step:
-            raise UsageError(f"--size {H} {W} must be divisible by {step} (--downsample {cfg.downsample}"
-                             f"{', two levels' if cfg.levels == 2 else ''})")
+        if args.size is not None and (args.size[0] % step or args.size[1] % step):
+            raise UsageError(f"--size {args.size[0]} {args.size[1]} must be divisible by {step} (--downsample "
+                             f"{cfg.downsample}{', two levels' if cfg.levels == 2 else ''})")
     with warnings.catch_warnings(record=True) as notes:  # such as a folder's pictures left out: logged
         warnings.simplefilter("always", vq.SkippedFileWarning)
         try:
@@ -887,9 +915,15 @@ def train(args):
         except vq.DataError as e:
             raise vq.DataError(f"{e}: --stage prior reads the slices {args.out}/model.pt was trained on (moved? put "
                                "them back)" if args.data_from_model else str(e)) from None
+    native = args.size is None
+    if native:  # --data without --size: the slices' own shape
+        args.size = _native_size(files["train"], step) or [256, 128]
     run = Run(args)
     for note in notes:
         run.log(str(note.message))
+    if native:
+        run.log(f"size {args.size[0]} x {args.size[1]}: the training slices' most common shape, fit within {LONGEST} "
+                "(--size H W to choose)")
     with _save_on_signals(run):
         return _stages(run, files)
 

@@ -915,13 +915,12 @@ def train(args):
         except vq.DataError as e:
             raise vq.DataError(f"{e}: --stage prior reads the slices {args.out}/model.pt was trained on (moved? put "
                                "them back)" if args.data_from_model else str(e)) from None
-    native = args.size is None
-    if native:  # --data without --size: the slices' own shape
-        args.size = _native_size(files["train"], step) or [256, 128]
+    found = _native_size(files["train"], step) if args.size is None else None  # --data without --size
+    args.size = args.size or found or [256, 128]  # no header read: the slices will not read either, and say so
     run = Run(args)
     for note in notes:
         run.log(str(note.message))
-    if native:
+    if found:
         run.log(f"size {args.size[0]} x {args.size[1]}: the training slices' most common shape, fit within {LONGEST} "
                 "(--size H W to choose)")
     with _save_on_signals(run):

@@ -11,6 +11,7 @@
 """
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -40,6 +41,19 @@ def fail(message):
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         fail(f"{message} (see --help)")
+
+
+@contextlib.contextmanager
+def warnings_as_lines(say=print, ignore=()):
+    """The warnings of the block said after it by say, one line each (a SkippedFileWarning every time), those of
+    the kinds in ignore dropped: a user reads lines, not Python warnings with their source lines."""
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", vq.SkippedFileWarning)
+        for kind in ignore:
+            warnings.simplefilter("ignore", kind)
+        yield
+    for note in notes:
+        say(str(note.message))
 
 
 # The flags each mode leaves unused, refused when given ("n": plain sampling)
@@ -149,15 +163,11 @@ def _load(args, need_prior):
 def _own_data(ckpt):
     """The splits of the slices the model was trained on, or one line saying where they were looked for."""
     try:
-        with warnings.catch_warnings(record=True) as notes:  # files skipped: one line each
-            warnings.simplefilter("ignore", vq.SplitWarning)  # how the folder is split was said in training
-            data = vq.load_splits(ckpt["data"])
+        with warnings_as_lines(ignore=(vq.SplitWarning,)):  # how the folder is split was said in training
+            return vq.load_splits(ckpt["data"])
     except vq.DataError as e:
         raise UsageError(f"{e}: the model was trained on the slices there and reads them again (moved? put them "
                          "back)") from None
-    for note in notes:
-        print(note.message)
-    return data
 
 
 def _judge(args, ckpt, prior, device):
@@ -264,17 +274,15 @@ def _read_inputs(paths, size, rot90):
     all read before anything is written; DataError names the first missing or unreadable one. A PNG is upright
     and a NIfTI slice upright after np.rot90 (as train.py reads them): one of the kind the model was not trained
     on is turned to the model's orientation (rot90: its data's), so it sees the anatomy the right way up."""
-    with warnings.catch_warnings(record=True) as notes:  # a folder's pictures left out, NaN zeroed: one line each
-        warnings.simplefilter("always", vq.SkippedFileWarning)
+    with warnings_as_lines():  # a folder's pictures left out, NaN zeroed
         files, out = [f for path in paths for f in vq._resolve(path)[0]], []
         for f in files:
             k = (not f.name.lower().endswith(".png")) - rot90  # the turn from the file's orientation to the model's
             x = vq.load_slices(f, size[::-1] if k % 2 else size, strict=True, cache_dir=False)
             if k:
                 print(f"{f}: turned the model's way up (it was trained on {'PNG' if k > 0 else 'NIfTI'} slices)")
-            out.append((f, torch.rot90(x, k, (2, 3))))
-    for note in notes:
-        print(note.message)
+                x = torch.rot90(x, k, (2, 3))
+            out.append((f, x))
     return out
 
 
@@ -316,8 +324,7 @@ def _position_of(path, prior, seen):
         return None
     path = Path(path)
     if path.parent not in seen:
-        with warnings.catch_warnings():  # a mixed folder's pictures were named when the inputs were read
-            warnings.simplefilter("ignore", vq.SkippedFileWarning)
+        with warnings_as_lines(ignore=(vq.SkippedFileWarning,)):  # its pictures were named when the inputs were read
             siblings = vq._slice_files(path.parent)
         seen[path.parent] = dict(zip((f.name for f in siblings), vq._positions(siblings, [1] * len(siblings)) or []))
     if path.name not in seen[path.parent]:

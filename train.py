@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 import vq
 from sample import (Parser, UsageError, check_seed_and_device, fail, image_grid, lesion_report, read_summary,
-                    realism_report, save_png)
+                    realism_report, save_png, warnings_as_lines)
 
 # Without --data: defaults sized so both stages finish in minutes on a 2-core CPU (flags still win).
 # lr, prior_lr: the best measured at the same budget (README). The phantom's VQ-VAE, 1875 steps, at 5e-3
@@ -260,13 +260,10 @@ def load_data(run, files=None):
     args, settings = run.args, _data_settings(run.args)
     if run.world > 1 and not run.main:
         dist.barrier()
-    with warnings.catch_warnings(record=True) as notes:  # such as NaN zeroed: logged
-        warnings.simplefilter("ignore", vq.SkippedFileWarning)  # logged below, once each
+    with warnings_as_lines(run.log, ignore=(vq.SkippedFileWarning,)):  # such as NaN zeroed; skipped files below
         data = vq.load_splits(settings, strict=args.strict, files=files)
     if run.world > 1 and run.main:
         dist.barrier()
-    for note in notes:
-        run.log(str(note.message))
     if data["skipped"]:
         run.log(f"skipped {len(data['skipped'])} unreadable file(s):\n"
                 + "\n".join(f"  {s['file']}: {s['reason']}" for s in data["skipped"]))
@@ -908,8 +905,8 @@ def train(args):
         if args.size is not None and (args.size[0] % step or args.size[1] % step):
             raise UsageError(f"--size {args.size[0]} {args.size[1]} must be divisible by {step} (--downsample "
                              f"{cfg.downsample}{', two levels' if cfg.levels == 2 else ''})")
-    with warnings.catch_warnings(record=True) as notes:  # such as a folder's pictures left out: logged
-        warnings.simplefilter("always", vq.SkippedFileWarning)
+    notes = []  # such as a folder's pictures left out: logged once the run is set up
+    with warnings_as_lines(notes.append):
         try:
             files = vq.find_splits(args.data) if args.data is not None else None  # a bad layout fails first, fast
         except vq.DataError as e:
@@ -919,7 +916,7 @@ def train(args):
     args.size = args.size or found or [256, 128]  # no header read: the slices will not read either, and say so
     run = Run(args)
     for note in notes:
-        run.log(str(note.message))
+        run.log(note)
     if found:
         run.log(f"size {args.size[0]} x {args.size[1]}: the training slices' most common shape, fit within {LONGEST} "
                 "(--size H W to choose)")

@@ -127,7 +127,7 @@ def find_splits(root):
                 raise DataError(f"{root} has no {s} folder" if not ds else
                                 f"{root} has several {s} folders: {', '.join(d.name for d in ds)}")
         return {s: _slice_files(ds[0]) for s, ds in dirs.items()}
-    if any(root in ds for ds in _split_dirs(root.parent).values()) and all(_split_dirs(root.parent).values()):
+    if all((up := _split_dirs(root.parent)).values()) and any(root in ds for ds in up.values()):  # one scan
         warnings.warn(f"{root} is one split of the layout in {root.parent}, so it is split again on its own (--data "
                       f"{root.parent} reads the layout's train / validate / test)", SplitWarning, stacklevel=2)
     return _split_by_case(root)

@@ -113,6 +113,14 @@ def test_salted_folder_skips_each_bad_file_once(tmp_path):
     assert not torch.isnan(x).any() and 0 <= x.min() and x.max() <= 1
     assert (x[1] == 0).all()  # the constant slice
     assert info["nonfinite"] == 102 and info["files"] == 8 and not info["cached"]
+    said = [str(r.message) for r in rec if "NaN/inf" in str(r.message)]  # the file holding them, not all 8
+    assert said == [f"102 NaN/inf values set to 0 in {data / 'c_nan.nii.gz'}, of {data}"]
+    save(data / "c_nan_2.nii.gz", np.where(np.arange(128) == 3, np.nan, 1 + np.eye(256, 128)).astype(np.float32))
+    with pytest.warns(UserWarning) as rec:  # two holders, cold then warm (from the cache): the same line
+        for _ in range(2):
+            load_slices(data, cache_dir=cache)
+    said = [str(r.message) for r in rec if "NaN/inf" in str(r.message)]
+    assert said == [f"358 NaN/inf values set to 0 in {data / 'c_nan.nii.gz'} and 1 more, of {data}"] * 2
     assert [p for p, _ in info["skipped"]] == [str(p) for p in bad]
     assert "4-D" in dict(info["skipped"])[str(bad[3])]
     for k in range(5):  # the volume, one image per slice, in order
@@ -1377,7 +1385,7 @@ def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     train.main(["--data", str(root), "--out", str(out), "--epochs", "1", "--prior_epochs", "1", *TINY[9:]])  # no --size
     captured = capsys.readouterr()
-    assert "9 NaN/inf values set to 0 in 41 files from" in captured.out and "Warning" not in captured.err
+    assert f"9 NaN/inf values set to 0 in {holed}, of 41 files from" in captured.out and "Warning" not in captured.err
     assert "size 32 x 32: the training slices' most common shape" in captured.out  # the empty file's shape: none
     s = json.loads((out / "summary.json").read_text())
     # positions from the names (slice_Z of volumes of 4), skipped files and all: the prior is conditioned

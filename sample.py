@@ -145,6 +145,8 @@ def _prior_command(out):
 
 def _load(args, need_prior):
     path = Path(args.out) / "model.pt"
+    if Path(args.out).is_file():
+        raise UsageError(f"--out {args.out} is a file: give the folder train.py wrote (--out {Path(args.out).parent})")
     if not path.exists():
         raise vq.CheckpointError(f"no checkpoint at {path}: run train.py first (or pass --out)")
     ckpt = vq.load_checkpoint(path)

@@ -235,9 +235,9 @@ def _decode_file(path, size):
 
 
 def _decode_chunk(files, size):
-    """Decode files -> ([(k, H, W) or None when skipped], [(path, reason)], NaN count, the files holding NaN,
+    """Decode files -> ([(k, H, W) or None when skipped], [(path, reason)], [(path, NaN count) where not 0],
     whether a failure was about reading rather than content)."""
-    done, skipped, nonfinite, holders, transient = [], [], 0, [], False
+    done, skipped, nonfinite, transient = [], [], [], False
     for f in files:
         try:
             x, nf = _decode_file(f, size)
@@ -250,9 +250,9 @@ def _decode_chunk(files, size):
             done.append(None)
             transient |= retry
             continue
-        nonfinite, holders = nonfinite + nf, holders + [str(f)] * (nf > 0)
+        nonfinite += [(str(f), nf)] * (nf > 0)
         done.append(x)
-    return done, skipped, nonfinite, holders, transient
+    return done, skipped, nonfinite, transient
 
 
 def _cpu_count():
@@ -264,21 +264,20 @@ def _decode_all(files, size, strict, workers):
     workers = max(1, workers or _cpu_count())
     chunk = min(256, max(16, len(files) // (workers * 4) + 1))  # a few tasks per worker balance the load
     chunks = [files[i:i + chunk] for i in range(0, len(files), chunk)]
-    parts, skipped, nonfinite, holders, transient, counts = [], [], 0, [], False, []
+    parts, skipped, nonfinite, transient, counts = [], [], [], False, []
     serial = workers == 1 or len(files) < SERIAL_BELOW
     with concurrent.futures.ThreadPoolExecutor(1 if serial else min(workers, len(chunks))) as pool:
         try:
-            for got, bad, nf, hold, tr in pool.map(_decode_chunk, chunks, [size] * len(chunks)):  # in order
+            for got, bad, nf, tr in pool.map(_decode_chunk, chunks, [size] * len(chunks)):  # in order
                 if strict and bad:
                     raise DataError(f"unreadable slice file {bad[0][0]} ({bad[0][1]})")
                 parts += [x for x in got if x is not None]
                 counts += [0 if x is None else len(x) for x in got]
-                skipped, nonfinite, holders, transient = skipped + bad, nonfinite + nf, holders + hold, transient or tr
+                skipped, nonfinite, transient = skipped + bad, nonfinite + nf, transient or tr
         except BaseException:
             pool.shutdown(cancel_futures=True)  # the chunks not yet started are dropped
             raise
-    info = {"skipped": skipped, "nonfinite": nonfinite, "nonfinite_files": holders, "files": len(files),
-            "transient": transient, "counts": counts}
+    info = {"skipped": skipped, "nonfinite": nonfinite, "files": len(files), "transient": transient, "counts": counts}
     return np.concatenate(parts or [np.zeros((0, *size), np.float16)]), info
 
 
@@ -325,7 +324,7 @@ def _write_cache(path, arr, meta):
 def _read_cache(path):
     try:
         meta = json.loads(path.with_suffix(".json").read_text())  # written last, so its presence means complete
-        if not {"skipped", "nonfinite", "nonfinite_files", "files", "transient", "counts"} <= set(meta):
+        if not {"skipped", "nonfinite", "files", "transient", "counts"} <= set(meta):
             return None  # written by another version: decode again
         return np.load(path, mmap_mode="c"), meta  # copy-on-write: writable for torch, pages read once
     except (OSError, ValueError):
@@ -379,17 +378,17 @@ def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, 
     path = _cache_file(files, size, cache_dir)
     hit = _read_cache(path) if path else None
     arr, meta = hit if hit else _decode_all(files, size, strict, workers)
-    skipped = [tuple(s) for s in meta["skipped"]]
+    skipped, zeroed = [tuple(s) for s in meta["skipped"]], sum(n for _, n in meta["nonfinite"])
     if info is not None:
-        info.update(skipped=skipped, nonfinite=meta["nonfinite"], files=meta["files"], cached=hit is not None,
+        info.update(skipped=skipped, nonfinite=zeroed, files=meta["files"], cached=hit is not None,
                     positions=_positions(files, meta["counts"]))
     if strict and skipped:
         raise DataError(f"unreadable slice file {skipped[0][0]} ({skipped[0][1]})")
     for p, why in skipped:
         warnings.warn(f"skipped {p}: {why}", SkippedFileWarning, stacklevel=2)
-    if meta["nonfinite"]:
-        first, k = meta["nonfinite_files"][0], len(meta["nonfinite_files"])
-        warnings.warn(f"{meta['nonfinite']} NaN/inf values set to 0 in {first}" + f" and {k - 1} more" * (k > 1)
+    if zeroed:  # named by the first file holding any
+        (first, _), more = meta["nonfinite"][0], len(meta["nonfinite"]) - 1
+        warnings.warn(f"{zeroed} NaN/inf values set to 0 in {first}" + f" and {more} more" * (more > 0)
                       + f", of {where}" * (where != first), stacklevel=2)
     if len(arr) == 0:
         raise DataError(f"no readable slices in {where} ({len(skipped)} files skipped)")

@@ -803,7 +803,7 @@ class VectorQuantizer(nn.Module):
     def forward(self, z, cost=None):
         """z (B, D, h, w) -> (z_q straight-through, codes (B, h, w), loss, stats). cost: None, or a function
         of the nearest codes (B, h, w) and their squared distances (N,) giving what each code would add to
-        its squared distance (N, K): the code of least distance plus cost is chosen (entropy-constrained)."""
+        its squared distance (B, h, w, K): the code of least distance plus cost is chosen (entropy-constrained)."""
         with torch.autocast(z.device.type, enabled=False):  # distances and EMA need float32
             z = z.float()
             B, D, h, w = z.shape
@@ -819,7 +819,8 @@ class VectorQuantizer(nn.Module):
                 full = torch.cdist(flat.detach(), self.codebook).pow(2)  # (N, K)
                 full = full.where(self.codebook.isfinite().all(1), math.inf)  # as nearest_code: never a NaN code
                 nearest = full.argmin(1)
-                codes = (full + cost(nearest.view(B, h, w), full.gather(1, nearest[:, None])[:, 0])).argmin(1)
+                added = cost(nearest.view(B, h, w), full.gather(1, nearest[:, None])[:, 0])  # a strided view: no copy
+                codes = (full.view(B, h, w, -1) + added).argmin(-1).flatten()
                 dist = full.gather(1, codes[:, None])[:, 0]
             counts = _histogram(codes, self.n_codes)  # (K,) no N x K one-hot
             if self.training:
@@ -974,16 +975,15 @@ class VQVAE(nn.Module):
             # prior can predict, at some cost in distance.
             m, seen = self.rate_model, []
 
-            def cost(nearest, dist):  # (B, h, w), (N,) -> (N, K)
+            def cost(nearest, dist):  # (B, h, w), (N,) -> (B, h, w, K)
                 if self.training:  # the first batch sets the scale, later ones move it slowly
                     mean = dist.mean().detach()
                     m.scale.copy_(torch.where(m.scale > 0, m.scale.lerp(mean, 0.01), mean))
-                seen.append(m(nearest))  # (B, K, h, w)
-                nats = -F.log_softmax(seen[0].detach().float(), 1)
-                return self.config.rate * m.scale * nats.permute(0, 2, 3, 1).reshape(-1, nats.shape[1])
+                seen.append(F.log_softmax(m(nearest).float(), 1))  # (B, K, h, w) log-probabilities
+                return -self.config.rate * m.scale * seen[0].detach().permute(0, 2, 3, 1)
 
             z_q, codes, commit, stats = self.quantizer(z, cost)
-            nats = code_nats(seen[0], codes)
+            nats = -seen[0].gather(1, codes[:, None]).mean()  # as code_nats, from the log-probabilities
             stats["rate_bits"] = nats.detach() / math.log(2)
             return z_q, codes, commit + nats * self.training, stats
         if self.config.levels == 1:

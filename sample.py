@@ -318,12 +318,15 @@ def _surprise_settings(ckpt, vqvae, prior, data=None):
     return {"threshold": threshold, "quantile": vq.SURPRISE_QUANTILE, "sigma": vq.SURPRISE_SIGMA}
 
 
-def _position_of(path, prior, seen):
-    """A slice file's position in its volume, from its name and its neighbours' (slice_Z of the largest Z
-    beside it), as training reads them; None for a prior without positions, 0.5 when the name has none.
-    seen: {folder: {name: position}} of the folders read so far, filled as it goes (one scan a folder)."""
+def _positions_of(path, n, prior, seen):
+    """The positions in their volume of a file's n slices, as training reads them: k / (n - 1) for a volume in one
+    file, else from its name and its neighbours' (slice_Z of the largest Z beside it), 0.5 when the name has none;
+    None for a prior without positions. seen: {folder: {name: position}} of the folders read so far, filled as
+    it goes (one scan a folder)."""
     if not prior.config.positional:
         return None
+    if n > 1:
+        return vq._positions([path], [n])
     path = Path(path)
     if path.parent not in seen:
         with warnings_as_lines(ignore=(vq.SkippedFileWarning,)):  # its pictures were named when the inputs were read
@@ -331,8 +334,8 @@ def _position_of(path, prior, seen):
         seen[path.parent] = dict(zip((f.name for f in siblings), vq._positions(siblings, [1] * len(siblings)) or []))
     if path.name not in seen[path.parent]:
         print(f"{path}: no position from slice_Z in the names of its folder: taken as 0.5, the middle of a volume")
-        return 0.5
-    return seen[path.parent][path.name]
+        return [0.5]
+    return [seen[path.parent][path.name]]
 
 
 def _runs(inputs, slices=64):
@@ -358,8 +361,8 @@ def surprise(args):
     g = torch.Generator(device).manual_seed(args.seed)
     entries, seen = [], {}
     for run in _runs(inputs):  # many files a call: the sampler's scan of the code map serves a batch of slices
-        ps = [_position_of(path, prior, seen) for _, (path, _) in run]
-        where = None if ps[0] is None else torch.tensor([p for p, (_, (_, x)) in zip(ps, run) for _ in x])
+        ps = [_positions_of(path, len(x), prior, seen) for _, (path, x) in run]
+        where = None if ps[0] is None else torch.tensor([q for p in ps for q in p])
         s = vq.surprise(vqvae, prior, torch.cat([x for _, (_, x) in run]), settings["threshold"], where,
                         settings["sigma"], args.temperature, g)
         bits = torch.cat([b.flatten(1) for b in vq.as_levels(s["bits"])], 1)  # (N, all codes)
@@ -377,7 +380,7 @@ def surprise(args):
             for k, j in enumerate(range(at.start, at.stop)):
                 entries.append({"file": str(path), "slice": k, "score": s["score"][j].item(),
                                 "bits_per_code": bits[j].mean().item(), "redrawn_codes": int(redrawn[j]),
-                                "position": p, "outputs": f"{name}_surprise.nii.gz, {name}_healed.nii.gz, {name}.png"})
+                                "position": p and p[k], "outputs": f"{name}_surprise.nii.gz, {name}_healed.nii.gz, {name}.png"})
                 print(f"{path}{f' slice {k}' if len(x) > 1 else ''}: score {entries[-1]['score']:.5f} | "
                       f"{entries[-1]['redrawn_codes']} codes redrawn")
     vq.save_json(dest / "surprise.json", {"threshold_bits": settings["threshold"], "sigma": settings["sigma"],

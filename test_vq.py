@@ -2205,13 +2205,16 @@ def test_sample_positions_of_input_files_one_scan_a_folder(tmp_path, monkeypatch
     monkeypatch.setattr(vq, "_slice_files", lambda folder: scans.append(folder.name) or each(folder))
     positional = types.SimpleNamespace(config=types.SimpleNamespace(positional=True))
     seen = {}
-    got = {n: sample._position_of(tmp_path / n, positional, seen) for n in cases[::-1] + ["b/case_1_slice_4.nii.gz"]}
+    got = {n: sample._positions_of(tmp_path / n, 1, positional, seen)[0]
+           for n in cases[::-1] + ["b/case_1_slice_4.nii.gz"]}
     assert scans == ["a", "b"]  # 9 files, two folders: two scans (11,400 files once took 0.13 s each)
     assert got == {**{f"a/case_7_week_0_slice_{z}.nii.gz": z / 4 for z in range(5)},
                    **{f"a/case_12_week_0_slice_{z}.nii.gz": z / 2 for z in range(3)}, "b/case_1_slice_4.nii.gz": 0.5}
     assert "case_1_slice_4.nii.gz: no position from slice_Z" in capsys.readouterr().out
-    assert sample._position_of(tmp_path / cases[0], types.SimpleNamespace(
+    assert sample._positions_of(tmp_path / cases[0], 1, types.SimpleNamespace(
         config=types.SimpleNamespace(positional=False)), seen) is None
+    # a volume in one file: its own slice order, as training reads it (the name's slice_Z is not its position)
+    assert sample._positions_of(tmp_path / cases[1], 5, positional, seen) == [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 def test_surprise_maps_healed_slices_and_outputs(tmp_path, capsys, monkeypatch):
@@ -2239,10 +2242,11 @@ def test_surprise_maps_healed_slices_and_outputs(tmp_path, capsys, monkeypatch):
     assert e.value.code == 2 and "bad.nii.gz" in capsys.readouterr().err
     entries = sample.main(["--out", str(tmp_path), "--surprise", str(tmp_path / "d1" / "case_1_slice_3.nii.gz"),
                            str(tmp_path / "d2" / "case_1_slice_3.nii.gz")])
+    assert [e["position"] for e in entries] == [1.0, 0.0, 1.0]  # d1's from its name; d2 is a volume of two
     g, files = torch.Generator().manual_seed(0), [tmp_path / d / "case_1_slice_3.nii.gz" for d in ("d1", "d2")]
-    one_by_one = [vq.surprise(vqvae, prior, t, settings["threshold"], torch.full((len(t),), e["position"]),
-                              settings["sigma"], generator=g)["score"] for t, e in
-                  ((load_slices([f], (32, 32), cache_dir=False), e) for f, e in zip(files, entries[:2]))]
+    one_by_one = [vq.surprise(vqvae, prior, load_slices([f], (32, 32), cache_dir=False), settings["threshold"],
+                              torch.tensor(where), settings["sigma"], generator=g)["score"]
+                  for f, where in zip(files, ([1.0], [0.0, 1.0]))]
     assert [e["score"] for e in entries] == pytest.approx(torch.cat(one_by_one).tolist(), abs=1e-7)
     dest = tmp_path / "surprise"
     report = json.loads((dest / "surprise.json").read_text())

@@ -1934,7 +1934,10 @@ def test_cut_metrics_line_and_tiny_test_split(tmp_path, capsys):
 def test_vqvae_resume_of_a_finished_run_keeps_its_prior_and_other_data_is_refused(tmp_path, capsys, monkeypatch):
     _train(tmp_path)
     before = json.loads((tmp_path / "summary.json").read_text())
-    _train(tmp_path, "--stage", "vqvae", "--resume")  # nothing left to train: the prior still fits
+    capsys.readouterr()
+    _train(tmp_path, "--stage", "vqvae", "--resume", "--epochs", "2")  # nothing left to train: the prior still fits
+    said = capsys.readouterr().out
+    assert "vqvae: resumed at epoch 2 step 12, its epochs done" in said and "training on" not in said
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
     after = json.loads((tmp_path / "summary.json").read_text())
     assert "prior" in ckpt and after["prior_bits_per_code"] == before["prior_bits_per_code"]

@@ -460,8 +460,9 @@ class Trainer:
         if self.generator is not None:
             self.generator.set_state(s["generator"])
         _trim_metrics(self.run, lambda r: r["stage"] != self.name or r["epoch"] <= self.epoch)  # a crash's leftovers
-        self.run.log(f"{self.name}: resumed at epoch {self.epoch} step {self.step}")
-        if self.epochs * self.steps_per_epoch > self.schedule_steps:
+        done = self.epoch >= self.epochs  # then nothing trains: the stage is evaluated and written again
+        self.run.log(f"{self.name}: resumed at epoch {self.epoch} step {self.step}" + ", its epochs done" * done)
+        if not done and self.epochs * self.steps_per_epoch > self.schedule_steps:
             self.run.log(f"{self.name}: training on to epoch {self.epochs}; the epochs past the original schedule "
                          f"run at its final learning rate")
 

@@ -380,7 +380,8 @@ def surprise(args):
             for k, j in enumerate(range(at.start, at.stop)):
                 entries.append({"file": str(path), "slice": k, "score": s["score"][j].item(),
                                 "bits_per_code": bits[j].mean().item(), "redrawn_codes": int(redrawn[j]),
-                                "position": p and p[k], "outputs": f"{name}_surprise.nii.gz, {name}_healed.nii.gz, {name}.png"})
+                                "position": None if p is None else p[k],
+                                "outputs": f"{name}_surprise.nii.gz, {name}_healed.nii.gz, {name}.png"})
                 print(f"{path}{f' slice {k}' if len(x) > 1 else ''}: score {entries[-1]['score']:.5f} | "
                       f"{entries[-1]['redrawn_codes']} codes redrawn")
     vq.save_json(dest / "surprise.json", {"threshold_bits": settings["threshold"], "sigma": settings["sigma"],

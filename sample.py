@@ -115,6 +115,8 @@ def parse_args(argv=None):
         fail("--calls goes with --blind")
     if args.dest and Path(args.dest).exists() and not Path(args.dest).is_dir():
         fail(f"--dest {args.dest} is a file, not a folder")
+    if Path(args.out).is_file():
+        fail(f"--out {args.out} is a file: give the folder train.py wrote (--out {Path(args.out).parent})")
     return args
 
 
@@ -145,8 +147,6 @@ def _prior_command(out):
 
 def _load(args, need_prior):
     path = Path(args.out) / "model.pt"
-    if Path(args.out).is_file():
-        raise UsageError(f"--out {args.out} is a file: give the folder train.py wrote (--out {Path(args.out).parent})")
     if not path.exists():
         raise vq.CheckpointError(f"no checkpoint at {path}: run train.py first (or pass --out)")
     ckpt = vq.load_checkpoint(path)

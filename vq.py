@@ -1397,21 +1397,19 @@ def code_nats(logits, codes):
 
 @torch.no_grad()
 def _per_code(prior, codes, position, fn, batch_size=128):
-    """fn(logits, codes) of each level, batch by batch through one forward of prior without dropout, on
-    the prior's device: a (N, h, w) tensor per level on the CPU, as a tuple for two levels."""
-    levels = as_levels(codes)
-    training, device = prior.training, next(prior.parameters()).device
+    """fn(logits, codes) of each level, through one forward of prior without dropout (in _batched's batches):
+    a (N, h, w) tensor per level on the codes' device, as a tuple for two levels."""
+    levels, training = as_levels(codes), prior.training
+
+    def run(*part):  # the levels' codes, then the positions if given
+        given, at = part[:len(levels)], part[len(levels)] if position is not None else None
+        logits = as_levels(prior(given if isinstance(codes, tuple) else given[0], at))
+        return tuple(fn(lg.float(), c) for lg, c in zip(logits, given))
     prior.eval()
-    outs = []
     try:
-        for k in range(0, len(levels[0]), batch_size):
-            part = tuple(c[k:k + batch_size].to(device) for c in levels)
-            p = None if position is None else position[k:k + batch_size].to(device)
-            logits = as_levels(prior(part if isinstance(codes, tuple) else part[0], p))
-            outs.append([fn(lg.float(), c).cpu() for lg, c in zip(logits, part)])
+        out = _batched(run, levels + (() if position is None else (position,)), prior, batch_size)
     finally:
         prior.train(training)
-    out = tuple(torch.cat(level) for level in zip(*outs))
     return out if isinstance(codes, tuple) else out[0]
 
 

@@ -355,7 +355,7 @@ def test_find_splits_plain_folder_by_case(tmp_path):
     few.mkdir()
     for name in ("case_001_slice_0.nii", "case_001_slice_1.nii", "case_002_slice_0.nii"):
         (few / name).write_bytes(b"x")
-    with pytest.raises(DataError, match="at least 3 cases"):
+    with pytest.raises(DataError, match="at least 3 cases \\(found 2: case_001, case_002\\)"):
         find_splits(few)
 
 
@@ -374,6 +374,14 @@ def test_plain_folder_grouped_by_patient_prefix(tmp_path):
     with pytest.warns(vq.SplitWarning, match="split file by file"):
         splits = find_splits(bare)
     assert sorted(len(v) for v in splits.values()) == [1, 1, 10]
+    two = tmp_path / "two"
+    two.mkdir()
+    for z in range(10):  # two unnumbered patterns (scan, vol_) are no more patients than one
+        (two / f"scan{z}.nii").write_bytes(b"x")
+        (two / f"vol_{z}.nii.gz").write_bytes(b"x")
+    with pytest.warns(vq.SplitWarning, match="split file by file"):
+        splits = find_splits(two)
+    assert sorted(len(v) for v in splits.values()) == [2, 2, 16]
 
 
 def test_phantom_slices():

@@ -139,14 +139,15 @@ def _split_by_case(root):
     files = _resolve(root)[0]  # a label folder, or one without slices: said so
     for f in files:
         cases.setdefault(_case_id(f.name), []).append(f)
-    if len(cases) == 1 and len(files) >= 3:  # names like img_0001: nothing tells the patients apart
+    named = any(re.search(r"case_\d+", f.name, re.I) for f in files)
+    if len(cases) < 3 and len(files) >= 3 and not named:  # img_0001, scan7: nothing tells the patients apart
         warnings.warn(f"{root}: the file names carry no patient id (such as case_XXX), so the folder is split file "
                       "by file (a volume file stays whole, a patient's slice files may not); give it train / validate "
                       "/ test sub-folders to split by patient", SplitWarning, stacklevel=3)
         cases = {f.name: [f] for f in files}
     if len(cases) < 3:
         raise DataError(f"{root} needs train/validate/test sub-folders or slices from at least 3 cases "
-                        f"(found {len(cases)})")
+                        f"(found {len(cases)}: {', '.join(sorted(cases))})")
     # ranking (not bucketing) the hashes guarantees every split at least one case
     order = sorted(cases, key=lambda c: hashlib.sha1(c.encode()).hexdigest())
     k = max(1, round(0.1 * len(order)))

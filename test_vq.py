@@ -313,12 +313,18 @@ def test_find_splits_hipmri_oasis_nested(tmp_path):
 
     (tmp_path / "partial" / "keras_slices_train").mkdir(parents=True)
     (tmp_path / "partial" / "keras_slices_test").mkdir()
-    with pytest.raises(DataError, match="no validate folder"):
+    with pytest.raises(DataError, match="no validate folder .a name ending in _validate, beside keras_slices_train, "
+                                        "keras_slices_test"):
         find_splits(tmp_path / "partial")
     with warnings.catch_warnings():  # not a whole layout: no word of it
         warnings.simplefilter("error", vq.SplitWarning)
         with pytest.raises(DataError, match="no slice files"):
             find_splits(tmp_path / "partial" / "keras_slices_train")
+    (tmp_path / "partial" / "keras_slices_validate").mkdir()  # there, but empty: named, not 'no slice files given'
+    (tmp_path / "partial" / "keras_slices_train" / "case_001_slice_0.nii.gz").write_bytes(b"x")
+    (tmp_path / "partial" / "keras_slices_test" / "case_002_slice_0.nii.gz").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"no slice files \(.nii, .nii.gz, .png\) in \S*partial.keras_slices_validate$"):
+        find_splits(tmp_path / "partial")
 
 
 def test_sample_reads_a_split_folder_it_was_trained_on_without_a_warning(tmp_path):

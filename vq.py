@@ -127,10 +127,7 @@ def find_splits(root):
                 raise DataError(f"{root} has no {s} folder (a name ending in _{s}, beside "
                                 f"{', '.join(d[0].name for d in dirs.values() if d)})" if not ds else
                                 f"{root} has several {s} folders: {', '.join(d.name for d in ds)}")
-        files = {s: _slice_files(ds[0]) for s, ds in dirs.items()}
-        if empty := [str(ds[0]) for s, ds in dirs.items() if not files[s]]:
-            raise DataError(f"no slice files (.nii, .nii.gz, .png) in {', '.join(empty)}")
-        return files
+        return {s: _resolve(ds[0])[0] for s, ds in dirs.items()}  # an empty one: named
     if all((up := _split_dirs(root.parent)).values()) and any(root in ds for ds in up.values()):  # one scan
         warnings.warn(f"{root} is one split of the layout in {root.parent}, so it is split again on its own (--data "
                       f"{root.parent} reads the layout's train / validate / test)", SplitWarning, stacklevel=2)

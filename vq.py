@@ -393,7 +393,8 @@ def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, 
         warnings.warn(f"{zeroed} NaN/inf values set to 0 in {first}" + f" and {more} more" * (more > 0)
                       + f", of {where}" * (where != first), stacklevel=2)
     if len(arr) == 0:
-        raise DataError(f"no readable slices in {where} ({len(skipped)} files skipped)")
+        raise DataError(f"no readable slices in {where} ({len(skipped)} skipped: {skipped[0][0]}: {skipped[0][1]}"
+                        + ", ..." * (len(skipped) > 1) + ")")
     if path and not hit and not meta["transient"]:  # only verdicts about content are kept
         _write_cache(path, arr, meta)
     return torch.from_numpy(arr).to(torch.float32).unsqueeze(1)  # (N, 1, H, W)

@@ -390,6 +390,31 @@ def test_plain_folder_grouped_by_patient_prefix(tmp_path):
         splits = find_splits(two)
     assert sorted(len(v) for v in splits.values()) == [2, 2, 16]
 
+    folders = tmp_path / "by_patient"  # a folder per patient: each folder one case, whatever its files are named
+    for p in range(10):
+        (folders / f"patient{p}").mkdir(parents=True)
+        for z in range(2 + p % 3):
+            (folders / f"patient{p}" / f"slice_{z}.nii.gz").write_bytes(b"x")
+    (folders / "patient9_seg").mkdir()  # a label folder: never a case
+    (folders / "patient9_seg" / "slice_0.nii.gz").write_bytes(b"x")
+    splits = find_splits(folders)
+    owners = {k: [f.parent.name for f in v] for k, v in splits.items()}
+    assert sum(len(set(o)) for o in owners.values()) == 10 and sum(map(len, owners.values())) == 29
+    assert all(o == sorted(o, key=lambda n: int(n[7:])) for o in owners.values())  # a patient's slices together
+    files = [folders / "patient0" / "slice_0.nii.gz", folders / "patient0" / "slice_1.nii.gz",
+             folders / "patient2" / "slice_3.nii.gz", folders / "patient2" / "slice_1.nii.gz"]
+    assert vq._positions(files, [1] * 4) == [0.0, 1.0, 1.0, 1 / 3]  # each folder its own volume
+    (folders / "loose_0.nii.gz").write_bytes(b"x")  # a slice in the root: its files are the cases, as before
+    with pytest.raises(DataError, match="found 1: loose_"):
+        find_splits(folders)
+    for p in range(1, 10):
+        shutil.rmtree(folders / f"patient{p}")
+    (folders / "loose_0.nii.gz").unlink()
+    (folders / "patient5").mkdir()
+    (folders / "patient5" / "a.png").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"at least 3 cases \(found 2: patient0, patient5\)"):
+        find_splits(folders)
+
 
 def test_phantom_slices():
     x = phantom_slices(8)

@@ -135,17 +135,20 @@ def find_splits(root):
 
 
 def _split_by_case(root):
-    """A plain folder: whole cases go to one split, ranked by a salt-free hash (reproducible, ~80/10/10)."""
-    cases = {}
-    files = _resolve(root)[0]  # a label folder, or one without slices: said so
-    for f in files:
-        cases.setdefault(_case_id(f.name), []).append(f)
-    named = any(re.search(r"case_\d+", f.name, re.I) for f in files)
-    if len(cases) < 3 and len(files) >= 3 and not named:  # img_0001, scan7: nothing tells the patients apart
-        warnings.warn(f"{root}: the file names carry no patient id (such as case_XXX), so the folder is split file "
-                      "by file (a volume file stays whole, a patient's slice files may not); give it train / validate "
-                      "/ test sub-folders to split by patient", SplitWarning, stacklevel=3)
-        cases = {f.name: [f] for f in files}
+    """A plain folder: whole cases go to one split, ranked by a salt-free hash (reproducible, ~80/10/10). A case is a
+    sub-folder where root holds folders of slices and no slice of its own (root/patient_7/*.nii), else as named."""
+    loose = any(p.name.lower().endswith(SLICE_SUFFIXES) and p.is_file() for p in root.iterdir())
+    cases = {} if loose else {d.name: fs for d in _subdirs(root) if (fs := _slice_files(d))}
+    if not cases:
+        files = _resolve(root)[0]  # a label folder, or one without slices: said so
+        for f in files:
+            cases.setdefault(_case_id(f.name), []).append(f)
+        named = any(re.search(r"case_\d+", f.name, re.I) for f in files)
+        if len(cases) < 3 and len(files) >= 3 and not named:  # img_0001, scan7: nothing tells the patients apart
+            warnings.warn(f"{root}: the file names carry no patient id (such as case_XXX), so the folder is split "
+                          "file by file (a volume file stays whole, a patient's slice files may not); give it train / "
+                          "validate / test sub-folders to split by patient", SplitWarning, stacklevel=3)
+            cases = {f.name: [f] for f in files}
     if len(cases) < 3:
         raise DataError(f"{root} needs train/validate/test sub-folders or slices from at least 3 cases "
                         f"(found {len(cases)}: {', '.join(sorted(cases))})")
@@ -153,7 +156,8 @@ def _split_by_case(root):
     order = sorted(cases, key=lambda c: hashlib.sha1(c.encode()).hexdigest())
     k = max(1, round(0.1 * len(order)))
     groups = {"validate": order[:k], "test": order[k:2 * k], "train": order[2 * k:]}
-    return {s: sorted((f for c in groups[s] for f in cases[c]), key=lambda f: _natural_key(f.name)) for s in SPLITS}
+    key = lambda f: (_natural_key(f.parent.name), _natural_key(f.name))  # noqa: E731 (a case folder's slices together)
+    return {s: sorted((f for c in groups[s] for f in cases[c]), key=key) for s in SPLITS}
 
 
 def _read(path):
@@ -403,18 +407,18 @@ def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, 
 def _positions(files, counts):
     """Each decoded image's position in its volume, from slice_Z in the names; None if a name has none."""
     found = [re.fullmatch(r"(.*slice_?)(\d+)(\.nii|\.nii\.gz|\.png|\.nii\.png)?", f.name.lower()) for f in files]
-    top = {}
-    for m in found:
+    top = {}  # the largest Z of each volume: the name less Z, in its folder
+    for f, m in zip(files, found):
         if m:
-            top[m[1]] = max(top.get(m[1], 0), int(m[2]))
+            top[f.parent, m[1]] = max(top.get((f.parent, m[1]), 0), int(m[2]))
     pos = []
-    for m, n in zip(found, counts):
+    for f, m, n in zip(files, found, counts):
         if n > 1:  # a volume in one file: its own slice order
             pos += (np.arange(n) / (n - 1)).tolist()
         elif n == 1:
             if not m:
                 return None
-            pos.append(int(m[2]) / max(1, top[m[1]]))
+            pos.append(int(m[2]) / max(1, top[f.parent, m[1]]))
     return pos
 
 

@@ -143,8 +143,7 @@ def _split_by_case(root):
         files = _resolve(root)[0]  # a label folder, or one without slices: said so
         for f in files:
             cases.setdefault(_case_id(f.name), []).append(f)
-        named = any(re.search(r"case_\d+", f.name, re.I) for f in files)
-        if len(cases) < 3 and len(files) >= 3 and not named:  # img_0001, scan7: nothing tells the patients apart
+        if len(cases) < 3 <= len(files) and not any(re.fullmatch(r"case_\d+", c) for c in cases):  # img_7, scan7
             warnings.warn(f"{root}: the file names carry no patient id (such as case_XXX), so the folder is split "
                           "file by file (a volume file stays whole, a patient's slice files may not); give it train / "
                           "validate / test sub-folders to split by patient", SplitWarning, stacklevel=3)
@@ -156,8 +155,7 @@ def _split_by_case(root):
     order = sorted(cases, key=lambda c: hashlib.sha1(c.encode()).hexdigest())
     k = max(1, round(0.1 * len(order)))
     groups = {"validate": order[:k], "test": order[k:2 * k], "train": order[2 * k:]}
-    key = lambda f: (_natural_key(f.parent.name), _natural_key(f.name))  # noqa: E731 (a case folder's slices together)
-    return {s: sorted((f for c in groups[s] for f in cases[c]), key=key) for s in SPLITS}
+    return {s: sorted((f for c in groups[s] for f in cases[c]), key=lambda f: _natural_key(str(f))) for s in SPLITS}
 
 
 def _read(path):

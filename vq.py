@@ -823,8 +823,8 @@ class VectorQuantizer(nn.Module):
             else:  # one N x K matrix gives the nearest codes, then the choice with their cost
                 full = torch.cdist(flat.detach(), self.codebook).pow(2)  # (N, K)
                 full = full.where(self.codebook.isfinite().all(1), math.inf)  # as nearest_code: never a NaN code
-                nearest = full.argmin(1)
-                added = cost(nearest.view(B, h, w), full.gather(1, nearest[:, None])[:, 0])  # a strided view: no copy
+                least, nearest = full.min(1)
+                added = cost(nearest.view(B, h, w), least)
                 codes = (full.view(B, h, w, -1) + added).argmin(-1).flatten()
                 dist = full.gather(1, codes[:, None])[:, 0]
             counts = _histogram(codes, self.n_codes)  # (K,) no N x K one-hot

@@ -187,10 +187,12 @@ def _judge(args, ckpt, prior, device):
     return judge
 
 
-def _save_nifti(path, image):
+def _save_nifti(path, image):  # whole or not at all, as every file written here
+    import gzip
     import nibabel as nib
 
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(image, dtype=np.float32), np.eye(4)), str(path))
+    data = nib.Nifti1Image(np.ascontiguousarray(image, dtype=np.float32), np.eye(4)).to_bytes()
+    vq._atomic_write(Path(path), lambda f: f.write(gzip.compress(data, 1) if str(path).endswith(".gz") else data))
 
 
 def generate(args):
@@ -449,7 +451,7 @@ def save_png(path, image):
     header = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 8, 2 if a.ndim == 3 else 0, 0, 0, 0)  # 2: RGB
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(png)
+    vq._atomic_write(Path(path), lambda f: f.write(png))
 
 
 def image_grid(images, ncol=8, rot90=1, pad=2):
@@ -770,6 +772,8 @@ def main(argv=None):
         return bench(args) if args.bench else generate(args)
     except (UsageError, vq.CheckpointError, vq.DataError) as e:
         fail(str(e))
+    except OSError as e:  # a full disk mid-write
+        fail(f"{e.filename or 'a write'}: {e.strerror or e}")
     except KeyboardInterrupt:  # Ctrl-C: one line; what was written stays, the model is only ever read
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None

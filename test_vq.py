@@ -3,6 +3,7 @@
 Run with `TRITON_INTERPRET=1 python -m pytest -q test_vq.py kernels` (the kernel tests need the flag).
 """
 
+import errno
 import gzip
 import json
 import math
@@ -759,6 +760,35 @@ def test_two_level_prior_checkpoint_round_trip(tmp_path, top):
     assert all(map(torch.equal, a, b))
     with pytest.raises(vq.CheckpointError, match="load_prior"):
         vq.PixelCNN.from_checkpoint(tmp_path / "p.pt")
+
+
+def _fill_disk(monkeypatch):
+    """From now on every file vq._atomic_write writes fails as on a full disk (its writes go to /dev/full)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    real = vq.tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        fd, name = real(*args, **kwargs)
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, fd)
+        os.close(full)
+        return fd, name
+    monkeypatch.setattr(vq.tempfile, "mkstemp", mkstemp)
+
+
+def test_a_checkpoint_written_onto_a_full_disk_names_itself_and_keeps_the_last(tmp_path, monkeypatch):
+    before, path = {"step": torch.randn(5, 3)}, tmp_path / "m.pt"
+    vq.save_checkpoint(before, path)
+    _fill_disk(monkeypatch)
+    with pytest.raises(OSError) as e:  # torch.save raises a RuntimeError from the OSError
+        vq.save_checkpoint({"step": torch.randn(300, 300)}, path)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
+    assert torch.equal(vq.load_checkpoint(path)["step"], before["step"])
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left
+    with pytest.raises(OSError) as e:
+        vq.save_json(tmp_path / "s.json", {"a": 1})  # a plain write raises the OSError itself
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "s.json")
 
 
 class _Evil:
@@ -1700,6 +1730,28 @@ def test_budget_spent_on_an_epochs_last_batch_stops_there(tmp_path, monkeypatch)
     state = torch.load(tmp_path / "vqvae.pt", weights_only=True)["trainer"]
     assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 6)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_full_disk_stops_train_and_sample_in_one_line_and_resume_goes_on(tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(out, "--stage", "vqvae", "--epochs", "1")
+    slice_path = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(vq.phantom_slices(1, (32, 32), seed=5)[0, 0].numpy(), np.eye(4)), slice_path)
+    written = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as m:
+        _fill_disk(m)
+        for run in (lambda: _train(out, "--stage", "vqvae", "--epochs", "2", "--resume"),
+                    lambda: sample.main(["--out", str(out), "--reconstruct", str(slice_path)])):
+            with pytest.raises(SystemExit) as e:
+                run()
+            err = capsys.readouterr().err.strip().splitlines()
+            assert e.value.code == 2 and len(err) == 1 and "No space left on device" in err[0], err
+            assert f"{out}{os.sep}" in err[0]  # names the file
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == written  # whole, none half-written
+    assert not list(out.glob("reconstructions/*"))
+    _train(out, "--stage", "vqvae", "--epochs", "2", "--resume")  # room again: on from the last checkpoint
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def _script(*args):

@@ -609,7 +609,7 @@ def draw_curves(records, path):
             ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    vq._atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return True
 
@@ -1034,6 +1034,9 @@ def main(argv=None):
         return train(args)
     except (UsageError, vq.DataError, vq.CheckpointError, FloatingPointError) as e:
         fail(str(e))
+    except OSError as e:  # a full disk or lost folder mid-run: checkpoints already written stay whole
+        fail(f"{e.filename or 'a write'}: {e.strerror or e} (the checkpoints written before are whole: make room, then "
+             "--resume)")
     except Interrupted as e:
         print(e, file=sys.stderr)
         raise SystemExit(130) from None

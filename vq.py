@@ -311,8 +311,11 @@ def _atomic_write(path, write):
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would hide the file from colleagues
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        why = e if isinstance(e, OSError) else e.__context__  # torch.save wraps a failed write in a RuntimeError
+        if isinstance(why, OSError):  # a full disk: one OSError naming the file, whoever wrote it
+            raise OSError(why.errno, why.strerror, str(path)) from None
         raise
 
 

@@ -1634,6 +1634,21 @@ def test_refuses_to_overwrite_a_run(tmp_path, capsys):
         _train(tmp_path, "--stage", "vqvae")
     assert "--resume" in capsys.readouterr().err
     assert (tmp_path / "vqvae.pt").read_bytes() == before
+    _train(tmp_path, "--stage", "prior")  # model.pt's VQ-VAE has no prior yet: nothing to lose
+    model = (tmp_path / "model.pt").read_bytes()
+    (tmp_path / "vqvae.pt").unlink(), (tmp_path / "prior.pt").unlink()  # the training state deleted
+    for stage in ("all", "vqvae", "prior"):  # model.pt is still a finished model
+        with pytest.raises(SystemExit):
+            _train(tmp_path, "--stage", stage)
+        err = capsys.readouterr().err
+        assert "model.pt holds a trained" in err and "--overwrite" in err, err
+        assert (tmp_path / "model.pt").read_bytes() == model
+
+
+def test_the_largest_seeds_accepted_train(tmp_path):
+    top = str(2**63 - 1)  # the flags' bound; the seeds derived from it must stay within torch's
+    _train(tmp_path, "--epochs", "1", "--prior_epochs", "1", "--seed", top, "--prior_seed", top, "--realism", "false")
+    assert json.loads((tmp_path / "summary.json").read_text())["prior_seed"] == 2**63 - 1
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, capsys):

@@ -246,7 +246,7 @@ class Run:
 
     def seed(self, seed, salt=0):
         """Seed for what should differ between ranks (dropout, restarts): seed, rank and salt."""
-        torch.manual_seed(seed * 1_000_003 + self.rank * 7919 + salt)
+        torch.manual_seed((seed * 1_000_003 + self.rank * 7919 + salt) % 2**63)  # any --seed
 
 
 def _data_settings(args):
@@ -290,7 +290,7 @@ def _lr_at(step, total, lr):
 
 def _epoch_order(run, n, epoch, seed):
     """This rank's slice order for one epoch: a permutation fixed by (seed, epoch), so resuming replays it."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 100003 + epoch) % 2**63))
     per_rank = n // run.world
     return perm[run.rank * per_rank:(run.rank + 1) * per_rank]
 
@@ -858,20 +858,21 @@ def _trim_metrics(run, keep):
         vq.save_json(path, lines=[r for r in _read_json_lines(path) if keep(r)])
 
 
-def _refuse_overwrite(run, stages):
-    args = run.args
-    if args.resume or args.overwrite:
+def _refuse_overwrite(run, stages, old):
+    """old: model.pt's checkpoint, {} if none."""
+    if run.args.resume or run.args.overwrite:
         return
     for s in stages:
         path = run.out / f"{s}.pt"
         if not path.exists():
             continue
         if s == "prior" and "vqvae" not in stages:  # a prior of another VQ-VAE is no work to protect
-            model = run.out / "model.pt"
-            fingerprint = vq.load_checkpoint(model).get("vqvae_fingerprint") if model.exists() else None
-            if vq.load_checkpoint(path).get("vqvae_fingerprint") != fingerprint:
+            if vq.load_checkpoint(path).get("vqvae_fingerprint") != old.get("vqvae_fingerprint"):
                 continue
         raise UsageError(f"{path} holds an earlier run: add --resume to continue it or --overwrite to replace it")
+    if old and ("vqvae" in stages or "prior" in old):  # its training state deleted, the model is still work
+        raise UsageError(f"{run.out / 'model.pt'} holds a trained {'model' if 'vqvae' in stages else 'prior'}: "
+                         "add --overwrite to replace it")
 
 
 def _native_size(files, step):
@@ -958,7 +959,7 @@ def _stages(run, files):
     old = vq.load_checkpoint(model_path) if model_path.exists() else {}
     if args.stage == "prior":
         _refuse_other_data(args, model_path, old)
-    _refuse_overwrite(run, stages)
+    _refuse_overwrite(run, stages, old)
     data = load_data(run, files)
     _fill_defaults(run, len(data["train"]))
     common = dict(n_train=len(data["train"]), n_val=len(data["validate"]), n_test=len(data["test"]),

@@ -1342,8 +1342,8 @@ def test_judge_scores_samples_by_a_prior_of_the_other_scan_order(tmp_path, capsy
     other.mkdir()
     for name in ("vqvae.pt", "model.pt", "summary.json", "metrics.jsonl"):  # a copy, as the README says
         shutil.copy(run / name, other / name)
-    train.main(["--out", str(other), "--stage", "prior", "--prior_epochs", "2", *TINY, "--prior_transpose", "true",
-                "--realism", "false"])
+    train.main(["--out", str(other), "--stage", "prior", "--overwrite", "--prior_epochs", "2", *TINY,
+                "--prior_transpose", "true", "--realism", "false"])
     ckpt = vq.load_checkpoint(run / "model.pt")
     vqvae, prior, judge = vq.VQVAE.from_checkpoint(ckpt), vq.load_prior(ckpt), vq.load_prior(other / "model.pt")
     assert judge.config.prior_transpose and not prior.config.prior_transpose
@@ -1555,6 +1555,11 @@ def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):
     (["--channels", "1"], "channels must be at least 8"),
     (["--levels", "3"], "levels must be 1 or 2"),
     (["--compile", "--device", "cpu"], "--compile is for CUDA"),
+    (["--ssim_weight", "-1"], "ssim_weight must be 0 or more"),
+    (["--prior_layers", "2"], "blind spot"),  # the prior's flags, before the VQ-VAE trains
+    (["--prior_channels", "0"], "prior_channels must be positive"),
+    (["--prior_dropout", "0.999"], "prior_dropout must be 0 or in"),  # byte_dropout would divide by 0
+    (["--levels", "2", "--prior_dilations", "1", "3"], "gaps"),
 ])
 def test_train_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, says):
     with pytest.raises(SystemExit) as e:
@@ -1562,6 +1567,7 @@ def test_train_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, says):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o" / "vqvae.pt").exists()  # said before anything trains
 
 
 def test_sample_usage_errors(tmp_path, capsys, monkeypatch):

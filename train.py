@@ -734,6 +734,14 @@ def _shifted_codes(vqvae, x, codes, k, seed):
     return tuple(map(torch.cat, zip(*maps))) if isinstance(codes, tuple) else torch.cat(maps)
 
 
+def _prior_config(args, h, w, two, **shared):
+    """The prior's config for an h x w code map (with two levels, a dict of the top's and the bottom's)."""
+    cfg = _config(vq.PriorConfig, args, height=h, width=w, cond_codes=shared["n_codes"] if two else 0, **shared)
+    if two:  # the top prior: the same flags, on the top map, with no coarser map above it
+        return {"top": _config(vq.PriorConfig, args, height=h // 2, width=w // 2, cond_codes=0, **shared), "bottom": cfg}
+    return cfg
+
+
 def train_prior(run, data, vqvae, fingerprint):
     args = run.args
     t0 = time.time()
@@ -745,13 +753,9 @@ def train_prior(run, data, vqvae, fingerprint):
     pos = data["positions"]
     shared = dict(n_codes=vqvae.config.n_codes, positional=pos["train"] is not None,
                   code_dim=vqvae.config.code_dim if args.prior_tied else 0)
-    cfg = _config(vq.PriorConfig, args, height=h, width=w, cond_codes=shared["n_codes"] if two else 0, **shared)
+    cfg = _prior_config(args, h, w, two, **shared)
     torch.manual_seed(seed)
-    if two:  # the top prior: the same flags, on the top map, with no coarser map above it
-        cfg = {"top": _config(vq.PriorConfig, args, height=h // 2, width=w // 2, cond_codes=0, **shared), "bottom": cfg}
-        prior = vq.TwoLevelPrior(cfg["top"], cfg["bottom"]).to(run.device)
-    else:
-        prior = vq.PixelCNN(cfg).to(run.device)
+    prior = (vq.TwoLevelPrior(cfg["top"], cfg["bottom"]) if two else vq.PixelCNN(cfg)).to(run.device)
     q = torch.quantile(pos["train"].float(), torch.linspace(0, 1, 101)) if shared["positional"] else None
     levels = ((prior.top, vqvae.quantizer_top), (prior.bottom, vqvae.quantizer)) if two else ((prior, vqvae.quantizer),)
     for m, quantizer in levels:  # each prior level with the codebook of its codes
@@ -916,6 +920,10 @@ def train(args):
                                "them back)" if args.data_from_model else str(e)) from None
     found = _native_size(files["train"], step) if args.size is None else None  # --data without --size
     args.size = args.size or found or [256, 128]  # no header read: the slices will not read either, and say so
+    if args.stage == "all":  # the prior's flags too, before the VQ-VAE's hours (dropout None: set by the folder)
+        _prior_config(args, args.size[0] // cfg.downsample, args.size[1] // cfg.downsample, cfg.levels == 2,
+                      n_codes=cfg.n_codes, positional=False, code_dim=cfg.code_dim if args.prior_tied else 0,
+                      prior_dropout=args.prior_dropout or 0)
     run = Run(args)
     for note in notes:
         run.log(note)

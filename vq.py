@@ -927,6 +927,7 @@ class VQVAEConfig:
                                                  f"{self.dead_threshold}"),
                  (self.downsample in (4, 8), f"downsample must be 4 or 8, got {self.downsample}"),
                  (self.n_codes >= 2, f"n_codes must be at least 2, got {self.n_codes}"),
+                 (0 <= self.ssim_weight < math.inf, f"ssim_weight must be 0 or more, got {self.ssim_weight}"),
                  (0 < self.decay < 1, f"decay must be between 0 and 1, got {self.decay}"),
                  (self.levels in (1, 2), f"levels must be 1 or 2, got {self.levels}"),
                  (self.rate >= 0 and (not self.rate or self.levels == 1),
@@ -1065,7 +1066,8 @@ class PriorConfig:
         _require(self, ("n_codes", "height", "width", "prior_channels", "prior_layers"),
                  (self.prior_dilations and min(self.prior_dilations) >= 1,
                   f"prior_dilations must be integers >= 1, got {self.prior_dilations}"),
-                 (0 <= self.prior_dropout < 1, f"prior_dropout must be in [0, 1), got {self.prior_dropout}"),
+                 (self.prior_dropout == 0 or 1 <= round(256 * self.prior_dropout) <= 255,  # byte_dropout's steps
+                  f"prior_dropout must be 0 or in [1/256, 255/256], got {self.prior_dropout}"),
                  (self.code_dim >= 0, f"code_dim must be >= 0 (0: untied), got {self.code_dim}"))
 
     def blind_spot(self):

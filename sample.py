@@ -333,7 +333,8 @@ def _positions_of(path, n, prior, seen):
     if path.parent not in seen:
         with warnings_as_lines(ignore=(vq.SkippedFileWarning,)):  # its pictures were named when the inputs were read
             siblings = vq._slice_files(path.parent)
-        seen[path.parent] = dict(zip((f.name for f in siblings), vq._positions(siblings, [1] * len(siblings)) or []))
+        where = vq._positions(siblings, [1] * len(siblings), scan=False) or []  # siblings: the whole folder
+        seen[path.parent] = dict(zip((f.name for f in siblings), where))
     if path.name not in seen[path.parent]:
         print(f"{path}: no position from slice_Z in the names of its folder: taken as 0.5, the middle of a volume")
         return [0.5]
@@ -547,7 +548,7 @@ def pair_ssim(x, pairs=256, seed=0):
     return vq.ssim(x[i], x[j]).mean().item()
 
 
-FIT = 1000  # training slices (and as many others) a two-sample critic learns from
+FIT = 1000  # training slices (evenly spread: the first would be a few cases') a critic learns from
 
 
 @torch.no_grad()
@@ -564,7 +565,7 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
     the mean over that many draws, each with its own critic (seeds seed, seed + 1, ...; the first is
     the draw the other figures use), listed in "two_sample_samples_runs" and "two_sample_prior_runs".
     judge: a prior of the same codes in the other scan order, for judge_report's figures."""
-    n, fit = len(test), train[:FIT]
+    n, fit = len(test), train[torch.linspace(0, len(train) - 1, min(FIT, len(train))).round().long()]  # all cases
     g = torch.Generator(device).manual_seed(seed)
     samples, codes = vq.sample_slices(vqvae, prior, n, temperature, generator=g), vqvae.encode(test)
     recon = vqvae.decode(codes)
@@ -690,12 +691,15 @@ def auroc(score, label):
 
 
 def precision_recall(score, label):
-    """(average precision, best Dice over thresholds) of a pixel score against a boolean mask."""
-    order = score.flatten().double().argsort(descending=True)
+    """(average precision, best Dice over thresholds) of a pixel score against a boolean mask; tied scores are
+    one threshold (a map is 0 in most pixels), as in scikit-learn."""
+    score = score.flatten().double()
+    order = score.argsort(descending=True)
     hit = label.flatten()[order].double()
     tp, k = hit.cumsum(0), torch.arange(1, len(hit) + 1, dtype=torch.float64)
-    total = hit.sum().clamp_min(1)
-    ap = (tp / k * hit).sum() / total
+    last = torch.cat([score[order].diff() != 0, torch.tensor([True])])  # a run of ties ends: a threshold
+    tp, k, total = tp[last], k[last], hit.sum().clamp_min(1)
+    ap = (tp.diff(prepend=tp.new_zeros(1)) * tp / k).sum() / total
     return ap.item(), (2 * tp / (k + total)).max().item()
 
 
@@ -773,7 +777,7 @@ def main(argv=None):
     except (UsageError, vq.CheckpointError, vq.DataError) as e:
         fail(str(e))
     except OSError as e:  # a full disk mid-write
-        fail(f"{e.filename or 'a write'}: {e.strerror or e}")
+        fail(f"{e.filename or 'a file'}: {e.strerror or e}")
     except KeyboardInterrupt:  # Ctrl-C: one line; what was written stays, the model is only ever read
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -8,6 +8,7 @@ import gzip
 import json
 import math
 import os
+import re
 import shutil
 import shlex
 import signal
@@ -1931,6 +1932,38 @@ def test_realism_report_sanity():
 
 
 
+def test_the_critics_learn_from_training_slices_spread_over_every_case(monkeypatch):
+    # training slices come sorted by case: the first FIT would be a few patients' (HipMRI: 11,460 slices)
+    monkeypatch.setattr(sample, "FIT", 10)
+    fits = []
+    monkeypatch.setattr(sample, "two_sample_score", lambda fit, *a, **k: (fits.append(fit), (0.5, (0.5, 0.5)))[1])
+    vqvae = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=7)).eval()
+    prior = vq.PixelCNN(PriorConfig(**{**SMALL, "height": 8, "width": 8, "prior_layers": 6})).eval()
+    train_x = torch.rand(37, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    sample.realism_report(vqvae, prior, torch.rand(9, 1, 32, 32), train_x, log=lambda line: None)
+    rows = [next(i for i in range(37) if torch.equal(train_x[i], f)) for f in fits[0]]  # the floor's critic
+    assert len(rows) == 10 and rows[0] == 0 and rows[-1] == 36 and np.diff(rows).min() >= 3, rows
+
+
+def test_auroc_and_precision_recall_against_their_definitions_with_ties():
+    g = torch.Generator().manual_seed(4)
+    for trial in range(6):
+        n = 50 + 37 * trial
+        score = (torch.rand(n, generator=g) * (3 + trial)).floor() * (torch.rand(n, generator=g) < 0.7)  # many ties
+        label = torch.rand(n, generator=g) < 0.1 + 0.1 * trial
+        label[trial] = True  # a positive in the first places, where ties used to rank it by index
+        pos, neg = score[label], score[~label]
+        pairs = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
+        assert sample.auroc(score, label) == pytest.approx(pairs.mean().item())
+        ap, dice, recall_before = 0.0, 0.0, 0.0  # every distinct score a threshold, the highest first
+        for t in score.unique().flip(0):
+            said = score >= t
+            tp = (said & label).sum().item()
+            ap += (tp / label.sum().item() - recall_before) * tp / said.sum().item()
+            recall_before, dice = tp / label.sum().item(), max(dice, 2 * tp / (said.sum().item() + label.sum().item()))
+        assert sample.precision_recall(score.view(1, -1), label.view(1, -1)) == pytest.approx((ap, dice)), trial
+
+
 def test_two_sample_critic_learning_rate_decays_to_zero(monkeypatch):
     seen = []  # the learning rate of every step the critic takes
 
@@ -2024,6 +2057,19 @@ def test_checkpoints_get_the_mode_of_any_other_file(tmp_path):
         os.umask(old)
     assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
     assert (tmp_path / "s.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_one_volume_split_file_by_file_has_one_position_scale_in_every_split(tmp_path):
+    g = np.random.default_rng(3)
+    for z in range(30):  # one volume's slices: no cases, so split file by file
+        nib.save(nib.Nifti1Image(g.random((20, 18)).astype(np.float32), np.eye(4)), tmp_path / f"scan_slice_{z}.nii.gz")
+    (tmp_path / "scan_slice_31.png").write_bytes(b"x")  # a picture beside them: never read, nor counted
+    with pytest.warns(vq.SplitWarning, match="split file by file"), pytest.warns(SkippedFileWarning, match="1 PNG"):
+        files = find_splits(tmp_path)
+        data = vq.load_splits({"source": str(tmp_path), "size": [16, 16]}, files=files)
+    for k in vq.SPLITS:  # Z over the volume's largest Z, 29, wherever that slice went (not the split's largest)
+        z = [int(re.search(r"slice_(\d+)", f.name)[1]) for f in files[k]]
+        assert data["positions"][k].tolist() == pytest.approx([v / 29 for v in z]), k
 
 
 def test_oasis_names_carry_positions():

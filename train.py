@@ -11,6 +11,7 @@ reads), metrics.jsonl, summary.json (the figures of the model in model.pt) and P
 import argparse
 import contextlib
 import copy
+import errno
 import hashlib
 import inspect
 import json
@@ -1044,8 +1045,8 @@ def main(argv=None):
     except (UsageError, vq.DataError, vq.CheckpointError, FloatingPointError) as e:
         fail(str(e))
     except OSError as e:  # a full disk or lost folder mid-run: checkpoints already written stay whole
-        fail(f"{e.filename or 'a write'}: {e.strerror or e} (the checkpoints written before are whole: make room, then "
-             "--resume)")
+        room = " make room, then" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        fail(f"{e.filename or 'a file'}: {e.strerror or e} (the checkpoints written before are whole:{room} --resume)")
     except Interrupted as e:
         print(e, file=sys.stderr)
         raise SystemExit(130) from None

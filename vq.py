@@ -405,14 +405,17 @@ def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, 
     return torch.from_numpy(arr).to(torch.float32).unsqueeze(1)  # (N, 1, H, W)
 
 
-def _positions(files, counts):
-    """Each decoded image's position in its volume, from slice_Z in the names; None if a name has none."""
-    found = [re.fullmatch(r"(.*slice_?)(\d+)(\.nii|\.nii\.gz|\.png|\.nii\.png)?", f.name.lower()) for f in files]
-    top = {}  # the largest Z of each volume: the name less Z, in its folder
-    for f, m in zip(files, found):
-        if m:
-            top[f.parent, m[1]] = max(top.get((f.parent, m[1]), 0), int(m[2]))
-    pos = []
+def _positions(files, counts, scan=True):
+    """Each decoded image's position in its volume, from slice_Z in the names; None if a name has none. scan: the
+    largest Z also from the rest of each file's folder (False: files are all of their folders' slices)."""
+    z = lambda f: re.fullmatch(r"(.*slice_?)(\d+)(\.nii|\.nii\.gz|\.png|\.nii\.png)?", f.name.lower())  # noqa: E731
+    top, folders = {}, {f.parent for f in files} if scan else ()  # the largest Z of each volume (the name less Z)
+    with warnings.catch_warnings():  # in its whole folder, so every split has one scale; its PNGs were named before
+        warnings.simplefilter("ignore", SkippedFileWarning)
+        for f in [*files, *(g for d in folders for g in _slice_files(d))]:
+            if m := z(f):
+                top[f.parent, m[1]] = max(top.get((f.parent, m[1]), 0), int(m[2]))
+    found, pos = map(z, files), []
     for f, m, n in zip(files, found, counts):
         if n > 1:  # a volume in one file: its own slice order
             pos += (np.arange(n) / (n - 1)).tolist()

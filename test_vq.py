@@ -694,6 +694,27 @@ def test_rate_model_is_causal_on_any_map_size():
                 assert (moved[order > order[i, j]] > 1e-9).all(), f"some later logit missed {(i, j)}"
 
 
+def test_rate_codes_are_chosen_without_tf32(monkeypatch):
+    # train.py turns TF32 on for a GPU, sample.py does not: the codes training chose must be those encode() gives
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, rate=0.5))
+    flags, forward = [], model.quantizer.forward
+
+    def spy(*args, **kwargs):
+        flags.append(vq.set_tf32(False))  # the flags as the search runs (set back at once)
+        vq.set_tf32(flags[-1])
+        return forward(*args, **kwargs)
+    monkeypatch.setattr(model.quantizer, "forward", spy)
+    saved = vq.set_tf32(True)
+    try:
+        on = vq.set_tf32(True)
+        model.train()(vq.phantom_slices(2, (32, 32)))
+        model.eval().encode(vq.phantom_slices(2, (32, 32)))
+        assert vq.set_tf32(True) == on  # and set back after
+    finally:
+        vq.set_tf32(saved)
+    assert len(flags) == 2 and on not in flags, flags
+
+
 def test_rate_chooses_the_code_of_least_distance_plus_cost_and_its_model_learns():
     torch.manual_seed(6)
     cfg = dict(channels=16, code_dim=8, n_codes=32)

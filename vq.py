@@ -994,7 +994,8 @@ class VQVAE(nn.Module):
                 seen.append(F.log_softmax(m(nearest).float(), 1))  # (B, K, h, w) log-probabilities
                 return -self.config.rate * m.scale * seen[0].detach().permute(0, 2, 3, 1)
 
-            z_q, codes, commit, stats = self.quantizer(z, cost)
+            with _no_tf32():  # on a GPU, the codes training chose are the codes encode() chooses
+                z_q, codes, commit, stats = self.quantizer(z, cost)
             nats = -seen[0].gather(1, codes[:, None]).mean()  # as code_nats, from the log-probabilities
             stats["rate_bits"] = nats.detach() / math.log(2)
             return z_q, codes, commit + nats * self.training, stats

@@ -101,7 +101,8 @@ def parse_args(argv=None):
                    help="prior: of the VQ-VAE in OUT/model.pt, on its slices (--data, --size: as it was trained)")
     p.add_argument("--epochs", type=int, help=f"VQ-VAE epochs (default {REAL_EPOCHS}, or {MIN_STEPS} steps' worth on a "
                    "small folder; phantom 15)")
-    p.add_argument("--prior_epochs", type=int, help="prior epochs (default as --epochs; phantom 14)")
+    p.add_argument("--prior_epochs", type=int, help=f"prior epochs (default {REAL_EPOCHS}, or {MIN_STEPS} steps' worth "
+                   "on a small folder, whatever --epochs is; phantom 14)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget per stage")
     p.add_argument("--batch_size", type=int,
                    help="default 32 (phantom 16), less for small folders: at least 8 steps an epoch")

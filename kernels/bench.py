@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -436,11 +437,19 @@ def _shape(text):
         N, K, D = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"a shape is NxKxD, e.g. 65536x512x64; got {text!r}")
+    if N < 0 or K < 1 or D < 1:
+        raise argparse.ArgumentTypeError(f"a shape needs N >= 0 rows, K >= 1 codes and D >= 1; got {text!r}")
     return N, K, D
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, as train.py and sample.py
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--all", action="store_true", help="also run the shapes that are slow on a CPU")
     parser.add_argument("--shapes", type=_shape, nargs="+", metavar="NxKxD", help="default: " +
                         " ".join("x".join(map(str, s)) for s in SHAPES))
@@ -459,7 +468,12 @@ def main(argv=None):
     parser.add_argument("--worker", nargs=4, metavar=("PATH", "N", "K", "D"), help=argparse.SUPPRESS)
     parser.add_argument("--warm-shard", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.load:
+    for flag, value in (("--load", args.load), ("--size", min(args.size)), ("--batch", args.batch)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
+        parser.error(f"--json {args.json}: {'a folder' if Path(args.json).is_dir() else 'its folder does not exist'}")
+    if args.load is not None:
         return bench_load(args.load, tuple(args.size))
     if args.steps:
         return bench_steps(batch=args.batch)

@@ -529,8 +529,9 @@ def nearest_code(z, codebook, *, backend=None, precision="tf32x3", variant="base
             (z - codebook[codes]), so it carries no ||z||^2 cancellation error.
 
     Exact, here, means: codes equal a float64 search's, except at near-ties, where the chosen code's
-    float64 distance is within rounding of the minimum (fp32 rounding, about 1e-6 relative at
-    D = 64; "packed" adds 2**(bits - 23) relative, bits = ceil(log2(K / 32)): 2**-19 at K = 512),
+    float64 distance is within rounding of the minimum (fp32 rounding, about 1e-6 of ||z||^2 + ||c||^2 at
+    D = 64, so codes sharing an offset far larger than their spread are not told apart; trained ones do
+    not; "packed" adds 2**(bits - 23) relative, bits = ceil(log2(K / 32)): 2**-19 at K = 512),
     and equal distances go to the lowest index. Every precision and variant is exact in this sense:
     "tf32" because what its proof cannot settle is searched again.
     """

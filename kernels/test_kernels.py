@@ -474,6 +474,22 @@ def test_bench_main_writes_json(tmp_path):
     assert all(r["ms"] > 0 for r in report["rows"]) if "cpu" in report["device"] else report["goals"]
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--shapes", "4x0x4"], "K >= 1"), (["--shapes", "4x4x0"], "D >= 1"), (["--shapes=-1x4x4"], "N >= 0"),
+    (["--json", "/no/such/folder/x.json"], "its folder does not exist"), (["--json", "."], "a folder"),
+    (["--load", "0"], "--load must be at least 1"), (["--load", "-5"], "--load"),
+    (["--load", "2", "--size", "8", "-1"], "--size"), (["--steps", "--batch", "0"], "--batch"),
+])
+def test_bench_bad_flags_exit_2_with_one_line_before_any_timing(argv, says, capsys, monkeypatch):
+    from kernels import bench
+
+    monkeypatch.setattr(bench, "_cpu_in_subprocess", lambda *a: pytest.fail("timed before the flags were checked"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and says in err[0], err
+
+
 def test_gpu_check_counts_tests_from_junit_xml(tmp_path, monkeypatch):
     from kernels import gpu_check
 

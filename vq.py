@@ -1483,7 +1483,7 @@ def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, te
 
     Each code's bits given the codes before it (one forward pass of the prior); the codes above
     `threshold` bits (see surprise_threshold) are redrawn from the prior in scan order, every other
-    code kept as it is (exact conditional sampling with the cached sampler), and decoded: the healed
+    code kept (each drawn given the codes before it, not the kept ones after: the cached sampler), decoded: the healed
     slice. The map is the absolute difference between the slice and its healed decode, inside the
     redrawn codes' cells, Gaussian-smoothed by sigma pixels; the score is the map's mean (higher: more unusual).
 

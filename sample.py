@@ -79,8 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, help="with --evaluate: the two-sample score of samples "
                    "averaged over this many draws and critics (its spread on one model is about 0.02 a draw)")
     p.add_argument("--judge", metavar="PATH", help="with --evaluate: a model.pt whose prior learnt this model's "
-                   "codes in the other scan order (train.py --stage prior --prior_transpose true --overwrite in a copy of OUT); "
-                   "reports the bits it gives samples beyond their own (judge_excess_bits_*)")
+                   "codes in the other scan order (train.py --stage prior --prior_transpose true --overwrite in a "
+                   "copy of OUT); reports the bits it gives samples beyond their own (judge_excess_bits_*)")
     p.add_argument("--bench", action="store_true", help="time the cached sampler against the naive one")
     p.add_argument("--blind", metavar="RUN", help="--n samples of OUT and as many of RUN (another training output "
                    "folder, or 'test' / 'train': OUT's reconstructions of random slices of that split; a folder so "

@@ -1581,6 +1581,7 @@ def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):
     (["--prior_layers", "2"], "blind spot"),  # the prior's flags, before the VQ-VAE trains
     (["--prior_channels", "0"], "prior_channels must be positive"),
     (["--prior_dropout", "0.999"], "prior_dropout must be 0 or in"),  # byte_dropout would divide by 0
+    (["--prior_dropout", "inf"], "prior_dropout must be 0 or in"), (["--prior_dropout", "nan"], "prior_dropout"),
     (["--levels", "2", "--prior_dilations", "1", "3"], "gaps"),
 ])
 def test_train_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, says):

@@ -1070,7 +1070,7 @@ class PriorConfig:
         _require(self, ("n_codes", "height", "width", "prior_channels", "prior_layers"),
                  (self.prior_dilations and min(self.prior_dilations) >= 1,
                   f"prior_dilations must be integers >= 1, got {self.prior_dilations}"),
-                 (self.prior_dropout == 0 or 1 <= round(256 * self.prior_dropout) <= 255,  # byte_dropout's steps
+                 (self.prior_dropout == 0 or 1 / 512 < self.prior_dropout < 255.5 / 256,  # byte_dropout's 1/256 steps
                   f"prior_dropout must be 0 or in [1/256, 255/256], got {self.prior_dropout}"),
                  (self.code_dim >= 0, f"code_dim must be >= 0 (0: untied), got {self.code_dim}"))
 

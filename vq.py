@@ -933,13 +933,14 @@ class VQVAEConfig:
                  (0 <= self.ssim_weight < math.inf, f"ssim_weight must be 0 or more, got {self.ssim_weight}"),
                  (0 < self.decay < 1, f"decay must be between 0 and 1, got {self.decay}"),
                  (self.levels in (1, 2), f"levels must be 1 or 2, got {self.levels}"),
-                 (self.rate >= 0 and (not self.rate or self.levels == 1),
-                  f"rate must be >= 0, and 0 with two levels, got {self.rate} with levels {self.levels}"))
+                 (0 <= self.rate < math.inf and (not self.rate or self.levels == 1),
+                  f"rate must be finite and >= 0, and 0 with two levels, got {self.rate} with levels {self.levels}"))
 
 
 def _require(config, positive, *checks):
     """ValueError with the message of the first failing check: the fields in positive > 0, then each (ok, message)."""
-    positive = [(getattr(config, n) > 0, f"{n} must be positive, got {getattr(config, n)}") for n in positive]
+    positive = [(0 < getattr(config, n) < math.inf, f"{n} must be positive and finite, got {getattr(config, n)}")
+                for n in positive]
     for ok, message in positive + list(checks):
         if not ok:
             raise ValueError(message)

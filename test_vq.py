@@ -219,6 +219,12 @@ def test_cache_hit_invalidation_and_location(tmp_path, monkeypatch):
         again = load_slices(data, size=(64, 32), cache_dir=cache, info=info)
     assert not info["cached"] and (again[2, 0, :32] == 0).all() and not torch.equal(again[2], first[2])
     assert torch.equal(again[[0, 1, 3, 4]], first[[0, 1, 3, 4]])
+    old = files[3].stat()  # rewritten with its size and mtime kept, as cp -p, rsync -t or tar leave a file
+    save(files[3], new)
+    os.utime(files[3], ns=(old.st_atime_ns, old.st_mtime_ns))
+    with pytest.warns(SkippedFileWarning):
+        third = load_slices(data, size=(64, 32), cache_dir=cache, info=info)
+    assert not info["cached"] and torch.equal(third[3], again[2]) and not torch.equal(third[3], again[3])
 
     monkeypatch.setenv("VQ_CACHE_DIR", str(tmp_path / "env_cache"))
     load_slices(files[:2], size=(64, 32))
@@ -1666,7 +1672,11 @@ def test_refuses_to_overwrite_a_run(tmp_path, capsys):
     assert (tmp_path / "vqvae.pt").read_bytes() == before
     _train(tmp_path, "--stage", "prior")  # model.pt's VQ-VAE has no prior yet: nothing to lose
     model = (tmp_path / "model.pt").read_bytes()
-    (tmp_path / "vqvae.pt").unlink(), (tmp_path / "prior.pt").unlink()  # the training state deleted
+    (tmp_path / "vqvae.pt").unlink()  # --resume would train the VQ-VAE afresh over model.pt's
+    with pytest.raises(SystemExit):
+        _train(tmp_path, "--resume")
+    assert "vqvae.pt is gone" in capsys.readouterr().err and (tmp_path / "model.pt").read_bytes() == model
+    (tmp_path / "prior.pt").unlink()  # the training state deleted
     for stage in ("all", "vqvae", "prior"):  # model.pt is still a finished model
         with pytest.raises(SystemExit):
             _train(tmp_path, "--stage", stage)
@@ -1679,6 +1689,19 @@ def test_the_largest_seeds_accepted_train(tmp_path):
     top = str(2**63 - 1)  # the flags' bound; the seeds derived from it must stay within torch's
     _train(tmp_path, "--epochs", "1", "--prior_epochs", "1", "--seed", top, "--prior_seed", top, "--realism", "false")
     assert json.loads((tmp_path / "summary.json").read_text())["prior_seed"] == 2**63 - 1
+
+
+def test_a_resumed_prior_leaves_no_figure_of_the_prior_before_it_in_the_summary(tmp_path):
+    _train(tmp_path, "--realism", "false")
+    path = tmp_path / "summary.json"
+    s = json.loads(path.read_text())
+    path.write_text(json.dumps({**s, "judge_excess_bits_samples": 7.5, "lesion_surprise_auroc": 0.25}))  # reports
+    _train(tmp_path, "--resume", "--realism", "false")  # done already: the same prior, its figures stay
+    assert json.loads(path.read_text())["lesion_surprise_auroc"] == 0.25
+    _train(tmp_path, "--resume", "--prior_epochs", "3", "--realism", "false")  # trained on: another prior
+    s = json.loads(path.read_text())
+    assert not any(k.startswith(("judge_", "lesion_")) for k in s)
+    assert s["prior_fingerprint"] == torch.load(tmp_path / "model.pt", weights_only=True)["prior_fingerprint"]
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, capsys):

@@ -967,6 +967,9 @@ def _stages(run, files):
     if args.resume and not any((run.out / f"{s}.pt").exists() for s in stages):
         raise UsageError(f"--resume: nothing to resume in {run.out} (no {' or '.join(s + '.pt' for s in stages)})")
     old = vq.load_checkpoint(model_path) if model_path.exists() else {}
+    if args.resume and "vqvae" in stages and old and not (run.out / "vqvae.pt").exists():  # it would start afresh
+        raise UsageError(f"--resume: {run.out / 'vqvae.pt'} is gone, and {model_path} holds a trained VQ-VAE: "
+                         "--stage prior --resume to go on with its prior, or --overwrite to train anew")
     if args.stage == "prior":
         _refuse_other_data(args, model_path, old)
     _refuse_overwrite(run, stages, old)
@@ -1012,6 +1015,8 @@ def _stages(run, files):
         if not args.resume:
             _trim_metrics(run, lambda r: r["stage"] != "prior")
         prior, stats, parts = train_prior(run, data, vqvae, summary["vqvae_fingerprint"])
+        if stats["prior_fingerprint"] != summary.get("prior_fingerprint"):  # another prior: none of the old one's
+            summary = {k: v for k, v in summary.items() if not k.startswith(PRIOR_FIGURES)}
         summary.update(stats)
         final.update(parts, prior_fingerprint=stats["prior_fingerprint"])
         run.log(f"prior test | {summary['prior_bits_per_code']:.3f} bits per code "

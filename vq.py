@@ -286,7 +286,8 @@ def _decode_all(files, size, strict, workers):
 
 
 def _cache_file(files, size, cache_dir):
-    """Where this exact file list (paths, sizes, mtimes) decoded at size is cached; None when off."""
+    """Where this exact file list decoded at size is cached; None when off. Each file by path, size, mtime and ctime
+    (a copy made with its mtime kept, cp -p or tar, has a new ctime: no one can set that back)."""
     if cache_dir is False:
         return None
     root = Path(cache_dir or os.environ.get("VQ_CACHE_DIR") or Path.home() / ".cache" / "vq_slices")
@@ -294,9 +295,9 @@ def _cache_file(files, size, cache_dir):
     for f in files:
         try:
             st = f.stat()
-            prints.append((os.path.abspath(f), st.st_size, st.st_mtime_ns))
+            prints.append((os.path.abspath(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
         except OSError:
-            prints.append((os.path.abspath(f), -1, -1))
+            prints.append((os.path.abspath(f), -1))
     key = json.dumps([CACHE_VERSION, list(size), PERCENTILES, prints])
     return root / f"slices_{hashlib.sha1(key.encode()).hexdigest()}.npy"
 

@@ -19,6 +19,7 @@ import shlex
 import sys
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--blind", metavar="RUN", help="--n samples of OUT and as many of RUN (another training output "
                    "folder, or 'test' / 'train': OUT's reconstructions of random slices of that split; a folder so "
                    "named: ./test) shuffled into blind.png, to be judged before blind_key.json says which is which "
-                   "(default dest OUT/blind_seedS)")
+                   "(default dest OUT/blind_RUN_seedS, RUN's folder name)")
     p.add_argument("--calls", metavar="0,1,...", help="with --blind: your call on each tile of blind.png in reading "
                    "order (1: say yes, 0: no); counts them by source from blind_key.json, drawing nothing")
     args = p.parse_args(argv)
@@ -216,9 +217,10 @@ def blind(args):
     picture, 8 a row; blind_key.json names each tile's source, to be read only after each tile is judged
     (for instance: organs whole or not); with --calls, those calls counted by source. Returns (the images
     in the picture's order, their sources "a" (OUT) or "b" (--blind)), or the counts."""
-    dest = Path(args.dest or Path(args.out) / f"blind_seed{args.seed}")
+    tag = args.blind if args.blind in ("test", "train") else Path(args.blind).resolve().name  # another run
+    dest = Path(args.dest or Path(args.out) / f"blind_{tag}_seed{args.seed}")
     if args.calls is not None:
-        return _count_calls(dest / "blind_key.json", args.calls)
+        return _count_calls(dest / "blind_key.json", args.calls, args.blind)
     ckpt, vqvae, prior, device = _load(args, need_prior=True)
     draw = lambda model, p, k: vq.sample_slices(  # noqa: E731
         model, p, args.n, args.temperature, torch.Generator(device).manual_seed(args.seed + k), args.position)
@@ -239,7 +241,8 @@ def blind(args):
                              f"{mine[0]} (rot90 {mine[1]}): compare runs of one size")
         second = draw(theirs_vqvae, theirs_prior, 1)
     images = [draw(vqvae, prior, 0), second]
-    order = torch.randperm(2 * args.n, generator=torch.Generator().manual_seed(args.seed))
+    shuffle = torch.Generator().manual_seed((args.seed + zlib.crc32(tag.encode())) % 2**63)  # a layout per source
+    order = torch.randperm(2 * args.n, generator=shuffle)
     shown, sources = torch.cat(images)[order], ["ab"[i // args.n] for i in order.tolist()]
     _make_dest(dest)
     grid = image_grid(shown, ncol=8, rot90=ckpt["data"]["rot90"])
@@ -251,13 +254,16 @@ def blind(args):
     return shown, sources
 
 
-def _count_calls(path, calls):
+def _count_calls(path, calls, blind):
     """--calls '1,0,...' against the key of a blind picture: {"a": OUT's tiles called 1, "b": --blind's}."""
     try:
         key = json.loads(path.read_text())
         tiles, names = key["tiles"], {a: key[a] for a in "ab"}
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"no blind key at {path}: draw the picture first (same --out, --dest and --seed)")
+    split = {names["b"], blind} & {"test", "train"}
+    if names["b"] != blind and (split or Path(names["b"]).resolve() != Path(blind).resolve()):
+        raise UsageError(f"the blind key at {path} is of {names['b']}, not --blind {blind}")
     said = calls.replace(" ", "").split(",")
     if len(said) != len(tiles) or not set(said) <= {"0", "1"}:
         raise UsageError(f"--calls: give {len(tiles)} calls of 0 or 1, one per tile in reading order, got {calls!r}")

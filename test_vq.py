@@ -1415,14 +1415,18 @@ def test_blind_comparison_shuffles_two_sources_and_keys_them(tmp_path, capsys):
     vqvae, prior = vq.VQVAE.from_checkpoint(ckpt), vq.load_prior(ckpt)
     test = vq.load_splits(ckpt["data"])["test"]
     shown, sources = sample.main(["--out", str(run), "--blind", "test", "--n", "5", "--seed", "4"])
-    key = json.loads((run / "blind_seed4" / "blind_key.json").read_text())
+    key = json.loads((run / "blind_test_seed4" / "blind_key.json").read_text())
     assert key == {"a": str(run), "b": "test", "tiles": sources} and sources != sorted(sources)
     assert sources.count("a") == sources.count("b") == 5
-    assert (run / "blind_seed4" / "blind.png").exists() and "judge each" in capsys.readouterr().out
+    assert (run / "blind_test_seed4" / "blind.png").exists() and "judge each" in capsys.readouterr().out
     calls = torch.randint(0, 2, (10,), generator=torch.Generator().manual_seed(1)).tolist()  # counted, nothing drawn
     counts = sample.main(["--out", str(run), "--blind", "test", "--seed", "4", "--calls", ",".join(map(str, calls))])
     assert counts == {a: sum(c for c, t in zip(calls, sources) if t == a) for a in "ab"}
     assert f"b: test: {counts['b']} of 5 called 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # calls against another comparison's key
+        sample.main(["--out", str(run), "--blind", "train", "--seed", "4", "--calls", ",".join(map(str, calls)),
+                     "--dest", str(run / "blind_test_seed4")])
+    assert e.value.code == 2 and "is of test, not --blind train" in capsys.readouterr().err
 
     def matched(tiles, pool):  # each tile is one image of pool, none twice
         gap = (tiles[:, None] - pool[None]).abs().flatten(2).amax(2)  # (tiles, pool)
@@ -1432,8 +1436,10 @@ def test_blind_comparison_shuffles_two_sources_and_keys_them(tmp_path, capsys):
     is_mine = torch.tensor([s == "a" for s in sources])
     assert matched(shown[is_mine], mine) and matched(shown[~is_mine], vqvae.reconstruct(test))
     assert not matched(shown[~is_mine], mine)
-    shown, sources = sample.main(["--out", str(run), "--blind", "train", "--n", "5", "--seed", "4", "--dest",
-                                  str(tmp_path / "train")])
+    shown, train_sources = sample.main(["--out", str(run), "--blind", "train", "--n", "5", "--seed", "4"])
+    assert (run / "blind_test_seed4" / "blind.png").exists() and (run / "blind_train_seed4" / "blind.png").exists()
+    assert train_sources != sources  # a layout of its own: reading one key gives away no other picture
+    sources = train_sources
     train_recon = vqvae.reconstruct(vq.load_splits(ckpt["data"])["train"])
     is_mine = torch.tensor([s == "a" for s in sources])
     assert matched(shown[~is_mine], train_recon) and not matched(shown[~is_mine], vqvae.reconstruct(test))

@@ -1590,7 +1590,7 @@ def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):
     (["--levels", "3"], "levels must be 1 or 2"),
     (["--compile", "--device", "cpu"], "--compile is for CUDA"),
     (["--ssim_weight", "-1"], "ssim_weight must be 0 or more"),
-    (["--rate", "inf"], "rate must be finite and >= 0"), (["--beta", "inf"], "beta must be positive and finite"),
+    (["--resume", "--overwrite"], "give one"), (["--rate", "inf"], "rate must be finite and >= 0"), (["--beta", "inf"], "beta must be positive and finite"),
     (["--prior_layers", "2"], "blind spot"),  # the prior's flags, before the VQ-VAE trains
     (["--prior_channels", "0"], "prior_channels must be positive"),
     (["--prior_dropout", "0.999"], "prior_dropout must be 0 or in"),  # byte_dropout would divide by 0

@@ -157,6 +157,8 @@ def parse_args(argv=None):
         fail(f"--prior_seed must be between 0 and 2**63 - 1, got {args.prior_seed}")
     if not 0 <= args.prior_ema < 1:
         fail(f"--prior_ema must be in [0, 1) (0: no average), got {args.prior_ema}")
+    if args.resume and args.overwrite:
+        fail("--resume continues OUT's run and --overwrite replaces it: give one")
     if args.size is not None and min(args.size) < 16:
         fail(f"--size must be at least 16 x 16 (SSIM's window is 11), got {args.size[0]} {args.size[1]}")
     check_seed_and_device(args)

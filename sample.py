@@ -207,6 +207,10 @@ def generate(args):
     for i, im in enumerate(images):
         _save_nifti(dest / f"sample_{i:03d}.nii.gz", im[0].numpy())  # as stored: the input slices' orientation
     print(f"wrote {args.n} sample{'s' * (args.n > 1)} to {dest} (grid.png and sample_*.nii.gz)")
+    older = sorted(p.name for p in dest.iterdir() if (m := re.fullmatch(r"sample_(\d{3,})\.nii\.gz", p.name))
+                   and int(m[1]) >= args.n)  # left as they are: the folder may be the user's
+    if older:
+        print(f"note: {dest} also holds {len(older)} file(s) not of this draw ({older[0]}, ...): an earlier one's")
     return images
 
 

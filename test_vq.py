@@ -1286,8 +1286,11 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     arr = np.asanyarray(nii.dataobj)
     assert arr.shape == (32, 32) and arr.dtype == np.float32 and 0 <= arr.min() and arr.max() <= 1
     assert np.allclose(arr, images[2, 0].numpy())
-
     capsys.readouterr()
+    sample.main(["--out", str(tmp_path), "--n", "2", "--seed", "7", "--dest", str(tmp_path / "b")])  # fewer
+    assert "also holds 1 file(s) not of this draw (sample_002.nii.gz" in capsys.readouterr().out
+    assert (tmp_path / "b" / "sample_002.nii.gz").exists()  # named, never removed: the folder may be the user's
+
     names = ["d1/a.nii.gz", "d1/a_2.nii.gz", "d2/a.nii.gz"]  # one name taken three ways (once hung the renaming)
     for i, name in enumerate(names):
         (tmp_path / name).parent.mkdir(exist_ok=True)

@@ -1717,7 +1717,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, capsys):
     _train(tmp_path, "--stage", "vqvae")
     before = (tmp_path / "vqvae.pt").read_bytes()
     with pytest.raises(SystemExit) as e:
-        _train(tmp_path, "--stage", "vqvae", "--resume", "--epochs", "4", "--lr", "1e30")
+        _train(tmp_path, "--stage", "vqvae", "--overwrite", "--epochs", "4", "--lr", "1e30")
     assert e.value.code == 2 and "at step" in capsys.readouterr().err
     assert (tmp_path / "vqvae.pt").read_bytes() == before
 
@@ -1787,6 +1787,15 @@ def test_resume_refuses_other_data_and_keeps_the_schedule(tmp_path, capsys):
     _train(tmp_path, "--stage", "vqvae", "--resume", "--epochs", "4")
     lrs = [json.loads(r)["lr"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(lrs) == 4 and lrs[2] <= lrs[1] + 1e-12 and lrs[3] <= lrs[2] + 1e-12  # no jump back up
+
+
+def test_resume_refuses_other_learning_rates_shifts_or_averages(tmp_path, capsys):
+    _train(tmp_path, "--epochs", "1", "--prior_epochs", "1", "--realism", "false")
+    for argv in (["--lr", "1e-4"], ["--prior_lr", "1e-4"], ["--prior_shifts", "2"], ["--prior_ema", "0.5"]):
+        with pytest.raises(SystemExit) as e:  # a resume would go on other than the run it continues
+            _train(tmp_path, "--stage", "vqvae" if argv[0] == "--lr" else "prior", "--resume", *argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"was trained with {argv[0]} " in err and len(err.splitlines()) == 1, err
 
 
 def test_small_folders_get_small_batches(tmp_path, capsys):

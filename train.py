@@ -397,8 +397,9 @@ class Trainer:
     """The loop both stages share: epochs, resumable mid-epoch, budget, log lines, best by validation."""
 
     def __init__(self, run, name, model, step_fn, n_train, batch_size, epochs, lr, validate, better,
-                 seed, generator=None, ema=0.0):
+                 seed, generator=None, ema=0.0, flags=None):
         self.run, self.name, self.model, self.step_fn, self.seed = run, name, model, step_fn, seed
+        self.flags = flags or {}  # {flag: value} a resume must be given again: it would not continue exactly
         # an exponential moving average of the weights (decay ema; 0: none): validated, kept and saved as best
         self.weights = [p.detach() for p in model.parameters()]  # views: writing them writes the model
         self.ema = ema and [w.clone() for w in self.weights]
@@ -438,7 +439,7 @@ class Trainer:
             "seconds": self.seconds, "rng": self.run.rng_states(), "world": self.run.world,
             "schedule_steps": self.schedule_steps, "history": self.history, "batch_size": self.batch_size,
             "generator": self.generator.get_state() if self.generator is not None else None,
-            "ema": self.ema or None, "seed": self.seed,
+            "ema": self.ema or None, "seed": self.seed, "flags": self.flags,
         }
 
     def resume(self, ckpt):
@@ -453,6 +454,10 @@ class Trainer:
             flag = "--prior_seed" if self.name == "prior" else "--seed"
             raise UsageError(f"{self.name} was trained with {flag} {s['seed']}, not {self.seed}: "
                              f"resume with the same {flag}, or start afresh with --overwrite")
+        for flag, was in s.get("flags", {}).items():  # a checkpoint from before flags were kept: none
+            if self.flags.get(flag) != was:
+                raise UsageError(f"{self.name} was trained with {flag} {was}, not {self.flags.get(flag)}: resume "
+                                 "with the same, or start afresh with --overwrite")
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["optimizer"])
         self.epoch, self.batch, self.step = s["epoch"], s["batch"], s["step"]
@@ -690,7 +695,7 @@ def train_vqvae(run, data):
 
     trainer = Trainer(run, "vqvae", model, step_fn, len(train_x), args.batch_size, args.epochs, args.lr,
                       validate, better=lambda a, b: a["val_ssim"] > b["val_ssim"],
-                      seed=args.seed, generator=model.quantizer.generator)
+                      seed=args.seed, generator=model.quantizer.generator, flags={"--lr": args.lr})
     trainer.resume(_resume_state(run, "vqvae", data["settings"], "vqvae_config", asdict(cfg)))
     trainer.fit({"vqvae_config": asdict(cfg), "data": data["settings"]})
     return model.eval(), trainer
@@ -791,7 +796,8 @@ def train_prior(run, data, vqvae, fingerprint):
 
     trainer = Trainer(run, "prior", prior, step_fn, n, args.prior_batch_size or args.batch_size,
                       args.prior_epochs, args.prior_lr, validate, better=lambda a, b: a["val_bits"] < b["val_bits"],
-                      seed=seed, ema=args.prior_ema)
+                      seed=seed, ema=args.prior_ema, flags={f"--{k}": getattr(args, k) for k in (
+                          "prior_lr", "prior_shifts", "prior_ema")})
     path = run.out / "prior.pt"
     if path.exists() and vq.load_checkpoint(path).get("vqvae_fingerprint") != fingerprint:
         # its codes are another VQ-VAE's: nothing in it applies to this one

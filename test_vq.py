@@ -1791,6 +1791,12 @@ def test_resume_refuses_other_data_and_keeps_the_schedule(tmp_path, capsys):
 
 def test_resume_refuses_other_learning_rates_shifts_or_averages(tmp_path, capsys):
     _train(tmp_path, "--epochs", "1", "--prior_epochs", "1", "--realism", "false")
+    state = (tmp_path / "prior.pt").read_bytes()
+    shutil.copy(tmp_path / "model.pt", tmp_path / "prior.pt")  # a finished model where the training state was
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "--stage", "prior", "--resume")
+    assert e.value.code == 2 and "is not a prior training state" in capsys.readouterr().err
+    (tmp_path / "prior.pt").write_bytes(state)
     for argv in (["--lr", "1e-4"], ["--prior_lr", "1e-4"], ["--prior_shifts", "2"], ["--prior_ema", "0.5"]):
         with pytest.raises(SystemExit) as e:  # a resume would go on other than the run it continues
             _train(tmp_path, "--stage", "vqvae" if argv[0] == "--lr" else "prior", "--resume", *argv)

@@ -315,6 +315,8 @@ def _resume_state(run, name, settings, config_key, config):
     if not (run.args.resume and path.exists()):
         return None
     ckpt = vq.load_checkpoint(path)
+    if not isinstance(ckpt.get("trainer"), dict) or config_key not in ckpt:  # model.pt copied over it, say
+        raise UsageError(f"{path} is not a {name} training state (no trainer): --overwrite to start afresh")
     old = ckpt[config_key]
     # a field added since the checkpoint holds its (off) default there; one dropped is left out
     norm = lambda c: asdict(vq._config_of(vq.VQVAEConfig if name == "vqvae" else vq.PriorConfig, c))

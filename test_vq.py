@@ -1731,6 +1731,10 @@ def test_minutes_budget_saves_mid_epoch_and_resume_finishes(tmp_path, capsys):
     _train(tmp_path, "--stage", "vqvae", "--resume")
     state = torch.load(tmp_path / "vqvae.pt", weights_only=True)["trainer"]
     assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 12)  # 48 / 8 = 6 steps per epoch
+    _train(tmp_path / "whole", "--stage", "vqvae")  # the epoch cut in two has the uninterrupted run's train figures
+    cut, whole = ([{k: v for k, v in json.loads(r).items() if k.startswith("train_")}
+                   for r in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path, tmp_path / "whole"))
+    assert cut == whole and len(cut) == 2 and len(cut[0]) >= 3
 
 
 def test_two_stage_commands_keep_summary_and_model_in_agreement(tmp_path, capsys):

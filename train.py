@@ -402,6 +402,7 @@ class Trainer:
                  seed, generator=None, ema=0.0, flags=None):
         self.run, self.name, self.model, self.step_fn, self.seed = run, name, model, step_fn, seed
         self.flags = flags or {}  # {flag: value} a resume must be given again: it would not continue exactly
+        self.partial = None  # ({name: sum}, steps) of the epoch a mid-epoch stop cut, for its metrics line
         # an exponential moving average of the weights (decay ema; 0: none): validated, kept and saved as best
         self.weights = [p.detach() for p in model.parameters()]  # views: writing them writes the model
         self.ema = ema and [w.clone() for w in self.weights]
@@ -442,6 +443,7 @@ class Trainer:
             "schedule_steps": self.schedule_steps, "history": self.history, "batch_size": self.batch_size,
             "generator": self.generator.get_state() if self.generator is not None else None,
             "ema": self.ema or None, "seed": self.seed, "flags": self.flags,
+            "partial": self.partial and ({k: v.item() for k, v in self.partial[0].items()}, self.partial[1]),
         }
 
     def resume(self, ckpt):
@@ -470,6 +472,9 @@ class Trainer:
         self.run.set_rng_state(s["rng"])
         if self.generator is not None:
             self.generator.set_state(s["generator"])
+        if s.get("partial"):
+            self.partial = ({k: torch.tensor(v, device=self.run.device) for k, v in s["partial"][0].items()},
+                            s["partial"][1])
         _trim_metrics(self.run, lambda r: r["stage"] != self.name or r["epoch"] <= self.epoch)  # a crash's leftovers
         done = self.epoch >= self.epochs  # then nothing trains: the stage is evaluated and written again
         self.run.log(f"{self.name}: resumed at epoch {self.epoch} step {self.step}" + ", its epochs done" * done)
@@ -510,7 +515,8 @@ class Trainer:
         while self.epoch < self.epochs and not stopped:
             self.model.train()
             batches = _epoch_order(run, self.n_train, self.epoch, self.seed).to(run.device).split(self.batch_size)
-            sums, steps, logged, t_log, n_img = {}, 0, (0.0, 0), time.time(), 0  # sums on the device: no syncs
+            sums, steps = self.partial or ({}, 0)  # on the device: no syncs; resumed mid-epoch, its sums so far
+            logged, t_log, n_img, self.partial = (0.0, 0), time.time(), 0, None
             while self.batch < len(batches):
                 stopped = self._stop(time.time() - fit_start, self.step - start_step)
                 if stopped:
@@ -562,6 +568,7 @@ class Trainer:
                     run.curves_drawn = time.time()
                 run.log(f"{self.name} ep {self.epoch}/{self.epochs} validation | " +
                         " | ".join(self._fmt(k, v) for k, v in record.items() if k == "train_loss" or k[:4] == "val_"))
+            self.partial = (sums, steps) if self.batch else None
             run.save({**checkpoint, "trainer": self.state()}, f"{self.name}.pt")  # an epoch ended, or a stop
             if stopped == "signal":
                 raise Interrupted(f"{self.name}: stopped by {run.signalled or 'a signal to another process'} at "

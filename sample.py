@@ -221,7 +221,7 @@ def blind(args):
     picture, 8 a row; blind_key.json names each tile's source, to be read only after each tile is judged
     (for instance: organs whole or not); with --calls, those calls counted by source. Returns (the images
     in the picture's order, their sources "a" (OUT) or "b" (--blind)), or the counts."""
-    tag = args.blind if args.blind in ("test", "train") else Path(args.blind).resolve().name  # another run
+    tag = Path(_source(args.blind)).name
     dest = Path(args.dest or Path(args.out) / f"blind_{tag}_seed{args.seed}")
     if args.calls is not None:
         return _count_calls(dest / "blind_key.json", args.calls, args.blind)
@@ -258,6 +258,11 @@ def blind(args):
     return shown, sources
 
 
+def _source(blind):
+    """--blind as one name: test or train, else the other run's folder, resolved."""
+    return blind if blind in ("test", "train") else str(Path(blind).resolve())
+
+
 def _count_calls(path, calls, blind):
     """--calls '1,0,...' against the key of a blind picture: {"a": OUT's tiles called 1, "b": --blind's}."""
     try:
@@ -265,8 +270,7 @@ def _count_calls(path, calls, blind):
         tiles, names = key["tiles"], {a: key[a] for a in "ab"}
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"no blind key at {path}: draw the picture first (same --out, --dest and --seed)")
-    split = {names["b"], blind} & {"test", "train"}
-    if names["b"] != blind and (split or Path(names["b"]).resolve() != Path(blind).resolve()):
+    if _source(names["b"]) != _source(blind):
         raise UsageError(f"the blind key at {path} is of {names['b']}, not --blind {blind}")
     said = calls.replace(" ", "").split(",")
     if len(said) != len(tiles) or not set(said) <= {"0", "1"}:

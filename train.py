@@ -883,6 +883,9 @@ def _trim_metrics(run, keep):
 
 def _refuse_overwrite(run, stages, old):
     """old: model.pt's checkpoint, {} if none."""
+    if run.args.resume and "vqvae" in stages and old and not (run.out / "vqvae.pt").exists():  # it would start afresh
+        raise UsageError(f"--resume: {run.out / 'vqvae.pt'} is gone, and {run.out / 'model.pt'} holds a trained "
+                         "VQ-VAE: --stage prior --resume to go on with its prior, or --overwrite to train anew")
     if run.args.resume or run.args.overwrite:
         return
     for s in stages:
@@ -984,9 +987,6 @@ def _stages(run, files):
     if args.resume and not any((run.out / f"{s}.pt").exists() for s in stages):
         raise UsageError(f"--resume: nothing to resume in {run.out} (no {' or '.join(s + '.pt' for s in stages)})")
     old = vq.load_checkpoint(model_path) if model_path.exists() else {}
-    if args.resume and "vqvae" in stages and old and not (run.out / "vqvae.pt").exists():  # it would start afresh
-        raise UsageError(f"--resume: {run.out / 'vqvae.pt'} is gone, and {model_path} holds a trained VQ-VAE: "
-                         "--stage prior --resume to go on with its prior, or --overwrite to train anew")
     if args.stage == "prior":
         _refuse_other_data(args, model_path, old)
     _refuse_overwrite(run, stages, old)

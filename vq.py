@@ -286,8 +286,7 @@ def _decode_all(files, size, strict, workers):
 
 
 def _cache_file(files, size, cache_dir):
-    """Where this exact file list decoded at size is cached; None when off. Each file by path, size, mtime and ctime
-    (a copy made with its mtime kept, cp -p or tar, has a new ctime: no one can set that back)."""
+    """Where this exact file list decoded at size is cached; None when off (ctime too: cp -p and tar keep mtimes)."""
     if cache_dir is False:
         return None
     root = Path(cache_dir or os.environ.get("VQ_CACHE_DIR") or Path.home() / ".cache" / "vq_slices")
@@ -373,8 +372,8 @@ def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, 
     out; strict=True raises DataError on the first one. DataError for a missing folder or nothing readable.
     PNG needs Pillow. Decoding runs on `workers` threads (default: all cores; serial under 64 files); the result
     is cached as float16 (float16-exact either way) in cache_dir (default $VQ_CACHE_DIR, else
-    ~/.cache/vq_slices; False: off), keyed by the files' paths, sizes and mtimes, size and the preprocessing
-    version; a warm load repeats the warnings.
+    ~/.cache/vq_slices; False: off), keyed by each file's path, size, mtime, ctime and inode, size and the
+    preprocessing version; a warm load repeats the warnings.
 
     info: if a dict, filled with {"skipped": [(path, reason), ...], "nonfinite": NaN/inf zeroed, "files",
     "cached", "positions": each image's position in its volume in [0, 1] (Z / the largest Z of its volume for
@@ -407,11 +406,10 @@ def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, 
 
 
 def _positions(files, counts, scan=True):
-    """Each decoded image's position in its volume, from slice_Z in the names; None if a name has none. scan: the
-    largest Z also from the rest of each file's folder (False: files are all of their folders' slices)."""
+    """Each decoded image's position in its volume, from slice_Z in the names; None if a name has none."""
     z = lambda f: re.fullmatch(r"(.*slice_?)(\d+)(\.nii|\.nii\.gz|\.png|\.nii\.png)?", f.name.lower())  # noqa: E731
-    top, folders = {}, {f.parent for f in files} if scan else ()  # the largest Z of each volume (the name less Z)
-    with warnings.catch_warnings():  # in its whole folder, so every split has one scale; its PNGs were named before
+    top, folders = {}, {f.parent for f in files} if scan else ()  # scan=False: files are their folders' every slice
+    with warnings.catch_warnings():  # each volume's (name less Z) largest Z in its whole folder: one scale a split
         warnings.simplefilter("ignore", SkippedFileWarning)
         for f in [*files, *(g for d in folders for g in _slice_files(d))]:
             if m := z(f):
@@ -1484,8 +1482,8 @@ def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, te
     """Where slices are unusual for the prior: a per-pixel surprise map, a "healed" slice, a score.
 
     Each code's bits given the codes before it (one forward pass of the prior); the codes above
-    `threshold` bits (see surprise_threshold) are redrawn from the prior in scan order, every other
-    code kept (each drawn given the codes before it, not the kept ones after: the cached sampler), decoded: the healed
+    `threshold` bits (see surprise_threshold) are redrawn by the cached sampler in scan order, each given
+    the codes before it (not the kept ones after), every other code kept, and decoded: the healed
     slice. The map is the absolute difference between the slice and its healed decode, inside the
     redrawn codes' cells, Gaussian-smoothed by sigma pixels; the score is the map's mean (higher: more unusual).
 

@@ -2164,6 +2164,15 @@ def test_cut_metrics_line_and_tiny_test_split(tmp_path, capsys):
     assert s["prior_fingerprint"] == ckpt["prior_fingerprint"] == train._fingerprint(vq.load_prior(ckpt))
 
 
+def test_metrics_lines_that_are_no_record_are_left_out(tmp_path):
+    good = {"stage": "prior", "epoch": 3, "val_bits": 2.5}
+    lines = ["[1, 2]", "7", '{"stage": "vqvae"}', '{"stage": "both", "epoch": 1}', json.dumps(good), '{"sta']
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n\n")
+    with pytest.warns(UserWarning, match="no record") as said:
+        assert train._read_json_lines(tmp_path / "m.jsonl") == [good]
+    assert sorted(int(str(w.message).split("line ")[1].split(":")[0]) for w in said) == [1, 2, 3, 4, 6]
+
+
 def test_vqvae_resume_of_a_finished_run_keeps_its_prior_and_other_data_is_refused(tmp_path, capsys, monkeypatch):
     _train(tmp_path)
     before = json.loads((tmp_path / "summary.json").read_text())

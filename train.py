@@ -863,14 +863,17 @@ PRIOR_KEYS = ("prior_config", "prior", "prior_fingerprint", "surprise")  # model
 
 
 def _read_json_lines(path):
-    """The records of a .jsonl file; a line cut short (a kill, a full disk) is left out, with a warning."""
+    """The records of metrics.jsonl; a line cut short (a kill, a full disk) or no record is left out, with a warning."""
     records = []
     for k, line in enumerate(path.read_text().splitlines() if path.exists() else []):
         try:
-            records.append(json.loads(line))
+            r = json.loads(line)
+            if not isinstance(r, dict) or not isinstance(r.get("epoch"), int) or r.get("stage") not in ("vqvae", "prior"):
+                raise ValueError
+            records.append(r)
         except ValueError:
             if line.strip():
-                warnings.warn(f"{path}, line {k + 1}: not JSON (cut short?), left out", stacklevel=2)
+                warnings.warn(f"{path}, line {k + 1}: no record (cut short?), left out", stacklevel=2)
     return records
 
 

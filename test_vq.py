@@ -1118,6 +1118,23 @@ def test_two_level_cached_sampler_matches_naive(temperature, top):
     assert nats.item() > 0 and torch.isfinite(nats)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_extreme_temperatures(dtype):
+    # a tiny temperature is greedy: each code the argmax of the prior given the codes before it, whatever the
+    # noise (logits / T overflowed below about 1e-37, or 1e-6 in float16); an infinite one is uniform
+    model = small_prior(seed=2, **RICH).to(dtype)
+    pos = _position(model, 4).to(dtype)
+    for fn in (model.generate, model.generate_naive):
+        for t in (1e-6, 1e-40, 1e-300):
+            codes = fn(4, t, torch.Generator().manual_seed(1), position=pos)
+            assert torch.equal(codes, model(codes, pos).argmax(1))
+            assert torch.equal(codes, fn(4, t, torch.Generator().manual_seed(2), position=pos))
+    codes = model.generate(64, float("inf"), torch.Generator().manual_seed(3), position=pos.repeat(16))
+    counts = torch.bincount(codes.flatten(), minlength=model.config.n_codes).double()
+    expected = codes.numel() / model.config.n_codes
+    assert ((counts - expected) ** 2 / expected).sum() < 2 * model.config.n_codes  # chi-square, K - 1 dof
+
+
 @pytest.mark.parametrize("kind", [SMALL, RICH, TRANSPOSED, TIED], ids=["gated", "position", "transposed", "tied"])
 def test_cached_logits_match_forward(kind):
     model = small_prior(seed=3, **{**kind, "n_codes": 13, "height": 7, "width": 9, "prior_dilations": (1, 2, 4)})

@@ -1100,6 +1100,11 @@ def _gumbel(shape, generator, device, dtype=torch.float32):
     return -torch.log(-torch.log(u.clamp_(eps, 1 - eps)))
 
 
+def _draw(logits, temperature, g):
+    """argmax(logits / temperature + g), in a form that neither overflows at a tiny temperature nor loses inf."""
+    return (logits + temperature * g if temperature <= 1 else logits / temperature + g).argmax(-1)
+
+
 def gated_tanh(x, dim=1):
     """tanh of the first half of the channels times sigmoid of the second half."""
     a, b = x.chunk(2, dim=dim)
@@ -1342,7 +1347,7 @@ class PixelCNN(nn.Module):
                 for i in range(self.shape[0]):
                     for j in range(self.shape[1]):
                         logits = self._scan(self(codes, position, cond))[:, :, i, j]  # (n, K)
-                        drawn = (logits / temperature + g[:, i, j]).argmax(-1)
+                        drawn = _draw(logits, temperature, g[:, i, j])
                         scanned[:, i, j] = drawn if keep is None else torch.where(keep[1][:, i, j], drawn,
                                                                                   keep[0][:, i, j])
         finally:
@@ -1595,7 +1600,7 @@ class _SamplerState:
             logits = m._logits(x)  # (n, K)
             if self.logits is not None:
                 self.logits[:, :, j].index_copy_(1, self.i, logits[:, None])
-            drawn = (logits / self.temperature + g[:, j]).argmax(-1)
+            drawn = _draw(logits, self.temperature, g[:, j])
             self.row_codes[:, j] = drawn if self.keep is None else torch.where(redo[:, j], drawn, given[:, j])
         self.codes.index_copy_(1, self.i, self.row_codes[:, None])
         v = pos + m._embed(self.row_codes).transpose(1, 2)  # (n, C, w)

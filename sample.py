@@ -207,11 +207,17 @@ def generate(args):
     for i, im in enumerate(images):
         _save_nifti(dest / f"sample_{i:03d}.nii.gz", im[0].numpy())  # as stored: the input slices' orientation
     print(f"wrote {args.n} sample{'s' * (args.n > 1)} to {dest} (grid.png and sample_*.nii.gz)")
-    older = sorted(p.name for p in dest.iterdir() if (m := re.fullmatch(r"sample_(\d{3,})\.nii\.gz", p.name))
-                   and int(m[1]) >= args.n)  # left as they are: the folder may be the user's
-    if older:
-        print(f"note: {dest} also holds {len(older)} file(s) not of this draw ({older[0]}, ...): an earlier one's")
+    _note_older(dest, r"sample_\d{3,}\.nii\.gz", {f"sample_{i:03d}.nii.gz" for i in range(args.n)})
     return images
+
+
+def _note_older(dest, pattern, written):
+    """Say when dest holds outputs named like this run's that it did not write: left as they are (the folder may be
+    the user's), but they are not of this run."""
+    older = sorted((p.name for p in dest.iterdir() if re.fullmatch(pattern, p.name) and p.name not in written),
+                   key=vq._natural_key)
+    if older:
+        print(f"note: {dest} also holds {len(older)} file(s) not of this run ({older[0]}, ...): an earlier one's")
 
 
 def blind(args):
@@ -319,6 +325,9 @@ def reconstruct(args):
         save_png(dest / f"{name}.png", image_grid(torch.cat([x, r]), ncol=len(x), rot90=rot))
         print(f"{path}: ssim " + " ".join(f"{v:.4f}" for v in s.tolist()))
         results.append(s)
+    _note_older(dest, r"\d{3,}_.*(_reconstruction\.nii\.gz|\.png)",
+                {f"{i:03d}_{Path(p).name.split('.')[0]}{e}" for i, (p, _) in enumerate(inputs)
+                 for e in ("_reconstruction.nii.gz", ".png")})
     print(f"reconstructions (NNN_name_reconstruction.nii.gz) and input-over-reconstruction pictures in {dest}")
     return results
 
@@ -403,6 +412,8 @@ def surprise(args):
                       f"{entries[-1]['redrawn_codes']} codes redrawn")
     vq.save_json(dest / "surprise.json", {"threshold_bits": settings["threshold"], "sigma": settings["sigma"],
                                           "slices": entries})
+    _note_older(dest, r"\d{3,}_.*(_surprise\.nii\.gz|_healed\.nii\.gz|\.png)",
+                {f.strip() for e in entries for f in e["outputs"].split(",")})
     print(f"surprise maps, healed slices and surprise.json in {dest} (pictures: slice, healed, map in red over the slice)")
     return entries
 

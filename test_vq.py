@@ -1305,7 +1305,7 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     assert np.allclose(arr, images[2, 0].numpy())
     capsys.readouterr()
     sample.main(["--out", str(tmp_path), "--n", "2", "--seed", "7", "--dest", str(tmp_path / "b")])  # fewer
-    assert "also holds 1 file(s) not of this draw (sample_002.nii.gz" in capsys.readouterr().out
+    assert "also holds 1 file(s) not of this run (sample_002.nii.gz" in capsys.readouterr().out
     assert (tmp_path / "b" / "sample_002.nii.gz").exists()  # named, never removed: the folder may be the user's
 
     names = ["d1/a.nii.gz", "d1/a_2.nii.gz", "d2/a.nii.gz"]  # one name taken three ways (once hung the renaming)
@@ -1323,7 +1323,9 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     whole = sample.main(["--out", str(tmp_path), "--reconstruct", str(tmp_path / "d1"), str(tmp_path / names[2]),
                          "--dest", str(tmp_path / "r2")])  # a folder: its slice files, naturally sorted
     assert [v.item() for v in whole] == [v.item() for v in sims]
-    capsys.readouterr()
+    assert "also holds" not in capsys.readouterr().out
+    sample.main(["--out", str(tmp_path), "--reconstruct", str(tmp_path / names[0])])  # one input: two left over
+    assert "also holds 4 file(s) not of this run (001_a_2.png, ...)" in capsys.readouterr().out
     own = sample.main(["--out", str(tmp_path), "--reconstruct", str(folder), "--dest", str(tmp_path / "r3")])
     out = capsys.readouterr().out  # the samples' folder: its NIfTI samples, its grid.png named and left out
     assert len(own) == 3 and out.count("grid.png") == 1 and "skipped 1 PNG" in out
@@ -2529,3 +2531,7 @@ def test_surprise_maps_healed_slices_and_outputs(tmp_path, capsys, monkeypatch):
             arr = np.asanyarray(nib.load(str(dest / f"{name}_{kind}.nii.gz")).dataobj)
             assert arr.shape == shape and arr.dtype == np.float32 and arr.min() >= 0
         assert (dest / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "also holds" not in capsys.readouterr().out
+    sample.main(["--out", str(tmp_path), "--surprise", str(tmp_path / "d1")])  # fewer inputs: the old ones named
+    assert "also holds 3 file(s) not of this run (001_case_1_slice_3.png, ...)" in capsys.readouterr().out
+    assert [r["file"] for r in json.loads((dest / "surprise.json").read_text())["slices"]] == [str(files[0])]

@@ -1062,6 +1062,10 @@ def test_code_bits_are_each_codes_cross_entropy():
     assert vq.prior_bits(model, codes, pos)["per_code"] == pytest.approx(reference.mean().item(), rel=1e-5)
     th = vq.surprise_threshold(model, codes, pos, quantile=0.9)
     assert (bits > th).float().mean().item() == pytest.approx(0.1, abs=1 / bits.numel() + 1e-9)
+    with torch.no_grad():  # one number stands for every slice's position, as in sample_codes and surprise
+        at = -torch.log2(model(codes, torch.full((5,), 0.3)).softmax(1).gather(1, codes[:, None]))[:, 0]
+    assert torch.allclose(vq.code_bits(model, codes, 0.3, batch_size=2), at, atol=1e-4) and not torch.allclose(at, bits)
+    assert vq.prior_bits(model, codes, 0.3)["per_code"] == pytest.approx(at.mean().item(), rel=1e-5)
 
 
 def test_position_reaches_every_logit_only_through_the_condition():

@@ -1417,8 +1417,9 @@ def code_nats(logits, codes):
 @torch.no_grad()
 def _per_code(prior, codes, position, fn, batch_size=128):
     """fn(logits, codes) of each level, through one forward of prior without dropout (in _batched's batches):
-    a (N, h, w) tensor per level on the codes' device, as a tuple for two levels."""
+    a (N, h, w) tensor per level on the codes' device, as a tuple for two levels. position: (N,), a number or None."""
     levels, training = as_levels(codes), prior.training
+    position = None if position is None else torch.as_tensor(position, dtype=torch.float32).expand(len(levels[0]))
 
     def run(*part):  # the levels' codes, then the positions if given
         given, at = part[:len(levels)], part[len(levels)] if position is not None else None
@@ -1440,8 +1441,8 @@ def code_bits(prior, codes, position=None, batch_size=128):
 
 
 def prior_bits(prior, codes, position=None, batch_size=128):
-    """How well prior predicts code maps (N, h, w), or (top, bottom) pairs, with positions (N,) for
-    a positional prior: {"per_code": mean bits per code over all levels, "per_slice": bits per
+    """How well prior predicts code maps (N, h, w), or (top, bottom) pairs, with positions (N,) (or one
+    number) for a positional prior: {"per_code": mean bits per code over all levels, "per_slice": bits per
     slice, and with two levels "per_code_top", "per_code_bottom"}; in batches, without dropout."""
     bits = as_levels(code_bits(prior, codes, position, batch_size))
     sums = [b.double().sum().item() for b in bits]

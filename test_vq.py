@@ -552,6 +552,23 @@ def test_vqvae_shapes_and_gradient_reaches_encoder(levels):
             far = torch.cdist(top_book[codes[0]].flatten(0, -2), top_book).argmax(1).view_as(codes[0])
             other_top = (far, codes[1])
             assert (model.decode(other_top) - model.decode(codes)).abs().max() > 1e-5
+        for bad in ((3, 1, 64 + down * levels // 2, 32), (3, 1, 64, 36 if down == 8 else 30), (1, 64, 32), (2, 3, 64, 32)):
+            with pytest.raises(ValueError, match=f"multiples of {down * levels}"):
+                model(torch.rand(bad))  # a size the code maps cannot tile, or no channel axis: said, not a torch error
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+def test_inference_leaves_a_training_vqvae_as_it_was(rate):
+    torch.manual_seed(1)
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=32, rate=rate))
+    x = vq.phantom_slices(6, (32, 32), seed=4)
+    codes = model.encode(x[:1])  # a fresh model: no k-means from one slice, no EMA step, no rate scale
+    assert model.training and not model.quantizer.initialised and torch.equal(codes, model.encode(x[:1]))
+    model(x)  # a training step's forward: initialised, EMA and scale moved
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    codes = model.encode(x)
+    assert torch.equal(codes, model.encode(x)) and torch.equal(model.reconstruct(x), model.decode(codes))
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_losses_reach_what_they_should():
@@ -1238,6 +1255,13 @@ def test_bad_arguments():
                 fn(bad)
     with pytest.raises(ValueError):
         model(torch.zeros(2, SMALL["height"] + 1, SMALL["width"], dtype=torch.long))
+    with pytest.raises(ValueError, match=r"int >= 1, got np.int64\(2\) \(int64\)"):
+        model.generate(np.int64(2))
+    rich = small_prior(**RICH)
+    for bad in (float("nan"), 1.5, torch.tensor([0.3, -0.1])):
+        for fn in (rich.generate, rich.generate_naive):
+            with pytest.raises(ValueError, match=r"positions must be in \[0, 1\]"):
+                fn(2, position=bad)
 
 
 # ----------------------------------------------------------------------------- train.py and sample.py

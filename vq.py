@@ -947,14 +947,19 @@ def _require(config, positive, *checks):
 
 def _batched(fn, x, model, batch_size):
     """fn over x (a tensor, or a tuple of tensors split alike) in batches on the model's device, in
-    float32 (no autocast); its results (a tensor or a tuple) on x's device."""
+    float32 (no autocast), the model in eval mode (inference: no dropout, no codebook update) and left in the mode
+    it was in; its results (a tensor or a tuple) on x's device."""
     xs = x if isinstance(x, tuple) else (x,)
-    device, home = next(model.parameters()).device, xs[0].device
+    device, home, training = next(model.parameters()).device, xs[0].device, model.training
     outs = []
-    with torch.autocast(device.type, enabled=False):
-        for part in zip(*(t.split(batch_size) for t in xs)):
-            o = fn(*(t.to(device) for t in part))
-            outs.append(tuple(t.to(home) for t in o) if isinstance(o, tuple) else o.to(home))  # frees the device
+    try:
+        model.eval()
+        with torch.autocast(device.type, enabled=False):
+            for part in zip(*(t.split(batch_size) for t in xs)):
+                o = fn(*(t.to(device) for t in part))
+                outs.append(tuple(t.to(home) for t in o) if isinstance(o, tuple) else o.to(home))  # frees the device
+    finally:
+        model.train(training)
     return tuple(map(torch.cat, zip(*outs))) if isinstance(outs[0], tuple) else torch.cat(outs)
 
 
@@ -979,6 +984,9 @@ class VQVAE(nn.Module):
     def _quantize(self, x):
         """x (B, C, H, W) -> (the decoder's input, codes, commitment loss, stats); codes are (B, h, w), or
         (top (B, h/2, w/2), bottom (B, h, w)) with two levels."""
+        c, f = self.config, self.config.downsample * self.config.levels  # the top map halves once more
+        if x.dim() != 4 or x.shape[1] != c.in_channels or x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"x must be (B, {c.in_channels}, H, W), H and W multiples of {f}, got {tuple(x.shape)}")
         z = self.encoder(x)  # (B, D, h, w)
         if self.config.rate:
             # entropy-constrained codes: each chosen for its squared distance plus rate x its nats under the
@@ -1282,9 +1290,11 @@ class PixelCNN(nn.Module):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n}")
+            raise ValueError(f"n must be an int >= 1, got {n!r} ({type(n).__name__})")
         if self.config.positional and position is None:
             position = self.draw_positions(n, generator)
+        elif position is not None and not ((t := torch.as_tensor(position)) >= 0).all() & (t <= 1).all():
+            raise ValueError(f"positions must be in [0, 1], got {position}")
         g = _gumbel((n, *self.shape, self.config.n_codes), generator, self.pos.device, self.pos.dtype)
         if keep is not None:  # (codes, redo) in scan order on g's device
             shape = (n, self.config.height, self.config.width)
@@ -1418,18 +1428,14 @@ def code_nats(logits, codes):
 def _per_code(prior, codes, position, fn, batch_size=128):
     """fn(logits, codes) of each level, through one forward of prior without dropout (in _batched's batches):
     a (N, h, w) tensor per level on the codes' device, as a tuple for two levels. position: (N,), a number or None."""
-    levels, training = as_levels(codes), prior.training
+    levels = as_levels(codes)
     position = None if position is None else torch.as_tensor(position, dtype=torch.float32).expand(len(levels[0]))
 
     def run(*part):  # the levels' codes, then the positions if given
         given, at = part[:len(levels)], part[len(levels)] if position is not None else None
         logits = as_levels(prior(given if isinstance(codes, tuple) else given[0], at))
         return tuple(fn(lg.float(), c) for lg, c in zip(logits, given))
-    prior.eval()
-    try:
-        out = _batched(run, levels + (() if position is None else (position,)), prior, batch_size)
-    finally:
-        prior.train(training)
+    out = _batched(run, levels + (() if position is None else (position,)), prior, batch_size)
     return out if isinstance(codes, tuple) else out[0]
 
 
@@ -1520,7 +1526,8 @@ def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, te
 @torch.no_grad()
 def sample_codes(prior, n, temperature=1.0, generator=None, position=None, batch_size=64):
     """n code maps (n, h, w), or (top, bottom) pairs, drawn by prior batch_size at a time (so the noise of a big
-    n never sits in memory at once), on position's device (the CPU). position: None, a number, or (n,) positions."""
+    n never sits in memory at once), on position's device (the CPU). position: None, a number, or (n,) positions.
+    The noise and positions are drawn batch by batch, so the samples of a seed depend on batch_size too."""
     where = torch.as_tensor(math.nan if position is None else position, dtype=torch.float32).expand(n)
     return _batched(lambda p: prior.generate(len(p), temperature, generator, None if position is None else p),
                     where, prior, batch_size)

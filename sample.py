@@ -12,6 +12,8 @@
 
 import argparse
 import contextlib
+import dataclasses
+import itertools
 import json
 import math
 import re
@@ -81,7 +83,7 @@ def parse_args(argv=None):
                    "averaged over this many draws and critics (its spread on one model is about 0.02 a draw)")
     p.add_argument("--judge", metavar="PATH", help="with --evaluate: a model.pt whose prior learnt this model's "
                    "codes in the other scan order (train.py --stage prior --prior_transpose true --overwrite in a "
-                   "copy of OUT); reports the bits it gives samples beyond their own (judge_excess_bits_*)")
+                   "copy of OUT, with the --prior_layers it asks for); reports the bits it gives samples beyond their own (judge_excess_bits_*)")
     p.add_argument("--bench", action="store_true", help="time the cached sampler against the naive one")
     p.add_argument("--blind", metavar="RUN", help="--n samples of OUT and as many of RUN (another training output "
                    "folder, or 'test' / 'train': OUT's reconstructions of random slices of that split; a folder so "
@@ -177,8 +179,12 @@ def _judge(args, ckpt, prior, device):
     """The prior of --judge's model.pt: one of this VQ-VAE's codes, scanning them in the other order."""
     judge_ckpt = vq.load_checkpoint(args.judge)
     if "prior" not in judge_ckpt or judge_ckpt.get("vqvae_fingerprint") != ckpt.get("vqvae_fingerprint"):
+        flip = dataclasses.replace(prior.config, prior_transpose=not prior.config.prior_transpose)
+        layers = next(n for n in itertools.count(flip.prior_layers)  # as deep as that scan needs
+                      if not dataclasses.replace(flip, prior_layers=n).blind_spot())
         raise UsageError(f"--judge {args.judge} holds no prior of this VQ-VAE's codes: train one in a copy COPY of "
-                         f"{args.out}: {_prior_command('COPY')} --overwrite --prior_transpose true")
+                         f"{args.out}: {_prior_command('COPY')} --overwrite --prior_transpose "
+                         f"{str(flip.prior_transpose).lower()} --prior_layers {layers}")
     judge = vq.load_prior(judge_ckpt).to(device)
     if not isinstance(prior, vq.PixelCNN) or not isinstance(judge, vq.PixelCNN):
         raise UsageError("--judge takes one-level priors only")

@@ -1456,6 +1456,10 @@ def test_judge_scores_samples_by_a_prior_of_the_other_scan_order(tmp_path, capsy
             sample.main(["--out", str(run), "--judge", str(run / "model.pt"), *argv])
         err = capsys.readouterr().err
         assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, (argv, err)
+    # the command it gives trains: HipMRI's 64 x 32 map read column by column needs 11 layers, not the default 10
+    hip = vq.PixelCNN(PriorConfig(n_codes=8, height=64, width=32, prior_channels=8, prior_layers=10))
+    with pytest.raises(sample.UsageError, match="--prior_transpose true --prior_layers 11$"):
+        sample._judge(types.SimpleNamespace(judge=tmp_path / "stranger.pt", out="out"), {}, hip, "cpu")
 
 
 def test_blind_comparison_shuffles_two_sources_and_keys_them(tmp_path, capsys):

@@ -858,6 +858,19 @@ def test_truncated_checkpoint_gives_clear_error(tmp_path):
         vq.load_checkpoint(tmp_path / "cut.pt")
     with pytest.raises(vq.CheckpointError, match="no checkpoint"):
         vq.load_checkpoint(tmp_path / "missing.pt")
+    if not torch.cuda.is_available():  # a GPU checkpoint path on a CPU machine: not called corrupt
+        with pytest.raises(vq.CheckpointError, match="not a readable checkpoint: Attempting to deserialize"):
+            vq.load_checkpoint(tmp_path / "m.pt", map_location="cuda")
+    torch.save(torch.randn(3), tmp_path / "tensor.pt")  # torch.save of something else: said so, not an AttributeError
+    for load in (vq.load_checkpoint, vq.load_prior, vq.VQVAE.from_checkpoint):
+        with pytest.raises(vq.CheckpointError, match="holds a Tensor, not a checkpoint"):
+            load(tmp_path / "tensor.pt")
+    ckpt = {"vqvae_config": asdict(model.config), "vqvae": dict(model.state_dict(), extra=torch.ones(2))}
+    with pytest.raises(vq.CheckpointError, match='does not fit .*Unexpected key.*"extra"'):  # the key named
+        vq.VQVAE.from_checkpoint(ckpt)
+    with pytest.raises(OSError) as e:  # a folder that is not there: the file named, not a temporary one
+        vq.save_json(tmp_path / "gone" / "s.json", {"a": 1})
+    assert e.value.errno == errno.ENOENT and e.value.filename == str(tmp_path / "gone" / "s.json")
 
 
 # ----------------------------------------------------------------------------- prior

@@ -303,8 +303,9 @@ def _cache_file(files, size, cache_dir):
 
 def _atomic_write(path, write):
     """Write via a temporary file and os.replace, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
         mask = os.umask(0)  # the only way to read the umask is to set it
@@ -312,7 +313,8 @@ def _atomic_write(path, write):
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would hide the file from colleagues
         os.replace(tmp, path)
     except BaseException as e:
-        os.unlink(tmp)
+        if tmp:
+            os.unlink(tmp)
         why = e if isinstance(e, OSError) else e.__context__  # torch.save wraps a failed write in a RuntimeError
         if isinstance(why, OSError):  # a full disk: one OSError naming the file, whoever wrote it
             raise OSError(why.errno, why.strerror, str(path)) from None
@@ -1647,12 +1649,16 @@ def load_checkpoint(path, map_location="cpu"):
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types; the user needs one line either way
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise CheckpointError(f"{path} is not a safe checkpoint (it asks to run code): refused") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {first}") from None
+        why = "" if "device" in first else " (truncated or corrupt?)"  # map_location="cuda" on a machine without
+        raise CheckpointError(f"{path} is not a readable checkpoint{why}: {first}") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint (a dict of models and data)")
+    return ckpt
 
 
 def _as_checkpoint(path_or_ckpt, map_location):
@@ -1671,6 +1677,7 @@ def _build(make, ckpt, name):
         model = make(ckpt[f"{name}_config"])
         model.load_state_dict(ckpt[name])
     except (ValueError, RuntimeError) as e:  # a checkpoint from another version of this file
-        raise CheckpointError(f"the checkpoint's {name} does not fit this vq.py ({str(e).strip().splitlines()[0]}):"
-                              " train it again with this version") from None
+        why = " ".join(str(e).split())[:240]  # load_state_dict's first line names no key: its second does
+        raise CheckpointError(f"the checkpoint's {name} does not fit this vq.py ({why}): train it again with this "
+                              "version") from None
     return model.eval()

@@ -517,6 +517,11 @@ def test_psnr():
     x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     y = x + 0.1
     assert torch.allclose(vq.psnr(x, y), torch.full((2,), 20.0), atol=1e-3)
+    y = x + torch.tensor([0.1, 0.01])[:, None, None, None]  # per image: 20 and 40 dB, one value each for (H, W)
+    assert torch.allclose(vq.psnr(x, y), torch.tensor([20.0, 40.0]), atol=1e-3)
+    assert torch.allclose(vq.psnr(x[0, 0], y[0, 0]), torch.tensor([20.0]), atol=1e-3)  # one (H, W) image, as ssim
+    with pytest.raises(ValueError, match="equal shapes"):
+        vq.psnr(x, y[:, 0])  # would broadcast to the wrong figures
 
 
 # ----------------------------------------------------------------------------- quantizer and VQ-VAE
@@ -1092,6 +1097,8 @@ def test_code_bits_are_each_codes_cross_entropy():
     assert vq.prior_bits(model, codes, pos)["per_code"] == pytest.approx(reference.mean().item(), rel=1e-5)
     th = vq.surprise_threshold(model, codes, pos, quantile=0.9)
     assert (bits > th).float().mean().item() == pytest.approx(0.1, abs=1 / bits.numel() + 1e-9)
+    with pytest.raises(ValueError, match="a fraction, not a percentage"):
+        vq.surprise_threshold(model, codes, pos, quantile=99.5)
     with torch.no_grad():  # one number stands for every slice's position, as in sample_codes and surprise
         at = -torch.log2(model(codes, torch.full((5,), 0.3)).softmax(1).gather(1, codes[:, None]))[:, 0]
     assert torch.allclose(vq.code_bits(model, codes, 0.3, batch_size=2), at, atol=1e-4) and not torch.allclose(at, bits)

@@ -690,8 +690,10 @@ def ssim(x, y, data_range=1.0, foreground=None):
 
 
 def psnr(x, y, data_range=1.0):
-    """Peak signal-to-noise ratio in dB per image; (B,) float32."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    """Peak signal-to-noise ratio in dB per image, (B,) float32; x, y as for ssim."""
+    if x.shape != y.shape:
+        raise ValueError(f"psnr needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+    mse = (x.float() - y.float()).pow(2).reshape(-1, x.shape[-2] * x.shape[-1]).mean(1)  # per (H, W) image
     return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-10))
 
 
@@ -1485,6 +1487,8 @@ SURPRISE_SIGMA = 2.0  # pixels: the light Gaussian smoothing of a surprise map
 def surprise_threshold(prior, codes, position=None, quantile=SURPRISE_QUANTILE):
     """The bits above which a code counts as surprising: a quantile of the bits of normal code maps
     (validation codes, all levels pooled), as saved with the prior in a checkpoint's "surprise"."""
+    if not 0 <= quantile <= 1:
+        raise ValueError(f"quantile must be in [0, 1] (a fraction, not a percentage), got {quantile}")
     bits = torch.cat([b.flatten() for b in as_levels(code_bits(prior, codes, position))])
     k = min(len(bits) - 1, max(0, round(quantile * (len(bits) - 1))))
     return bits.double().sort().values[k].item()  # torch.quantile refuses more than 16M values

@@ -149,6 +149,10 @@ def test_nothing_readable_and_missing_folder(tmp_path):
     (tmp_path / "keras_slices_seg_train").mkdir()
     with pytest.raises(DataError, match="label folder"):
         load_slices(tmp_path / "keras_slices_seg_train", cache_dir=False)
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((7, 9), dtype=np.float32), np.eye(4)), tmp_path / "a.nii")
+    for bad in (64, (0, 64), (64,), (64, -3)):  # the size named, not each file skipped for a ZeroDivisionError
+        with pytest.raises(ValueError, match=r"size must be \(H, W\), each at least 1"):
+            load_slices(tmp_path / "a.nii", bad, cache_dir=False)
 
 
 def test_png_slices(tmp_path, monkeypatch):
@@ -501,8 +505,9 @@ def test_blur_matches_convolution():
     gen = torch.Generator().manual_seed(3)
     for shape, sigma in [((2, 1, 13, 29), 1.5), ((3, 2, 40, 17), 2.0), ((1, 1, 11, 11), 0.7)]:
         x = torch.rand(shape, generator=gen, dtype=torch.float64)
-        g = vq._gaussian_window(sigma, dtype=torch.float64)
-        k, r = len(g), len(g) // 2
+        r = int(3.5 * sigma + 0.5)  # scipy's and scikit-image's window: truncate 3.5
+        g = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / sigma) ** 2)
+        g, k = g / g.sum(), 2 * r + 1
         flat = x.reshape(-1, 1, *shape[-2:])
         for valid, pad in ((True, 0), (False, r)):
             if valid and min(shape[-2:]) < k:

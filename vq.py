@@ -382,8 +382,9 @@ def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, 
     names like case_004_week_0_slice_Z; k / (n - 1) for image k of an n-slice file), or None without slice
     numbers}.
     """
-    files, where = _resolve(files_or_folder)
-    size = (int(size[0]), int(size[1]))
+    if not (isinstance(size, (tuple, list)) and len(size) == 2 and min(size) >= 1):
+        raise ValueError(f"size must be (H, W), each at least 1, got {size}")
+    files, where, size = *_resolve(files_or_folder), (int(size[0]), int(size[1]))
     path = _cache_file(files, size, cache_dir)
     hit = _read_cache(path) if path else None
     arr, meta = hit if hit else _decode_all(files, size, strict, workers)
@@ -634,21 +635,15 @@ def load_splits(settings, strict=False, files=None):
 # ----------------------------------------------------------------------------- metrics
 
 
-def _gaussian_window(sigma=1.5, truncate=3.5, device=None, dtype=torch.float32):
-    radius = int(truncate * sigma + 0.5)  # scikit-image's rule: radius 5, window 11 for sigma 1.5
-    x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
-    g = torch.exp(-0.5 * (x / sigma) ** 2)
-    return g / g.sum()
-
-
 def _blur(t, sigma=1.5, valid=False):
     """Gaussian blur of the last two axes of t: the 'valid' outputs only, else all with zero padding; sigma 0
     leaves t as it is. Two matmuls with banded matrices: on a CPU 5 to 20 times faster than one-channel
     convolutions, forward and backward."""
     if not sigma:
         return t
-    g = _gaussian_window(sigma, device=t.device, dtype=t.dtype)
-    k = len(g)
+    radius = int(3.5 * sigma + 0.5)  # scikit-image's rule (truncate 3.5): radius 5, window 11 for sigma 1.5
+    g = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=t.device, dtype=t.dtype) / sigma) ** 2)
+    g, k = g / g.sum(), len(g)
 
     def band(n):  # (m, n): output i weighs input j by g[j - i (+ k // 2 with padding)], 0 off the window
         m = n - k + 1 if valid else n
@@ -705,10 +700,8 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1),
-            nn.ReLU(), nn.Conv2d(channels, channels, 1),
-        )
+        C = channels
+        self.net = nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, 3, padding=1), nn.ReLU(), nn.Conv2d(C, C, 1))
 
     def forward(self, x):
         return x + self.net(x)
@@ -744,11 +737,9 @@ class Decoder(nn.Module):
         n = int(math.log2(downsample))  # 4 or 8 (VQVAEConfig), 2 for a top level
         layers = [nn.Conv2d(code_dim, channels, 3, padding=1)]
         layers += [ResBlock(channels) for _ in range(n_res_blocks)]
-        c = channels
-        for i in range(n):
-            w = out_channels if i == n - 1 else c // 2
-            layers += [nn.ReLU(), nn.ConvTranspose2d(c, w, 4, stride=2, padding=1)]
-            c = w
+        for i in range(n):  # halve the width as the resolution doubles, to out_channels at the end
+            w = out_channels if i == n - 1 else channels // 2 ** (i + 1)
+            layers += [nn.ReLU(), nn.ConvTranspose2d(channels // 2 ** i, w, 4, stride=2, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):

@@ -1822,6 +1822,11 @@ def test_two_stage_commands_keep_summary_and_model_in_agreement(tmp_path, capsys
     assert "prior" in ckpt and s["vqvae_fingerprint"] == ckpt["vqvae_fingerprint"]
     assert [json.loads(r)["stage"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == \
         ["vqvae"] * 2 + ["prior"] * 2
+    _train(tmp_path, "--stage", "vqvae", "--overwrite")  # the same VQ-VAE again (a CPU repeats it): its prior stays
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert "prior" in ckpt and ckpt["vqvae_fingerprint"] == s["vqvae_fingerprint"]  # and the prior's lines with it
+    assert sorted(json.loads(r)["stage"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()) == \
+        ["prior"] * 2 + ["vqvae"] * 2
     _train(tmp_path, "--stage", "vqvae", "--overwrite", "--seed", "1")  # a new VQ-VAE: model.pt has no prior
     s = json.loads((tmp_path / "summary.json").read_text())
     assert "prior" not in torch.load(tmp_path / "model.pt", weights_only=True)

@@ -1007,8 +1007,8 @@ def _stages(run, files):
             vq.save_json(summary_path, summary)
 
     if "vqvae" in stages:
-        if not args.resume:
-            _trim_metrics(run, lambda r: False)
+        if not args.resume:  # a prior this run does not retrain stays, with its lines, if the codes come out the same
+            _trim_metrics(run, lambda r: r["stage"] == "prior" and "prior" not in stages)
         vqvae, trainer = train_vqvae(run, data)
         summary = {**common, **evaluate_vqvae(run, vqvae, data, trainer)}
         # the final model file: best weights by validation, plain configs; the prior only if its VQ-VAE is this one

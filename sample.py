@@ -552,7 +552,7 @@ def two_sample_score(real_fit, fake_fit, real_test, fake_test, seed=0, steps=100
     return sum(parts) / 2, parts
 
 
-def nearest_ssim(x, pool, shortlist=8):
+def nearest_ssim(x, pool, shortlist=32):
     """For each slice of x, its highest SSIM against the slices of pool, searched among the
     `shortlist` nearest in L2 on 4x-reduced images (an exact SSIM search would cost len(x) * len(pool))."""
     small = lambda t: F.avg_pool2d(t.float(), 4).flatten(1)  # noqa: E731
@@ -579,6 +579,11 @@ def pair_ssim(x, pairs=256, seed=0):
     return vq.ssim(x[i], x[j]).mean().item()
 
 
+def _draw_seed(seed, r):
+    """The seed of draw r of a report seeded by seed: seed itself for r = 0, else far from every other seed's."""
+    return seed if r == 0 else (seed + r * 0x9E3779B97F4A7C15) % 2 ** 63
+
+
 FIT = 1000  # training slices (evenly spread: the first would be a few cases') a critic learns from
 
 
@@ -593,8 +598,9 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
     position: the test slices' positions (N,), for a positional prior; rot90 as the data's settings say, so the
     critic mirrors along the body's left-right axis. With fewer than 8 test or training slices the two-sample
     scores are left out (None), with a line saying so. repeats > 1: the samples' two-sample score is
-    the mean over that many draws, each with its own critic (seeds seed, seed + 1, ...; the first is
-    the draw the other figures use), listed in "two_sample_samples_runs" and "two_sample_prior_runs".
+    the mean over that many draws, each with its own critic (the first seeded by seed, the draw the other figures
+    use; draw r by _draw_seed(seed, r), so two seeds share no draw), listed in "two_sample_samples_runs" and
+    "two_sample_prior_runs".
     judge: a prior of the same codes in the other scan order, for judge_report's figures."""
     n, fit = len(test), train[torch.linspace(0, len(train) - 1, min(FIT, len(train))).round().long()]  # all cases
     g = torch.Generator(device).manual_seed(seed)
@@ -609,12 +615,12 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
             report.update(two_sample_recon_floor=floor, two_sample_recon_floor_parts=parts)
             runs, prior_runs = [], []  # (score, parts) of each draw, each with its own critics
             for r in range(repeats):
-                gr = g if r == 0 else torch.Generator(device).manual_seed(seed + r)
+                sr = _draw_seed(seed, r)
+                gr = g if r == 0 else torch.Generator(device).manual_seed(sr)
                 draw = samples if r == 0 else vq.sample_slices(vqvae, prior, n, temperature, gr)
                 fakes = vq.sample_slices(vqvae, prior, len(fit), temperature, gr)  # the critics' own, never scored
-                runs.append(two_sample_score(fit, fakes, test, draw, seed + r, device=device, flip_dim=flip))
-                prior_runs.append(two_sample_score(fit_recon, fakes, recon, draw, seed + r, device=device,
-                                                   flip_dim=flip))
+                runs.append(two_sample_score(fit, fakes, test, draw, sr, device=device, flip_dim=flip))
+                prior_runs.append(two_sample_score(fit_recon, fakes, recon, draw, sr, device=device, flip_dim=flip))
         report.update(two_sample_samples=sum(s for s, _ in runs) / repeats, two_sample_samples_parts=runs[0][1],
                       two_sample_prior=sum(s for s, _ in prior_runs) / repeats,
                       two_sample_prior_parts=prior_runs[0][1])
@@ -624,11 +630,12 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
     else:
         log(f"realism: {n} test and {len(fit)} training slices are too few for the two-sample scores (8 of each "
             "needed); left out")
-    near_samples, near_real = nearest_ssim(samples, train), nearest_ssim(test, train)
+    near_samples, near_recon = nearest_ssim(samples, train), nearest_ssim(recon, train)  # both decoded
     report.update({
         "nearest_train_ssim_samples": near_samples.median().item(),
-        "nearest_train_ssim_real": near_real.median().item(),
-        "copies": (near_samples > near_real.max()).float().mean().item(),
+        "nearest_train_ssim_real": nearest_ssim(test, train).median().item(),
+        "nearest_train_ssim_recon": near_recon.median().item(),  # the decoder's smoothing alone raises it
+        "copies": (near_samples > near_recon.max()).float().mean().item(),
         "diversity_samples": pair_ssim(samples, seed=seed), "diversity_real": pair_ssim(test, seed=seed),
         "diversity_recon": pair_ssim(recon, seed=seed),  # the decoder's own smoothing raises it above real
         **{f"teacher_forced_{k}": v for k, v in vq.teacher_forced(
@@ -644,7 +651,8 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
                   f"{report['two_sample_recon_floor']:.3f}; samples against reconstructions "
                   f"{report['two_sample_prior']:.3f}) | ")
     log(f"realism | {scores}nearest training slice ssim {report['nearest_train_ssim_samples']:.3f} (real test "
-        f"slices {report['nearest_train_ssim_real']:.3f}; copies {report['copies']:.1%}) | pair ssim "
+        f"slices {report['nearest_train_ssim_real']:.3f}, reconstructed {report['nearest_train_ssim_recon']:.3f}; "
+        f"copies {report['copies']:.1%}) | pair ssim "
         f"{_f(report['diversity_samples'])} (real {_f(report['diversity_real'])}, reconstructions "
         f"{_f(report['diversity_recon'])}) | teacher-forced redraw: "
         f"{report['teacher_forced_changed']:.1%} of codes changed, ssim to the reconstruction "
@@ -711,25 +719,29 @@ def draw_lesions(x, seed=0, share=0.5):
 
 
 def auroc(score, label):
-    """Area under the ROC curve of score for the boolean labels (ties count half)."""
+    """Area under the ROC curve of score for the boolean labels (ties count half); None without both classes."""
     score, label = score.double().flatten(), label.flatten().bool()
+    if not 0 < label.sum() < len(label):
+        return None
     ranks = torch.empty_like(score)
     ranks[score.argsort()] = torch.arange(1, len(score) + 1, dtype=torch.float64)
     for v in score.unique()[torch.unique(score, return_counts=True)[1] > 1]:  # average ranks of ties
         ranks[score == v] = ranks[score == v].mean()
     p, n = label.sum().item(), (~label).sum().item()
-    return (ranks[label].sum().item() - p * (p + 1) / 2) / max(1, p * n)
+    return (ranks[label].sum().item() - p * (p + 1) / 2) / (p * n)
 
 
 def precision_recall(score, label):
     """(average precision, best Dice over thresholds) of a pixel score against a boolean mask; tied scores are
-    one threshold (a map is 0 in most pixels), as in scikit-learn."""
+    one threshold (a map is 0 in most pixels), as in scikit-learn; (None, None) for a mask with no pixel."""
+    if not label.any():
+        return None, None
     score = score.flatten().double()
     order = score.argsort(descending=True)
     hit = label.flatten()[order].double()
     tp, k = hit.cumsum(0), torch.arange(1, len(hit) + 1, dtype=torch.float64)
     last = torch.cat([score[order].diff() != 0, torch.tensor([True])])  # a run of ties ends: a threshold
-    tp, k, total = tp[last], k[last], hit.sum().clamp_min(1)
+    tp, k, total = tp[last], k[last], hit.sum()
     ap = (tp.diff(prepend=tp.new_zeros(1)) * tp / k).sum() / total
     return ap.item(), (2 * tp / (k + total)).max().item()
 
@@ -750,7 +762,7 @@ def lesion_report(vqvae, prior, x, position, surprise, seed=0, log=print):
               for r in vq.as_levels(s["redo"])) / sum(r[0].numel() for r in vq.as_levels(s["redo"]))}
     for name, m in (("surprise", s["map"]), ("residual", residual), ("intensity", xl)):
         score = s["score"] if name == "surprise" else m.flatten(1).mean(1)
-        report[f"lesion_{name}_auroc"] = auroc(score, has) if 0 < has.sum() < len(has) else None
+        report[f"lesion_{name}_auroc"] = auroc(score, has)
         report[f"lesion_{name}_auprc"], report[f"lesion_{name}_dice"] = precision_recall(m, masks)
         for tag, sg in (("bright", 1), ("dark", -1)):  # slices with a lesion of this sign, and those with none
             keep = (sign == sg) | ~has

@@ -1400,7 +1400,8 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     assert prior_runs[0] == report["two_sample_prior"]
     (real, recon_fit, test, recon, _), *critics = seen  # the floor (fit on reconstructions), then two per draw
     draws, priors = critics[::2], critics[1::2]  # real against samples, then reconstructions against the same
-    assert [c[-1] for c in draws] == [c[-1] for c in priors] == [3, 4, 5] and not torch.equal(recon, draws[0][3])
+    assert [c[-1] for c in draws] == [c[-1] for c in priors] and draws[0][-1] == 3 and not torch.equal(recon, draws[0][3])
+    assert len({c[-1] for c in draws}) == 3 and not {c[-1] for c in draws} & {sample._draw_seed(4, r) for r in range(3)}
     scored = [d[3] for d in draws]
     assert not torch.equal(scored[0], scored[1]) and not torch.equal(scored[1], scored[2])
     assert all(not torch.equal(d[1][: len(d[3])], d[3]) for d in draws)  # the critic never trains on what it scores
@@ -2087,6 +2088,18 @@ def test_realism_report_sanity():
 
 
 
+def test_unigram_baseline_is_the_test_codes_under_the_training_frequencies():
+    g = torch.Generator().manual_seed(0)
+    train_c, test_c = torch.randint(0, 5, (6, 3, 4), generator=g), torch.randint(0, 7, (4, 3, 4), generator=g)
+    counts = np.bincount(train_c.flatten().numpy(), minlength=7) + 1  # codes 5, 6 unseen in training: finite
+    want = -np.mean([math.log2(counts[c] / counts.sum()) for c in test_c.flatten().tolist()])
+    assert train._unigram_bits(train_c, test_c, 7) == pytest.approx(want)
+    top = (torch.randint(0, 7, (6, 1, 2), generator=g), torch.randint(0, 7, (4, 1, 2), generator=g))
+    both = train._unigram_bits((top[0], train_c), (top[1], test_c), 7)  # each level under its own frequencies
+    top_bits = train._unigram_bits(top[0], top[1], 7)
+    assert both == pytest.approx((top_bits * 8 + want * 48) / 56)
+
+
 def test_the_critics_learn_from_training_slices_spread_over_every_case(monkeypatch):
     # training slices come sorted by case: the first FIT would be a few patients' (HipMRI: 11,460 slices)
     monkeypatch.setattr(sample, "FIT", 10)
@@ -2094,8 +2107,10 @@ def test_the_critics_learn_from_training_slices_spread_over_every_case(monkeypat
     monkeypatch.setattr(sample, "two_sample_score", lambda fit, *a, **k: (fits.append(fit), (0.5, (0.5, 0.5)))[1])
     vqvae = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=7)).eval()
     prior = vq.PixelCNN(PriorConfig(**{**SMALL, "height": 8, "width": 8, "prior_layers": 6})).eval()
-    train_x = torch.rand(37, 1, 32, 32, generator=torch.Generator().manual_seed(1))
-    sample.realism_report(vqvae, prior, torch.rand(9, 1, 32, 32), train_x, log=lambda line: None)
+    train_x, test_x = torch.rand(46, 1, 32, 32, generator=torch.Generator().manual_seed(1)).split([37, 9])
+    report = sample.realism_report(vqvae, prior, test_x, train_x, log=lambda line: None)
+    near = [vq.ssim(r.expand_as(train_x), train_x).max().item() for r in vqvae.reconstruct(test_x)]  # all 37
+    assert report["nearest_train_ssim_recon"] == pytest.approx(float(np.median(near)), abs=1e-6)  # decoded, as samples
     rows = [next(i for i in range(37) if torch.equal(train_x[i], f)) for f in fits[0]]  # the floor's critic
     assert len(rows) == 10 and rows[0] == 0 and rows[-1] == 36 and np.diff(rows).min() >= 3, rows
 
@@ -2117,6 +2132,9 @@ def test_auroc_and_precision_recall_against_their_definitions_with_ties():
             ap += (tp / label.sum().item() - recall_before) * tp / said.sum().item()
             recall_before, dice = tp / label.sum().item(), max(dice, 2 * tp / (said.sum().item() + label.sum().item()))
         assert sample.precision_recall(score.view(1, -1), label.view(1, -1)) == pytest.approx((ap, dice)), trial
+    none = torch.zeros(9, dtype=torch.bool)  # one class only: undefined, not a score of 0 (read as the worst)
+    assert sample.auroc(score[:9], none) is None and sample.auroc(score[:9], ~none) is None
+    assert sample.precision_recall(score[:9], none) == (None, None)
 
 
 def test_two_sample_critic_learning_rate_decays_to_zero(monkeypatch):

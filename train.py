@@ -654,16 +654,24 @@ def _config(config_cls, args, **derived):
 
 
 def _code_stats(codes, n_codes):
-    """Usage, perplexity and unigram bits per code of code maps; with two levels, usage and perplexity per
-    level ("_top" for the top map) and "bits" over both."""
-    stats, bits, total = {}, 0.0, sum(c[0].numel() for c in vq.as_levels(codes))
+    """Usage and perplexity of code maps; with two levels, per level ("_top" for the top map)."""
+    stats = {}
     for suffix, c in zip(("_top", "") if isinstance(codes, tuple) else ("",), vq.as_levels(codes)):
         p = torch.bincount(c.flatten(), minlength=n_codes).double()
         p = p[p > 0] / p.sum()
         entropy = max(0.0, -(p * p.log2()).sum().item())  # no -0.0 when one code is used
         stats.update({f"usage{suffix}": len(p) / n_codes, f"perplexity{suffix}": 2 ** entropy})
-        bits += entropy * (c[0].numel() / total)
-    return {**stats, "bits": bits}
+    return stats
+
+
+def _unigram_bits(train, test, n_codes):
+    """The prior's baseline: the test codes' mean bits under the training codes' frequencies (add-one, so a code
+    unseen in training costs finite bits), each level under its own."""
+    bits = 0.0
+    for a, b in zip(vq.as_levels(train), vq.as_levels(test)):
+        p = torch.bincount(a.flatten(), minlength=n_codes).double() + 1
+        bits -= (p / p.sum()).log2()[b.flatten()].sum().item()
+    return bits / sum(b.numel() for b in vq.as_levels(test))
 
 
 def train_vqvae(run, data):
@@ -700,7 +708,7 @@ def train_vqvae(run, data):
         return {"val_ssim": vq.ssim(val_x, r).mean().item(),
                 "val_ssim_body": vq.ssim(val_x, r, foreground=0.1).nanmean().item(),
                 "val_psnr": vq.psnr(val_x, r).mean().item(),
-                **{f"val_{k}": v for k, v in codes.items() if k.startswith(("usage", "perplexity"))}}
+                **{f"val_{k}": v for k, v in codes.items()}}
 
     trainer = Trainer(run, "vqvae", model, step_fn, len(train_x), args.batch_size, args.epochs, args.lr,
                       validate, better=lambda a, b: a["val_ssim"] > b["val_ssim"],
@@ -822,7 +830,7 @@ def train_prior(run, data, vqvae, fingerprint):
     return prior, {"prior_fingerprint": _fingerprint(prior),
         "prior_bits_per_code": test_bits["per_code"], "prior_bits_per_slice": test_bits["per_slice"],
         **{f"prior_bits_{k}": v for k, v in test_bits.items() if k.endswith(("_top", "_bottom"))},
-        "unigram_bits_per_code": _code_stats(codes["train"], shared["n_codes"])["bits"],
+        "unigram_bits_per_code": _unigram_bits(codes["train"], codes["test"], shared["n_codes"]),
         "prior_val_bits_best": trainer.best["val_bits"] if trainer.best else None,
         "seconds_prior": round(trainer.seconds, 1), "epochs_prior": trainer.epoch, "prior_seed": seed,
     }, {"prior_config": saved_cfg, "prior": prior.state_dict(), "surprise": surprise}

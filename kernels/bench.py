@@ -191,12 +191,11 @@ def gpu_table(shapes, device, timer, bandwidth, report, json_path=None, paths=GP
                 precision, variant, fn = PATHS[path]
                 row = {"N": N, "K": K, "D": D, "inputs": inputs, "path": path, "precision": precision,
                        "variant": variant, "floor_us": floor, "fell_back": None}
-                failed = set(nc._COMPILE_FAILED)
+                key = nc._compile_key(z, c, precision, variant)
                 try:
                     out = fn(z, c, c_sq)  # warm-up: compilation and autotuning
-                    new = set(nc._COMPILE_FAILED) - failed
-                    if new:  # the kernel did not compile and nearest_code took the torch path: not timed
-                        row["fell_back"] = nc._COMPILE_FAILED[new.pop()]
+                    if path.startswith("triton") and key in nc._COMPILE_FAILED:  # now or at an earlier row
+                        row["fell_back"] = nc._COMPILE_FAILED[key]  # nearest_code took the torch path: not timed
                     else:
                         row["graph_us"], row["call_us"], row["extra_bytes"] = timer(lambda: fn(z, c, c_sq))
                         row["x_floor"] = row["graph_us"] / floor

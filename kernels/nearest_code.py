@@ -402,8 +402,7 @@ _TF32_EPS = 2**-7
 def _nearest_code_triton(z, codebook, precision, variant="base"):
     """The Triton search, or the torch path (warned once) where the kernel does not compile."""
     N, K, D = _check_inputs(z, codebook)
-    # What decides whether a kernel compiles: its constexprs and its operand types.
-    key = (z.device.type, z.dtype, codebook.dtype, precision, variant, tuple(_d_blocks(D).values()))
+    key = _compile_key(z, codebook, precision, variant)
     if key in _COMPILE_FAILED:
         return nearest_code_torch(z, codebook)
     try:
@@ -419,6 +418,11 @@ def _nearest_code_triton(z, codebook, precision, variant="base"):
 
 # (device type, dtypes, precision, variant, D blocks) -> why the kernel failed to compile for them
 _COMPILE_FAILED = {}
+
+
+def _compile_key(z, codebook, precision, variant):
+    """What decides whether a kernel compiles: its constexprs and its operand types."""
+    return z.device.type, z.dtype, codebook.dtype, precision, variant, tuple(_d_blocks(codebook.shape[1]).values())
 
 
 def _launch(z, codebook, precision, variant="base", eps=_TF32_EPS, blocks=None):

@@ -459,6 +459,23 @@ def test_bench_gpu_table_with_a_stand_in_timer(tmp_path):
     assert all(0 <= r["rechecked_fraction"] <= 1 for r in report["rows"] if r["path"].startswith("triton tf32 "))
     assert [(v["inputs"], v["precision"], v["speedup"]) for v in report["goals"]] == \
         [("normal", "tf32", 1.0), ("normal", "tf32x3", 1.0), ("clustered", "tf32", 1.0), ("clustered", "tf32x3", 1.0)]
+    # a kernel that does not compile: every row of its path says so, untimed, not only the first (it was the
+    # torch path after that, timed under the kernel's name)
+    def no_packed(z, codebook, precision, variant="base", *a, **k):
+        if variant == "packed":
+            raise nc.CompilationError(None, None, "no packed kernel here")
+        return launch(z, codebook, precision, variant, *a, **k)
+    launch, nc._COMPILE_FAILED = nc._launch, {}
+    nc._launch = no_packed
+    try:
+        with pytest.warns(RuntimeWarning, match="did not compile"):
+            rows = bench.gpu_table([(64, 20, 8), (96, 20, 8)], DEVICE, lambda fn: ((fn(), 7.0)[1], 8.0, 0), 1e12,
+                                   {}, log=lambda *args, **kwargs: None)["rows"]
+    finally:
+        nc._launch, nc._COMPILE_FAILED = launch, {}
+    packed = [r for r in rows if r["path"].startswith("triton") and r["variant"] == "packed"]
+    assert len(packed) == 8 and all("no packed kernel" in r["fell_back"] and "graph_us" not in r for r in packed)
+    assert all(r["graph_us"] == 7.0 for r in rows if r not in packed)
     # --warm's shards share the kernel paths out between them
     assert sorted(bench._warm_shard([(300, 100, 8)], 0, 2, DEVICE) + bench._warm_shard([(300, 100, 8)], 1, 2, DEVICE)) \
         == sorted(p for p in bench.GPU_PATHS if p.startswith("triton"))

@@ -136,6 +136,7 @@ def junit_counts(path):
 
 def step_bench(ctx, limit):
     path = ctx.out / "bench.json"
+    path.unlink(missing_ok=True)  # a kept --out holds an earlier run's: never reported as this one's
     shapes = ["--shapes", "2048x256x16"] if ctx.quick else []
     cmd = [sys.executable, "-m", "kernels.bench", "--json", str(path), *shapes]
     if not ctx.quick:
@@ -461,9 +462,9 @@ def main(argv=None):
     if not args.out:
         p.error("--out is required")
     t0 = time.time()
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the steps run from the repository root: a relative path would move
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     ctx = _Context(out, work, args.quick)
     limits, total = (QUICK_LIMITS, QUICK_TOTAL_S) if args.quick else (LIMITS, TOTAL_S)

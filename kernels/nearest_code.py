@@ -56,9 +56,11 @@ def nearest_code_reference(z, codebook):
     return codes, dist
 
 
-# Chunked torch path: the (chunk, K) score matrix is the only big temporary, whatever N is.
+# Chunked torch path: the (chunk, K) scores and (chunk, D) rows are the only big temporaries, whatever N is.
 def nearest_code_torch(z, codebook, chunk_size=None):
     N, K, D = _check_inputs(z, codebook)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     # float64 on a GPU: its float32 matmuls may run in TF32, and this path is the full-precision one
     dtype = torch.float64 if z.is_cuda else torch.float32
     c = codebook.to(dtype)  # (K, D)
@@ -67,7 +69,7 @@ def nearest_code_torch(z, codebook, chunk_size=None):
     # inf: it never wins while a finite one exists, where min(1) would pick its NaN score.
     finite = c_sq.isfinite()
     c_search, c_sq = c.where(finite[:, None], 0), c_sq.where(finite, float("inf"))
-    chunk = chunk_size or max(1, _CHUNK_BYTES // (c.element_size() * K))
+    chunk = chunk_size or max(1, _CHUNK_BYTES // (c.element_size() * (K + 2 * D)))  # scores, the rows, their codes
     codes = torch.empty(N, dtype=torch.int64, device=z.device)
     dist = torch.empty(N, dtype=torch.float32, device=z.device)
     for i in range(0, N, chunk):
@@ -543,6 +545,9 @@ def nearest_code(z, codebook, *, backend=None, precision="tf32x3", variant="base
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"VQ_KERNEL / backend must be one of auto, torch, triton; got {choice!r}")
     _check_inputs(z, codebook)  # before the device: a bad input says what is wrong with it on any machine
+    if precision not in PRECISIONS or variant not in VARIANTS:  # on every path, as on a GPU
+        raise ValueError(f"precision must be one of {PRECISIONS} and variant one of {VARIANTS}; got {precision!r}, "
+                         f"{variant!r}")
     on_gpu = HAVE_TRITON and z.is_cuda
     if choice == "triton" and not (on_gpu or (HAVE_TRITON and _INTERPRET)):
         raise RuntimeError(

@@ -354,6 +354,12 @@ def test_torch_path_chunks():
     codes, dist = nearest_code_torch(z, codebook, chunk_size=64)  # 16 chunks, the last one short
     _assert_matches_reference(z, codebook, codes, dist)
     assert torch.equal(codes, nearest_code_torch(z, codebook)[0])
+    for bad in (0, -1):  # no chunk at all: it returned its empty buffers, uninitialised codes
+        with pytest.raises(ValueError, match="chunk_size must be at least 1"):
+            nearest_code_torch(z, codebook, chunk_size=bad)
+    for kw in ({"precision": "fp32"}, {"variant": "pakced"}):  # refused on the torch path too, as on a GPU
+        with pytest.raises(ValueError, match="precision must be one of"):
+            nearest_code(z, codebook, backend="torch", **kw)
 
 
 @needs_triton
@@ -526,6 +532,16 @@ def test_gpu_check_counts_tests_from_junit_xml(tmp_path, monkeypatch):
     assert [n.split()[0] for n in names] == ["FAILED", "ERROR"]  # which may lie above the test file
     assert names[0].endswith("test_sample::test_fails[2]") and names[1].endswith("test_sample::test_errors")
     assert "one only" in result["failures"][0] and "no device" in result["failures"][1]
+
+
+def test_gpu_check_never_reports_an_earlier_runs_bench(tmp_path, monkeypatch):
+    from kernels import gpu_check
+
+    ctx = gpu_check._Context(tmp_path / "out", tmp_path / "work", True)
+    (ctx.out / "bench.json").write_text(json.dumps({"rows": [{"N": 2048}], "goals": []}))  # a kept --out's
+    monkeypatch.setattr(gpu_check, "_run", lambda *a, **k: ("timed out", 3.1, -9, "killed while compiling"))
+    result = gpu_check.step_bench(ctx, 3)
+    assert result["status"] == "timed out" and result["rows"] is None and result["goals"] is None
 
 
 def test_gpu_check_limits_fit_seven_minutes():

@@ -370,7 +370,7 @@ def bench_load(n, size):
             times[name] = time.perf_counter() - t
     print(f"{n} slices of {size[0]}x{size[1]}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     print(f"naive nib.load().get_fdata() loop  {times['naive']:7.2f} s")
-    print(f"load_slices, cold (empty cache)   {times['cold']:7.2f} s   {times['naive'] / times['cold']:.2f}x faster")
+    print(f"load_slices, cold (empty cache)   {times['cold']:7.2f} s   {times['naive'] / times['cold']:.2f}x the loop's speed")
     print(f"load_slices, warm (cached)        {times['warm']:7.2f} s")
     return times
 
@@ -469,15 +469,16 @@ def main(argv=None):
     parser.add_argument("--worker", nargs=4, metavar=("PATH", "N", "K", "D"), help=argparse.SUPPRESS)
     parser.add_argument("--warm-shard", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for flag, value in (("--load", args.load), ("--size", min(args.size)), ("--batch", args.batch)):
-        if value is not None and value < 1:
-            parser.error(f"{flag} must be at least 1, got {value}")
+    for flag, value, least in (("--load", args.load, 1), ("--size", min(args.size), 2), ("--batch", args.batch, 1)):
+        if value is not None and value < least:  # a 1-pixel slice would squeeze to a number
+            parser.error(f"{flag} must be at least {least}, got {value}")
     if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
         parser.error(f"--json {args.json}: {'a folder' if Path(args.json).is_dir() else 'its folder does not exist'}")
-    if args.load is not None:
-        return bench_load(args.load, tuple(args.size))
-    if args.steps:
-        return bench_steps(batch=args.batch)
+    if args.load is not None or args.steps:
+        times = bench_load(args.load, tuple(args.size)) if args.load is not None else bench_steps(batch=args.batch)
+        _write_json(args.json, {"torch": torch.__version__, "argv": sys.argv[1:] if argv is None else list(argv),
+                                "load" if args.load is not None else "steps": times})
+        return times
     if args.worker:
         path, *nkd = args.worker
         ms, peak = _measure_cpu(path, *map(int, nkd), reps=5)

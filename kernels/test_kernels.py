@@ -502,6 +502,7 @@ def test_bench_main_writes_json(tmp_path):
     (["--json", "/no/such/folder/x.json"], "its folder does not exist"), (["--json", "."], "a folder"),
     (["--load", "0"], "--load must be at least 1"), (["--load", "-5"], "--load"),
     (["--load", "2", "--size", "8", "-1"], "--size"), (["--steps", "--batch", "0"], "--batch"),
+    (["--load", "1", "--size", "1", "1"], "--size must be at least 2"),
 ])
 def test_bench_bad_flags_exit_2_with_one_line_before_any_timing(argv, says, capsys, monkeypatch):
     from kernels import bench
@@ -590,10 +591,11 @@ def test_bench_load_times_the_loader_and_cleans_up(capsys, tmp_path, monkeypatch
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # tempfile honours it once its cached choice is reset
     monkeypatch.setattr("tempfile.tempdir", None)
-    times = bench.main(["--load", "12", "--size", "32", "16"])
+    times = bench.main(["--load", "12", "--size", "32", "16", "--json", str(tmp_path / "load.json")])
     assert sorted(times) == ["cold", "naive", "warm"] and all(t > 0 for t in times.values())
     assert "12 slices of 32x16" in capsys.readouterr().out
-    assert list(tmp_path.iterdir()) == []  # the slices and the cache went with the temporary folder
+    assert json.loads((tmp_path / "load.json").read_text())["load"] == times  # --json as for the other modes
+    assert list(tmp_path.iterdir()) == [tmp_path / "load.json"]  # the slices and the cache went with their folder
 
 
 def test_bench_steps_times_every_row_and_restores_the_blur_and_the_dropout(capsys):

@@ -299,17 +299,18 @@ def compare(steps, quick):
 # ----------------------------------------------------------------------------- report
 
 
-def _device():
+def _device(quick=False):
     import torch
 
-    info = {"torch": torch.__version__, "cpus": os.cpu_count(), "cuda": torch.cuda.is_available()}
+    # --quick hides the GPU from its steps (_env): the report says where they ran
+    info = {"torch": torch.__version__, "cpus": os.cpu_count(), "cuda": torch.cuda.is_available() and not quick}
     try:
         import triton
 
         info["triton"] = triton.__version__
     except ImportError:
         pass
-    if torch.cuda.is_available():
+    if info["cuda"]:
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, gpu_memory=p.total_memory, capability=f"{p.major}.{p.minor}")
         smi = shutil.which("nvidia-smi")
@@ -461,6 +462,10 @@ def main(argv=None):
         return _worker(*args.worker)
     if not args.out:
         p.error("--out is required")
+    needs_tree = set(args.only or ()) & {"train_bf16", "sampler", "train_fp32", "train_compile"}
+    if needs_tree and "tree" not in args.only and not (args.work and (Path(args.work) / "tree").is_dir()):
+        p.error(f"--only {' '.join(sorted(needs_tree))} trains on the phantom tree: add tree, or --work a folder "
+                "that holds one")
     t0 = time.time()
     out = Path(args.out).resolve()  # the steps run from the repository root: a relative path would move
     out.mkdir(parents=True, exist_ok=True)
@@ -468,7 +473,7 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     ctx = _Context(out, work, args.quick)
     limits, total = (QUICK_LIMITS, QUICK_TOTAL_S) if args.quick else (LIMITS, TOTAL_S)
-    report = {"quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": _device(),
+    report = {"quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": _device(args.quick),
               "limits_s": limits, "total_limit_s": total, "steps": {}}
     try:
         if not args.only or "tree" in args.only:

@@ -545,6 +545,15 @@ def test_gpu_check_never_reports_an_earlier_runs_bench(tmp_path, monkeypatch):
     assert result["status"] == "timed out" and result["rows"] is None and result["goals"] is None
 
 
+def test_gpu_check_refuses_training_steps_without_their_tree(tmp_path, capsys):
+    from kernels import gpu_check
+
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--out", str(tmp_path / "out"), "--only", "sampler", "train_fp32"])
+    assert e.value.code == 2 and "trains on the phantom tree: add tree" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything is made
+
+
 def test_gpu_check_limits_fit_seven_minutes():
     from kernels import gpu_check
 

@@ -427,14 +427,18 @@ def _compile_key(z, codebook, precision, variant):
     return z.device.type, z.dtype, codebook.dtype, precision, variant, tuple(_d_blocks(codebook.shape[1]).values())
 
 
-def _launch(z, codebook, precision, variant="base", eps=_TF32_EPS, blocks=None):
-    """The Triton search: (codes, dist, number of rows the tf32 pass could not prove, on the device).
-    blocks: fixed tiles (BLOCK_N, BLOCK_K, optionally num_warps, num_stages) instead of the usual ones."""
-    N, K, D = _check_inputs(z, codebook)
+def _check_choices(precision, variant):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+
+
+def _launch(z, codebook, precision, variant="base", eps=_TF32_EPS, blocks=None):
+    """The Triton search: (codes, dist, number of rows the tf32 pass could not prove, on the device).
+    blocks: fixed tiles (BLOCK_N, BLOCK_K, optionally num_warps, num_stages) instead of the usual ones."""
+    N, K, D = _check_inputs(z, codebook)
+    _check_choices(precision, variant)
     if variant == "packed" and triton.cdiv(K, _MIN_BLOCK_K) > 256:
         raise ValueError(f"the packed variant keeps 8 bits for a code's tile, so K <= {256 * _MIN_BLOCK_K}; got K={K}")
     codes = torch.empty(N, dtype=torch.int64, device=z.device)
@@ -545,9 +549,7 @@ def nearest_code(z, codebook, *, backend=None, precision="tf32x3", variant="base
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"VQ_KERNEL / backend must be one of auto, torch, triton; got {choice!r}")
     _check_inputs(z, codebook)  # before the device: a bad input says what is wrong with it on any machine
-    if precision not in PRECISIONS or variant not in VARIANTS:  # on every path, as on a GPU
-        raise ValueError(f"precision must be one of {PRECISIONS} and variant one of {VARIANTS}; got {precision!r}, "
-                         f"{variant!r}")
+    _check_choices(precision, variant)  # on every path, as on a GPU
     on_gpu = HAVE_TRITON and z.is_cuda
     if choice == "triton" and not (on_gpu or (HAVE_TRITON and _INTERPRET)):
         raise RuntimeError(

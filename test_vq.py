@@ -579,6 +579,7 @@ def test_inference_leaves_a_training_vqvae_as_it_was(rate):
     codes = model.encode(x)
     assert torch.equal(codes, model.encode(x)) and torch.equal(model.reconstruct(x), model.decode(codes))
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model.encode(x[:0]).shape == (0, 8, 8) and model.reconstruct(x[:0]).shape == (0, 1, 32, 32)  # none in
 
 
 def test_losses_reach_what_they_should():
@@ -2575,6 +2576,8 @@ def test_surprise_maps_healed_slices_and_outputs(tmp_path, capsys, monkeypatch):
     assert torch.equal(out["redo"], out["bits"] > settings["threshold"])
     assert torch.equal(out["healed_codes"][~out["redo"]], out["codes"][~out["redo"]])  # below the threshold: kept
     assert torch.equal(out["codes"], vqvae.encode(x)) and (out["map"] >= 0).all()
+    with pytest.raises(ValueError, match="at least one slice"):  # not an IndexError from its empty lists
+        vq.surprise(vqvae, prior, x[:0], settings["threshold"], pos[:0], settings["sigma"])
     # sample.py --surprise: two inputs of one name, one a two-slice volume
     for k, folder in enumerate(("d1", "d2")):
         (tmp_path / folder).mkdir()

@@ -825,7 +825,7 @@ class VectorQuantizer(nn.Module):
                 full = full.where(self.codebook.isfinite().all(1), math.inf)  # as nearest_code: never a NaN code
                 least, nearest = full.min(1)
                 added = cost(nearest.view(B, h, w), least)
-                codes = (full.view(B, h, w, -1) + added).argmin(-1).flatten()
+                codes = (full.view(B, h, w, self.n_codes) + added).argmin(-1).flatten()
                 dist = full.gather(1, codes[:, None])[:, 0]
             counts = _histogram(codes, self.n_codes)  # (K,) no N x K one-hot
             if self.training:
@@ -1501,6 +1501,8 @@ def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, te
     "healed" (B, C, H, W), "score" (B,), and per code "bits", "redo" (which were redrawn), "codes" and
     "healed_codes" ((B, h, w) each, or (top, bottom) pairs), all on the CPU.
     """
+    if not len(x):
+        raise ValueError("surprise needs at least one slice, got none")
     out = {k: [] for k in ("map", "healed", "score", "bits", "redo", "codes", "healed_codes")}
     for k in range(0, len(x), batch_size):
         xb = x[k:k + batch_size].float().cpu()

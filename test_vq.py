@@ -562,7 +562,8 @@ def test_vqvae_shapes_and_gradient_reaches_encoder(levels):
             far = torch.cdist(top_book[codes[0]].flatten(0, -2), top_book).argmax(1).view_as(codes[0])
             other_top = (far, codes[1])
             assert (model.decode(other_top) - model.decode(codes)).abs().max() > 1e-5
-        for bad in ((3, 1, 64 + down * levels // 2, 32), (3, 1, 64, 36 if down == 8 else 30), (1, 64, 32), (2, 3, 64, 32)):
+        shapes = ((3, 1, 64 + down * levels // 2, 32), (3, 1, 64, 36 if down == 8 else 30), (1, 64, 32), (2, 3, 64, 32))
+        for bad in shapes:
             with pytest.raises(ValueError, match=f"multiples of {down * levels}"):
                 model(torch.rand(bad))  # a size the code maps cannot tile, or no channel axis: said, not a torch error
 
@@ -697,6 +698,27 @@ def _codes_in_use(dead_threshold, n, steps, levels=1, schedule=False):
         opt.step()
         used.append(round(stats["usage_top" if levels == 2 else "usage"].item() * 64))
     return used
+
+
+def test_ema_update_and_commitment_against_their_definitions():
+    torch.manual_seed(3)
+    q = vq.VectorQuantizer(5, 3, beta=0.3, decay=0.9, dead_threshold=0, kmeans_init=False).train()
+    old = q.codebook.clone()
+    z = torch.randn(2, 3, 4, 6, requires_grad=True)
+    z_q, codes, loss, _ = q(z)
+    loss.backward()  # the commitment term pulls z toward its code: 2 beta (z - code) / the number of entries
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 3)
+    want = torch.cdist(flat.double(), old.double()).argmin(1)
+    counts = torch.bincount(want, minlength=5).double()
+    sums = torch.zeros(5, 3, dtype=torch.float64).index_add_(0, want, flat.double())
+    size = 0.9 * 1 + 0.1 * counts  # counts start at 1, sums at the codebook
+    total = size.sum()
+    new = (0.9 * old.double() + 0.1 * sums) / ((size + 1e-5) / (total + 5 * 1e-5) * total)[:, None]
+    assert torch.equal(codes.flatten(), want) and torch.allclose(q.codebook.double(), new, atol=1e-6)
+    assert loss.item() == pytest.approx(0.3 * (flat.double() - new[want]).pow(2).mean().item(), rel=1e-5)
+    assert torch.allclose(z_q.detach().permute(0, 2, 3, 1).reshape(-1, 3).double(), new[want], atol=1e-6)
+    grad = 2 * 0.3 * (flat.detach().double() - new[want]) / flat.numel()
+    assert torch.allclose(z.grad.permute(0, 2, 3, 1).reshape(-1, 3).double(), grad, atol=1e-7)
 
 
 def test_kmeans_init_puts_codes_on_the_data():
@@ -1163,6 +1185,40 @@ def test_two_level_cached_sampler_matches_naive(temperature, top):
     assert bits["per_code"] == pytest.approx(bits["per_slice"] / (5 * h * w))
     nats = vq.code_nats(model(cached, torch.rand(3)), cached)
     assert nats.item() > 0 and torch.isfinite(nats)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_samplers_draw_the_first_code_from_softmax_of_logits_over_temperature(temperature):
+    # the cached and naive samplers share the noise and the draw, so their agreement cannot check either:
+    # the first code depends on no code, so its frequencies over many maps must be softmax(logits / T)
+    model = small_prior(seed=4)
+    with torch.no_grad():
+        model.head[-1].bias.copy_(torch.tensor([2.0, 0.0, -1.0, 1.0, 0.5, -2.0, 0.0]))  # far from uniform
+        p = (model(torch.zeros(1, SMALL["height"], SMALL["width"], dtype=torch.long))[0, :, 0, 0]
+             / temperature).softmax(0).double()
+    for fn, n in ((model.generate, 4000), (model.generate_naive, 1500)):
+        counts = torch.bincount(fn(n, temperature, torch.Generator().manual_seed(9))[:, 0, 0], minlength=7).double()
+        assert ((counts - n * p) ** 2 / (n * p)).sum() < 25, (fn.__name__, counts / n, p)  # chi-square, 6 dof
+
+
+def test_prior_dropout_acts_in_training_only():
+    model = small_prior(seed=5, prior_dropout=0.3).train()
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, SMALL["n_codes"], (4, SMALL["height"], SMALL["width"]), generator=g)
+    with torch.no_grad():
+        a, b = model(codes), model(codes)
+        assert (a - b).abs().max() > 1e-3  # each pass its own mask, in the gated layers
+        model.eval()
+        assert torch.equal(model(codes), model(codes))
+
+
+def test_code_nats_is_the_cross_entropy_over_every_code_of_both_levels():
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(3, 5, 2, 3, generator=g), torch.randn(3, 5, 4, 6, generator=g))
+    codes = (torch.randint(0, 5, (3, 2, 3), generator=g), torch.randint(0, 5, (3, 4, 6), generator=g))
+    each = [-lg.log_softmax(1).gather(1, c[:, None]).flatten() for lg, c in zip(logits, codes)]
+    assert vq.code_nats(logits, codes).item() == pytest.approx(torch.cat(each).mean().item(), rel=1e-6)
+    assert vq.code_nats(logits[1], codes[1]).item() == pytest.approx(each[1].mean().item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -1861,6 +1917,15 @@ def test_prior_restarts_when_its_vqvae_trained_on(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # the tie is named by its flag
         _train(tmp_path, "--resume", "--prior_epochs", "3", "--prior_tied", "false")
     assert e.value.code == 2 and "--prior_tied True (now False)" in capsys.readouterr().err
+
+
+def test_lr_schedule_warms_up_then_falls_along_a_cosine_to_a_tenth():
+    lr, total, warm = 3e-3, 400, 20  # warm-up: a twentieth of the steps, at most 100
+    got = [train._lr_at(s, total, lr) for s in range(total + 50)]
+    assert got[:warm] == pytest.approx([lr * (s + 1) / warm for s in range(warm)])  # linear, up to lr
+    assert got[warm] == pytest.approx(lr) and got[warm + 190] == pytest.approx(0.55 * lr)  # half way: 0.1 + 0.9 / 2
+    assert all(b < a for a, b in zip(got[warm:total], got[warm + 1:total + 1]))  # falling
+    assert got[total:] == pytest.approx([0.1 * lr] * 50)  # then flat, for a resumed run's extra epochs
 
 
 def test_resume_refuses_other_data_and_keeps_the_schedule(tmp_path, capsys):

@@ -2581,6 +2581,22 @@ def _discs(n, seed):
     return (0.5 * torch.sigmoid(2 * (11 - d)) + 0.02 * torch.rand(n, 32, 32, generator=g))[:, None]
 
 
+def test_lesions_sit_in_their_masks_and_an_oracle_map_scores_perfectly(monkeypatch):
+    x = vq.phantom_slices(12, (64, 32), seed=5)
+    xl, masks, has, sign = sample.draw_lesions(x, seed=1)
+    assert has.sum() == 6 and torch.equal(masks.flatten(1).any(1), has) and set(sign[has].tolist()) <= {-1.0, 1.0}
+    change = (xl - x).abs()
+    assert change[masks].mean() > 0.06 and change[masks].mean() > 10 * change[~masks].mean()  # changed where said
+    oracle = {"map": masks.float(), "score": masks.flatten(1).float().mean(1), "redo": torch.zeros(12, 16, 8).bool()}
+    monkeypatch.setattr(vq, "surprise", lambda *a, **k: oracle)  # a surprise map that is the mask itself
+    vqvae = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=16, n_res_blocks=1)).eval()
+    report, _ = sample.lesion_report(vqvae, small_prior(), x, None, {"threshold": 1.0, "sigma": 2.0}, seed=1,
+                                     log=lambda line: None)
+    assert report["lesion_slices"] == 6 and report["lesion_surprise_auroc"] == 1.0
+    assert report["lesion_surprise_auprc"] == pytest.approx(1.0) and report["lesion_surprise_dice"] == pytest.approx(1.0)
+    assert report["lesion_intensity_auprc"] < 0.5  # the baselines are scored on their own maps
+
+
 def test_a_lesion_raises_the_surprise_score():
     torch.manual_seed(0)
     vqvae = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=16, n_res_blocks=1))

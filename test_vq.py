@@ -132,6 +132,21 @@ def test_salted_folder_skips_each_bad_file_once(tmp_path):
             load_slices(data, strict=True, cache_dir=cache_dir)
 
 
+def test_each_slice_scaled_by_its_own_percentiles_so_hot_pixels_clip(tmp_path):
+    # 0.5 / 99.5 percentiles, nearest rank over the slice's pixels: a few hot pixels clip at 1, not squash the rest
+    rng = np.random.default_rng(3)
+    a = (300 + 200 * rng.random((48, 40))).astype(np.float32)
+    a[rng.integers(0, 48, 5), rng.integers(0, 40, 5)] = 1e5  # hot pixels, under 0.5% of 1920
+    nib.save(nib.Nifti1Image(np.stack([a, 2 * a + 7], -1), np.eye(4)), tmp_path / "two.nii")  # a stack of two
+    got = load_slices(tmp_path / "two.nii", (48, 40), cache_dir=False)
+    for k, img in enumerate((a, 2 * a + 7)):
+        ranked = np.sort(img.ravel())
+        lo, hi = ranked[round(0.005 * (img.size - 1))], ranked[round(0.995 * (img.size - 1))]
+        want = np.clip((img - lo) / (hi - lo), 0, 1)
+        assert np.abs(got[k, 0].numpy() - want).max() < 1e-3, k  # float16 storage
+        assert 0.3 < got[k, 0].numpy().mean() < 0.7  # min-max scaling would crush it near 0
+
+
 def test_nothing_readable_and_missing_folder(tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.nii.gz").write_bytes(b"")

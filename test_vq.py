@@ -2239,14 +2239,17 @@ def test_two_sample_critic_learning_rate_decays_to_zero(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_metrics_and_reference_search_ignore_tf32_on_gpu():
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
-    from kernels import nearest_code_reference, nearest_code_torch
-    for x, y in _image_pairs():
-        got = vq.ssim(x[None, None].cuda(), y[None, None].cuda()).item()
-        assert abs(got - _ssim_reference(x, y)) < 1e-4
-    g = torch.Generator().manual_seed(0)
-    z, c = torch.randn(5000, 64, generator=g), torch.randn(512, 64, generator=g)
-    assert torch.equal(nearest_code_torch(z.cuda(), c.cuda())[0].cpu(), nearest_code_reference(z, c)[0])
+    saved = vq.set_tf32(True)  # as train.py sets them; put back after, so later tests run as they would alone
+    try:
+        from kernels import nearest_code_reference, nearest_code_torch
+        for x, y in _image_pairs():
+            got = vq.ssim(x[None, None].cuda(), y[None, None].cuda()).item()
+            assert abs(got - _ssim_reference(x, y)) < 1e-4
+        g = torch.Generator().manual_seed(0)
+        z, c = torch.randn(5000, 64, generator=g), torch.randn(512, 64, generator=g)
+        assert torch.equal(nearest_code_torch(z.cuda(), c.cuda())[0].cpu(), nearest_code_reference(z, c)[0])
+    finally:
+        vq.set_tf32(saved)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

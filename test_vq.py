@@ -147,6 +147,15 @@ def test_each_slice_scaled_by_its_own_percentiles_so_hot_pixels_clip(tmp_path):
         assert 0.3 < got[k, 0].numpy().mean() < 0.7  # min-max scaling would crush it near 0
 
 
+def test_shrinking_is_antialiased(tmp_path):
+    # stripes one pixel on, two off, shrunk 4x: an antialiased filter sees a third everywhere; sampling between
+    # two pixels would alias them into bands of 0, 0.5 and 1
+    a = np.tile((np.arange(96) % 3 == 0).astype(np.float32), (96, 1))
+    nib.save(nib.Nifti1Image(a, np.eye(4)), tmp_path / "stripes.nii")
+    got = load_slices(tmp_path / "stripes.nii", (24, 24), cache_dir=False)[0, 0, 2:-2, 2:-2]  # edges: zero-padded
+    assert abs(got.mean().item() - 1 / 3) < 0.03 and got.std().item() < 0.05
+
+
 def test_nothing_readable_and_missing_folder(tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.nii.gz").write_bytes(b"")

@@ -30,6 +30,7 @@ from torch import nn
 import sample
 import train
 import vq
+from kernels.bench import write_phantom_tree
 from vq import DataError, PixelCNN, PriorConfig, SkippedFileWarning, find_splits, load_slices, phantom_slices
 
 
@@ -319,7 +320,7 @@ def test_parallel_equals_serial(tmp_path):
 
 
 def test_find_splits_hipmri_oasis_nested(tmp_path):
-    hip = vq.write_phantom_tree(tmp_path / "hip", n_train=6, n_val=2, n_test=2, size=(32, 16), slices_per_volume=2)
+    hip = write_phantom_tree(tmp_path / "hip", n_train=6, n_val=2, n_test=2, size=(32, 16), slices_per_volume=2)
     splits = find_splits(hip)
     assert {k: len(v) for k, v in splits.items()} == {"train": 6, "validate": 2, "test": 2}
     assert [p.name for p in splits["train"][:2]] == ["case_004_week_0_slice_0.nii.gz", "case_004_week_0_slice_1.nii.gz"]
@@ -331,7 +332,7 @@ def test_find_splits_hipmri_oasis_nested(tmp_path):
     assert x.shape == (2, 1, 32, 16) and x.max() > 0.9
 
     nested = tmp_path / "unzipped"
-    vq.write_phantom_tree(nested / "keras_slices_data", n_train=2, n_val=1, n_test=1, size=(16, 8))
+    write_phantom_tree(nested / "keras_slices_data", n_train=2, n_val=1, n_test=1, size=(16, 8))
     assert [len(v) for v in find_splits(nested).values()] == [2, 1, 1]
 
     oasis = tmp_path / "oasis"
@@ -1642,7 +1643,7 @@ def test_realism_false_trains_both_stages_without_the_report(tmp_path, capsys):
 
 def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VQ_CACHE_DIR", str(tmp_path / "cache"))  # keep the user's cache untouched
-    root = vq.write_phantom_tree(tmp_path / "data", n_train=40, n_val=12, n_test=12, size=(32, 32),
+    root = write_phantom_tree(tmp_path / "data", n_train=40, n_val=12, n_test=12, size=(32, 32),
                                  slices_per_volume=4)
     bad = [root / "keras_slices_train" / "case_900_week_0_slice_0.nii.gz",
            root / "keras_slices_test" / "case_901_week_0_slice_0.nii.gz"]

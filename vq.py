@@ -570,37 +570,6 @@ def phantom_slices(n, size=(256, 128), seed=0):
     return torch.from_numpy(out).unsqueeze(1)  # (N, 1, H, W)
 
 
-def _write_volume(task):
-    """Pool task: one phantom volume, as raw-intensity image and label slices (.nii.gz)."""
-    import nibabel as nib
-
-    root, split, case, week, start, k, size, seed = task
-    x, lab = _draw_phantoms(range(start, start + k), size, seed, labels=True, levels=np.arange(k) / max(1, k - 1))
-    scale, offset = 800 + 150 * (case % 7), 10 * (case % 3)  # raw intensities differ per volume, like MR
-    for z in range(k):
-        name = f"{case:03d}_week_{week}_slice_{z}.nii.gz"
-        nib.save(nib.Nifti1Image(x[z] * scale + offset, np.eye(4)), root / f"keras_slices_{split}" / f"case_{name}")
-        nib.save(nib.Nifti1Image(lab[z], np.eye(4)), root / f"keras_slices_seg_{split}" / f"seg_{name}")
-
-
-def write_phantom_tree(root, n_train=240, n_val=60, n_test=60, size=(256, 128), seed=0, slices_per_volume=60,
-                       workers=None):
-    """Write phantom slices as a HipMRI-style tree (keras_slices_*, keras_slices_seg_*) of .nii.gz, on
-    `workers` processes (default all cores); returns root. Slice z of a volume of k is drawn at level
-    z / (k - 1), so names and anatomy agree on the position. The HipMRI size: 11460, 660, 540."""
-    root, start, case, tasks = Path(root), 0, 4, []  # case ids run on across splits, as in the real data
-    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
-        for kind in ("", "seg_"):
-            (root / f"keras_slices_{kind}{split}").mkdir(parents=True, exist_ok=True)
-        volumes = range(0, n, slices_per_volume)
-        for v, first in enumerate(volumes):  # two weeks (volumes) per case
-            tasks.append((root, split, case + v // 2, v % 2, start + first, min(slices_per_volume, n - first), size, seed))
-        start, case = start + n, case + -(-len(volumes) // 2)
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(tasks), workers or _cpu_count()))) as pool:
-        list(pool.map(_write_volume, tasks))  # zlib and numpy release the GIL
-    return root
-
-
 def load_splits(settings, strict=False, files=None):
     """The train / validate / test slices that settings describe: {"source": a data root, or None for
     the phantom set, "size": [H, W], "phantom": [seed, n_train, n_val, n_test] (phantom only)}, as

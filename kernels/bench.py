@@ -351,6 +351,41 @@ def _cpu_in_subprocess(path, N, K, D):
     return result["ms"], result["peak"]
 
 
+def _write_volume(task):
+    """Pool task: one phantom volume, as raw-intensity image and label slices (.nii.gz)."""
+    import nibabel as nib
+    import numpy as np
+
+    root, split, case, week, start, k, size, seed = task
+    x, lab = vq._draw_phantoms(range(start, start + k), size, seed, labels=True, levels=np.arange(k) / max(1, k - 1))
+    scale, offset = 800 + 150 * (case % 7), 10 * (case % 3)  # raw intensities differ per volume, like MR
+    for z in range(k):
+        name = f"{case:03d}_week_{week}_slice_{z}.nii.gz"
+        nib.save(nib.Nifti1Image(x[z] * scale + offset, np.eye(4)), root / f"keras_slices_{split}" / f"case_{name}")
+        nib.save(nib.Nifti1Image(lab[z], np.eye(4)), root / f"keras_slices_seg_{split}" / f"seg_{name}")
+
+
+def write_phantom_tree(root, n_train=240, n_val=60, n_test=60, size=(256, 128), seed=0, slices_per_volume=60,
+                       workers=None):
+    """Write phantom slices as a HipMRI-style tree (keras_slices_*, keras_slices_seg_*) of .nii.gz, on
+    `workers` processes (default all cores); returns root. Slice z of a volume of k is drawn at level
+    z / (k - 1), so names and anatomy agree on the position. The HipMRI size: 11460, 660, 540. For the loading
+    bench, gpu_check and the tests: a data tree to read, not part of the models."""
+    import concurrent.futures
+
+    root, start, case, tasks = Path(root), 0, 4, []  # case ids run on across splits, as in the real data
+    for split, n in zip(vq.SPLITS, (n_train, n_val, n_test)):
+        for kind in ("", "seg_"):
+            (root / f"keras_slices_{kind}{split}").mkdir(parents=True, exist_ok=True)
+        volumes = range(0, n, slices_per_volume)
+        for v, first in enumerate(volumes):  # two weeks (volumes) per case
+            tasks.append((root, split, case + v // 2, v % 2, start + first, min(slices_per_volume, n - first), size, seed))
+        start, case = start + n, case + -(-len(volumes) // 2)
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(tasks), workers or vq._cpu_count()))) as pool:
+        list(pool.map(_write_volume, tasks))  # zlib and numpy release the GIL
+    return root
+
+
 def bench_load(n, size):
     """Write n phantom slices, then time the usual nibabel loop, load_slices cold and warm."""
     import tempfile
@@ -360,7 +395,7 @@ def bench_load(n, size):
     import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder, cache = vq.write_phantom_tree(tmp, n, 0, 0, size) / "keras_slices_train", Path(tmp) / "cache"
+        folder, cache = write_phantom_tree(tmp, n, 0, 0, size) / "keras_slices_train", Path(tmp) / "cache"
         t = time.perf_counter()
         np.stack([nib.load(f).get_fdata() for f in sorted(folder.glob("*.nii.gz"))])  # what people write
         times = {"naive": time.perf_counter() - t}

@@ -6,7 +6,7 @@
 Steps, each in its own process under its own time limit, so one that fails or runs over is recorded
 and the next one starts:
 
-    tree           a HipMRI-sized phantom tree (vq.write_phantom_tree 11460 / 660 / 540 at 256 x 128),
+    tree           a HipMRI-sized phantom tree (kernels.bench.write_phantom_tree 11460 / 660 / 540 at 256 x 128),
                    written while the tests run: they check correctness only, so sharing the CPUs costs no figure
     tests          the GPU-only tests, compiled (no TRITON_INTERPRET), in one pytest run
     bench          python -m kernels.bench: every kernel variant beside torch's materialised search
@@ -422,13 +422,13 @@ def _worker(kind, record, *args):
 
     t0 = time.time()
     if kind == "tree":
-        import vq
+        from kernels.bench import write_phantom_tree
 
         root, spec = args[0], json.loads(args[1])
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = max(1, cpus // 2)  # the tests compile kernels on the other half
-        vq.write_phantom_tree(root, spec["n_train"], spec["n_val"], spec["n_test"], size=tuple(spec["size"]), seed=0,
-                              workers=workers)
+        write_phantom_tree(root, spec["n_train"], spec["n_val"], spec["n_test"], size=tuple(spec["size"]), seed=0,
+                           workers=workers)
         result = {"write_seconds": time.time() - t0, "workers": workers,
                   "files": sum(1 for p in Path(root).rglob("*.nii.gz"))}
     else:

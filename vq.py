@@ -914,16 +914,12 @@ def _batched(fn, x, model, batch_size):
     float32 (no autocast), the model in eval mode (inference: no dropout, no codebook update) and left in the mode
     it was in; its results (a tensor or a tuple) on x's device."""
     xs = x if isinstance(x, tuple) else (x,)
-    device, home, training = next(model.parameters()).device, xs[0].device, model.training
+    device, home = next(model.parameters()).device, xs[0].device
     outs = []
-    try:
-        model.eval()
-        with torch.autocast(device.type, enabled=False):
-            for part in zip(*(t.split(batch_size) for t in xs)):
-                o = fn(*(t.to(device) for t in part))
-                outs.append(tuple(t.to(home) for t in o) if isinstance(o, tuple) else o.to(home))  # frees the device
-    finally:
-        model.train(training)
+    with _evaluating(model), torch.autocast(device.type, enabled=False):
+        for part in zip(*(t.split(batch_size) for t in xs)):
+            o = fn(*(t.to(device) for t in part))
+            outs.append(tuple(t.to(home) for t in o) if isinstance(o, tuple) else o.to(home))  # frees the device
     return tuple(map(torch.cat, zip(*outs))) if isinstance(outs[0], tuple) else torch.cat(outs)
 
 
@@ -1314,18 +1310,12 @@ class PixelCNN(nn.Module):
         position, g, keep = self._noise(n, temperature, generator, position, keep)
         codes = torch.zeros(n, self.config.height, self.config.width, dtype=torch.long, device=g.device)
         scanned = self._scan(codes, (1, 2))  # a view: writing it writes codes
-        training = self.training
-        self.eval()  # no dropout, as in the cached sampler
-        try:
-            with _no_tf32():
-                for i in range(self.shape[0]):
-                    for j in range(self.shape[1]):
-                        logits = self._scan(self(codes, position, cond))[:, :, i, j]  # (n, K)
-                        drawn = _draw(logits, temperature, g[:, i, j])
-                        scanned[:, i, j] = drawn if keep is None else torch.where(keep[1][:, i, j], drawn,
-                                                                                  keep[0][:, i, j])
-        finally:
-            self.train(training)
+        with _evaluating(self), _no_tf32():  # no dropout, as in the cached sampler
+            for i in range(self.shape[0]):
+                for j in range(self.shape[1]):
+                    logits = self._scan(self(codes, position, cond))[:, :, i, j]  # (n, K)
+                    drawn = _draw(logits, temperature, g[:, i, j])
+                    scanned[:, i, j] = drawn if keep is None else torch.where(keep[1][:, i, j], drawn, keep[0][:, i, j])
         return codes
 
     @classmethod
@@ -1517,6 +1507,16 @@ def set_tf32(on):
     for k, (obj, name, yes, no) in enumerate(knobs):
         setattr(obj, name, on[k] if isinstance(on, list) else yes if on else no)
     return saved
+
+
+@contextlib.contextmanager
+def _evaluating(model):
+    """model in eval mode for the block (inference: no dropout, no codebook update), then in the mode it was in."""
+    training = model.training
+    try:
+        yield model.eval()
+    finally:
+        model.train(training)
 
 
 @contextlib.contextmanager

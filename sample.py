@@ -83,7 +83,8 @@ def parse_args(argv=None):
                    "averaged over this many draws and critics (its spread on one model is about 0.02 a draw)")
     p.add_argument("--judge", metavar="PATH", help="with --evaluate: a model.pt whose prior learnt this model's "
                    "codes in the other scan order (train.py --stage prior --prior_transpose true --overwrite in a "
-                   "copy of OUT, with the --prior_layers it asks for); reports the bits it gives samples beyond their own (judge_excess_bits_*)")
+                   "copy of OUT, with the --prior_layers it asks for); reports the bits it gives samples beyond "
+                   "their own (judge_excess_bits_*)")
     p.add_argument("--bench", action="store_true", help="time the cached sampler against the naive one")
     p.add_argument("--blind", metavar="RUN", help="--n samples of OUT and as many of RUN (another training output "
                    "folder, or 'test' / 'train': OUT's reconstructions of random slices of that split; a folder so "
@@ -316,6 +317,11 @@ def _read_inputs(paths, size, rot90):
     return out
 
 
+def _stem(i, path):
+    """Input i's name in the outputs: its index first, so two inputs never share one."""
+    return f"{i:03d}_{Path(path).name.split('.')[0]}"
+
+
 def reconstruct(args):
     ckpt, vqvae, _, device = _load(args, need_prior=False)
     size, rot = tuple(ckpt["data"]["size"]), ckpt["data"]["rot90"]
@@ -326,14 +332,13 @@ def reconstruct(args):
     for i, (path, x) in enumerate(inputs):  # (S, 1, H, W): the S slices of one file
         r = vqvae.reconstruct(x)
         s = vq.ssim(x, r)
-        name = f"{i:03d}_{Path(path).name.split('.')[0]}"  # index first: two inputs never share a name
+        name = _stem(i, path)
         _write_slices(dest / f"{name}_reconstruction.nii.gz", r)
         save_png(dest / f"{name}.png", image_grid(torch.cat([x, r]), ncol=len(x), rot90=rot))
         print(f"{path}: ssim " + " ".join(f"{v:.4f}" for v in s.tolist()))
         results.append(s)
     _note_older(dest, r"\d{3,}_.*(_reconstruction\.nii\.gz|\.png)",
-                {f"{i:03d}_{Path(p).name.split('.')[0]}{e}" for i, (p, _) in enumerate(inputs)
-                 for e in ("_reconstruction.nii.gz", ".png")})
+                {_stem(i, p) + e for i, (p, _) in enumerate(inputs) for e in ("_reconstruction.nii.gz", ".png")})
     print(f"reconstructions (NNN_name_reconstruction.nii.gz) and input-over-reconstruction pictures in {dest}")
     return results
 
@@ -402,7 +407,7 @@ def surprise(args):
         start = 0
         for (i, (path, x)), p in zip(run, ps):  # (S, 1, H, W): the S slices of one file
             at, start = slice(start, start + len(x)), start + len(x)
-            name = f"{i:03d}_{Path(path).name.split('.')[0]}"  # index first: two inputs never share a name
+            name = _stem(i, path)
             for kind, image in (("surprise", s["map"][at]), ("healed", s["healed"][at])):
                 _write_slices(dest / f"{name}_{kind}.nii.gz", image)
             grid = lambda t: image_grid(t, ncol=len(x), rot90=rot)  # noqa: E731
@@ -419,7 +424,8 @@ def surprise(args):
     vq.save_json(dest / "surprise.json", {"threshold_bits": settings["threshold"], "sigma": settings["sigma"],
                                           "slices": entries})
     _note_older(dest, r"\d{3,}_.*(_surprise\.nii\.gz|_healed\.nii\.gz|\.png)",
-                {f.strip() for e in entries for f in e["outputs"].split(",")})
+                {_stem(i, p) + e for i, (p, _) in enumerate(inputs)
+                 for e in ("_surprise.nii.gz", "_healed.nii.gz", ".png")})
     print(f"surprise maps, healed slices and surprise.json in {dest} (pictures: slice, healed, map in red over the slice)")
     return entries
 

@@ -525,7 +525,10 @@ class _Critic(nn.Module):
         return self.net(F.avg_pool2d(x, 2) * 2 - 1)[:, 0]
 
 
-def two_sample_score(real_fit, fake_fit, real_test, fake_test, seed=0, steps=1000, batch_size=32, device="cpu",
+CRITIC_STEPS = 1000  # a critic's training steps, unless two_sample_score is given others
+
+
+def two_sample_score(real_fit, fake_fit, real_test, fake_test, seed=0, steps=None, batch_size=32, device="cpu",
                      flip_dim=-2):
     """How well a CNN tells real slices from others: trained for a fixed budget on real_fit against
     fake_fit, scored on real_test against fake_test, which it never saw. Returns (mean of the two
@@ -536,7 +539,7 @@ def two_sample_score(real_fit, fake_fit, real_test, fake_test, seed=0, steps=100
     threshold: six critics on two draws of one model spread over 0.085 at a constant rate, 0.05 decayed."""
     if min(len(real_fit), len(fake_fit), len(real_test), len(fake_test)) < 4:
         raise ValueError("two_sample_score needs at least 4 slices in each set")
-    g = torch.Generator().manual_seed(seed)
+    g, steps = torch.Generator().manual_seed(seed), CRITIC_STEPS if steps is None else steps
     x = torch.cat([real_fit, fake_fit]).float().to(device)
     y = torch.cat([torch.ones(len(real_fit)), torch.zeros(len(fake_fit))]).to(device)
     torch.manual_seed(seed)

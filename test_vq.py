@@ -34,6 +34,13 @@ from kernels.bench import write_phantom_tree
 from vq import DataError, PixelCNN, PriorConfig, SkippedFileWarning, find_splits, load_slices, phantom_slices
 
 
+@pytest.fixture(autouse=True)
+def _quick_critics(monkeypatch):
+    """The realism report's critics train 1,000 steps: 3 of the suite's minutes in tests of its wiring. Tests
+    of what a critic learns give two_sample_score their own steps."""
+    monkeypatch.setattr(sample, "CRITIC_STEPS", 50)
+
+
 # ----------------------------------------------------------------------------- data
 
 

@@ -1953,7 +1953,15 @@ def test_prior_restarts_when_its_vqvae_trained_on(tmp_path, capsys):
     assert e.value.code == 2 and "other prior flags" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit) as e:  # the tie is named by its flag
         _train(tmp_path, "--resume", "--prior_epochs", "3", "--prior_tied", "false")
-    assert e.value.code == 2 and "--prior_tied True (now False)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--prior_tied True (now False)" in err
+    # the way out it names trains a new prior of the same VQ-VAE (a plain --overwrite would retrain the VQ-VAE too)
+    assert "--stage prior --overwrite" in err and "--overwrite" not in err.replace("--stage prior --overwrite", "")
+    vqvae = (tmp_path / "vqvae.pt").read_bytes()
+    _train(tmp_path, "--stage", "prior", "--overwrite", "--prior_epochs", "1", "--prior_tied", "false")
+    assert (tmp_path / "vqvae.pt").read_bytes() == vqvae
+    model = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert model["vqvae_fingerprint"] == prior["vqvae_fingerprint"] and model["prior_config"]["code_dim"] == 0
 
 
 def test_lr_schedule_warms_up_then_falls_along_a_cosine_to_a_tenth():

@@ -308,6 +308,12 @@ def _fingerprint(model):
     return h.hexdigest()[:16]
 
 
+def _afresh(name):
+    """How to start a stage afresh: a new prior keeps the trained VQ-VAE (a plain --overwrite would retrain it)."""
+    return "train a new prior of this VQ-VAE with --stage prior --overwrite" if name == "prior" else \
+        "start afresh with --overwrite"
+
+
 def _resume_state(run, name, settings, config_key, config):
     """The checkpoint to resume a stage from, or None when this run starts it afresh; refused when it was
     written with other flags, for other data or size, or by another number of processes."""
@@ -316,7 +322,7 @@ def _resume_state(run, name, settings, config_key, config):
         return None
     ckpt = vq.load_checkpoint(path)
     if not isinstance(ckpt.get("trainer"), dict) or config_key not in ckpt:  # model.pt copied over it, say
-        raise UsageError(f"{path} is not a {name} training state (no trainer): --overwrite to start afresh")
+        raise UsageError(f"{path} is not a {name} training state (no trainer): {_afresh(name)}")
     old = ckpt[config_key]
     # a field added since the checkpoint holds its (off) default there; one dropped is left out
     norm = lambda c: asdict(vq._config_of(vq.VQVAEConfig if name == "vqvae" else vq.PriorConfig, c))
@@ -328,12 +334,12 @@ def _resume_state(run, name, settings, config_key, config):
                                  f"--{k} {o.get(k)} (now {c.get(k)})" for o, c in pairs for k in set(o) | set(c)
                                  if o.get(k) != c.get(k)}))
         raise UsageError(f"{path} was trained with other {'prior' if name == 'prior' else 'model'} flags: {what}; "
-                         "pass the same, or start afresh with --overwrite")
+                         f"pass the same, or {_afresh(name)}")
     saved, world = ckpt.get("data", {}), ckpt["trainer"].get("world", 1)
     for key, flag in (("source", "--data"), ("size", "--size")):
         if saved.get(key) != settings[key]:
             raise UsageError(f"{path} was trained with {flag} {saved.get(key)}, not {settings[key]}: "
-                             f"resume with the same {flag}, or start afresh with --overwrite")
+                             f"resume with the same {flag}, or {_afresh(name)}")
     if world != run.world:
         raise UsageError(f"{path} was written by {world} process(es), this run has {run.world}: "
                          "resume with the same number of processes")
@@ -457,11 +463,11 @@ class Trainer:
         if s.get("seed", self.seed) != self.seed:  # its slice order and random streams come from the seed
             flag = "--prior_seed" if self.name == "prior" else "--seed"
             raise UsageError(f"{self.name} was trained with {flag} {s['seed']}, not {self.seed}: "
-                             f"resume with the same {flag}, or start afresh with --overwrite")
+                             f"resume with the same {flag}, or {_afresh(self.name)}")
         for flag, was in s.get("flags", {}).items():  # a checkpoint from before flags were kept: none
             if self.flags.get(flag) != was:
                 raise UsageError(f"{self.name} was trained with {flag} {was}, not {self.flags.get(flag)}: resume "
-                                 "with the same, or start afresh with --overwrite")
+                                 f"with the same, or {_afresh(self.name)}")
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["optimizer"])
         self.epoch, self.batch, self.step = s["epoch"], s["batch"], s["step"]

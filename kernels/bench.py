@@ -509,10 +509,14 @@ def main(argv=None):
             parser.error(f"{flag} must be at least {least}, got {value}")
     if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
         parser.error(f"--json {args.json}: {'a folder' if Path(args.json).is_dir() else 'its folder does not exist'}")
+    report = {"torch": torch.__version__, "argv": sys.argv[1:] if argv is None else list(argv)}
+    try:  # written now too, so a file that cannot be written is refused before any timing
+        _write_json(args.json, report)
+    except OSError as e:
+        parser.error(f"--json {args.json}: {e.strerror or e}")
     if args.load is not None or args.steps:
         times = bench_load(args.load, tuple(args.size)) if args.load is not None else bench_steps(batch=args.batch)
-        _write_json(args.json, {"torch": torch.__version__, "argv": sys.argv[1:] if argv is None else list(argv),
-                                "load" if args.load is not None else "steps": times})
+        _write_json(args.json, {**report, "load" if args.load is not None else "steps": times})
         return times
     if args.worker:
         path, *nkd = args.worker
@@ -521,7 +525,6 @@ def main(argv=None):
         return None
     if args.warm_shard:
         return _warm_shard(args.shapes or SHAPES, *args.warm_shard)
-    report = {"torch": torch.__version__, "argv": sys.argv[1:] if argv is None else list(argv)}
     if HAVE_TRITON:
         import triton
 

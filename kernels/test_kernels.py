@@ -503,11 +503,14 @@ def test_bench_main_writes_json(tmp_path):
     (["--load", "0"], "--load must be at least 1"), (["--load", "-5"], "--load"),
     (["--load", "2", "--size", "8", "-1"], "--size"), (["--steps", "--batch", "0"], "--batch"),
     (["--load", "1", "--size", "1", "1"], "--size must be at least 2"),
+    pytest.param(["--load", "2", "--json", "/proc/x.json"], "--json /proc/x.json",  # a folder no file can go in
+                 marks=pytest.mark.skipif(not os.path.isdir("/proc"), reason="no /proc")),
 ])
 def test_bench_bad_flags_exit_2_with_one_line_before_any_timing(argv, says, capsys, monkeypatch):
     from kernels import bench
 
-    monkeypatch.setattr(bench, "_cpu_in_subprocess", lambda *a: pytest.fail("timed before the flags were checked"))
+    for timed in ("_cpu_in_subprocess", "bench_load", "bench_steps"):
+        monkeypatch.setattr(bench, timed, lambda *a, **k: pytest.fail("timed before the flags were checked"))
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
     err = capsys.readouterr().err.strip().splitlines()

@@ -61,8 +61,8 @@ def warnings_as_lines(say=print, ignore=()):
 
 # The flags each mode leaves unused, refused when given ("n": plain sampling)
 MODE_IGNORES = {"reconstruct": ("n", "temperature", "position", "repeats", "seed"),
-                "surprise": ("n", "position", "repeats"), "evaluate": ("n", "position"), "bench": ("repeats",),
-                "blind": ("repeats",), "n": ("repeats",)}
+                "surprise": ("n", "position", "repeats"), "evaluate": ("n", "position", "dest"),
+                "bench": ("repeats", "dest"), "blind": ("repeats",), "n": ("repeats",)}
 
 
 def parse_args(argv=None):
@@ -93,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--calls", metavar="0,1,...", help="with --blind: your call on each tile of blind.png in reading "
                    "order (1: say yes, 0: no); counts them by source from blind_key.json, drawing nothing")
     args = p.parse_args(argv)
-    given = {k: getattr(args, k) for k in ("n", "temperature", "position", "repeats", "seed")}
+    given = {k: getattr(args, k) for k in ("n", "temperature", "position", "repeats", "seed", "dest")}
     for k, v in (("n", 16), ("temperature", 1.0), ("repeats", 1), ("seed", 0)):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.n < 1:

@@ -1770,6 +1770,7 @@ def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):
     (["--prior_dropout", "0.999"], "prior_dropout must be 0 or in"),  # byte_dropout would divide by 0
     (["--prior_dropout", "inf"], "prior_dropout must be 0 or in"), (["--prior_dropout", "nan"], "prior_dropout"),
     (["--levels", "2", "--prior_dilations", "1", "3"], "gaps"),
+    (["--in_channels", "3"], "unrecognized"),  # the loaders give one channel: no flag for more
 ])
 def test_train_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, says):
     with pytest.raises(SystemExit) as e:
@@ -1778,6 +1779,41 @@ def test_train_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, says):
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o" / "vqvae.pt").exists()  # said before anything trains
+
+
+def test_one_train_py_at_a_time_in_an_out_folder(tmp_path, capsys, monkeypatch):
+    out, lock = tmp_path / "run", tmp_path / "run" / "train.lock"
+    out.mkdir()
+    seen = []  # the lock while the run reads its slices
+    load = train.load_data
+    monkeypatch.setattr(train, "load_data", lambda run, files: (seen.append(lock.read_text()), load(run, files))[1])
+    host = __import__("socket").gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for held, refused in ((f"{host} {os.getppid()}", True), ("elsewhere 1", True),  # live here, or another machine's
+                          (f"{host} {dead.pid}", False), (f"{host} {os.getpid()}", False)):  # killed: taken over
+        lock.write_text(held)
+        if refused:
+            with pytest.raises(SystemExit) as e:
+                train.main(["--out", str(out), *TINY, "--stage", "vqvae", "--epochs", "1", "--overwrite"])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and "in use by another train.py" in err and str(lock) in err, err
+            assert lock.read_text() == held and not (out / "vqvae.pt").exists()  # its lock stays, nothing trained
+        else:
+            train.main(["--out", str(out), *TINY, "--stage", "vqvae", "--epochs", "1", "--overwrite"])
+            assert seen[-1] == f"{host} {os.getpid()}" and not lock.exists()  # held while it ran, then let go
+    assert len(seen) == 2
+    monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("read the slices before finding --out unwritable"))
+    if os.path.isdir("/proc"):  # a folder no file can be created in
+        with pytest.raises(SystemExit) as e:
+            train.main(["--out", "/proc", *TINY])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "cannot write in --out /proc" in err and "--resume" not in err
+    monkeypatch.chdir(tmp_path / "run")  # an empty --out (an unset variable) would fill the current folder
+    before = sorted(os.listdir())
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", "", *TINY])
+    assert e.value.code == 2 and "--out must name a folder" in capsys.readouterr().err and sorted(os.listdir()) == before
 
 
 def test_sample_usage_errors(tmp_path, capsys, monkeypatch):
@@ -1789,7 +1825,9 @@ def test_sample_usage_errors(tmp_path, capsys, monkeypatch):
              (["--reconstruct", "x.nii", "--n", "4", "--position", "0.3"], "--n and --position do nothing with --recon"),
              (["--surprise", "x.nii", "--position", "0.3"], "--position does nothing with --surprise"),
              (["--reconstruct", "x.nii", "--seed", "3"], "--seed does nothing with --reconstruct"),
-             (["--evaluate", "--n", "8"], "--n does nothing"), (["--repeats", "2"], "nothing with sampling")]
+             (["--evaluate", "--n", "8"], "--n does nothing"), (["--repeats", "2"], "nothing with sampling"),
+             (["--evaluate", "--dest", "x"], "--dest does nothing with --evaluate"),
+             (["--bench", "--dest", "x"], "--dest does nothing with --bench")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "no CUDA device"))
     for argv, says in cases:

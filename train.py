@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -132,7 +133,8 @@ def parse_args(argv=None):
                         "its SSIM searches take minutes on the host; sample.py --evaluate runs it later")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable file")
     p.add_argument("--log_every", type=int, default=50, help="steps between log lines")
-    _config_flags(p, vq.VQVAEConfig)
+    _config_flags(p, vq.VQVAEConfig, skip=("in_channels",))  # the loaders give one channel
+    p.set_defaults(in_channels=1)
     _config_flags(p, vq.PriorConfig, skip=("n_codes", "height", "width", "positional", "cond_codes", "code_dim"),
                   defaults={"prior_dropout": f"{vq.PriorConfig.prior_dropout}; 0.3 on a small folder"})
     p.add_argument("--prior_tied", type=_bool, default=True, help="tie the prior's code embedding and logits to "
@@ -157,6 +159,8 @@ def parse_args(argv=None):
         fail(f"--prior_seed must be between 0 and 2**63 - 1, got {args.prior_seed}")
     if not 0 <= args.prior_ema < 1:
         fail(f"--prior_ema must be in [0, 1) (0: no average), got {args.prior_ema}")
+    if not args.out:  # an empty variable: the run would fill the current folder
+        fail("--out must name a folder, got ''")
     if args.resume and args.overwrite:
         fail("--resume continues OUT's run and --overwrite replaces it: give one")
     if args.size is not None and min(args.size) < 16:
@@ -969,8 +973,55 @@ def train(args):
     if found:
         run.log(f"size {args.size[0]} x {args.size[1]}: the training slices' most common shape, fit within {LONGEST} "
                 "(--size H W to choose)")
-    with _save_on_signals(run):
+    with _save_on_signals(run), _out_locked(run):
         return _stages(run, files)
+
+
+@contextlib.contextmanager
+def _out_locked(run):
+    """--out, created, with OUT/train.lock held (by the main process) while this run writes there: a second
+    train.py into the same folder is refused, and a folder nothing can be written in is found before any slice
+    is read. A lock whose process is gone (killed) is taken over."""
+    if not run.main:
+        yield
+        return
+    try:
+        run.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, a read-only disk
+        why = "it is a file, not a folder" if run.out.is_file() else e.strerror
+        raise UsageError(f"cannot create --out {run.out}: {why}") from None
+    path, host = run.out / "train.lock", socket.gethostname()
+    for _ in range(3):
+        try:
+            with open(path, "x") as f:
+                f.write(f"{host} {os.getpid()}")
+            break
+        except FileExistsError:
+            held, _, pid = (path.read_text() if path.exists() else "").partition(" ")
+            if held == host and pid.isdigit() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)  # its run was killed
+            elif held:
+                raise UsageError(f"{run.out} is in use by another train.py (pid {pid} on {held}): wait for it, or "
+                                 f"give another --out (delete {path} if no run is writing there)") from None
+        except OSError as e:  # /proc, a read-only folder
+            raise UsageError(f"cannot write in --out {run.out}: {e.strerror}") from None
+    else:  # another run took it and left it, three times over
+        raise UsageError(f"{run.out} is in use by another train.py: delete {path} if no run is writing there")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid):
+    """Whether process pid runs here (not this one: a lock of this pid is a killed run's, its number reused)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return pid != os.getpid()
 
 
 def _refuse_other_data(args, model_path, old):
@@ -994,12 +1045,6 @@ def _refuse_other_data(args, model_path, old):
 
 def _stages(run, files):
     args, model_path, summary_path = run.args, run.out / "model.pt", run.out / "summary.json"
-    if run.main:
-        try:
-            run.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:  # a file of that name, a read-only disk: before any slice is read
-            why = "it is a file, not a folder" if run.out.is_file() else e.strerror
-            raise UsageError(f"cannot create --out {run.out}: {why}") from None
     stages = ["vqvae", "prior"] if args.stage == "all" else [args.stage]
     if args.resume and not any((run.out / f"{s}.pt").exists() for s in stages):
         raise UsageError(f"--resume: nothing to resume in {run.out} (no {' or '.join(s + '.pt' for s in stages)})")
@@ -1086,7 +1131,9 @@ def main(argv=None):
         fail(str(e))
     except OSError as e:  # a full disk or lost folder mid-run: checkpoints already written stay whole
         room = " make room, then" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        fail(f"{e.filename or 'a file'}: {e.strerror or e} (the checkpoints written before are whole:{room} --resume)")
+        kept = any((Path(args.out) / f"{s}.pt").exists() for s in ("vqvae", "prior"))
+        fail(f"{e.filename or 'a file'}: {e.strerror or e}"
+             + f" (the checkpoints written before are whole:{room} --resume)" * kept)
     except Interrupted as e:
         print(e, file=sys.stderr)
         raise SystemExit(130) from None

@@ -165,9 +165,13 @@ def step_tree(ctx, limit):
     return result
 
 
-def _train(ctx, name, limit, flags, stages=("vqvae", "prior")):
+def _train(ctx, name, limit, flags, stages=("vqvae", "prior"), fresh=True):
+    """train.py in its own process into WORK/name (emptied first unless fresh is False: the step filled it)."""
     out_dir = ctx.work / name
     record = ctx.work / f"{name}.json"
+    record.unlink(missing_ok=True)  # a kept --work holds an earlier run's: never reported as this one's
+    if fresh:
+        shutil.rmtree(out_dir, ignore_errors=True)
     size = QUICK_TREE["size"] if ctx.quick else TREE["size"]
     argv = ["--data", str(ctx.tree), "--out", str(out_dir), "--size", *map(str, size), *flags]
     status, seconds, _, out = _run([sys.executable, "-m", "kernels.gpu_check", "--worker", "train", str(record),
@@ -247,12 +251,13 @@ def step_train_compile(ctx, limit):
     if not (base / "model.pt").exists():
         return {"status": "not run", "reason": "train_bf16 left no model.pt"}
     out_dir = ctx.work / "train_compile"
-    out_dir.mkdir(exist_ok=True)
+    shutil.rmtree(out_dir, ignore_errors=True)  # a kept --work's prior.pt would refuse this run
+    out_dir.mkdir()
     for name in ("model.pt", "vqvae.pt", "summary.json", "metrics.jsonl"):
         if (base / name).exists():
             shutil.copy(base / name, out_dir / name)
     return _train(ctx, "train_compile", limit, ["--stage", "prior", "--compile", "--prior_epochs", "1",
-                                                "--minutes", "0.5", "--realism", "false"], stages=("prior",))
+                                                "--minutes", "0.5", "--realism", "false"], ("prior",), False)
 
 
 def step_sampler(ctx, limit):
@@ -468,9 +473,12 @@ def main(argv=None):
                 "that holds one")
     t0 = time.time()
     out = Path(args.out).resolve()  # the steps run from the repository root: a relative path would move
-    out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    for flag, folder in (("--out", out), ("--work", work)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file of that name, /proc
+            p.error(f"{flag} {folder}: {'a file, not a folder' if folder.is_file() else e.strerror}")
     ctx = _Context(out, work, args.quick)
     limits, total = (QUICK_LIMITS, QUICK_TOTAL_S) if args.quick else (LIMITS, TOTAL_S)
     report = {"quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": _device(args.quick),

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -548,6 +549,33 @@ def test_gpu_check_never_reports_an_earlier_runs_bench(tmp_path, monkeypatch):
     assert result["status"] == "timed out" and result["rows"] is None and result["goals"] is None
 
 
+def test_gpu_check_training_steps_never_report_a_kept_works_run(tmp_path, monkeypatch):
+    from kernels import gpu_check
+
+    ctx = gpu_check._Context(tmp_path / "out", tmp_path / "work", True)
+    for name in ("train_bf16", "train_compile"):  # an earlier gpu_check's models and figures, in a kept --work
+        (ctx.work / name).mkdir(parents=True)
+        for f in ("model.pt", "vqvae.pt", "prior.pt"):
+            (ctx.work / name / f).write_bytes(b"old")
+        (ctx.work / name / "summary.json").write_text(json.dumps({"test_ssim_mean": 0.9, "prior_bits_per_code": 1.5}))
+        (ctx.work / name / "metrics.jsonl").write_text(json.dumps({"stage": "prior", "epoch": 1, "seconds": 9}) + "\n")
+        (ctx.work / f"{name}.json").write_text(json.dumps({"worker_seconds": 99}))
+    seen = {}
+
+    def failing(argv, *a, **k):  # the step's train.py: what its folder held when it started, then a failure
+        out = Path(json.loads(argv[-1])[3])  # the worker's train.py argv: --data TREE --out OUT ...
+        seen[out.name] = sorted(p.name for p in out.iterdir()) if out.exists() else []
+        return "failed", 1.0, 1, "error: it broke"
+    monkeypatch.setattr(gpu_check, "_run", failing)
+    bf16 = gpu_check.step_train_bf16(ctx, 60)
+    assert seen["train_bf16"] == [] and bf16["status"] == "failed"
+    assert "worker_seconds" not in bf16 and bf16.get("test_ssim_mean") is None and not bf16["seconds_per_epoch"]
+    (ctx.work / "train_bf16").mkdir()
+    (ctx.work / "train_bf16" / "model.pt").write_bytes(b"new")  # as a finished train_bf16 leaves it
+    compiled = gpu_check.step_train_compile(ctx, 60)
+    assert seen["train_compile"] == ["model.pt"] and "worker_seconds" not in compiled  # no old prior.pt to refuse it
+
+
 def test_gpu_check_refuses_training_steps_without_their_tree(tmp_path, capsys):
     from kernels import gpu_check
 
@@ -555,6 +583,11 @@ def test_gpu_check_refuses_training_steps_without_their_tree(tmp_path, capsys):
         gpu_check.main(["--out", str(tmp_path / "out"), "--only", "sampler", "train_fp32"])
     assert e.value.code == 2 and "trains on the phantom tree: add tree" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything is made
+    (tmp_path / "a_file").write_text("")
+    for flag in ("--out", "--work"):  # a file where a folder goes: one line, not a traceback
+        with pytest.raises(SystemExit) as e:
+            gpu_check.main(["--out", str(tmp_path / "o"), flag, str(tmp_path / "a_file"), "--only", "bench"])
+        assert e.value.code == 2 and f"{flag} {tmp_path / 'a_file'}: a file, not a folder" in capsys.readouterr().err
 
 
 def test_gpu_check_limits_fit_seven_minutes():

@@ -2022,6 +2022,14 @@ def test_resume_refuses_other_data_and_keeps_the_schedule(tmp_path, capsys):
     _train(tmp_path, "--stage", "vqvae", "--resume", "--epochs", "4")
     lrs = [json.loads(r)["lr"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(lrs) == 4 and lrs[2] <= lrs[1] + 1e-12 and lrs[3] <= lrs[2] + 1e-12  # no jump back up
+    state = torch.load(tmp_path / "vqvae.pt", weights_only=True)  # as another version of vq.py wrote it
+    state["vqvae_config"]["dead_threshold"] = 1.0  # a value this version refuses
+    torch.save(state, tmp_path / "vqvae.pt")
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "--stage", "vqvae", "--resume", "--epochs", "5")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "written by another version of vq.py (dead_threshold" in err and \
+        len(err.strip().splitlines()) == 1, err
 
 
 def test_resume_refuses_other_learning_rates_shifts_or_averages(tmp_path, capsys):

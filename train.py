@@ -331,7 +331,10 @@ def _resume_state(run, name, settings, config_key, config):
     # a field added since the checkpoint holds its (off) default there; one dropped is left out
     norm = lambda c: asdict(vq._config_of(vq.VQVAEConfig if name == "vqvae" else vq.PriorConfig, c))
     two = "top" in old and "top" in config  # two levels: the same flags in both priors
-    old = {k: norm(v) for k, v in old.items()} if two else norm(old) if "top" not in old else old
+    try:
+        old = {k: norm(v) for k, v in old.items()} if two else norm(old) if "top" not in old else old
+    except (TypeError, ValueError) as e:  # a setting this version no longer takes
+        raise UsageError(f"{path} was written by another version of vq.py ({e}): {_afresh(name)}") from None
     if old != config:
         pairs = [(old[k], config[k]) for k in ("top", "bottom")] if two else [(old, config)]
         what = ", ".join(sorted({f"--prior_tied {bool(o.get(k))} (now {bool(c.get(k))})" if k == "code_dim" else

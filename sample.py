@@ -278,11 +278,16 @@ def _source(blind):
 
 def _count_calls(path, calls, blind):
     """--calls '1,0,...' against the key of a blind picture: {"a": OUT's tiles called 1, "b": --blind's}."""
+    if not path.is_file():
+        raise UsageError(f"no blind key at {path}: draw the picture first (same --out, --dest and --seed)")
     try:
         key = json.loads(path.read_text())
         tiles, names = key["tiles"], {a: key[a] for a in "ab"}
+        if not (isinstance(tiles, list) and all(isinstance(v, str) for v in names.values())):
+            raise TypeError("not a key")
     except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(f"no blind key at {path}: draw the picture first (same --out, --dest and --seed)")
+        raise UsageError(f"the blind key at {path} is not one blind.png's key (damaged?): draw the picture "
+                         "again") from None
     if _source(names["b"]) != _source(blind):
         raise UsageError(f"the blind key at {path} is of {names['b']}, not --blind {blind}")
     said = calls.replace(" ", "").split(",")

@@ -1632,7 +1632,12 @@ def test_blind_comparison_shuffles_two_sources_and_keys_them(tmp_path, capsys):
                        (["--blind", str(tmp_path / "none")], "no model.pt there"),
                        (["--blind", "test", "--evaluate"], "separate modes"), (["--calls", "1"], "goes with --blind"),
                        (["--blind", "test", "--seed", "4", "--calls", "1,0"], "give 10 calls"),
-                       (["--blind", "test", "--seed", "5", "--calls", "1"], "no blind key")):
+                       (["--blind", "test", "--seed", "5", "--calls", "1"], "no blind key"),
+                       (["--blind", "test", "--seed", "6", "--calls", "1"], "is not one blind.png's key (damaged?)"),
+                       (["--blind", "test", "--seed", "7", "--calls", "1"], "is not one blind.png's key (damaged?)")):
+        for seed, text in (("6", "{"), ("7", json.dumps({"a": str(run), "b": "test", "tiles": None}))):
+            (run / f"blind_test_seed{seed}").mkdir(exist_ok=True)
+            (run / f"blind_test_seed{seed}" / "blind_key.json").write_text(text)  # cut short, or edited by hand
         with pytest.raises(SystemExit) as e:
             sample.main(["--out", str(run), *argv])
         err = capsys.readouterr().err

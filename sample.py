@@ -41,6 +41,13 @@ def fail(message):
     raise SystemExit(2)
 
 
+def out_of_memory(e):
+    """The line for an allocation that failed (CUDA, numpy or torch's CPU allocator); None for any other error."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e):
+        return f"out of memory ({' '.join(str(e).split())[:160] or type(e).__name__})"
+    return None
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         fail(f"{message} (see --help)")
@@ -835,6 +842,10 @@ def main(argv=None):
         fail(str(e))
     except OSError as e:  # a full disk mid-write
         fail(f"{e.filename or 'a file'}: {e.strerror or e}")
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        fail(f"{out_of_memory(e)}: a smaller --n, or --device cpu")
     except KeyboardInterrupt:  # Ctrl-C: one line; what was written stays, the model is only ever read
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -1821,6 +1821,24 @@ def test_one_train_py_at_a_time_in_an_out_folder(tmp_path, capsys, monkeypatch):
     assert e.value.code == 2 and "--out must name a folder" in capsys.readouterr().err and sorted(os.listdir()) == before
 
 
+def test_out_of_memory_is_one_line_and_other_errors_stay_tracebacks(tmp_path, capsys, monkeypatch):
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB")
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)")
+    for error in (cuda, cpu, MemoryError("Unable to allocate 75. GiB for an array")):
+        for script, where, argv in ((train, "train_vqvae", ["--out", str(tmp_path / "o"), *TINY]),
+                                    (sample, "generate", ["--out", str(tmp_path / "o")])):
+            monkeypatch.setattr(script, where, lambda *a, error=error: (_ for _ in ()).throw(error))
+            with pytest.raises(SystemExit) as e:
+                script.main(argv)
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and err.startswith("error: out of memory (") and len(err.splitlines()) == 1
+            assert ("--batch_size" if script is train else "a smaller --n") in err
+    monkeypatch.setattr(train, "train_vqvae", lambda *a: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # not ours to hide
+        train.main(["--out", str(tmp_path / "o2"), *TINY])
+
+
 def test_sample_usage_errors(tmp_path, capsys, monkeypatch):
     (tmp_path / "a_file").write_text("")
     cases = [([], "no checkpoint"), (["--n", "0"], "--n"), (["--temperature", "0"], "temperature"),

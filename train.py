@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 import vq
-from sample import (Parser, UsageError, check_seed_and_device, fail, image_grid, lesion_report, read_summary,
-                    realism_report, save_png, warnings_as_lines)
+from sample import (Parser, UsageError, check_seed_and_device, fail, image_grid, lesion_report, out_of_memory,
+                    read_summary, realism_report, save_png, warnings_as_lines)
 
 # Without --data: defaults sized so both stages finish in minutes on a 2-core CPU (flags still win).
 # lr, prior_lr: the best measured at the same budget (README). The phantom's VQ-VAE, 1875 steps, at 5e-3
@@ -1137,6 +1137,10 @@ def main(argv=None):
         kept = any((Path(args.out) / f"{s}.pt").exists() for s in ("vqvae", "prior"))
         fail(f"{e.filename or 'a file'}: {e.strerror or e}"
              + f" (the checkpoints written before are whole:{room} --resume)" * kept)
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        fail(f"{out_of_memory(e)}: a smaller --batch_size or --prior_batch_size (or --size, widths)")
     except Interrupted as e:
         print(e, file=sys.stderr)
         raise SystemExit(130) from None

@@ -1981,12 +1981,14 @@ def test_two_stage_commands_keep_summary_and_model_in_agreement(tmp_path, capsys
     _train(tmp_path, "--stage", "vqvae", "--overwrite")  # the same VQ-VAE again (a CPU repeats it): its prior stays
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
     assert "prior" in ckpt and ckpt["vqvae_fingerprint"] == s["vqvae_fingerprint"]  # and the prior's lines with it
+    assert (tmp_path / "samples.png").exists() and (tmp_path / "positions.png").exists()  # and its pictures
     assert sorted(json.loads(r)["stage"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()) == \
         ["prior"] * 2 + ["vqvae"] * 2
     _train(tmp_path, "--stage", "vqvae", "--overwrite", "--seed", "1")  # a new VQ-VAE: model.pt has no prior
     s = json.loads((tmp_path / "summary.json").read_text())
     assert "prior" not in torch.load(tmp_path / "model.pt", weights_only=True)
     assert "test_ssim_mean" in s and not any("prior" in k or "two_sample" in k for k in s)
+    assert not (tmp_path / "samples.png").exists() and not (tmp_path / "positions.png").exists()  # the old prior's
     assert [json.loads(r)["stage"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == ["vqvae"] * 2
     # prior.pt belongs to the old VQ-VAE: --stage prior trains afresh, with no --resume asked for
     capsys.readouterr()

@@ -1081,7 +1081,9 @@ def _stages(run, files):
             summary.update({k: v for k, v in before.items() if k.startswith(PRIOR_FIGURES)})
         elif not (args.resume and (run.out / "prior.pt").exists() and vq.load_checkpoint(
                 run.out / "prior.pt").get("vqvae_fingerprint") == final["vqvae_fingerprint"]):
-            _trim_metrics(run, lambda r: r["stage"] == "vqvae")  # a prior of the old codes no longer applies
+            _trim_metrics(run, lambda r: r["stage"] == "vqvae")  # a prior of the old codes no longer applies,
+            for name in ("samples.png", "positions.png") if run.main else ():  # nor its pictures
+                (run.out / name).unlink(missing_ok=True)
         write(final, summary)
         run.log(f"vqvae test | ssim {summary['test_ssim_mean']:.4f} +- {summary['test_ssim_std']:.4f} "
                 f"(min {summary['test_ssim_min']:.4f}) | body ssim {summary['test_ssim_body_mean']:.4f} | "

@@ -2609,6 +2609,23 @@ def test_ctrl_c_during_the_reports_stops_at_once_with_both_models_saved(tmp_path
     assert "prior_bits_per_code" in summary and "two_sample_samples" not in summary
 
 
+def test_ctrl_c_while_reading_the_slices_stops_there_and_leaves_no_run(tmp_path, capsys, monkeypatch):
+    load, after = vq.load_splits, []  # what ran after the signal
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while a big folder is read (a minute for HipMRI's first read)
+        os.kill(os.getpid(), signal.SIGINT)
+        after.append("read on")
+        return load(*args, **kwargs)
+    monkeypatch.setattr(vq, "load_splits", interrupted)
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "while reading the slices: nothing was trained" in err and not after
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no step-0 checkpoint to --resume or --overwrite
+    monkeypatch.setattr(vq, "load_splits", load)
+    _train(tmp_path, "--epochs", "1", "--prior_epochs", "1", "--realism", "false")  # a plain rerun trains
+
+
 def test_an_interrupted_prior_resumes_with_its_records(tmp_path, capsys, monkeypatch):
     lr_at, sent = train._lr_at, []
 

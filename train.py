@@ -210,6 +210,7 @@ class Run:
         self.main = self.rank == 0
         self.signalled = None  # the name of a SIGINT / SIGTERM that came: save at the next step, then stop
         self.reporting = False  # in the reports after stage 2, when model.pt is complete: a signal stops at once
+        self.loading = False  # reading the slices, one process: nothing to save yet, a signal stops at once
         self.curves_drawn = 0.0  # when curves.png was last drawn during training
         self.out = Path(args.out)
         self.t0 = time.time()
@@ -372,6 +373,8 @@ def _save_on_signals(run):
             signal.signal(s, h)
         if run.reporting:
             raise Interrupted(_stopped_in_reports(run))
+        if run.loading:
+            raise Interrupted(f"stopped by {run.signalled} while reading the slices: nothing was trained or saved")
 
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
@@ -1055,7 +1058,11 @@ def _stages(run, files):
     if args.stage == "prior":
         _refuse_other_data(args, model_path, old)
     _refuse_overwrite(run, stages, old)
-    data = load_data(run, files)
+    run.loading = run.world == 1  # with several processes each stops at a step, together
+    try:
+        data = load_data(run, files)
+    finally:
+        run.loading = False
     _fill_defaults(run, len(data["train"]))
     common = dict(n_train=len(data["train"]), n_val=len(data["validate"]), n_test=len(data["test"]),
                   skipped_files=data["skipped"], device=str(run.device) + (f" x{run.world}" if run.world > 1 else ""),

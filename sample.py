@@ -845,7 +845,7 @@ def main(argv=None):
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        fail(f"{out_of_memory(e)}: a smaller --n, or --device cpu")
+        fail(out_of_memory(e) + (": a smaller --n" if not (args.evaluate or args.reconstruct or args.surprise) else ""))
     except KeyboardInterrupt:  # Ctrl-C: one line; what was written stays, the model is only ever read
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None

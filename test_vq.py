@@ -1818,11 +1818,12 @@ def test_one_train_py_at_a_time_in_an_out_folder(tmp_path, capsys, monkeypatch):
     before = sorted(os.listdir())
     with pytest.raises(SystemExit) as e:
         train.main(["--out", "", *TINY])
-    assert e.value.code == 2 and "--out must name a folder" in capsys.readouterr().err and sorted(os.listdir()) == before
+    assert e.value.code == 2 and "--out must name a folder" in capsys.readouterr().err
+    assert sorted(os.listdir()) == before
 
 
 def test_out_of_memory_is_one_line_and_other_errors_stay_tracebacks(tmp_path, capsys, monkeypatch):
-    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB")
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 79 GiB in all")
     cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
                        "you tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)")
     for error in (cuda, cpu, MemoryError("Unable to allocate 75. GiB for an array")):

@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -343,11 +344,15 @@ def _warm_shard(shapes, i, processes, device="cuda"):
 
 def _cpu_in_subprocess(path, N, K, D):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [sys.executable, "-m", "kernels.bench", "--worker", path, str(N), str(K), str(D)],
-        cwd=root, check=True, capture_output=True, text=True,
-    ).stdout
-    result = json.loads(out.splitlines()[-1])
+    done = subprocess.run([sys.executable, "-m", "kernels.bench", "--worker", path, str(N), str(K), str(D)],
+                          cwd=root, capture_output=True, text=True)
+    if done.returncode:  # one line, not a CalledProcessError: the rows before it are in --json already
+        how = (f"was killed by {signal.Signals(-done.returncode).name}" if done.returncode < 0 else
+               f"exited with {done.returncode}") + (" (out of memory?)" if done.returncode == -signal.SIGKILL else "")
+        last = (done.stderr.strip().splitlines() or [""])[-1]
+        print(f"error: {path} at N={N} K={K} D={D} {how}{': ' + last if last else ''}", file=sys.stderr)
+        raise SystemExit(2)
+    result = json.loads(done.stdout.splitlines()[-1])
     return result["ms"], result["peak"]
 
 

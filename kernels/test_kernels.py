@@ -498,6 +498,21 @@ def test_bench_main_writes_json(tmp_path):
     assert all(r["ms"] > 0 for r in report["rows"]) if "cpu" in report["device"] else report["goals"]
 
 
+@pytest.mark.parametrize("returncode, stderr, says", [
+    (-9, "", "was killed by SIGKILL (out of memory?)"),  # a shape too big for the machine
+    (1, "Traceback (most recent call last):\n...\nRuntimeError: can't allocate memory", "exited with 1: RuntimeError"),
+])
+def test_bench_worker_that_dies_is_one_line(returncode, stderr, says, capsys, monkeypatch):
+    from kernels import bench
+
+    died = lambda cmd, **k: subprocess.CompletedProcess(cmd, returncode, "", stderr)  # noqa: E731
+    monkeypatch.setattr(bench.subprocess, "run", died)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--shapes", "4096x64x8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "N=4096 K=64 D=8" in err[0] and says in err[0], err
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--shapes", "4x0x4"], "K >= 1"), (["--shapes", "4x4x0"], "D >= 1"), (["--shapes=-1x4x4"], "N >= 0"),
     (["--json", "/no/such/folder/x.json"], "its folder does not exist"), (["--json", "."], "a folder"),

@@ -843,9 +843,9 @@ def main(argv=None):
     except OSError as e:  # a full disk mid-write
         fail(f"{e.filename or 'a file'}: {e.strerror or e}")
     except (MemoryError, RuntimeError) as e:
-        if not out_of_memory(e):
+        if not (why := out_of_memory(e)):
             raise
-        fail(out_of_memory(e) + (": a smaller --n" if not (args.evaluate or args.reconstruct or args.surprise) else ""))
+        fail(why + (": a smaller --n" if not (args.evaluate or args.reconstruct or args.surprise) else ""))
     except KeyboardInterrupt:  # Ctrl-C: one line; what was written stays, the model is only ever read
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -12,6 +12,7 @@ import re
 import shutil
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import types
@@ -1792,7 +1793,7 @@ def test_one_train_py_at_a_time_in_an_out_folder(tmp_path, capsys, monkeypatch):
     seen = []  # the lock while the run reads its slices
     load = train.load_data
     monkeypatch.setattr(train, "load_data", lambda run, files: (seen.append(lock.read_text()), load(run, files))[1])
-    host = __import__("socket").gethostname()
+    host = socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     for held, refused in ((f"{host} {os.getppid()}", True), ("elsewhere 1", True),  # live here, or another machine's

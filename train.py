@@ -209,8 +209,7 @@ class Run:
         self.bf16 = args.bf16 and (self.device.type == "cuda" or _cpu_has_bf16())  # training steps in bf16 autocast
         self.main = self.rank == 0
         self.signalled = None  # the name of a SIGINT / SIGTERM that came: save at the next step, then stop
-        self.reporting = False  # in the reports after stage 2, when model.pt is complete: a signal stops at once
-        self.loading = False  # reading the slices, one process: nothing to save yet, a signal stops at once
+        self.at_once = None  # set by _stops_at_once: a signal stops the run at once, with the line it gives
         self.curves_drawn = 0.0  # when curves.png was last drawn during training
         self.out = Path(args.out)
         self.t0 = time.time()
@@ -363,6 +362,21 @@ def _stopped_in_reports(run):
             f"python sample.py --evaluate --out {run.out} writes the reports")
 
 
+def _stopped_reading(run):
+    return f"stopped by {run.signalled} while reading the slices: nothing was trained or saved"
+
+
+@contextlib.contextmanager
+def _stops_at_once(run, line):
+    """A signal in the block stops the run at once, with line(run): where the loop has nothing to save (the
+    slices being read, or the reports once model.pt is complete)."""
+    run.at_once = line
+    try:
+        yield
+    finally:
+        run.at_once = None
+
+
 @contextlib.contextmanager
 def _save_on_signals(run):
     """SIGINT and SIGTERM (a cluster's preemption) ask the loop to save and stop at the next step;
@@ -371,10 +385,8 @@ def _save_on_signals(run):
         run.signalled = signal.Signals(signum).name
         for s, h in saved.items():
             signal.signal(s, h)
-        if run.reporting:
-            raise Interrupted(_stopped_in_reports(run))
-        if run.loading:
-            raise Interrupted(f"stopped by {run.signalled} while reading the slices: nothing was trained or saved")
+        if run.at_once:
+            raise Interrupted(run.at_once(run))
 
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
@@ -1058,11 +1070,9 @@ def _stages(run, files):
     if args.stage == "prior":
         _refuse_other_data(args, model_path, old)
     _refuse_overwrite(run, stages, old)
-    run.loading = run.world == 1  # with several processes each stops at a step, together
-    try:
+    # with several processes each stops at a step, together
+    with _stops_at_once(run, _stopped_reading) if run.world == 1 else contextlib.nullcontext():
         data = load_data(run, files)
-    finally:
-        run.loading = False
     _fill_defaults(run, len(data["train"]))
     common = dict(n_train=len(data["train"]), n_val=len(data["validate"]), n_test=len(data["test"]),
                   skipped_files=data["skipped"], device=str(run.device) + (f" x{run.world}" if run.world > 1 else ""),
@@ -1116,11 +1126,8 @@ def _stages(run, files):
         if run.main:
             if run.signalled:  # came after the last step: the models are saved, so stop before the reports
                 raise Interrupted(_stopped_in_reports(run))
-            run.reporting = True
-            try:
+            with _stops_at_once(run, _stopped_in_reports):
                 summary.update(report_prior(run, data, vqvae, prior, parts["surprise"]))
-            finally:
-                run.reporting = False
             run.log(f"samples in {run.out / 'samples.png'}")
     summary["seconds_total"] = round(time.time() - run.t0, 1)
     write(final, summary)
@@ -1147,9 +1154,9 @@ def main(argv=None):
         fail(f"{e.filename or 'a file'}: {e.strerror or e}"
              + f" (the checkpoints written before are whole:{room} --resume)" * kept)
     except (MemoryError, RuntimeError) as e:
-        if not out_of_memory(e):
+        if not (why := out_of_memory(e)):
             raise
-        fail(f"{out_of_memory(e)}: a smaller --batch_size or --prior_batch_size (or --size, widths)")
+        fail(f"{why}: a smaller --batch_size or --prior_batch_size (or --size, widths)")
     except Interrupted as e:
         print(e, file=sys.stderr)
         raise SystemExit(130) from None

@@ -156,6 +156,23 @@ def test_each_slice_scaled_by_its_own_percentiles_so_hot_pixels_clip(tmp_path):
         assert 0.3 < got[k, 0].numpy().mean() < 0.7  # min-max scaling would crush it near 0
 
 
+def test_complex_slices_read_as_magnitude_and_float64_overflow_counts_as_non_finite(tmp_path):
+    rng = np.random.default_rng(4)
+    mag, phase = 50 + 100 * rng.random((40, 24)), rng.uniform(-np.pi, np.pi, (40, 24))
+    save(tmp_path / "a" / "c.nii", (mag * np.exp(1j * phase)).astype(np.complex64))  # real part: noise of sign
+    save(tmp_path / "b" / "c.nii", mag.astype(np.float32))
+    big = 1 + rng.random((40, 24))
+    big[:2, :3] = 1e300  # float64 only: inf once float32
+    save(tmp_path / "d" / "c.nii", big)
+    info = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", np.exceptions.ComplexWarning)
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's "overflow encountered in cast"
+        got, want = (load_slices(tmp_path / k, (40, 24), cache_dir=False) for k in "ab")
+        with pytest.warns(UserWarning, match="6 NaN/inf values set to 0"):
+            load_slices(tmp_path / "d", (40, 24), cache_dir=False, info=info)
+    assert (got - want).abs().max() < 2e-3 and info["nonfinite"] == 6  # float16 storage
+
 def test_shrinking_is_antialiased(tmp_path):
     # stripes one pixel on, two off, shrunk 4x: an antialiased filter sees a third everywhere; sampling between
     # two pixels would alias them into bands of 0, 0.5 and 1

@@ -39,7 +39,7 @@ SPLITS = ("train", "validate", "test")
 PHANTOM_RECORD = ("seed", "n_train", "n_val", "n_test")  # a data record's "phantom" list: what draws the phantom set
 SLICE_SUFFIXES = (".nii", ".nii.gz", ".png")
 PERCENTILES = (0.5, 99.5)  # robust range per slice: a few hot pixels must not squash the contrast
-CACHE_VERSION = 4  # part of the cache key: bump it whenever decoding or the cached metadata changes
+CACHE_VERSION = 5  # part of the cache key: bump it whenever decoding or the cached metadata changes
 SERIAL_BELOW = 64  # fewer files than this decode in-process: a pool costs more than it saves
 
 
@@ -187,7 +187,9 @@ def _read(path):
         kind = nib.Nifti2Header if 540 in sizeof_hdr else nib.Nifti1Header
         header = kind.from_fileobj(io.BytesIO(raw), check=False)
         a = header.data_from_fileobj(io.BytesIO(raw))
-    return np.array(np.squeeze(a), dtype=np.float32)  # a writable copy: non-finite values are zeroed in place
+    a = np.abs(a) if np.iscomplexobj(a) else a  # complex MR data: its magnitude, as scanners display it
+    with np.errstate(over="ignore"):  # beyond float32: inf, zeroed and counted with NaN as non-finite
+        return np.array(np.squeeze(a), dtype=np.float32)  # a writable copy: non-finite values are zeroed in place
 
 
 def _normalise(x):

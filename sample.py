@@ -75,7 +75,7 @@ MODE_IGNORES = {"reconstruct": ("n", "temperature", "position", "repeats", "seed
 def parse_args(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="out", help="the training output folder holding model.pt (default out)")
-    p.add_argument("--n", type=int, help="number of samples (default 16)")
+    p.add_argument("--n", type=int, help="number of samples (default 16; grid.png shows the first 256)")
     p.add_argument("--temperature", type=float, help="of the prior's draws (default 1)")
     p.add_argument("--position", type=float, default=None,
                    help="slice position in its volume, 0 (first) to 1 (last); default: drawn as in the training data")
@@ -210,19 +210,27 @@ def _save_nifti(path, image):  # whole or not at all, as every file written here
     vq._atomic_write(Path(path), lambda f: f.write(gzip.compress(data, 1) if str(path).endswith(".gz") else data))
 
 
+GRID_TILES = 256  # grid.png shows the first 256 samples at most: a bigger grid is more than a viewer shows
+
+
 def generate(args):
     ckpt, vqvae, prior, device = _load(args, need_prior=True)
     where = "" if args.position is None else f"_p{args.position:g}"
     dest = Path(args.dest or Path(args.out) / f"samples_seed{args.seed}_t{args.temperature:g}{where}")
     _make_dest(dest)
-    g = torch.Generator(device).manual_seed(args.seed)
-    images = vq.sample_slices(vqvae, prior, args.n, args.temperature, generator=g, position=args.position)  # (n, 1, H, W)
-    save_png(dest / "grid.png", image_grid(images, ncol=8, rot90=ckpt["data"]["rot90"]))
-    for i, im in enumerate(images):
-        _save_nifti(dest / f"sample_{i:03d}.nii.gz", im[0].numpy())  # as stored: the input slices' orientation
-    print(f"wrote {args.n} sample{'s' * (args.n > 1)} to {dest} (grid.png and sample_*.nii.gz)")
+    g, shown = torch.Generator(device).manual_seed(args.seed), []
+    for k in range(0, args.n, 64):  # 64 at a time, each written as drawn: bounded memory, and Ctrl-C keeps them
+        part = vq.sample_slices(vqvae, prior, min(64, args.n - k), args.temperature, g, args.position)  # the same
+        for i, im in enumerate(part, k):  # draws as all at once: sample_slices draws 64 at a time too
+            _save_nifti(dest / f"sample_{i:03d}.nii.gz", im[0].numpy())  # as stored: the input slices' orientation
+        if k < GRID_TILES:
+            shown.append(part[:GRID_TILES - k])
+            if k + len(part) >= min(args.n, GRID_TILES):  # the grid's tiles are all drawn
+                save_png(dest / "grid.png", image_grid(torch.cat(shown), ncol=8, rot90=ckpt["data"]["rot90"]))
+    first = f", the first {GRID_TILES} in grid.png" if args.n > GRID_TILES else ""
+    print(f"wrote {args.n} sample{'s' * (args.n > 1)} to {dest} (grid.png and sample_*.nii.gz{first})")
     _note_older(dest, r"sample_\d{3,}\.nii\.gz", {f"sample_{i:03d}.nii.gz" for i in range(args.n)})
-    return images
+    return torch.cat(shown)  # (min(n, GRID_TILES), 1, H, W)
 
 
 def _note_older(dest, pattern, written):

@@ -2542,6 +2542,32 @@ def test_rate_train_resume_and_sample(tmp_path, capsys):
     assert sample.main(["--out", str(tmp_path), "--n", "2"]).shape == (2, 1, *x.shape[-2:])
 
 
+def test_many_samples_are_written_as_drawn_and_the_grid_shows_the_first(tmp_path, capsys, monkeypatch):
+    _train(tmp_path, "--prior_epochs", "1", "--realism", "false")
+    ckpt = vq.load_checkpoint(tmp_path / "model.pt")
+    want = vq.sample_slices(vq.VQVAE.from_checkpoint(ckpt), vq.load_prior(ckpt), 70,
+                            generator=torch.Generator().manual_seed(3))  # all at once
+    monkeypatch.setattr(sample, "GRID_TILES", 5)
+    shown = sample.main(["--out", str(tmp_path), "--n", "70", "--seed", "3", "--dest", str(tmp_path / "a")])
+    assert torch.equal(shown, want[:5]) and "the first 5 in grid.png" in capsys.readouterr().out
+    for i in (0, 63, 64, 69):  # across the two draws of 64 and 6
+        assert np.allclose(np.asanyarray(nib.load(tmp_path / "a" / f"sample_{i:03d}.nii.gz").dataobj), want[i, 0])
+    png = (tmp_path / "a" / "grid.png").read_bytes()
+    assert int.from_bytes(png[16:20], "big") == 2 + 5 * 34 and int.from_bytes(png[20:24], "big") == 2 + 34
+    draws, real = [], vq.sample_slices
+
+    def interrupted(*a):  # Ctrl-C in the second draw
+        draws.append(len(draws))
+        if len(draws) > 1:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(vq, "sample_slices", interrupted)
+    with pytest.raises(SystemExit) as e:  # the first 64 are on disk, and the grid
+        sample.main(["--out", str(tmp_path), "--n", "70", "--seed", "3", "--dest", str(tmp_path / "b")])
+    assert e.value.code == 130 and len(list((tmp_path / "b").glob("sample_*.nii.gz"))) == 64
+    assert (tmp_path / "b" / "grid.png").read_bytes() == png
+
+
 def test_a_run_from_before_resumes_with_rate_0_and_is_refused_in_one_line_without(tmp_path, capsys):
     _train(tmp_path, "--stage", "vqvae", "--epochs", "1", "--rate", "0")
     ckpt = vq.load_checkpoint(tmp_path / "vqvae.pt")

@@ -802,7 +802,18 @@ def lesion_report(vqvae, prior, x, position, surprise, seed=0, log=print):
     return report, (xl, masks, s)
 
 
+def _stamp(path):
+    """A file's inode and modification time (None if it is gone): a rewrite, atomic or not, changes them."""
+    try:
+        s = path.stat()
+    except OSError:
+        return None
+    return s.st_ino, s.st_mtime_ns
+
+
 def evaluate(args):
+    model = Path(args.out) / "model.pt"
+    stamp = _stamp(model)  # the report describes the model.pt read now: saved only if it is still the one there
     ckpt, vqvae, prior, device = _load(args, need_prior=True)
     judge = _judge(args, ckpt, prior, device) if args.judge else None
     data = _own_data(ckpt)
@@ -813,7 +824,9 @@ def evaluate(args):
                                 args.seed)[0])
     path = Path(args.out) / "summary.json"
     summary = read_summary(path)
-    if summary and summary.get("vqvae_fingerprint") == ckpt.get("vqvae_fingerprint"):  # it describes this model.pt
+    if _stamp(model) != stamp:
+        print(f"not saved: {model} changed while the report ran (a train.py writing there?); the report is above")
+    elif summary and summary.get("vqvae_fingerprint") == ckpt.get("vqvae_fingerprint"):  # it describes this model.pt
         # the report's figures, whole: a run without --judge leaves no judge figures of an earlier one
         summary = {k: v for k, v in summary.items() if not k.startswith(("two_sample_", "judge_"))}
         vq.save_json(path, {**summary, **report})

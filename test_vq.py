@@ -2568,6 +2568,24 @@ def test_many_samples_are_written_as_drawn_and_the_grid_shows_the_first(tmp_path
     assert (tmp_path / "b" / "grid.png").read_bytes() == png
 
 
+def test_evaluate_saves_nothing_when_model_pt_changed_while_the_report_ran(tmp_path, capsys, monkeypatch):
+    _train(tmp_path, "--prior_epochs", "1", "--realism", "false")
+    model, before = tmp_path / "model.pt", (tmp_path / "summary.json").read_bytes()
+
+    def retrained(*a, **kw):  # a train.py --stage prior --overwrite into the folder, done while the report runs
+        ckpt = vq.load_checkpoint(model)
+        vq.save_checkpoint({**ckpt, "prior": {k: v + 1 for k, v in ckpt["prior"].items()}}, model)
+        return {"two_sample_samples": 0.7}
+    monkeypatch.setattr(sample, "realism_report", retrained)
+    report = sample.main(["--out", str(tmp_path), "--evaluate"])
+    out = capsys.readouterr().out
+    assert "lesion_n" in report and f"not saved: {model} changed while the report ran" in out
+    assert (tmp_path / "summary.json").read_bytes() == before  # not the old prior's figures over the new one's
+    monkeypatch.setattr(sample, "realism_report", lambda *a, **kw: {"two_sample_samples": 0.7})
+    sample.main(["--out", str(tmp_path), "--evaluate"])  # unchanged: saved
+    assert "added to" in capsys.readouterr().out and (tmp_path / "summary.json").read_bytes() != before
+
+
 def test_a_run_from_before_resumes_with_rate_0_and_is_refused_in_one_line_without(tmp_path, capsys):
     _train(tmp_path, "--stage", "vqvae", "--epochs", "1", "--rate", "0")
     ckpt = vq.load_checkpoint(tmp_path / "vqvae.pt")

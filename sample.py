@@ -91,7 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--judge", metavar="PATH", help="with --evaluate: a model.pt whose prior learnt this model's "
                    "codes in the other scan order (train.py --stage prior --prior_transpose true --overwrite in a "
                    "copy of OUT, with the --prior_layers it asks for); reports the bits it gives samples beyond "
-                   "their own (judge_excess_bits_*)")
+                   "their own (judge_excess_bits_*); one-level models only")
     p.add_argument("--bench", action="store_true", help="time the cached sampler against the naive one")
     p.add_argument("--blind", metavar="RUN", help="--n samples of OUT and as many of RUN (another training output "
                    "folder, or 'test' / 'train': OUT's reconstructions of random slices of that split; a folder so "
@@ -185,6 +185,8 @@ def _own_data(ckpt):
 
 def _judge(args, ckpt, prior, device):
     """The prior of --judge's model.pt: one of this VQ-VAE's codes, scanning them in the other order."""
+    if not isinstance(prior, vq.PixelCNN):
+        raise UsageError(f"--judge takes one-level priors only, and the prior in {args.out} has two levels")
     judge_ckpt = vq.load_checkpoint(args.judge)
     if "prior" not in judge_ckpt or judge_ckpt.get("vqvae_fingerprint") != ckpt.get("vqvae_fingerprint"):
         flip = dataclasses.replace(prior.config, prior_transpose=not prior.config.prior_transpose)
@@ -194,8 +196,6 @@ def _judge(args, ckpt, prior, device):
                          f"{args.out}: {_prior_command('COPY')} --overwrite --prior_transpose "
                          f"{str(flip.prior_transpose).lower()} --prior_layers {layers}")
     judge = vq.load_prior(judge_ckpt).to(device)
-    if not isinstance(prior, vq.PixelCNN) or not isinstance(judge, vq.PixelCNN):
-        raise UsageError("--judge takes one-level priors only")
     if judge.config.prior_transpose == prior.config.prior_transpose:  # it would share the prior's blind spots
         raise UsageError(f"--judge {args.judge} scans the codes in the same order as the prior: train it with "
                          f"--prior_transpose {str(not prior.config.prior_transpose).lower()}")

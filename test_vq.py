@@ -2627,6 +2627,11 @@ def test_two_level_train_and_sample(tmp_path, capsys):
         _train(tmp_path, "--levels", "2", "--prior_epochs", "2", "--size", "32", "16", "--resume")
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("--prior_tied False (now True)") == 1 and len(err.strip().splitlines()) == 1
+    capsys.readouterr()
+    vq.save_checkpoint({**vq.load_checkpoint(tmp_path / "model.pt"), "vqvae_fingerprint": "x"}, tmp_path / "o.pt")
+    with pytest.raises(SystemExit) as e:  # said at once, not after a recipe for a judge it would refuse
+        sample.main(["--out", str(tmp_path), "--evaluate", "--judge", str(tmp_path / "o.pt")])
+    assert e.value.code == 2 and "one-level priors only" in capsys.readouterr().err
 
 
 def test_sigterm_saves_at_the_next_step_and_resume_finishes(tmp_path, capsys, monkeypatch):

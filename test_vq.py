@@ -2037,6 +2037,9 @@ def test_prior_restarts_when_its_vqvae_trained_on(tmp_path, capsys):
         _train(tmp_path, "--resume", "--prior_epochs", "3", "--prior_tied", "false")
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--prior_tied True (now False)" in err
+    with pytest.raises(SystemExit) as e2:  # the VQ-VAE's own code_dim is named as itself, not as the prior's tie
+        _train(tmp_path, "--resume", "--epochs", "3", "--code_dim", "16")
+    assert e2.value.code == 2 and "flags: --code_dim 8 (now 16);" in capsys.readouterr().err
     # the way out it names trains a new prior of the same VQ-VAE (a plain --overwrite would retrain the VQ-VAE too)
     assert "--stage prior --overwrite" in err and "--overwrite" not in err.replace("--stage prior --overwrite", "")
     vqvae = (tmp_path / "vqvae.pt").read_bytes()

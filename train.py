@@ -337,7 +337,8 @@ def _resume_state(run, name, settings, config_key, config):
         raise UsageError(f"{path} was written by another version of vq.py ({e}): {_afresh(name)}") from None
     if old != config:
         pairs = [(old[k], config[k]) for k in ("top", "bottom")] if two else [(old, config)]
-        what = ", ".join(sorted({f"--prior_tied {bool(o.get(k))} (now {bool(c.get(k))})" if k == "code_dim" else
+        tied = lambda o, c, k: name == "prior" and k == "code_dim" and bool(o.get(k)) != bool(c.get(k))  # noqa: E731
+        what = ", ".join(sorted({f"--prior_tied {bool(o.get(k))} (now {bool(c.get(k))})" if tied(o, c, k) else
                                  f"--{k} {o.get(k)} (now {c.get(k)})" for o, c in pairs for k in set(o) | set(c)
                                  if o.get(k) != c.get(k)}))
         raise UsageError(f"{path} was trained with other {'prior' if name == 'prior' else 'model'} flags: {what}; "

@@ -1990,7 +1990,11 @@ def test_minutes_budget_saves_mid_epoch_and_resume_finishes(tmp_path, capsys):
 
 def test_two_stage_commands_keep_summary_and_model_in_agreement(tmp_path, capsys):
     _train(tmp_path, "--stage", "vqvae")
-    _train(tmp_path, "--stage", "prior")  # no --resume: the VQ-VAE's figures must survive
+    for flag, said in ((["--levels", "2"], "--levels 1, not --levels 2"), (["--n_codes", "64"], "--n_codes 32, not")):
+        with pytest.raises(SystemExit) as e:  # the VQ-VAE is model.pt's: not silently a one-level prior of 32 codes
+            _train(tmp_path, "--stage", "prior", *flag)
+        assert e.value.code == 2 and f"VQ-VAE in {tmp_path / 'model.pt'}, which has {said}" in capsys.readouterr().err
+    _train(tmp_path, "--stage", "prior")  # no --resume: the VQ-VAE's figures must survive; its flags given alike
     s = json.loads((tmp_path / "summary.json").read_text())
     assert "test_ssim_mean" in s and "prior_bits_per_code" in s
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)

@@ -147,6 +147,9 @@ def parse_args(argv=None):
                 "Defaults shown: the phantom's; a folder's differ: python train.py --data DIR --help")
     args = p.parse_args(argv)
     args.data_from_model = known.data is None and "data" in recorded
+    model_flags = [f.name for f in fields(vq.VQVAEConfig)]
+    p.set_defaults(**dict.fromkeys(model_flags))  # None: not given; --stage prior refuses those model.pt's VQ-VAE lacks
+    args.model_flags_given = [k for k in model_flags if getattr(p.parse_args(argv), k) is not None]
     for names, ok, rule in ((("batch_size", "prior_batch_size", "n_train", "n_val", "n_test", "log_every",
                               "prior_shifts"),
                              lambda v: v >= 1, "at least 1"),
@@ -1044,8 +1047,8 @@ def _alive(pid):
 
 
 def _refuse_other_data(args, model_path, old):
-    """--stage prior learns the codes of model.pt's own slices: other --data, --size or phantom flags are refused
-    before any slice is read."""
+    """--stage prior learns the codes of model.pt's own slices: other --data, --size, phantom or VQ-VAE flags
+    are refused before any slice is read."""
     if not old:
         raise UsageError(f"--stage prior needs a trained VQ-VAE: {model_path} does not exist")
     was, now = dict(old["data"]), _data_settings(args)
@@ -1054,6 +1057,13 @@ def _refuse_other_data(args, model_path, old):
     said = {"source": lambda v: f"--data {v}" if v else "the phantom (no --data)",
             "size": lambda v: f"--size {v[0]} {v[1]}",
             "phantom": lambda v: " ".join(f"--{k} {n}" for k, n in zip(vq.PHANTOM_RECORD, v))}
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    has = asdict(vq._config_of(vq.VQVAEConfig, old.get("vqvae_config", {})))
+    for k in args.model_flags_given:  # a model flag would be silently ignored: the VQ-VAE is model.pt's
+        if plain(getattr(args, k)) != plain(has[k]):
+            flag = lambda v: f"--{k} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"  # noqa: E731
+            raise UsageError(f"--stage prior learns the codes of the VQ-VAE in {model_path}, which has "
+                             f"{flag(has[k])}, not {flag(getattr(args, k))}: drop --{k}, or train both stages")
     for key, say in said.items():
         if was.get(key) != now[key]:
             hint = " (--prior_seed: another prior of the same slices)" if was.get("phantom") and now["phantom"] \

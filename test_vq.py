@@ -1778,6 +1778,7 @@ def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):
     (["--size", "30", "30"], "divisible"),
     (["--data", "/no/such/folder", "--size", "30", "30"], "divisible"),  # before any file is looked for
     (["--data", __file__], "not a folder"),
+    (["--data", str(ROOT), "--n_val", "5"], "with --data every slice of the folder is used: drop --n_val"),
     (["--bogus"], "unrecognized"),
     (["--seed", "-1"], "--seed"),
     (["--prior_seed", "-1"], "--prior_seed"),
@@ -1797,7 +1798,7 @@ def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):
 ])
 def test_train_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, says):
     with pytest.raises(SystemExit) as e:
-        train.main(["--out", str(tmp_path / "o"), *TINY, *argv])
+        train.main(["--out", str(tmp_path / "o"), *(TINY[6:] if "--data" in argv else TINY), *argv])  # no counts
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

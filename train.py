@@ -147,9 +147,13 @@ def parse_args(argv=None):
                 "Defaults shown: the phantom's; a folder's differ: python train.py --data DIR --help")
     args = p.parse_args(argv)
     args.data_from_model = known.data is None and "data" in recorded
-    model_flags = [f.name for f in fields(vq.VQVAEConfig)]
-    p.set_defaults(**dict.fromkeys(model_flags))  # None: not given; --stage prior refuses those model.pt's VQ-VAE lacks
-    args.model_flags_given = [k for k in model_flags if getattr(p.parse_args(argv), k) is not None]
+    model_flags, counts = [f.name for f in fields(vq.VQVAEConfig)], ("n_train", "n_val", "n_test")
+    p.set_defaults(**dict.fromkeys(model_flags + list(counts)))  # None: not given
+    given = vars(p.parse_args(argv))
+    args.model_flags_given = [k for k in model_flags if given[k] is not None]  # --stage prior: as model.pt's or refused
+    for k in counts if data else ():
+        if given[k] is not None:  # a quick try on a subset would silently train on the whole folder
+            fail(f"--{k} counts the phantom's slices; with --data every slice of the folder is used: drop --{k}")
     for names, ok, rule in ((("batch_size", "prior_batch_size", "n_train", "n_val", "n_test", "log_every",
                               "prior_shifts"),
                              lambda v: v >= 1, "at least 1"),

@@ -253,6 +253,13 @@ def blind(args):
     dest = Path(args.dest or Path(args.out) / f"blind_{tag}_seed{args.seed}")
     if args.calls is not None:
         return _count_calls(dest / "blind_key.json", args.calls, args.blind)
+    try:  # the picture and key of another comparison (two runs named alike: the same default dest) are kept
+        old = json.loads((dest / "blind_key.json").read_text())
+        were = (str(Path(old["a"]).resolve()), _source(old["b"]))
+    except (OSError, ValueError, KeyError, TypeError):  # none, or damaged: drawn anew
+        were = None
+    if were and were != (str(Path(args.out).resolve()), _source(args.blind)):
+        raise UsageError(f"{dest} holds the blind test of {old['a']} against {old['b']}: give another --dest")
     ckpt, vqvae, prior, device = _load(args, need_prior=True)
     draw = lambda model, p, k: vq.sample_slices(  # noqa: E731
         model, p, args.n, args.temperature, torch.Generator(device).manual_seed(args.seed + k), args.position)

@@ -1648,6 +1648,8 @@ def test_blind_comparison_shuffles_two_sources_and_keys_them(tmp_path, capsys):
     for argv, says in ((["--blind", str(stranger)], "compare runs of one size"),
                        (["--blind", "test", "--n", "17"], "fewer than --n 17"),
                        (["--blind", str(tmp_path / "none")], "no model.pt there"),
+                       (["--blind", str(run), "--n", "3", "--dest", str(run / "blind_test_seed4")],  # kept
+                        f"blind_test_seed4 holds the blind test of {run} against test: give another --dest"),
                        (["--blind", "test", "--evaluate"], "separate modes"), (["--calls", "1"], "goes with --blind"),
                        (["--blind", "test", "--seed", "4", "--calls", "1,0"], "give 10 calls"),
                        (["--blind", "test", "--seed", "5", "--calls", "1"], "no blind key"),

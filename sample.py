@@ -420,12 +420,13 @@ def surprise(args):
     size, rot = tuple(ckpt["data"]["size"]), ckpt["data"]["rot90"]
     settings = _surprise_settings(ckpt, vqvae, prior)
     dest = Path(args.dest or Path(args.out) / "surprise")
-    inputs = _read_inputs(args.surprise, size, rot)
+    inputs, seen = _read_inputs(args.surprise, size, rot), {}
+    positions = [_positions_of(path, len(x), prior, seen) for path, x in inputs]  # the folders read before any write
     _make_dest(dest)
     g = torch.Generator(device).manual_seed(args.seed)
-    entries, seen = [], {}
+    entries = []
     for run in _runs(inputs):  # many files a call: the sampler's scan of the code map serves a batch of slices
-        ps = [_positions_of(path, len(x), prior, seen) for _, (path, x) in run]
+        ps = [positions[i] for i, _ in run]
         where = None if ps[0] is None else torch.tensor([q for p in ps for q in p])
         s = vq.surprise(vqvae, prior, torch.cat([x for _, (_, x) in run]), settings["threshold"], where,
                         settings["sigma"], args.temperature, g)

@@ -2913,3 +2913,11 @@ def test_surprise_maps_healed_slices_and_outputs(tmp_path, capsys, monkeypatch):
     sample.main(["--out", str(tmp_path), "--surprise", str(tmp_path / "d1")])  # fewer inputs: the old ones named
     assert "also holds 3 file(s) not of this run (001_case_1_slice_3.png, ...)" in capsys.readouterr().out
     assert [r["file"] for r in json.loads((dest / "surprise.json").read_text())["slices"]] == [str(files[0])]
+    os.symlink("loop_b", tmp_path / "d1" / "loop_a")  # a symlink loop beside the slice: no slice file, passed over
+    os.symlink("loop_a", tmp_path / "d1" / "loop_b")  # (its is_file() raises ELOOP)
+    looped = sample.main(["--out", str(tmp_path), "--surprise", str(files[0]), "--dest", str(tmp_path / "s3")])
+    assert [e["position"] for e in looped] == [1.0]
+    monkeypatch.setattr(sample, "_positions_of", lambda *a: sample.fail("a folder that cannot be read"))
+    with pytest.raises(SystemExit):  # the positions come from the inputs' folders, read before any write
+        sample.main(["--out", str(tmp_path), "--surprise", str(files[0]), "--dest", str(tmp_path / "s4")])
+    assert not (tmp_path / "s4").exists()

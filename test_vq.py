@@ -2010,7 +2010,10 @@ def test_two_stage_commands_keep_summary_and_model_in_agreement(tmp_path, capsys
     assert (tmp_path / "samples.png").exists() and (tmp_path / "positions.png").exists()  # and its pictures
     assert sorted(json.loads(r)["stage"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()) == \
         ["prior"] * 2 + ["vqvae"] * 2
+    assert "is dropped" not in capsys.readouterr().out
     _train(tmp_path, "--stage", "vqvae", "--overwrite", "--seed", "1")  # a new VQ-VAE: model.pt has no prior
+    assert "model.pt: its prior learnt the codes of the VQ-VAE before this one, and is dropped" in \
+        capsys.readouterr().out  # said
     s = json.loads((tmp_path / "summary.json").read_text())
     assert "prior" not in torch.load(tmp_path / "model.pt", weights_only=True)
     assert "test_ssim_mean" in s and not any("prior" in k or "two_sample" in k for k in s)

@@ -1116,6 +1116,9 @@ def _stages(run, files):
             _trim_metrics(run, lambda r: r["stage"] == "vqvae")  # a prior of the old codes no longer applies,
             for name in ("samples.png", "positions.png") if run.main else ():  # nor its pictures
                 (run.out / name).unlink(missing_ok=True)
+            if "prior" in old and "prior" not in stages:
+                run.log(f"{run.out / 'model.pt'}: its prior learnt the codes of the VQ-VAE before this one, and is "
+                        "dropped with its figures and pictures: train one with --stage prior")
         write(final, summary)
         run.log(f"vqvae test | ssim {summary['test_ssim_mean']:.4f} +- {summary['test_ssim_std']:.4f} "
                 f"(min {summary['test_ssim_min']:.4f}) | body ssim {summary['test_ssim_body_mean']:.4f} | "

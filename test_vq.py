@@ -2617,6 +2617,8 @@ def test_a_run_from_before_resumes_with_rate_0_and_is_refused_in_one_line_withou
 def test_two_level_train_and_sample(tmp_path, capsys):
     # not square: code maps of 8 x 4 (bottom) and 4 x 2 (top)
     _train(tmp_path, "--levels", "2", "--prior_epochs", "1", "--size", "32", "16")
+    assert "into 4x2 and 8x4 code maps" in capsys.readouterr().out
+    assert [train.parse_args(a).rate for a in ([], ["--levels", "2"], ["--levels", "2", "--rate", "1"])] == [.25, 0, 1]
     s = json.loads((tmp_path / "summary.json").read_text())
     assert {"codebook_usage_top", "perplexity_top", "prior_bits_per_code_top", "prior_bits_per_code_bottom"} <= set(s)
     assert s["prior_bits_per_slice"] == pytest.approx(8 * s["prior_bits_per_code_top"]

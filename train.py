@@ -133,7 +133,7 @@ def parse_args(argv=None):
                         "its SSIM searches take minutes on the host; sample.py --evaluate runs it later")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable file")
     p.add_argument("--log_every", type=int, default=50, help="steps between log lines")
-    _config_flags(p, vq.VQVAEConfig, skip=("in_channels",))  # the loaders give one channel
+    _config_flags(p, vq.VQVAEConfig, skip=("in_channels",), defaults={"rate": "0.25; 0 with --levels 2"})  # one channel
     p.set_defaults(in_channels=1)
     _config_flags(p, vq.PriorConfig, skip=("n_codes", "height", "width", "positional", "cond_codes", "code_dim"),
                   defaults={"prior_dropout": f"{vq.PriorConfig.prior_dropout}; 0.3 on a small folder"})
@@ -151,6 +151,8 @@ def parse_args(argv=None):
     p.set_defaults(**dict.fromkeys(model_flags + list(counts)))  # None: not given
     given = vars(p.parse_args(argv))
     args.model_flags_given = [k for k in model_flags if given[k] is not None]  # --stage prior: as model.pt's or refused
+    if args.levels == 2 and given["rate"] is None:  # the rate model is of one level's codes
+        args.rate = 0.0
     for k in counts if data else ():
         if given[k] is not None:  # a quick try on a subset would silently train on the whole folder
             fail(f"--{k} counts the phantom's slices; with --data every slice of the folder is used: drop --{k}")
@@ -830,8 +832,8 @@ def train_prior(run, data, vqvae, fingerprint):
     train_c = tuple(c.to(run.device) for c in vq.as_levels(codes["train"]))
     train_p = pos["train"].repeat(args.prior_shifts).to(run.device) if shared["positional"] else None  # per map
     shifts = f" and {args.prior_shifts - 1} shifted copies of each" if args.prior_shifts > 1 else ""
-    run.log(f"prior: encoded {len(data['train'])} train slices{shifts} into {'two levels of ' if two else ''}"
-            f"{h}x{w} code maps in {time.time() - t0:.1f}s"
+    maps = " and ".join(f"{c.shape[-2]}x{c.shape[-1]}" for c in train_c)  # with two levels: the top's, the bottom's
+    run.log(f"prior: encoded {len(data['train'])} train slices{shifts} into {maps} code maps in {time.time() - t0:.1f}s"
             + (" | conditioned on slice positions" if shared["positional"] else ""))
 
     n = len(data["train"])

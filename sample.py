@@ -159,7 +159,10 @@ def _prior_command(out):
 def _load(args, need_prior):
     path = Path(args.out) / "model.pt"
     if not path.exists():
-        raise vq.CheckpointError(f"no checkpoint at {path}: run train.py first (or pass --out)")
+        stopped = (Path(args.out) / "vqvae.pt").exists()  # a first stage stopped before its end
+        raise vq.CheckpointError(f"no checkpoint at {path}: " + (f"its VQ-VAE's training was stopped: "
+                                 f"{shlex.join(['python', 'train.py', '--resume', '--out', str(args.out)])}, with the "
+                                 "flags it began with, finishes it" if stopped else "run train.py first (or pass --out)"))
     ckpt = vq.load_checkpoint(path)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vqvae = vq.VQVAE.from_checkpoint(ckpt).to(device)
@@ -187,7 +190,7 @@ def _judge(args, ckpt, prior, device):
     """The prior of --judge's model.pt: one of this VQ-VAE's codes, scanning them in the other order."""
     if not isinstance(prior, vq.PixelCNN):
         raise UsageError(f"--judge takes one-level priors only, and the prior in {args.out} has two levels")
-    judge_ckpt = vq.load_checkpoint(args.judge)
+    judge_ckpt = vq.load_checkpoint(Path(args.judge) / "model.pt" if Path(args.judge).is_dir() else args.judge)
     if "prior" not in judge_ckpt or judge_ckpt.get("vqvae_fingerprint") != ckpt.get("vqvae_fingerprint"):
         flip = dataclasses.replace(prior.config, prior_transpose=not prior.config.prior_transpose)
         layers = next(n for n in itertools.count(flip.prior_layers)  # as deep as that scan needs

@@ -212,6 +212,10 @@ def test_png_slices(tmp_path, monkeypatch):
         Image.fromarray(im).save(tmp_path / f"case_001_slice_{i}.nii.png")
     x = load_slices(tmp_path, size=(128, 128), cache_dir=False)
     assert x.shape == (3, 1, 128, 128) and 0 <= x.min() and x.max() <= 1 and x.std() > 0.1
+    (tmp_path / "case_001_slice_9.nii.png").write_bytes(b"\x89PNG not an image")
+    with pytest.warns(vq.SkippedFileWarning) as rec:  # said in words, not with a buffer object's address
+        assert torch.equal(load_slices(tmp_path, size=(128, 128), cache_dir=False), x)
+    assert [str(r.message).split(": ", 1)[1] for r in rec] == ["not an image Pillow can read"]
     monkeypatch.setitem(sys.modules, "PIL", None)  # as if Pillow were not installed
     with pytest.raises(DataError, match="pip install pillow"):
         load_slices(tmp_path, cache_dir=False)
@@ -1563,7 +1567,7 @@ def test_judge_scores_samples_by_a_prior_of_the_other_scan_order(tmp_path, capsy
     ckpt = vq.load_checkpoint(run / "model.pt")
     vqvae, prior, judge = vq.VQVAE.from_checkpoint(ckpt), vq.load_prior(ckpt), vq.load_prior(other / "model.pt")
     assert judge.config.prior_transpose and not prior.config.prior_transpose
-    report = sample.main(["--out", str(run), "--evaluate", "--seed", "3", "--judge", str(other / "model.pt")])
+    report = sample.main(["--out", str(run), "--evaluate", "--seed", "3", "--judge", str(other)])  # its folder, too
     assert "judge |" in capsys.readouterr().out
     saved = json.loads((run / "summary.json").read_text())
     assert all(saved[k] == report[k] for k in ("judge_excess_bits_samples", "judge_excess_bits_real"))
@@ -1879,7 +1883,15 @@ def test_sample_usage_errors(tmp_path, capsys, monkeypatch):
         with pytest.raises(SystemExit) as e:
             sample.main(["--out", str(tmp_path), *argv])
         assert e.value.code == 2 and says in capsys.readouterr().err
-    _train(tmp_path, "--stage", "vqvae")
+    (tmp_path / "vqvae.pt").write_bytes(b"a first stage stopped by Ctrl-C")
+    with pytest.raises(SystemExit):
+        sample.main(["--out", str(tmp_path)])
+    assert f"stopped: python train.py --resume --out {tmp_path}, with the flags it began with, finishes it" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path), "--stage", "prior", *TINY])
+    assert "stopped: --resume --stage vqvae finishes it" in capsys.readouterr().err
+    _train(tmp_path, "--stage", "vqvae", "--overwrite")
     with pytest.raises(SystemExit):
         sample.main(["--out", str(tmp_path)])
     err = capsys.readouterr().err

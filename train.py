@@ -1056,7 +1056,9 @@ def _refuse_other_data(args, model_path, old):
     """--stage prior learns the codes of model.pt's own slices: other --data, --size, phantom or VQ-VAE flags
     are refused before any slice is read."""
     if not old:
-        raise UsageError(f"--stage prior needs a trained VQ-VAE: {model_path} does not exist")
+        stopped = " (the VQ-VAE's training was stopped: --resume --stage vqvae finishes it)" * (
+            model_path.parent / "vqvae.pt").exists()
+        raise UsageError(f"--stage prior needs a trained VQ-VAE: {model_path} does not exist{stopped}")
     was, now = dict(old["data"]), _data_settings(args)
     for d in (was, now):  # as load_splits records them: a resolved folder, or none and the phantom's flags
         d["source"] = None if d.get("phantom") else str(Path(d["source"]).resolve())

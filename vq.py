@@ -169,7 +169,11 @@ def _read(path):
             from PIL import Image
         except ImportError:
             raise DataError("reading PNG slices needs Pillow: pip install pillow") from None
-        with Image.open(io.BytesIO(raw)) as im:
+        try:
+            im = Image.open(io.BytesIO(raw))
+        except Image.UnidentifiedImageError:  # its message names a buffer object, not the file
+            raise ValueError("not an image Pillow can read") from None
+        with im:
             a = np.asarray(im if im.mode in ("L", "I", "I;16", "F") else im.convert("L"))
     else:
         import nibabel as nib

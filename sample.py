@@ -180,10 +180,14 @@ def _own_data(ckpt):
     """The splits of the slices the model was trained on, or one line saying where they were looked for."""
     try:
         with warnings_as_lines(ignore=(vq.SplitWarning,)):  # how the folder is split was said in training
-            return vq.load_splits(ckpt["data"])
+            data = vq.load_splits(ckpt["data"])
     except vq.DataError as e:
         raise UsageError(f"{e}: the model was trained on the slices there and reads them again (moved? put them "
                          "back)") from None
+    if ckpt["data"].get("files", data["settings"].get("files")) != data["settings"].get("files"):
+        print(f"note: the files in {ckpt['data']['source']} changed since the model was trained: its test split may "
+              "now hold slices it trained on")
+    return data
 
 
 def _judge(args, ckpt, prior, device):

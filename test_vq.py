@@ -1715,6 +1715,18 @@ def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
     sample.main(["--out", str(out), "--blind", "test", "--n", "2"])  # reads the test split again
     captured = capsys.readouterr()
     assert f"skipped {bad[1]}: " in captured.out and "Warning" not in captured.err  # a line, not a Python warning
+    extra = root / "keras_slices_train" / "case_950_week_0_slice_0.nii.gz"  # a file added since: refused, where
+    shutil.copy(holed, extra)  # a plain folder's case could move from train to test
+    for argv, says in ((["--stage", "prior", "--overwrite"], "its test slices may now be training slices"),
+                       (["--stage", "vqvae", "--resume", "--epochs", "2", "--data", str(root)], "splits would differ")):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--out", str(out), *argv, *TINY[9:]])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    for added, note in ((True, 1), (False, 0)):  # sample.py reads them: said
+        sample._own_data(vq.load_checkpoint(out / "model.pt"))
+        assert capsys.readouterr().out.count(f"note: the files in {root.resolve()} changed since") == note
+        extra.unlink(missing_ok=True)
     root.rename(tmp_path / "moved")  # the modes that read the training slices again say where they looked
     for argv in (["--evaluate"], ["--blind", "test", "--n", "2"]):
         with pytest.raises(SystemExit) as e:

@@ -357,6 +357,9 @@ def _resume_state(run, name, settings, config_key, config):
         if saved.get(key) != settings[key]:
             raise UsageError(f"{path} was trained with {flag} {saved.get(key)}, not {settings[key]}: "
                              f"resume with the same {flag}, or {_afresh(name)}")
+    if saved.get("files", settings.get("files")) != settings.get("files"):  # a checkpoint from before: no digest
+        raise UsageError(f"{path} was trained on other files in {settings['source']} (added, removed or rewritten "
+                         f"since), so its splits would differ: resume with the files it began with, or {_afresh(name)}")
     if world != run.world:
         raise UsageError(f"{path} was written by {world} process(es), this run has {run.world}: "
                          "resume with the same number of processes")
@@ -1052,7 +1055,7 @@ def _alive(pid):
     return pid != os.getpid()
 
 
-def _refuse_other_data(args, model_path, old):
+def _refuse_other_data(args, model_path, old, files):
     """--stage prior learns the codes of model.pt's own slices: other --data, --size, phantom or VQ-VAE flags
     are refused before any slice is read."""
     if not old:
@@ -1078,6 +1081,9 @@ def _refuse_other_data(args, model_path, old):
                 and was["phantom"][1:] == now["phantom"][1:] else ""
             raise UsageError(f"the VQ-VAE in {model_path} was trained with {say(was.get(key))}, not {say(now[key])}: "
                              f"pass the same, or train both stages{hint}")
+    if files and "files" in was and was["files"] != vq.files_digest(files, now["source"]):  # none: from before
+        raise UsageError(f"the VQ-VAE in {model_path} was trained on other files in {now['source']} (added, removed "
+                         "or rewritten since): its test slices may now be training slices; train both stages")
 
 
 def _stages(run, files):
@@ -1087,7 +1093,7 @@ def _stages(run, files):
         raise UsageError(f"--resume: nothing to resume in {run.out} (no {' or '.join(s + '.pt' for s in stages)})")
     old = vq.load_checkpoint(model_path) if model_path.exists() else {}
     if args.stage == "prior":
-        _refuse_other_data(args, model_path, old)
+        _refuse_other_data(args, model_path, old, files)
     _refuse_overwrite(run, stages, old)
     # with several processes each stops at a step, together
     with _stops_at_once(run, _stopped_reading) if run.world == 1 else contextlib.nullcontext():

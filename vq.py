@@ -576,6 +576,12 @@ def phantom_slices(n, size=(256, 128), seed=0):
     return torch.from_numpy(out).unsqueeze(1)  # (N, 1, H, W)
 
 
+def files_digest(files, root):
+    """A digest of which files (names under root, and sizes) sit in which split: a folder changed since a run."""
+    listing = [[k, os.path.relpath(f, root), f.stat().st_size if f.exists() else -1] for k in SPLITS for f in files[k]]
+    return hashlib.sha1(json.dumps(listing).encode()).hexdigest()
+
+
 def load_splits(settings, strict=False, files=None):
     """The train / validate / test slices that settings describe: {"source": a data root, or None for
     the phantom set, "size": [H, W], "phantom": [seed, n_train, n_val, n_test] (phantom only)}, as
@@ -583,8 +589,8 @@ def load_splits(settings, strict=False, files=None):
 
     Returns a dict: "train", "validate", "test" (N, 1, H, W); "positions": split -> (N,) slice
     positions, or None for every split when some names carry none; "settings": what loads the same
-    slices again (source resolved, plus "rot90": the np.rot90 that shows them upright); "skipped":
-    [{"file", "reason"}] of the files left out (each also a SkippedFileWarning)."""
+    slices again (source resolved, plus "rot90": the np.rot90 that shows them upright, and "files": their
+    files_digest); "skipped": [{"file", "reason"}] of the files left out (each also a SkippedFileWarning)."""
     size = [int(s) for s in settings["size"]]
     if settings.get("phantom"):  # one seed per split, so the splits share no slice; a level is a position
         seed, *counts = settings["phantom"]
@@ -602,8 +608,8 @@ def load_splits(settings, strict=False, files=None):
         positions[k] = None if info["positions"] is None else torch.tensor(info["positions"])
     if any(p is None for p in positions.values()):  # a prior conditioned on positions needs them everywhere
         positions = dict.fromkeys(SPLITS)
-    pngs = any(str(f).lower().endswith(".png") for f in files["train"])
-    settings = {"source": str(Path(settings["source"]).resolve()), "size": size, "rot90": 0 if pngs else 1}
+    pngs, root = any(str(f).lower().endswith(".png") for f in files["train"]), Path(settings["source"]).resolve()
+    settings = {"source": str(root), "size": size, "rot90": 0 if pngs else 1, "files": files_digest(files, root)}
     return dict(data, positions=positions, skipped=skipped, settings=settings)
 
 

@@ -5,6 +5,7 @@ Run with `TRITON_INTERPRET=1 python -m pytest -q test_vq.py kernels` (the kernel
 
 import errno
 import gzip
+import itertools
 import json
 import math
 import os
@@ -440,6 +441,14 @@ def test_plain_folder_grouped_by_patient_prefix(tmp_path):
     owners = {k: {f.name[:3] for f in v} for k, v in splits.items()}
     assert sum(len(o) for o in owners.values()) == 10  # every patient in exactly one split
     assert all(len(v) % 4 == 0 for v in splits.values())
+    for form in ("patient_{p:03d}_week_{w}_slice_{z}", "sub-{p:02d}_ses-{w}_T2w_{z}", "slice_{z}_Pat{p}_{w}"):
+        named = tmp_path / form[:5]  # a patient's id, wherever it is in the name: two weeks, one split
+        for p, w, z in itertools.product(range(10), range(2), range(3)):
+            (named / form.format(p=p, w=w, z=z)).parent.mkdir(exist_ok=True)
+            (named / f"{form.format(p=p, w=w, z=z)}.nii.gz").write_bytes(b"x")
+        owners = {k: {re.search(r"(?i)(patient_|sub-|pat)(\d+)", f.name)[2] for f in v}
+                  for k, v in find_splits(named).items()}
+        assert sum(map(len, owners.values())) == 10, form
     bare = tmp_path / "bare"
     bare.mkdir()
     for z in range(12):  # nothing names a patient
@@ -466,12 +475,18 @@ def test_plain_folder_grouped_by_patient_prefix(tmp_path):
     splits = find_splits(folders)
     owners = {k: [f.parent.name for f in v] for k, v in splits.items()}
     assert sum(len(set(o)) for o in owners.values()) == 10 and sum(map(len, owners.values())) == 29
+    for z in range(3):  # loose slices beside the patient folders: those are read, the folders named as left out
+        (folders / f"case_{z}_slice_0.nii.gz").write_bytes(b"x")
+    with pytest.warns(vq.SplitWarning, match=r"holds slice files and folders of slices \(patient0, patient1, "):
+        assert sum(map(len, find_splits(folders).values())) == 3
+    for z in range(3):
+        (folders / f"case_{z}_slice_0.nii.gz").unlink()
     assert all(o == sorted(o, key=lambda n: int(n[7:])) for o in owners.values())  # a patient's slices together
     files = [folders / "patient0" / "slice_0.nii.gz", folders / "patient0" / "slice_1.nii.gz",
              folders / "patient2" / "slice_3.nii.gz", folders / "patient2" / "slice_1.nii.gz"]
     assert vq._positions(files, [1] * 4) == [0.0, 1.0, 1.0, 1 / 3]  # each folder its own volume
     (folders / "loose_0.nii.gz").write_bytes(b"x")  # a slice in the root: its files are the cases, as before
-    with pytest.raises(DataError, match="found 1: loose_"):
+    with pytest.raises(DataError, match="found 1: loose_"), pytest.warns(vq.SplitWarning, match="are not read"):
         find_splits(folders)
     for p in range(1, 10):
         shutil.rmtree(folders / f"patient{p}")

@@ -40,6 +40,7 @@ PHANTOM_RECORD = ("seed", "n_train", "n_val", "n_test")  # a data record's "phan
 SLICE_SUFFIXES = (".nii", ".nii.gz", ".png")
 PERCENTILES = (0.5, 99.5)  # robust range per slice: a few hot pixels must not squash the contrast
 CACHE_VERSION = 5  # part of the cache key: bump it whenever decoding or the cached metadata changes
+CASE_ID = r"(?<![a-z])(case|patient|subject|sub|pat)[-_]?\d+"  # in a file name: the patient its slice is of
 SERIAL_BELOW = 64  # fewer files than this decode in-process: a pool costs more than it saves
 
 
@@ -103,8 +104,9 @@ def _subdirs(root):
 
 
 def _case_id(name):
-    """The patient a slice belongs to: case_XXX, else the name without its last number (p07_s012 -> p07_s)."""
-    m = re.search(r"case_\d+", name, re.I)
+    """The patient a slice belongs to: case_12, patient_7, sub-01, ... (the first such id), else the name
+    without its last number (p07_s012 -> p07_s)."""
+    m = re.search(CASE_ID, name, re.I)
     stem = re.sub(r"(\.nii)?(\.gz|\.png)?$", "", name, count=1, flags=re.I)
     return m.group().lower() if m else re.sub(r"\d+(?=\D*$)", "", stem)  # the last number is the slice's
 
@@ -138,12 +140,17 @@ def _split_by_case(root):
     """A plain folder: whole cases go to one split, ranked by a salt-free hash (reproducible, ~80/10/10). A case is a
     sub-folder where root holds folders of slices and no slice of its own (root/patient_7/*.nii), else as named."""
     loose = any(p.name.lower().endswith(SLICE_SUFFIXES) and p.is_file() for p in root.iterdir())
-    cases = {} if loose else {d.name: fs for d in _subdirs(root) if (fs := _slice_files(d))}
+    cases = {d.name: fs for d in _subdirs(root) if (fs := _slice_files(d))}
+    if loose and cases:  # one kind is read: the loose files, grouped by name
+        warnings.warn(f"{root} holds slice files and folders of slices ({', '.join(sorted(cases)[:3])}, ...): the "
+                      "folders are not read; move the loose files into a folder of their own", SplitWarning,
+                      stacklevel=3)
+        cases = {}
     if not cases:
         files = _resolve(root)[0]  # a label folder, or one without slices: said so
         for f in files:
             cases.setdefault(_case_id(f.name), []).append(f)
-        if len(cases) < 3 <= len(files) and not any(re.fullmatch(r"case_\d+", c) for c in cases):  # img_7, scan7
+        if len(cases) < 3 <= len(files) and not any(re.fullmatch(CASE_ID, c) for c in cases):  # img_7, scan7
             warnings.warn(f"{root}: the file names carry no patient id (such as case_XXX), so the folder is split "
                           "file by file (a volume file stays whole, a patient's slice files may not); give it train / "
                           "validate / test sub-folders to split by patient", SplitWarning, stacklevel=3)

@@ -400,8 +400,8 @@ def _positions_of(path, n, prior, seen):
     path = Path(path)
     if path.parent not in seen:
         with warnings_as_lines(ignore=(vq.SkippedFileWarning,)):  # its pictures were named when the inputs were read
-            siblings = vq._slice_files(path.parent)
-        where = vq._positions(siblings, [1] * len(siblings), scan=False) or []  # siblings: the whole folder
+            siblings = [f for f in vq._slice_files(path.parent) if re.fullmatch(vq.SLICE_Z, f.name.lower())]
+        where = vq._positions(siblings, [1] * len(siblings), scan=False)  # those named: the whole folder's volumes
         seen[path.parent] = dict(zip((f.name for f in siblings), where))
     if path.name not in seen[path.parent]:
         print(f"{path}: no position from slice_Z in the names of its folder: taken as 0.5, the middle of a volume")

@@ -2966,3 +2966,7 @@ def test_surprise_maps_healed_slices_and_outputs(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):  # the positions come from the inputs' folders, read before any write
         sample.main(["--out", str(tmp_path), "--surprise", str(files[0]), "--dest", str(tmp_path / "s4")])
     assert not (tmp_path / "s4").exists()
+    monkeypatch.undo()
+    save(tmp_path / "d1" / "volume.nii.gz", np.stack([x[0, 0].numpy()] * 3, -1))  # a neighbour without slice_Z
+    beside = sample.main(["--out", str(tmp_path), "--surprise", str(files[0]), "--dest", str(tmp_path / "s5")])
+    assert [e["position"] for e in beside] == [1.0] and "no position" not in capsys.readouterr().out

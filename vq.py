@@ -41,6 +41,7 @@ SLICE_SUFFIXES = (".nii", ".nii.gz", ".png")
 PERCENTILES = (0.5, 99.5)  # robust range per slice: a few hot pixels must not squash the contrast
 CACHE_VERSION = 5  # part of the cache key: bump it whenever decoding or the cached metadata changes
 CASE_ID = r"(?<![a-z])(case|patient|subject|sub|pat)[-_]?\d+"  # in a file name: the patient its slice is of
+SLICE_Z = r"(.*slice_?)(\d+)(\.nii|\.nii\.gz|\.png|\.nii\.png)?"  # a file name: its volume, and Z, its slice's place
 SERIAL_BELOW = 64  # fewer files than this decode in-process: a pool costs more than it saves
 
 
@@ -423,7 +424,7 @@ def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, 
 
 def _positions(files, counts, scan=True):
     """Each decoded image's position in its volume, from slice_Z in the names; None if a name has none."""
-    z = lambda f: re.fullmatch(r"(.*slice_?)(\d+)(\.nii|\.nii\.gz|\.png|\.nii\.png)?", f.name.lower())  # noqa: E731
+    z = lambda f: re.fullmatch(SLICE_Z, f.name.lower())  # noqa: E731
     top, folders = {}, {f.parent for f in files} if scan else ()  # scan=False: files are their folders' every slice
     with warnings.catch_warnings():  # each volume's (name less Z) largest Z in its whole folder: one scale a split
         warnings.simplefilter("ignore", SkippedFileWarning)

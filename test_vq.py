@@ -395,6 +395,18 @@ def test_find_splits_hipmri_oasis_nested(tmp_path):
         find_splits(tmp_path / "partial")
 
 
+def test_splits_of_two_kinds_are_refused_before_any_slice_is_read(tmp_path, monkeypatch):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(2)
+    for split, c in itertools.product(("train", "validate"), range(2)):
+        save(tmp_path / f"keras_slices_{split}" / f"case_{split[0]}{c}_slice_0.nii.gz", rng.uniform(0, 9, (16, 16)))
+    (tmp_path / "keras_slices_test").mkdir()
+    Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "keras_slices_test" / "c_0.png")
+    monkeypatch.setattr(vq, "load_slices", None)  # NIfTI and PNG slices lie turned to each other: one rot90 fails
+    with pytest.raises(DataError, match="mix PNG and NIfTI slices"):
+        vq.load_splits({"source": str(tmp_path), "size": [16, 16]})
+
+
 def test_sample_reads_a_split_folder_it_was_trained_on_without_a_warning(tmp_path):
     rng = np.random.default_rng(2)
     for split in ("train", "validate", "test"):

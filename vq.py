@@ -608,6 +608,9 @@ def load_splits(settings, strict=False, files=None):
         return dict(data, positions=positions, skipped=[],
                     settings={"source": source, "size": size, "rot90": 1, "phantom": [seed, *counts]})
     files = files or find_splits(settings["source"])
+    if len(kinds := {str(f).lower().endswith(".png") for k in SPLITS for f in files[k]}) > 1:  # one rot90 for all
+        raise DataError(f"the splits of {settings['source']} mix PNG and NIfTI slices, which lie turned to each other: "
+                        "give one kind")
     data, positions, skipped = {}, {}, []
     for k in SPLITS:
         info = {}
@@ -616,8 +619,8 @@ def load_splits(settings, strict=False, files=None):
         positions[k] = None if info["positions"] is None else torch.tensor(info["positions"])
     if any(p is None for p in positions.values()):  # a prior conditioned on positions needs them everywhere
         positions = dict.fromkeys(SPLITS)
-    pngs, root = any(str(f).lower().endswith(".png") for f in files["train"]), Path(settings["source"]).resolve()
-    settings = {"source": str(root), "size": size, "rot90": 0 if pngs else 1, "files": files_digest(files, root)}
+    root = Path(settings["source"]).resolve()
+    settings = {"source": str(root), "size": size, "rot90": 0 if True in kinds else 1, "files": files_digest(files, root)}
     return dict(data, positions=positions, skipped=skipped, settings=settings)
 
 

@@ -2895,7 +2895,7 @@ def test_a_lesion_raises_the_surprise_score():
 
 def test_sample_positions_of_input_files_one_scan_a_folder(tmp_path, monkeypatch, capsys):
     cases = [f"a/case_{c}_week_0_slice_{z}.nii.gz" for c, n in ((7, 5), (12, 3)) for z in range(n)]
-    for name in cases + ["b/scan.nii.gz", "b/case_1_slice_4.nii.gz"]:  # in b one name has no slice_Z: none counts
+    for name in cases + ["b/scan.nii.gz", "b/case_1_slice_4.nii.gz"]:  # in b one name has no slice_Z: it alone 0.5
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"x")  # names only: never read
     scans, each = [], vq._slice_files
@@ -2903,11 +2903,13 @@ def test_sample_positions_of_input_files_one_scan_a_folder(tmp_path, monkeypatch
     positional = types.SimpleNamespace(config=types.SimpleNamespace(positional=True))
     seen = {}
     got = {n: sample._positions_of(tmp_path / n, 1, positional, seen)[0]
-           for n in cases[::-1] + ["b/case_1_slice_4.nii.gz"]}
-    assert scans == ["a", "b"]  # 9 files, two folders: two scans (11,400 files once took 0.13 s each)
+           for n in cases[::-1] + ["b/case_1_slice_4.nii.gz", "b/scan.nii.gz"]}
+    assert scans == ["a", "b"]  # 10 files, two folders: two scans (11,400 files once took 0.13 s each)
     assert got == {**{f"a/case_7_week_0_slice_{z}.nii.gz": z / 4 for z in range(5)},
-                   **{f"a/case_12_week_0_slice_{z}.nii.gz": z / 2 for z in range(3)}, "b/case_1_slice_4.nii.gz": 0.5}
-    assert "case_1_slice_4.nii.gz: no position from slice_Z" in capsys.readouterr().out
+                   **{f"a/case_12_week_0_slice_{z}.nii.gz": z / 2 for z in range(3)}, "b/case_1_slice_4.nii.gz": 1.0,
+                   "b/scan.nii.gz": 0.5}
+    said = capsys.readouterr().out
+    assert "scan.nii.gz: no position from slice_Z" in said and said.count("no position") == 1
     assert sample._positions_of(tmp_path / cases[0], 1, types.SimpleNamespace(
         config=types.SimpleNamespace(positional=False)), seen) is None
     # a volume in one file: its own slice order, as training reads it (the name's slice_Z is not its position)

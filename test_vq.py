@@ -157,6 +157,17 @@ def test_each_slice_scaled_by_its_own_percentiles_so_hot_pixels_clip(tmp_path):
         assert 0.3 < got[k, 0].numpy().mean() < 0.7  # min-max scaling would crush it near 0
 
 
+def test_a_broken_link_named_like_a_slice_is_named_as_skipped(tmp_path):
+    save(tmp_path / "case_1_slice_0.nii.gz", np.random.default_rng(5).uniform(0, 9, (16, 12)).astype(np.float32))
+    os.symlink(tmp_path / "gone.nii.gz", tmp_path / "case_1_slice_1.nii.gz")  # not passed over without a word
+    (tmp_path / "case_1_slice_2.nii.gz").mkdir()  # a folder so named is no slice file
+    with pytest.warns(vq.SkippedFileWarning, match=r"case_1_slice_1.nii.gz: FileNotFoundError") as rec:
+        assert len(load_slices(tmp_path, (16, 12), cache_dir=False)) == 1
+    assert len(rec) == 1
+    with pytest.raises(DataError, match="case_1_slice_1"):
+        load_slices(tmp_path, (16, 12), strict=True, cache_dir=False)
+
+
 def test_complex_slices_read_as_magnitude_and_float64_overflow_counts_as_non_finite(tmp_path):
     rng = np.random.default_rng(4)
     mag, phase = 50 + 100 * rng.random((40, 24)), rng.uniform(-np.pi, np.pi, (40, 24))

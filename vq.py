@@ -78,8 +78,8 @@ def _natural_key(name):
 def _slice_files(folder):
     """The slice files in folder, naturally sorted; label (seg_), dot files and PNGs beside NIfTI ones left out."""
     with os.scandir(folder) as entries:  # scandir: no extra stat per file on 11k-file folders
-        names = [e.name for e in entries if e.name.lower().endswith(SLICE_SUFFIXES)  # the name first: is_file()
-                 and not e.name.lower().startswith(("seg_", ".")) and e.is_file()]  # fails on a symlink loop
+        names = [e.name for e in entries if e.name.lower().endswith(SLICE_SUFFIXES)  # the name first: is_dir()
+                 and not e.name.lower().startswith(("seg_", ".")) and not e.is_dir()]  # fails on a symlink loop
     pngs = sorted((n for n in names if n.lower().endswith(".png")), key=_natural_key)
     if 0 < len(pngs) < len(names):  # pictures beside NIfTI slices (a samples folder's grid.png): one kind is read
         warnings.warn(f"skipped {len(pngs)} PNG file(s) beside the NIfTI slices in {folder} ({', '.join(pngs[:3])}"

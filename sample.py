@@ -225,18 +225,26 @@ def generate(args):
     where = "" if args.position is None else f"_p{args.position:g}"
     dest = Path(args.dest or Path(args.out) / f"samples_seed{args.seed}_t{args.temperature:g}{where}")
     _make_dest(dest)
-    g, shown = torch.Generator(device).manual_seed(args.seed), []
-    for k in range(0, args.n, 64):  # 64 at a time, each written as drawn: bounded memory, and Ctrl-C keeps them
-        part = vq.sample_slices(vqvae, prior, min(64, args.n - k), args.temperature, g, args.position)  # the same
-        for i, im in enumerate(part, k):  # draws as all at once: sample_slices draws 64 at a time too
-            _save_nifti(dest / f"sample_{i:03d}.nii.gz", im[0].numpy())  # as stored: the input slices' orientation
-        if k < GRID_TILES:
-            shown.append(part[:GRID_TILES - k])
-            if k + len(part) >= min(args.n, GRID_TILES):  # the grid's tiles are all drawn
-                save_png(dest / "grid.png", image_grid(torch.cat(shown), ncol=8, rot90=ckpt["data"]["rot90"]))
+    g, shown, done, names, grid = torch.Generator(device).manual_seed(args.seed), [], 0, r"sample_\d{3,}\.nii\.gz", False
+    try:
+        for k in range(0, args.n, 64):  # 64 at a time, each written as drawn: bounded memory, and Ctrl-C keeps them
+            part = vq.sample_slices(vqvae, prior, min(64, args.n - k), args.temperature, g, args.position)  # the
+            for i, im in enumerate(part, k):  # same draws as all at once: sample_slices draws 64 at a time too
+                _save_nifti(dest / f"sample_{i:03d}.nii.gz", im[0].numpy())  # as stored: the input slices' way up
+                done = i + 1
+            if k < GRID_TILES:
+                shown.append(part[:GRID_TILES - k])
+                if k + len(part) >= min(args.n, GRID_TILES):  # the grid's tiles are all drawn
+                    save_png(dest / "grid.png", image_grid(torch.cat(shown), ncol=8, rot90=ckpt["data"]["rot90"]))
+                    grid = True
+    except KeyboardInterrupt:  # what was written is whole; say which files are this run's
+        print(f"stopped after {done} of {args.n} samples" + f": sample_000 to sample_{done - 1:03d} in {dest} are "
+              "this run's" * (done > 0) + ", not grid.png" * (done > 0 and not grid))
+        _note_older(dest, names, {f"sample_{i:03d}.nii.gz" for i in range(done)})
+        raise
     first = f", the first {GRID_TILES} in grid.png" if args.n > GRID_TILES else ""
     print(f"wrote {args.n} sample{'s' * (args.n > 1)} to {dest} (grid.png and sample_*.nii.gz{first})")
-    _note_older(dest, r"sample_\d{3,}\.nii\.gz", {f"sample_{i:03d}.nii.gz" for i in range(args.n)})
+    _note_older(dest, names, {f"sample_{i:03d}.nii.gz" for i in range(args.n)})
     return torch.cat(shown)  # (min(n, GRID_TILES), 1, H, W)
 
 
@@ -262,10 +270,10 @@ def blind(args):
         return _count_calls(dest / "blind_key.json", args.calls, args.blind)
     try:  # the picture and key of another comparison (two runs named alike: the same default dest) are kept
         old = json.loads((dest / "blind_key.json").read_text())
-        were = (str(Path(old["a"]).resolve()), _source(old["b"]))
+        were = _source(old["b"])
     except (OSError, ValueError, KeyError, TypeError):  # none, or damaged: drawn anew
         were = None
-    if were and were != (str(Path(args.out).resolve()), _source(args.blind)):
+    if were and were != _source(args.blind):  # (a key from before holds --blind as typed: read from here)
         raise UsageError(f"{dest} holds the blind test of {old['a']} against {old['b']}: give another --dest")
     ckpt, vqvae, prior, device = _load(args, need_prior=True)
     draw = lambda model, p, k: vq.sample_slices(  # noqa: E731
@@ -294,7 +302,8 @@ def blind(args):
     grid = image_grid(shown, ncol=8, rot90=ckpt["data"]["rot90"])
     scale = max(1, 256 // shown.shape[-2])  # small slices enlarged, to be judged by eye
     save_png(dest / "blind.png", grid.repeat(scale, 0).repeat(scale, 1))
-    vq.save_json(dest / "blind_key.json", {"a": args.out, "b": args.blind, "tiles": sources})
+    vq.save_json(dest / "blind_key.json", {"a": str(Path(args.out).resolve()), "b": _source(args.blind),
+                                           "tiles": sources})
     print(f"wrote {dest / 'blind.png'} ({2 * args.n} tiles, 8 a row): judge each, then give your calls with "
           f"--calls (or read {dest / 'blind_key.json'})")
     return shown, sources

@@ -414,7 +414,7 @@ def test_splits_of_two_kinds_are_refused_before_any_slice_is_read(tmp_path, monk
     (tmp_path / "keras_slices_test").mkdir()
     Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "keras_slices_test" / "c_0.png")
     monkeypatch.setattr(vq, "load_slices", None)  # NIfTI and PNG slices lie turned to each other: one rot90 fails
-    with pytest.raises(DataError, match="mix PNG and NIfTI slices"):
+    with pytest.raises(DataError, match=r"mix PNG and NIfTI slices \(train NIfTI, validate NIfTI, test PNG\)"):
         vq.load_splits({"source": str(tmp_path), "size": [16, 16]})
 
 
@@ -472,6 +472,8 @@ def test_plain_folder_grouped_by_patient_prefix(tmp_path):
         owners = {k: {re.search(r"(?i)(patient_|sub-|pat)(\d+)", f.name)[2] for f in v}
                   for k, v in find_splits(named).items()}
         assert sum(map(len, owners.values())) == 10, form
+    ids = [vq._case_id(n) for n in ("breast3_sub2_slice_1.nii", "breast4_sub2_slice_1.nii", "sub-0A_ses-2_1.nii")]
+    assert ids[0] != ids[1] and ids[2] == "sub-0a"  # sub2: a subtraction image, not a patient; BIDS's sub- is
     bare = tmp_path / "bare"
     bare.mkdir()
     for z in range(12):  # nothing names a patient
@@ -495,7 +497,10 @@ def test_plain_folder_grouped_by_patient_prefix(tmp_path):
             (folders / f"patient{p}" / f"slice_{z}.nii.gz").write_bytes(b"x")
     (folders / "patient9_seg").mkdir()  # a label folder: never a case
     (folders / "patient9_seg" / "slice_0.nii.gz").write_bytes(b"x")
-    splits = find_splits(folders)
+    (folders / "seg_0_slice_0.nii.gz").write_bytes(b"x")  # a label file beside them: never read, nothing said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", vq.SplitWarning)
+        splits = find_splits(folders)
     owners = {k: [f.parent.name for f in v] for k, v in splits.items()}
     assert sum(len(set(o)) for o in owners.values()) == 10 and sum(map(len, owners.values())) == 29
     for z in range(3):  # loose slices beside the patient folders: those are read, the folders named as left out
@@ -1642,7 +1647,7 @@ def test_judge_scores_samples_by_a_prior_of_the_other_scan_order(tmp_path, capsy
         sample._judge(types.SimpleNamespace(judge=tmp_path / "stranger.pt", out="out"), {}, hip, "cpu")
 
 
-def test_blind_comparison_shuffles_two_sources_and_keys_them(tmp_path, capsys):
+def test_blind_comparison_shuffles_two_sources_and_keys_them(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     _train(run, "--realism", "false")
     ckpt = vq.load_checkpoint(run / "model.pt")
@@ -1650,9 +1655,13 @@ def test_blind_comparison_shuffles_two_sources_and_keys_them(tmp_path, capsys):
     test = vq.load_splits(ckpt["data"])["test"]
     shown, sources = sample.main(["--out", str(run), "--blind", "test", "--n", "5", "--seed", "4"])
     key = json.loads((run / "blind_test_seed4" / "blind_key.json").read_text())
-    assert key == {"a": str(run), "b": "test", "tiles": sources} and sources != sorted(sources)
+    assert key == {"a": str(run.resolve()), "b": "test", "tiles": sources} and sources != sorted(sources)
     assert sources.count("a") == sources.count("b") == 5
     assert (run / "blind_test_seed4" / "blind.png").exists() and "judge each" in capsys.readouterr().out
+    with monkeypatch.context() as m:  # the same comparison spelled from elsewhere: drawn again, not refused
+        for here, out in ((tmp_path, "run"), (run, ".")):
+            m.chdir(here)
+            assert sample.main(["--out", out, "--blind", "test", "--n", "5", "--seed", "9"])[1] != sources
     calls = torch.randint(0, 2, (10,), generator=torch.Generator().manual_seed(1)).tolist()  # counted, nothing drawn
     counts = sample.main(["--out", str(run), "--blind", "test", "--seed", "4", "--calls", ",".join(map(str, calls))])
     assert counts == {a: sum(c for c, t in zip(calls, sources) if t == a) for a in "ab"}
@@ -1753,6 +1762,11 @@ def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
     sample.main(["--out", str(out), "--blind", "test", "--n", "2"])  # reads the test split again
     captured = capsys.readouterr()
     assert f"skipped {bad[1]}: " in captured.out and "Warning" not in captured.err  # a line, not a Python warning
+    (tmp_path / "link").symlink_to(root)  # the same files through a symlinked folder: the same digest
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bad files, said above
+        assert len({vq.load_splits({"source": str(p), "size": [32, 32]})["settings"]["files"]
+                    for p in (root, tmp_path / "link", Path(os.path.relpath(root)))}) == 1
     extra = root / "keras_slices_train" / "case_950_week_0_slice_0.nii.gz"  # a file added since: refused, where
     shutil.copy(holed, extra)  # a plain folder's case could move from train to test
     for argv, says in ((["--stage", "prior", "--overwrite"], "its test slices may now be training slices"),
@@ -2059,6 +2073,14 @@ def test_two_stage_commands_keep_summary_and_model_in_agreement(tmp_path, capsys
         with pytest.raises(SystemExit) as e:  # the VQ-VAE is model.pt's: not silently a one-level prior of 32 codes
             _train(tmp_path, "--stage", "prior", *flag)
         assert e.value.code == 2 and f"VQ-VAE in {tmp_path / 'model.pt'}, which has {said}" in capsys.readouterr().err
+    ckpt = vq.load_checkpoint(tmp_path / "model.pt")
+    vq.save_checkpoint({**ckpt, "vqvae_config": {**ckpt["vqvae_config"], "downsample": 2}}, tmp_path / "odd.pt")
+    (tmp_path / "model.pt").rename(tmp_path / "good.pt")
+    (tmp_path / "odd.pt").rename(tmp_path / "model.pt")
+    with pytest.raises(SystemExit) as e:  # a VQ-VAE this vq.py refuses: one line, not a ValueError traceback
+        _train(tmp_path, "--stage", "prior")
+    assert e.value.code == 2 and "downsample" in capsys.readouterr().err
+    (tmp_path / "good.pt").replace(tmp_path / "model.pt")
     _train(tmp_path, "--stage", "prior")  # no --resume: the VQ-VAE's figures must survive; its flags given alike
     s = json.loads((tmp_path / "summary.json").read_text())
     assert "test_ssim_mean" in s and "prior_bits_per_code" in s
@@ -2642,6 +2664,12 @@ def test_many_samples_are_written_as_drawn_and_the_grid_shows_the_first(tmp_path
         sample.main(["--out", str(tmp_path), "--n", "70", "--seed", "3", "--dest", str(tmp_path / "b")])
     assert e.value.code == 130 and len(list((tmp_path / "b").glob("sample_*.nii.gz"))) == 64
     assert (tmp_path / "b" / "grid.png").read_bytes() == png
+    assert f"stopped after 64 of 70 samples: sample_000 to sample_063 in {tmp_path / 'b'} are this run's\n" in \
+        capsys.readouterr().out
+    draws.clear()
+    with pytest.raises(SystemExit):  # into the folder of 70 drawn before: the ones left over are named
+        sample.main(["--out", str(tmp_path), "--n", "70", "--seed", "4", "--dest", str(tmp_path / "a")])
+    assert "also holds 6 file(s) not of this run (sample_064.nii.gz, ...)" in capsys.readouterr().out
 
 
 def test_evaluate_saves_nothing_when_model_pt_changed_while_the_report_ran(tmp_path, capsys, monkeypatch):

@@ -1069,8 +1069,11 @@ def _refuse_other_data(args, model_path, old, files):
             "size": lambda v: f"--size {v[0]} {v[1]}",
             "phantom": lambda v: " ".join(f"--{k} {n}" for k, n in zip(vq.PHANTOM_RECORD, v))}
     plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-    has = asdict(vq._config_of(vq.VQVAEConfig, old.get("vqvae_config", {})))
-    for k in args.model_flags_given:  # a model flag would be silently ignored: the VQ-VAE is model.pt's
+    try:
+        has = asdict(vq._config_of(vq.VQVAEConfig, old.get("vqvae_config", {})))
+    except (TypeError, ValueError):  # a VQ-VAE this vq.py refuses: said in one line when it is built
+        has = {}
+    for k in args.model_flags_given if has else ():  # a model flag would be silently ignored: the VQ-VAE is model.pt's
         if plain(getattr(args, k)) != plain(has[k]):
             flag = lambda v: f"--{k} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"  # noqa: E731
             raise UsageError(f"--stage prior learns the codes of the VQ-VAE in {model_path}, which has "
@@ -1081,7 +1084,7 @@ def _refuse_other_data(args, model_path, old, files):
                 and was["phantom"][1:] == now["phantom"][1:] else ""
             raise UsageError(f"the VQ-VAE in {model_path} was trained with {say(was.get(key))}, not {say(now[key])}: "
                              f"pass the same, or train both stages{hint}")
-    if files and "files" in was and was["files"] != vq.files_digest(files, now["source"]):  # none: from before
+    if files and "files" in was and was["files"] != vq.files_digest(files, args.data):  # none: from before
         raise UsageError(f"the VQ-VAE in {model_path} was trained on other files in {now['source']} (added, removed "
                          "or rewritten since): its test slices may now be training slices; train both stages")
 

@@ -40,7 +40,7 @@ PHANTOM_RECORD = ("seed", "n_train", "n_val", "n_test")  # a data record's "phan
 SLICE_SUFFIXES = (".nii", ".nii.gz", ".png")
 PERCENTILES = (0.5, 99.5)  # robust range per slice: a few hot pixels must not squash the contrast
 CACHE_VERSION = 5  # part of the cache key: bump it whenever decoding or the cached metadata changes
-CASE_ID = r"(?<![a-z])(case|patient|subject|sub|pat)[-_]?\d+"  # in a file name: the patient its slice is of
+CASE_ID = r"(?<![a-z])((case|patient|subject|pat)[-_]?\d+|sub-[a-z0-9]+)"  # in a file name: its patient
 SLICE_Z = r"(.*slice_?)(\d+)(\.nii|\.nii\.gz|\.png|\.nii\.png)?"  # a file name: its volume, and Z, its slice's place
 SERIAL_BELOW = 64  # fewer files than this decode in-process: a pool costs more than it saves
 
@@ -140,7 +140,8 @@ def find_splits(root):
 def _split_by_case(root):
     """A plain folder: whole cases go to one split, ranked by a salt-free hash (reproducible, ~80/10/10). A case is a
     sub-folder where root holds folders of slices and no slice of its own (root/patient_7/*.nii), else as named."""
-    loose = any(p.name.lower().endswith(SLICE_SUFFIXES) and p.is_file() for p in root.iterdir())
+    loose = any(p.name.lower().endswith(SLICE_SUFFIXES) and not p.name.lower().startswith(("seg_", "."))
+                and p.is_file() for p in root.iterdir())  # read ones: not labels, not dot files
     cases = {d.name: fs for d in _subdirs(root) if (fs := _slice_files(d))}
     if loose and cases:  # one kind is read: the loose files, grouped by name
         warnings.warn(f"{root} holds slice files and folders of slices ({', '.join(sorted(cases)[:3])}, ...): the "
@@ -585,7 +586,8 @@ def phantom_slices(n, size=(256, 128), seed=0):
 
 
 def files_digest(files, root):
-    """A digest of which files (names under root, and sizes) sit in which split: a folder changed since a run."""
+    """A digest of which files (names under root, the folder they were found in, and sizes) sit in which split:
+    a folder changed since a run."""
     listing = [[k, os.path.relpath(f, root), f.stat().st_size if f.exists() else -1] for k in SPLITS for f in files[k]]
     return hashlib.sha1(json.dumps(listing).encode()).hexdigest()
 
@@ -609,8 +611,10 @@ def load_splits(settings, strict=False, files=None):
                     settings={"source": source, "size": size, "rot90": 1, "phantom": [seed, *counts]})
     files = files or find_splits(settings["source"])
     if len(kinds := {str(f).lower().endswith(".png") for k in SPLITS for f in files[k]}) > 1:  # one rot90 for all
-        raise DataError(f"the splits of {settings['source']} mix PNG and NIfTI slices, which lie turned to each other: "
-                        "give one kind")
+        where = ", ".join(f"{k} {'/'.join(sorted({('NIfTI', 'PNG')[f.name.lower().endswith('.png')] for f in files[k]}))}"
+                          for k in SPLITS)
+        raise DataError(f"the splits of {settings['source']} mix PNG and NIfTI slices ({where}), which lie turned to "
+                        "each other: give one kind")
     data, positions, skipped = {}, {}, []
     for k in SPLITS:
         info = {}
@@ -619,8 +623,8 @@ def load_splits(settings, strict=False, files=None):
         positions[k] = None if info["positions"] is None else torch.tensor(info["positions"])
     if any(p is None for p in positions.values()):  # a prior conditioned on positions needs them everywhere
         positions = dict.fromkeys(SPLITS)
-    root = Path(settings["source"]).resolve()
-    settings = {"source": str(root), "size": size, "rot90": 0 if True in kinds else 1, "files": files_digest(files, root)}
+    settings = {"source": str(Path(settings["source"]).resolve()), "size": size, "rot90": 0 if True in kinds else 1,
+                "files": files_digest(files, settings["source"])}  # as found: under a symlinked folder, say
     return dict(data, positions=positions, skipped=skipped, settings=settings)
 
 

@@ -145,8 +145,7 @@ def _split_by_case(root):
     cases = {d.name: fs for d in _subdirs(root) if (fs := _slice_files(d))}
     if loose and cases:  # one kind is read: the loose files, grouped by name
         warnings.warn(f"{root} holds slice files and folders of slices ({', '.join(sorted(cases)[:3])}, ...): the "
-                      "folders are not read; move the loose files into a folder of their own", SplitWarning,
-                      stacklevel=3)
+                      "folders are not read (move the loose files into one)", SplitWarning, stacklevel=3)
         cases = {}
     if not cases:
         files = _resolve(root)[0]  # a label folder, or one without slices: said so
@@ -179,11 +178,10 @@ def _read(path):
         except ImportError:
             raise DataError("reading PNG slices needs Pillow: pip install pillow") from None
         try:
-            im = Image.open(io.BytesIO(raw))
+            with Image.open(io.BytesIO(raw)) as im:
+                a = np.asarray(im if im.mode in ("L", "I", "I;16", "F") else im.convert("L"))
         except Image.UnidentifiedImageError:  # its message names a buffer object, not the file
             raise ValueError("not an image Pillow can read") from None
-        with im:
-            a = np.asarray(im if im.mode in ("L", "I", "I;16", "F") else im.convert("L"))
     else:
         import nibabel as nib
         if not raw:
@@ -586,8 +584,7 @@ def phantom_slices(n, size=(256, 128), seed=0):
 
 
 def files_digest(files, root):
-    """A digest of which files (names under root, the folder they were found in, and sizes) sit in which split:
-    a folder changed since a run."""
+    """Which files (names under root, the folder they were found in; sizes) sit in which split: a digest."""
     listing = [[k, os.path.relpath(f, root), f.stat().st_size if f.exists() else -1] for k in SPLITS for f in files[k]]
     return hashlib.sha1(json.dumps(listing).encode()).hexdigest()
 
@@ -613,8 +610,7 @@ def load_splits(settings, strict=False, files=None):
     if len(kinds := {str(f).lower().endswith(".png") for k in SPLITS for f in files[k]}) > 1:  # one rot90 for all
         where = ", ".join(f"{k} {'/'.join(sorted({('NIfTI', 'PNG')[f.name.lower().endswith('.png')] for f in files[k]}))}"
                           for k in SPLITS)
-        raise DataError(f"the splits of {settings['source']} mix PNG and NIfTI slices ({where}), which lie turned to "
-                        "each other: give one kind")
+        raise DataError(f"the splits of {settings['source']} mix PNG and NIfTI slices ({where}): give one kind")
     data, positions, skipped = {}, {}, []
     for k in SPLITS:
         info = {}

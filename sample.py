@@ -237,7 +237,7 @@ def generate(args):
                 if k + len(part) >= min(args.n, GRID_TILES):  # the grid's tiles are all drawn
                     save_png(dest / "grid.png", image_grid(torch.cat(shown), ncol=8, rot90=ckpt["data"]["rot90"]))
                     grid = True
-    except KeyboardInterrupt:  # what was written is whole; say which files are this run's
+    except (KeyboardInterrupt, OSError):  # Ctrl-C, a full disk: what was written is whole; say which is this run's
         print(f"stopped after {done} of {args.n} samples" + f": sample_000 to sample_{done - 1:03d} in {dest} are "
               "this run's" * (done > 0) + ", not grid.png" * (done > 0 and not grid))
         _note_older(dest, names, {f"sample_{i:03d}.nii.gz" for i in range(done)})

@@ -2670,6 +2670,19 @@ def test_many_samples_are_written_as_drawn_and_the_grid_shows_the_first(tmp_path
     with pytest.raises(SystemExit):  # into the folder of 70 drawn before: the ones left over are named
         sample.main(["--out", str(tmp_path), "--n", "70", "--seed", "4", "--dest", str(tmp_path / "a")])
     assert "also holds 6 file(s) not of this run (sample_064.nii.gz, ...)" in capsys.readouterr().out
+    monkeypatch.setattr(vq, "sample_slices", real)
+    save, saved = sample._save_nifti, []
+
+    def full(path, image):  # the disk fills at the eleventh file
+        if len(saved) == 10:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        saved.append(save(path, image))
+    monkeypatch.setattr(sample, "_save_nifti", full)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--out", str(tmp_path), "--n", "70", "--dest", str(tmp_path / "c")])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "sample_010.nii.gz: No space left on device" in err
+    assert "stopped after 10 of 70 samples: sample_000 to sample_009 in" in out and ", not grid.png" in out
 
 
 def test_evaluate_saves_nothing_when_model_pt_changed_while_the_report_ran(tmp_path, capsys, monkeypatch):

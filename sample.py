@@ -440,36 +440,46 @@ def surprise(args):
     positions = [_positions_of(path, len(x), prior, seen) for path, x in inputs]  # the folders read before any write
     _make_dest(dest)
     g = torch.Generator(device).manual_seed(args.seed)
-    entries = []
-    for run in _runs(inputs):  # many files a call: the sampler's scan of the code map serves a batch of slices
-        ps = [positions[i] for i, _ in run]
-        where = None if ps[0] is None else torch.tensor([q for p in ps for q in p])
-        s = vq.surprise(vqvae, prior, torch.cat([x for _, (_, x) in run]), settings["threshold"], where,
-                        settings["sigma"], args.temperature, g)
-        bits = torch.cat([b.flatten(1) for b in vq.as_levels(s["bits"])], 1)  # (N, all codes)
-        redrawn = sum(r.flatten(1).sum(1) for r in vq.as_levels(s["redo"]))  # (N,)
-        start = 0
-        for (i, (path, x)), p in zip(run, ps):  # (S, 1, H, W): the S slices of one file
-            at, start = slice(start, start + len(x)), start + len(x)
-            name = _stem(i, path)
-            for kind, image in (("surprise", s["map"][at]), ("healed", s["healed"][at])):
-                _write_slices(dest / f"{name}_{kind}.nii.gz", image)
-            grid = lambda t: image_grid(t, ncol=len(x), rot90=rot)  # noqa: E731
-            heat = grid(s["map"][at] / max(s["map"][at].max().item(), 1e-6))
-            grey = [np.stack([grid(t)] * 3, -1) for t in (x, s["healed"][at])]
-            save_png(dest / f"{name}.png", np.concatenate([*grey, overlay(grid(x), heat)]))
-            for k, j in enumerate(range(at.start, at.stop)):
-                entries.append({"file": str(path), "slice": k, "score": s["score"][j].item(),
-                                "bits_per_code": bits[j].mean().item(), "redrawn_codes": int(redrawn[j]),
-                                "position": None if p is None else p[k],
-                                "outputs": f"{name}_surprise.nii.gz, {name}_healed.nii.gz, {name}.png"})
-                print(f"{path}{f' slice {k}' if len(x) > 1 else ''}: score {entries[-1]['score']:.5f} | "
-                      f"{entries[-1]['redrawn_codes']} codes redrawn")
-    vq.save_json(dest / "surprise.json", {"threshold_bits": settings["threshold"], "sigma": settings["sigma"],
-                                          "slices": entries})
-    _note_older(dest, r"\d{3,}_.*(_surprise\.nii\.gz|_healed\.nii\.gz|\.png)",
-                {_stem(i, p) + e for i, (p, _) in enumerate(inputs)
-                 for e in ("_surprise.nii.gz", "_healed.nii.gz", ".png")})
+    entries, outputs = [], r"\d{3,}_.*(_surprise\.nii\.gz|_healed\.nii\.gz|\.png)"
+    index = lambda: vq.save_json(dest / "surprise.json", {  # noqa: E731
+        "threshold_bits": settings["threshold"], "sigma": settings["sigma"], "slices": entries})
+    try:
+        for run in _runs(inputs):  # many files a call: the sampler's scan of the code map serves a batch of slices
+            ps = [positions[i] for i, _ in run]
+            where = None if ps[0] is None else torch.tensor([q for p in ps for q in p])
+            s = vq.surprise(vqvae, prior, torch.cat([x for _, (_, x) in run]), settings["threshold"], where,
+                            settings["sigma"], args.temperature, g)
+            bits = torch.cat([b.flatten(1) for b in vq.as_levels(s["bits"])], 1)  # (N, all codes)
+            redrawn = sum(r.flatten(1).sum(1) for r in vq.as_levels(s["redo"]))  # (N,)
+            start = 0
+            for (i, (path, x)), p in zip(run, ps):  # (S, 1, H, W): the S slices of one file
+                at, start = slice(start, start + len(x)), start + len(x)
+                name = _stem(i, path)
+                for kind, image in (("surprise", s["map"][at]), ("healed", s["healed"][at])):
+                    _write_slices(dest / f"{name}_{kind}.nii.gz", image)
+                grid = lambda t: image_grid(t, ncol=len(x), rot90=rot)  # noqa: E731
+                heat = grid(s["map"][at] / max(s["map"][at].max().item(), 1e-6))
+                grey = [np.stack([grid(t)] * 3, -1) for t in (x, s["healed"][at])]
+                save_png(dest / f"{name}.png", np.concatenate([*grey, overlay(grid(x), heat)]))
+                for k, j in enumerate(range(at.start, at.stop)):
+                    entries.append({"file": str(path), "slice": k, "score": s["score"][j].item(),
+                                    "bits_per_code": bits[j].mean().item(), "redrawn_codes": int(redrawn[j]),
+                                    "position": None if p is None else p[k],
+                                    "outputs": f"{name}_surprise.nii.gz, {name}_healed.nii.gz, {name}.png"})
+                    print(f"{path}{f' slice {k}' if len(x) > 1 else ''}: score {entries[-1]['score']:.5f} | "
+                          f"{entries[-1]['redrawn_codes']} codes redrawn")
+    except (KeyboardInterrupt, OSError):  # Ctrl-C, a full disk: what was written is whole, and indexed
+        try:
+            index()
+            said = f"surprise.json in {dest} lists them"
+        except OSError:
+            said = f"surprise.json in {dest}, if there, is an earlier run's"
+        print(f"stopped after {len(entries)} of {sum(len(x) for _, x in inputs)} slices: {said}")
+        _note_older(dest, outputs, {o for e in entries for o in e["outputs"].split(", ")})
+        raise
+    index()
+    _note_older(dest, outputs, {_stem(i, p) + e for i, (p, _) in enumerate(inputs)
+                                for e in ("_surprise.nii.gz", "_healed.nii.gz", ".png")})
     print(f"surprise maps, healed slices and surprise.json in {dest} (pictures: slice, healed, map in red over the slice)")
     return entries
 

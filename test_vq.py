@@ -3036,3 +3036,20 @@ def test_surprise_maps_healed_slices_and_outputs(tmp_path, capsys, monkeypatch):
     save(tmp_path / "d1" / "volume.nii.gz", np.stack([x[0, 0].numpy()] * 3, -1))  # a neighbour without slice_Z
     beside = sample.main(["--out", str(tmp_path), "--surprise", str(files[0]), "--dest", str(tmp_path / "s5")])
     assert [e["position"] for e in beside] == [1.0] and "no position" not in capsys.readouterr().out
+    s6, d1d2 = tmp_path / "s6", [str(tmp_path / "d1" / "case_1_slice_3.nii.gz"), str(tmp_path / "d2")]
+    sample.main(["--out", str(tmp_path), "--surprise", *d1d2, "--dest", str(s6)])  # an earlier run there
+    real_surprise, calls = vq.surprise, []
+
+    def stopped_at_the_second(*a):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real_surprise(*a)
+    monkeypatch.setattr(sample, "_runs", lambda inputs: ([item] for item in enumerate(inputs)))  # a call a file
+    monkeypatch.setattr(vq, "surprise", stopped_at_the_second)
+    with pytest.raises(SystemExit):  # Ctrl-C at the second file: surprise.json indexes the first, not the earlier run
+        sample.main(["--out", str(tmp_path), "--surprise", *d1d2[::-1], "--dest", str(s6)])
+    out = capsys.readouterr().out
+    assert f"stopped after 2 of 3 slices: surprise.json in {s6} lists them" in out
+    assert "also holds 3 file(s) not of this run (001_case_1_slice_3.png, ...)" in out
+    assert [r["file"] for r in json.loads((s6 / "surprise.json").read_text())["slices"]] == [str(files[1])] * 2

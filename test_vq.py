@@ -2685,6 +2685,22 @@ def test_many_samples_are_written_as_drawn_and_the_grid_shows_the_first(tmp_path
     assert "stopped after 10 of 70 samples: sample_000 to sample_009 in" in out and ", not grid.png" in out
 
 
+def test_the_reports_land_in_summary_json_when_the_disk_fills_after_them(tmp_path, monkeypatch):
+    real = train.report_prior
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def then_full(*a):  # after the reports no checkpoint fits: model.pt was written before them, unchanged since
+        report = real(*a)
+        monkeypatch.setattr(vq, "save_checkpoint", full)
+        return report
+    monkeypatch.setattr(train, "report_prior", then_full)
+    _train(tmp_path, "--prior_epochs", "1")
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert "lesion_surprise_auroc" in s and "two_sample_samples" in s and s["seconds_total"] > 0
+
+
 def test_evaluate_saves_nothing_when_model_pt_changed_while_the_report_ran(tmp_path, capsys, monkeypatch):
     _train(tmp_path, "--prior_epochs", "1", "--realism", "false")
     model, before = tmp_path / "model.pt", (tmp_path / "summary.json").read_bytes()

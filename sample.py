@@ -18,6 +18,7 @@ import json
 import math
 import re
 import shlex
+import signal
 import sys
 import time
 import warnings
@@ -906,5 +907,10 @@ def main(argv=None):
         raise SystemExit(130) from None
 
 
+def _terminated(signum, frame):  # SIGTERM (kill, a scheduler's stop) as Ctrl-C: what was written is said
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminated)
     main()

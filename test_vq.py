@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import types
 import warnings
 import zlib
@@ -2699,6 +2700,20 @@ def test_the_reports_land_in_summary_json_when_the_disk_fills_after_them(tmp_pat
     _train(tmp_path, "--prior_epochs", "1")
     s = json.loads((tmp_path / "summary.json").read_text())
     assert "lesion_surprise_auroc" in s and "two_sample_samples" in s and s["seconds_total"] > 0
+
+
+def test_sample_py_stopped_by_sigterm_says_what_it_wrote(tmp_path):
+    _train(tmp_path, "--prior_epochs", "1", "--realism", "false")
+    run = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--out", str(tmp_path), "--n", "5000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    first = tmp_path / "samples_seed0_t1" / "sample_000.nii.gz"
+    for _ in range(600):  # until it has written something (at most a minute)
+        if first.exists() or run.poll() is not None:
+            break
+        time.sleep(0.1)
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and err.strip() == "interrupted" and "stopped after " in out, (out, err)
 
 
 def test_evaluate_saves_nothing_when_model_pt_changed_while_the_report_ran(tmp_path, capsys, monkeypatch):

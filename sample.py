@@ -372,17 +372,23 @@ def reconstruct(args):
     dest = Path(args.dest or Path(args.out) / "reconstructions")
     inputs = _read_inputs(args.reconstruct, size, rot)
     _make_dest(dest)
-    results = []
-    for i, (path, x) in enumerate(inputs):  # (S, 1, H, W): the S slices of one file
-        r = vqvae.reconstruct(x)
-        s = vq.ssim(x, r)
-        name = _stem(i, path)
-        _write_slices(dest / f"{name}_reconstruction.nii.gz", r)
-        save_png(dest / f"{name}.png", image_grid(torch.cat([x, r]), ncol=len(x), rot90=rot))
-        print(f"{path}: ssim " + " ".join(f"{v:.4f}" for v in s.tolist()))
-        results.append(s)
-    _note_older(dest, r"\d{3,}_.*(_reconstruction\.nii\.gz|\.png)",
-                {_stem(i, p) + e for i, (p, _) in enumerate(inputs) for e in ("_reconstruction.nii.gz", ".png")})
+    results, outputs = [], r"\d{3,}_.*(_reconstruction\.nii\.gz|\.png)"
+    mine = lambda k: {_stem(i, p) + e for i, (p, _) in enumerate(inputs[:k])  # noqa: E731
+                      for e in ("_reconstruction.nii.gz", ".png")}  # the first k inputs' outputs
+    try:
+        for i, (path, x) in enumerate(inputs):  # (S, 1, H, W): the S slices of one file
+            r = vqvae.reconstruct(x)
+            s = vq.ssim(x, r)
+            name = _stem(i, path)
+            _write_slices(dest / f"{name}_reconstruction.nii.gz", r)
+            save_png(dest / f"{name}.png", image_grid(torch.cat([x, r]), ncol=len(x), rot90=rot))
+            print(f"{path}: ssim " + " ".join(f"{v:.4f}" for v in s.tolist()))
+            results.append(s)
+    except (KeyboardInterrupt, OSError):  # Ctrl-C, a full disk: say which outputs are this run's
+        print(f"stopped after {len(results)} of {len(inputs)} inputs")
+        _note_older(dest, outputs, mine(len(results)))
+        raise
+    _note_older(dest, outputs, mine(len(inputs)))
     print(f"reconstructions (NNN_name_reconstruction.nii.gz) and input-over-reconstruction pictures in {dest}")
     return results
 

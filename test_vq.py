@@ -1539,6 +1539,19 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     assert "also holds" not in capsys.readouterr().out
     sample.main(["--out", str(tmp_path), "--reconstruct", str(tmp_path / names[0])])  # one input: two left over
     assert "also holds 4 file(s) not of this run (001_a_2.png, ...)" in capsys.readouterr().out
+    writes, write = [], sample._write_slices
+
+    def stopped_at_the_second(*a):
+        writes.append(1)
+        if len(writes) > 1:
+            raise KeyboardInterrupt
+        write(*a)
+    with monkeypatch.context() as m:  # Ctrl-C at the second input: the first is this run's, the rest are said
+        m.setattr(sample, "_write_slices", stopped_at_the_second)
+        with pytest.raises(SystemExit):
+            sample.main(["--out", str(tmp_path), "--reconstruct", *(str(tmp_path / n) for n in names)])
+    out = capsys.readouterr().out
+    assert "stopped after 1 of 3 inputs" in out and "also holds 4 file(s) not of this run (001_a_2.png" in out
     own = sample.main(["--out", str(tmp_path), "--reconstruct", str(folder), "--dest", str(tmp_path / "r3")])
     out = capsys.readouterr().out  # the samples' folder: its NIfTI samples, its grid.png named and left out
     assert len(own) == 3 and out.count("grid.png") == 1 and "skipped 1 PNG" in out

@@ -91,12 +91,8 @@ def _slice_files(folder):
 def _split_dirs(root):
     """Image sub-folders of root named like a split: keras_slices_train, ..._validate, test, ..."""
     names = {"train": ("train",), "validate": ("validate", "validation", "val"), "test": ("test",)}
-    found = {s: [] for s in SPLITS}
-    for d in _subdirs(root):
-        for s in SPLITS:
-            if d.name.lower().rsplit("_", 1)[-1] in names[s]:
-                found[s].append(d)
-    return found
+    dirs = _subdirs(root)
+    return {s: [d for d in dirs if d.name.lower().rsplit("_", 1)[-1] in names[s]] for s in SPLITS}
 
 
 def _subdirs(root):
@@ -105,8 +101,7 @@ def _subdirs(root):
 
 
 def _case_id(name):
-    """The patient a slice belongs to: case_12, patient_7, sub-01, ... (the first such id), else the name
-    without its last number (p07_s012 -> p07_s)."""
+    """The patient a slice belongs to: its first CASE_ID, else the name less its last number (p07_s012 -> p07_s)."""
     m = re.search(CASE_ID, name, re.I)
     stem = re.sub(r"(\.nii)?(\.gz|\.png)?$", "", name, count=1, flags=re.I)
     return m.group().lower() if m else re.sub(r"\d+(?=\D*$)", "", stem)  # the last number is the slice's
@@ -140,15 +135,12 @@ def find_splits(root):
 def _split_by_case(root):
     """A plain folder: whole cases go to one split, ranked by a salt-free hash (reproducible, ~80/10/10). A case is a
     sub-folder where root holds folders of slices and no slice of its own (root/patient_7/*.nii), else as named."""
-    loose = any(p.name.lower().endswith(SLICE_SUFFIXES) and not p.name.lower().startswith(("seg_", "."))
-                and p.is_file() for p in root.iterdir())  # read ones: not labels, not dot files
-    cases = {d.name: fs for d in _subdirs(root) if (fs := _slice_files(d))}
-    if loose and cases:  # one kind is read: the loose files, grouped by name
+    files, cases = _slice_files(root), {d.name: fs for d in _subdirs(root) if (fs := _slice_files(d))}
+    if files and cases:  # one kind is read: the loose files, grouped by name
         warnings.warn(f"{root} holds slice files and folders of slices ({', '.join(sorted(cases)[:3])}, ...): the "
                       "folders are not read (move the loose files into one)", SplitWarning, stacklevel=3)
-        cases = {}
-    if not cases:
-        files = _resolve(root)[0]  # a label folder, or one without slices: said so
+    if files or not cases:
+        files, cases = files or _resolve(root)[0], {}  # none: a label folder, or one without slices: said so
         for f in files:
             cases.setdefault(_case_id(f.name), []).append(f)
         if len(cases) < 3 <= len(files) and not any(re.fullmatch(CASE_ID, c) for c in cases):  # img_7, scan7
@@ -245,10 +237,8 @@ def _decode_file(path, size):
         raise ValueError(f"{a.ndim}-D array {a.shape} after squeezing, expected a 2-D slice or a 3-D stack")
     x = a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)  # (k, h, w): one image per slice on the last axis
     bad = ~np.isfinite(x)
-    nonfinite = int(bad.sum())
-    if nonfinite:
-        x[bad] = 0
-    return _fit(_normalise(x), size).astype(np.float16), nonfinite
+    x[bad] = 0
+    return _fit(_normalise(x), size).astype(np.float16), int(bad.sum())
 
 
 def _decode_chunk(files, size):
@@ -264,9 +254,7 @@ def _decode_chunk(files, size):
             retry = isinstance(e, (_IOFailure, ImportError, MemoryError))  # it may be fixed without touching the file
             why = str(e) if type(e) is ValueError or retry and str(e) else f"{type(e).__name__}: {e}"
             skipped.append((str(f), why.splitlines()[0] + (" (not cached: read again next time)" if retry else "")))
-            done.append(None)
-            transient |= retry
-            continue
+            x, nf, transient = None, 0, transient or retry
         nonfinite += [(str(f), nf)] * (nf > 0)
         done.append(x)
     return done, skipped, nonfinite, transient
@@ -583,10 +571,9 @@ def phantom_slices(n, size=(256, 128), seed=0):
     return torch.from_numpy(out).unsqueeze(1)  # (N, 1, H, W)
 
 
-def files_digest(files, root):
-    """Which files (names under root, the folder they were found in; sizes) sit in which split: a digest."""
-    listing = [[k, os.path.relpath(f, root), f.stat().st_size if f.exists() else -1] for k in SPLITS for f in files[k]]
-    return hashlib.sha1(json.dumps(listing).encode()).hexdigest()
+def files_digest(files, root):  # which files (names under root, the folder they were found in; sizes) sit where
+    return hashlib.sha1(json.dumps([[k, os.path.relpath(f, root), f.stat().st_size if f.exists() else -1]
+                                    for k in SPLITS for f in files[k]]).encode()).hexdigest()
 
 
 def load_splits(settings, strict=False, files=None):
@@ -607,10 +594,10 @@ def load_splits(settings, strict=False, files=None):
         return dict(data, positions=positions, skipped=[],
                     settings={"source": source, "size": size, "rot90": 1, "phantom": [seed, *counts]})
     files = files or find_splits(settings["source"])
-    if len(kinds := {str(f).lower().endswith(".png") for k in SPLITS for f in files[k]}) > 1:  # one rot90 for all
-        where = ", ".join(f"{k} {'/'.join(sorted({('NIfTI', 'PNG')[f.name.lower().endswith('.png')] for f in files[k]}))}"
-                          for k in SPLITS)
-        raise DataError(f"the splits of {settings['source']} mix PNG and NIfTI slices ({where}): give one kind")
+    kinds = {k: "/".join(sorted({("NIfTI", "PNG")[f.name.lower().endswith(".png")] for f in files[k]})) for k in SPLITS}
+    if len(set(kinds.values())) > 1:  # one rot90 for all
+        raise DataError(f"the splits of {settings['source']} mix PNG and NIfTI slices "
+                        f"({', '.join(f'{k} {v}' for k, v in kinds.items())}): give one kind")
     data, positions, skipped = {}, {}, []
     for k in SPLITS:
         info = {}
@@ -619,7 +606,7 @@ def load_splits(settings, strict=False, files=None):
         positions[k] = None if info["positions"] is None else torch.tensor(info["positions"])
     if any(p is None for p in positions.values()):  # a prior conditioned on positions needs them everywhere
         positions = dict.fromkeys(SPLITS)
-    settings = {"source": str(Path(settings["source"]).resolve()), "size": size, "rot90": 0 if True in kinds else 1,
+    settings = {"source": str(Path(settings["source"]).resolve()), "size": size, "rot90": int(kinds["train"] != "PNG"),
                 "files": files_digest(files, settings["source"])}  # as found: under a symlinked folder, say
     return dict(data, positions=positions, skipped=skipped, settings=settings)
 

@@ -227,7 +227,9 @@ def generate(args):
     dest = Path(args.dest or Path(args.out) / f"samples_seed{args.seed}_t{args.temperature:g}{where}")
     _make_dest(dest)
     g, shown, done, names, grid = torch.Generator(device).manual_seed(args.seed), [], 0, r"sample_\d{3,}\.nii\.gz", False
-    try:
+    stopped = lambda: f"stopped after {done} of {args.n} samples" + (  # noqa: E731
+        f": sample_000 to sample_{done - 1:03d} in {dest} are this run's" + ", not grid.png" * (not grid)) * (done > 0)
+    with _accounted(dest, names, lambda: {f"sample_{i:03d}.nii.gz" for i in range(done)}, stopped):
         for k in range(0, args.n, 64):  # 64 at a time, each written as drawn: bounded memory, and Ctrl-C keeps them
             part = vq.sample_slices(vqvae, prior, min(64, args.n - k), args.temperature, g, args.position)  # the
             for i, im in enumerate(part, k):  # same draws as all at once: sample_slices draws 64 at a time too
@@ -238,24 +240,27 @@ def generate(args):
                 if k + len(part) >= min(args.n, GRID_TILES):  # the grid's tiles are all drawn
                     save_png(dest / "grid.png", image_grid(torch.cat(shown), ncol=8, rot90=ckpt["data"]["rot90"]))
                     grid = True
-    except (KeyboardInterrupt, OSError):  # Ctrl-C, a full disk: what was written is whole; say which is this run's
-        print(f"stopped after {done} of {args.n} samples" + f": sample_000 to sample_{done - 1:03d} in {dest} are "
-              "this run's" * (done > 0) + ", not grid.png" * (done > 0 and not grid))
-        _note_older(dest, names, {f"sample_{i:03d}.nii.gz" for i in range(done)})
-        raise
-    first = f", the first {GRID_TILES} in grid.png" if args.n > GRID_TILES else ""
-    print(f"wrote {args.n} sample{'s' * (args.n > 1)} to {dest} (grid.png and sample_*.nii.gz{first})")
-    _note_older(dest, names, {f"sample_{i:03d}.nii.gz" for i in range(args.n)})
+        first = f", the first {GRID_TILES} in grid.png" if args.n > GRID_TILES else ""
+        print(f"wrote {args.n} sample{'s' * (args.n > 1)} to {dest} (grid.png and sample_*.nii.gz{first})")
     return torch.cat(shown)  # (min(n, GRID_TILES), 1, H, W)
 
 
-def _note_older(dest, pattern, written):
-    """Say when dest holds outputs named like this run's that it did not write: left as they are (the folder may be
-    the user's), but they are not of this run."""
-    older = sorted((p.name for p in dest.iterdir() if re.fullmatch(pattern, p.name) and p.name not in written),
-                   key=vq._natural_key)
-    if older:
-        print(f"note: {dest} also holds {len(older)} file(s) not of this run ({older[0]}, ...): an earlier one's")
+@contextlib.contextmanager
+def _accounted(dest, pattern, mine, stopped):
+    """Around a mode's writes into dest. Stopped by Ctrl-C, SIGTERM or a full disk, it says stopped() (what was
+    written is whole); either way it counts dest's files named like this run's that it did not write (mine(): the
+    names it wrote), the first named: left as they are (the folder may be the user's), but not of this run."""
+    try:
+        yield
+    except (KeyboardInterrupt, OSError):
+        print(stopped())
+        raise
+    finally:
+        written = mine()
+        older = sorted((p.name for p in dest.iterdir() if re.fullmatch(pattern, p.name) and p.name not in written),
+                       key=vq._natural_key)
+        if older:
+            print(f"note: {dest} also holds {len(older)} file(s) not of this run ({older[0]}, ...): an earlier one's")
 
 
 def blind(args):
@@ -373,9 +378,9 @@ def reconstruct(args):
     inputs = _read_inputs(args.reconstruct, size, rot)
     _make_dest(dest)
     results, outputs = [], r"\d{3,}_.*(_reconstruction\.nii\.gz|\.png)"
-    mine = lambda k: {_stem(i, p) + e for i, (p, _) in enumerate(inputs[:k])  # noqa: E731
-                      for e in ("_reconstruction.nii.gz", ".png")}  # the first k inputs' outputs
-    try:
+    mine = lambda: {_stem(i, p) + e for i, (p, _) in enumerate(inputs[:len(results)])  # noqa: E731
+                    for e in ("_reconstruction.nii.gz", ".png")}  # the outputs of the inputs done
+    with _accounted(dest, outputs, mine, lambda: f"stopped after {len(results)} of {len(inputs)} inputs"):
         for i, (path, x) in enumerate(inputs):  # (S, 1, H, W): the S slices of one file
             r = vqvae.reconstruct(x)
             s = vq.ssim(x, r)
@@ -384,11 +389,6 @@ def reconstruct(args):
             save_png(dest / f"{name}.png", image_grid(torch.cat([x, r]), ncol=len(x), rot90=rot))
             print(f"{path}: ssim " + " ".join(f"{v:.4f}" for v in s.tolist()))
             results.append(s)
-    except (KeyboardInterrupt, OSError):  # Ctrl-C, a full disk: say which outputs are this run's
-        print(f"stopped after {len(results)} of {len(inputs)} inputs")
-        _note_older(dest, outputs, mine(len(results)))
-        raise
-    _note_older(dest, outputs, mine(len(inputs)))
     print(f"reconstructions (NNN_name_reconstruction.nii.gz) and input-over-reconstruction pictures in {dest}")
     return results
 
@@ -450,7 +450,15 @@ def surprise(args):
     entries, outputs = [], r"\d{3,}_.*(_surprise\.nii\.gz|_healed\.nii\.gz|\.png)"
     index = lambda: vq.save_json(dest / "surprise.json", {  # noqa: E731
         "threshold_bits": settings["threshold"], "sigma": settings["sigma"], "slices": entries})
-    try:
+
+    def stopped():  # what was written is whole, and indexed
+        try:
+            index()
+            said = f"surprise.json in {dest} lists them"
+        except OSError:
+            said = f"surprise.json in {dest}, if there, is an earlier run's"
+        return f"stopped after {len(entries)} of {sum(len(x) for _, x in inputs)} slices: {said}"
+    with _accounted(dest, outputs, lambda: {o for e in entries for o in e["outputs"].split(", ")}, stopped):
         for run in _runs(inputs):  # many files a call: the sampler's scan of the code map serves a batch of slices
             ps = [positions[i] for i, _ in run]
             where = None if ps[0] is None else torch.tensor([q for p in ps for q in p])
@@ -475,18 +483,7 @@ def surprise(args):
                                     "outputs": f"{name}_surprise.nii.gz, {name}_healed.nii.gz, {name}.png"})
                     print(f"{path}{f' slice {k}' if len(x) > 1 else ''}: score {entries[-1]['score']:.5f} | "
                           f"{entries[-1]['redrawn_codes']} codes redrawn")
-    except (KeyboardInterrupt, OSError):  # Ctrl-C, a full disk: what was written is whole, and indexed
-        try:
-            index()
-            said = f"surprise.json in {dest} lists them"
-        except OSError:
-            said = f"surprise.json in {dest}, if there, is an earlier run's"
-        print(f"stopped after {len(entries)} of {sum(len(x) for _, x in inputs)} slices: {said}")
-        _note_older(dest, outputs, {o for e in entries for o in e["outputs"].split(", ")})
-        raise
-    index()
-    _note_older(dest, outputs, {_stem(i, p) + e for i, (p, _) in enumerate(inputs)
-                                for e in ("_surprise.nii.gz", "_healed.nii.gz", ".png")})
+        index()
     print(f"surprise maps, healed slices and surprise.json in {dest} (pictures: slice, healed, map in red over the slice)")
     return entries
 

@@ -2987,6 +2987,16 @@ def test_a_lesion_raises_the_surprise_score():
     assert hurt["score"].mean() > 2 * base["score"].mean()
     assert (hurt["score"] > base["score"]).float().mean() >= 0.75
     assert hurt["redo"].sum() > base["redo"].sum()
+    # a slice's redraws start from the generator's state whatever its neighbours: alone or in other batches alike
+    again = vq.surprise(vqvae, prior, lesioned, threshold, generator=torch.Generator().manual_seed(0), batch_size=5)
+    for i in (0, 7, 13):
+        alone = vq.surprise(vqvae, prior, lesioned[i:i + 1], threshold, generator=torch.Generator().manual_seed(0))
+        assert alone["redo"].any() and torch.equal(alone["codes"][0], hurt["codes"][i])
+        for got in (hurt, again):
+            assert torch.equal(alone["healed_codes"][0], got["healed_codes"][i])
+            assert alone["score"][0].item() == pytest.approx(got["score"][i].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="3 maps need one generator each, got 2"):
+        prior.generate(3, generator=[torch.Generator()] * 2)
 
 
 def test_sample_positions_of_input_files_one_scan_a_folder(tmp_path, monkeypatch, capsys):

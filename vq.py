@@ -1072,9 +1072,18 @@ class PriorConfig:
                 f"before them (a blind spot); use prior_layers {layers} or larger dilations")
 
 
+def _rand(shape, generator, device, dtype=torch.float32):
+    """Uniform numbers from generator, or from a list of one a row (a row's numbers then depend on its own alone)."""
+    if not isinstance(generator, list):
+        return torch.rand(shape, generator=generator, dtype=dtype, device=device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{shape[0]} maps need one generator each, got {len(generator)}")
+    return torch.cat([torch.rand((1, *shape[1:]), generator=g, dtype=dtype, device=device) for g in generator])
+
+
 def _gumbel(shape, generator, device, dtype=torch.float32):
     """Gumbel noise -log(-log(u)), u uniform kept off 0 and 1: argmax(logits + noise) samples softmax(logits)."""
-    u, eps = torch.rand(shape, generator=generator, dtype=dtype, device=device), torch.finfo(dtype).eps
+    u, eps = _rand(shape, generator, device, dtype), torch.finfo(dtype).eps
     return -torch.log(-torch.log(u.clamp_(eps, 1 - eps)))
 
 
@@ -1249,7 +1258,7 @@ class PixelCNN(nn.Module):
 
     def draw_positions(self, n, generator=None):
         """n slice positions drawn as the training data has them (inverse CDF of its quantiles)."""
-        u = torch.rand(n, generator=generator, device=self.pos.device) * 100
+        u = _rand((n,), generator, self.pos.device) * 100
         q, lo = self.position_quantiles, u.floor().long().clamp(max=99)
         return q[lo] + (q[lo + 1] - q[lo]) * (u - lo)
 
@@ -1278,11 +1287,12 @@ class PixelCNN(nn.Module):
     def generate(self, n, temperature=1.0, generator=None, position=None, cond=None, keep=None):
         """Sample n code maps in scan order: returns codes (n, h, w) int64. Incremental (_SamplerState: a few
         (n, 2C) matmuls per position and layer); code (i, j) is argmax(logits / temperature + Gumbel noise drawn
-        up front from `generator`, a torch.Generator on the model's device), so `generate_naive` gives the same
-        codes (up to rounding at near-ties). n >= 1; temperature > 0 (below 1 sharpens). position: for a
-        positional prior, the slices' position in their volume in [0, 1], a number or (n,); None draws positions
-        as the training data has them. cond: the top codes (n, h/2, w/2) of a conditioned prior. keep: None, or
-        (codes (n, h, w), redo (n, h, w) bool): codes with redo False kept, the others drawn given all before."""
+        up front from `generator`, a torch.Generator on the model's device or a list of one a map), so
+        `generate_naive` gives the same codes (up to rounding at near-ties). n >= 1; temperature > 0 (below 1
+        sharpens). position: for a positional prior, the slices' position in their volume in [0, 1], a number or
+        (n,); None draws positions as the training data has them. cond: the top codes (n, h/2, w/2) of a
+        conditioned prior. keep: None, or (codes (n, h, w), redo (n, h, w) bool): codes with redo False kept, the
+        others drawn given all before."""
         position, g, keep = self._noise(n, temperature, generator, position, keep)
         with _no_tf32():
             return self._scan(self._generate_cached(g, temperature, self._condition(n, position, cond), keep)[0])
@@ -1465,21 +1475,24 @@ def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, te
     slice. The map is the absolute difference between the slice and its healed decode, inside the
     redrawn codes' cells, Gaussian-smoothed by sigma pixels; the score is the map's mean (higher: more unusual).
 
-    x: (B, C, H, W) in [0, 1], at the VQ-VAE's size; position: (B,) slice positions for a positional
-    prior. generator: a torch.Generator on the prior's device. Returns a dict of "map" (B, 1, H, W),
-    "healed" (B, C, H, W), "score" (B,), and per code "bits", "redo" (which were redrawn), "codes" and
-    "healed_codes" ((B, h, w) each, or (top, bottom) pairs), all on the CPU.
+    x: (B, C, H, W) in [0, 1], at the VQ-VAE's size; position: (B,) slice positions for a positional prior.
+    generator: a torch.Generator on the prior's device (None: seeded from torch's); every slice's redraws start
+    from its state, so a slice's results do not depend on the slices beside it. Returns a dict of "map"
+    (B, 1, H, W), "healed" (B, C, H, W), "score" (B,), and per code "bits", "redo" (which were redrawn), "codes"
+    and "healed_codes" ((B, h, w) each, or (top, bottom) pairs), all on the CPU.
     """
     if not len(x):
         raise ValueError("surprise needs at least one slice, got none")
     out = {k: [] for k in ("map", "healed", "score", "bits", "redo", "codes", "healed_codes")}
+    g = generator or torch.Generator(next(prior.parameters()).device).manual_seed(int(torch.randint(2 ** 62, ())))
     for k in range(0, len(x), batch_size):
         xb = x[k:k + batch_size].float().cpu()
         pb = None if position is None else torch.as_tensor(position).float().expand(len(x))[k:k + batch_size]
         codes = vqvae.encode(xb)
         bits = code_bits(prior, codes, pb)
         redo = tuple(b > threshold for b in bits) if isinstance(bits, tuple) else bits > threshold
-        healed_codes = prior.generate(len(xb), temperature, generator, pb, keep=(codes, redo))
+        gs = [torch.Generator(g.device).set_state(g.get_state()) for _ in xb]  # one stream each, from g's state
+        healed_codes = prior.generate(len(xb), temperature, gs, pb, keep=(codes, redo))
         healed = vqvae.decode(healed_codes).cpu()
         cells = torch.stack([F.interpolate(r[:, None].float(), size=xb.shape[-2:]) for r in as_levels(redo)]).amax(0)
         m = _blur((xb - healed).abs().mean(1, keepdim=True) * cells, sigma)  # (b, 1, H, W)

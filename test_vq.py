@@ -106,11 +106,15 @@ def salted_folder(root):
     for k in range(5):  # slice k: a bright band at rows 40k..40k+20, to check the order
         vol[40 * k:40 * k + 20, :, k] = 100
     save(root / "d_volume.nii.gz", vol)
-    bad = [root / "e_truncated.nii.gz", root / "f_empty.nii.gz", root / "g_text.nii.gz", root / "h_4d.nii.gz"]
+    bad = [root / "e_truncated.nii.gz", root / "f_empty.nii.gz", root / "g_text.nii.gz", root / "h_4d.nii.gz",
+           root / "i_flipped.nii.gz"]
     bad[0].write_bytes(good.read_bytes()[:2000])
     bad[1].write_bytes(b"")
     bad[2].write_text("this is not a NIfTI file\n")
     save(bad[3], rng.uniform(0, 1, (8, 8, 3, 2)).astype(np.float32))
+    flipped = bytearray(good.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF  # one byte changed in the gzip stream: its CRC no longer matches
+    bad[4].write_bytes(flipped)
     return bad
 
 
@@ -125,7 +129,7 @@ def test_salted_folder_skips_each_bad_file_once(tmp_path):
     assert x.shape == (8, 1, 256, 128)  # good, const, nan, 5 from the volume
     assert not torch.isnan(x).any() and 0 <= x.min() and x.max() <= 1
     assert (x[1] == 0).all()  # the constant slice
-    assert info["nonfinite"] == 102 and info["files"] == 8 and not info["cached"]
+    assert info["nonfinite"] == 102 and info["files"] == 9 and not info["cached"]
     said = [str(r.message) for r in rec if "NaN/inf" in str(r.message)]  # the file holding them, not all 8
     assert said == [f"102 NaN/inf values set to 0 in {data / 'c_nan.nii.gz'}, of {data}"]
     save(data / "c_nan_2.nii.gz", np.where(np.arange(128) == 3, np.nan, 1 + np.eye(256, 128)).astype(np.float32))
@@ -135,7 +139,9 @@ def test_salted_folder_skips_each_bad_file_once(tmp_path):
     said = [str(r.message) for r in rec if "NaN/inf" in str(r.message)]
     assert said == [f"358 NaN/inf values set to 0 in {data / 'c_nan.nii.gz'} and 1 more, of {data}"] * 2
     assert [p for p, _ in info["skipped"]] == [str(p) for p in bad]
-    assert "4-D" in dict(info["skipped"])[str(bad[3])]
+    why = dict(info["skipped"])
+    assert "4-D" in why[str(bad[3])] and why[str(bad[0])].startswith("cut short: its gzip data end early")
+    assert why[str(bad[4])].startswith("corrupt gzip data (Error -3")
     for k in range(5):  # the volume, one image per slice, in order
         assert x[3 + k, 0, 40 * k + 5:40 * k + 15].mean() > 0.9
     for cache_dir in (False, cache):  # cold and warm

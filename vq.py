@@ -180,8 +180,13 @@ def _read(path):
             raise ValueError("empty file")
         if raw[:2] == b"\x1f\x8b":  # one zlib call (it releases the GIL); gzip's loop for multi-member files
             z, packed = zlib.decompressobj(31), raw
-            raw = z.decompress(packed)
-            raw = gzip.decompress(packed) if z.unused_data else raw
+            try:
+                raw = z.decompress(packed)
+                raw = gzip.decompress(packed) if z.unused_data else raw
+            except (zlib.error, OSError, EOFError) as e:
+                raise ValueError(f"corrupt gzip data ({e})") from None
+            if not z.eof:
+                raise ValueError("cut short: its gzip data end early (a copy stopped part way?)")
         sizeof_hdr = {int.from_bytes(raw[:4], order) for order in ("little", "big")}
         if not sizeof_hdr & {348, 540}:
             raise ValueError("not a NIfTI file (no NIfTI-1/2 header)")

@@ -310,6 +310,14 @@ def test_cache_hit_invalidation_and_location(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="could not write the slice cache"):
         assert len(load_slices(files[:2], size=(64, 32), cache_dir=tmp_path / "not_a_dir" / "c")) == 2
 
+    def short(f, arr):  # NumPy's write to a full disk: an OSError without errno or strerror
+        raise OSError("1000 requested and 131 written")
+    monkeypatch.setattr(np, "save", short)
+    with pytest.warns(UserWarning, match=r"slice cache in \S+full: write cut short \(1000 requested and 131 written\): "
+                      r"a full disk\?$"):  # it read "[Errno None] None: '...npy'"
+        assert len(load_slices(files[:2], size=(64, 32), cache_dir=tmp_path / "full")) == 2
+    assert not list((tmp_path / "full").iterdir())  # no half cache
+
 
 def test_cache_from_an_older_version_is_read_again(tmp_path):
     # the previous version wrote no "counts" into the cache's metadata: a traceback on the next run

@@ -323,7 +323,8 @@ def _atomic_write(path, write):
             os.unlink(tmp)
         why = e if isinstance(e, OSError) else e.__context__  # torch.save wraps a failed write in a RuntimeError
         if isinstance(why, OSError):  # a full disk: one OSError naming the file, whoever wrote it
-            raise OSError(why.errno, why.strerror, str(path)) from None
+            raise OSError(why.errno, why.strerror or f"write cut short ({why or 'no reason given'}): a full disk?",
+                          str(path)) from None  # NumPy's short write has no errno
         raise
 
 
@@ -333,7 +334,7 @@ def _write_cache(path, arr, meta):
         _atomic_write(path, lambda f: np.save(f, arr))
         _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))  # last: marks complete
     except OSError as e:
-        warnings.warn(f"could not write the slice cache in {path.parent}: {e}", stacklevel=3)
+        warnings.warn(f"could not write the slice cache in {path.parent}: {e.strerror}", stacklevel=3)
 
 
 def _read_cache(path):

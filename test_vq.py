@@ -141,7 +141,7 @@ def test_salted_folder_skips_each_bad_file_once(tmp_path):
     assert [p for p, _ in info["skipped"]] == [str(p) for p in bad]
     why = dict(info["skipped"])
     assert "4-D" in why[str(bad[3])] and why[str(bad[0])].startswith("cut short: its gzip data end early")
-    assert why[str(bad[4])].startswith("corrupt gzip data (Error -3")
+    assert why[str(bad[4])].startswith("corrupt gzip data: Error -3")
     for k in range(5):  # the volume, one image per slice, in order
         assert x[3 + k, 0, 40 * k + 5:40 * k + 15].mean() > 0.9
     for cache_dir in (False, cache):  # cold and warm

@@ -180,11 +180,8 @@ def _read(path):
             raise ValueError("empty file")
         if raw[:2] == b"\x1f\x8b":  # one zlib call (it releases the GIL); gzip's loop for multi-member files
             z, packed = zlib.decompressobj(31), raw
-            try:
-                raw = z.decompress(packed)
-                raw = gzip.decompress(packed) if z.unused_data else raw
-            except (zlib.error, OSError, EOFError) as e:
-                raise ValueError(f"corrupt gzip data ({e})") from None
+            raw = z.decompress(packed)  # corrupt: a zlib.error, said as such in _decode_chunk
+            raw = gzip.decompress(packed) if z.unused_data else raw
             if not z.eof:
                 raise ValueError("cut short: its gzip data end early (a copy stopped part way?)")
         sizeof_hdr = {int.from_bytes(raw[:4], order) for order in ("little", "big")}
@@ -257,7 +254,8 @@ def _decode_chunk(files, size):
             raise
         except Exception as e:  # nibabel, gzip and numpy raise many kinds; each is "this file is bad", unless
             retry = isinstance(e, (_IOFailure, ImportError, MemoryError))  # it may be fixed without touching the file
-            why = str(e) if type(e) is ValueError or retry and str(e) else f"{type(e).__name__}: {e}"
+            name = "corrupt gzip data" if isinstance(e, zlib.error) else type(e).__name__  # zlib's is "error"
+            why = str(e) if type(e) is ValueError or retry and str(e) else f"{name}: {e}"
             skipped.append((str(f), why.splitlines()[0] + (" (not cached: read again next time)" if retry else "")))
             x, nf, transient = None, 0, transient or retry
         nonfinite += [(str(f), nf)] * (nf > 0)

@@ -44,7 +44,7 @@ def fail(message):
 
 def out_of_memory(e):
     """The line for an allocation that failed (CUDA, numpy or torch's CPU allocator); None for any other error."""
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e):
+    if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "can't allocate memory" in str(e):
         return f"out of memory ({' '.join(str(e).split())[:160] or type(e).__name__})"
     return None
 

@@ -5,6 +5,7 @@ Run with `TRITON_INTERPRET=1 python -m pytest -q test_vq.py kernels` (the kernel
 
 import errno
 import gzip
+import importlib.util
 import itertools
 import json
 import math
@@ -1487,13 +1488,17 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     assert 0 < s["test_ssim_min"] <= s["test_ssim_mean"] <= 1
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["stage"] for r in lines] == ["vqvae"] * 2 + ["prior"] * 2
-    pictures = ("recon.png", "progress.png", "test_best.png", "test_worst.png", "curves.png", "samples.png",
-                "positions.png")
+    plotted = importlib.util.find_spec("matplotlib") is not None  # optional: the tests pass without it
+    pictures = ("recon.png", "progress.png", "test_best.png", "test_worst.png", "samples.png", "positions.png",
+                *["curves.png"] * plotted)
     for name in ("model.pt", "vqvae.pt", "prior.pt", "summary.json", "metrics.jsonl", *pictures):
         assert (tmp_path / name).exists(), name
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(pictures)  # no picture per epoch
-    curves = (tmp_path / "curves.png").read_bytes()
-    assert curves[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(curves[16:20], "big") > 3 * 200  # three panels
+    if plotted:
+        curves = (tmp_path / "curves.png").read_bytes()
+        assert curves[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(curves[16:20], "big") > 3 * 200  # 3 panels
+    else:
+        assert "curves.png needs matplotlib" in capsys.readouterr().out
     assert 0 < s["test_ssim_body_mean"] <= 1 and len(s["test_best"]) == 4
     assert 0 <= s["two_sample_samples"] <= 1 and 0 <= s["copies"] <= 1 and s["realism_n"] == 16
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
@@ -1940,7 +1945,7 @@ def test_one_train_py_at_a_time_in_an_out_folder(tmp_path, capsys, monkeypatch):
 
 
 def test_out_of_memory_is_one_line_and_other_errors_stay_tracebacks(tmp_path, capsys, monkeypatch):
-    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 79 GiB in all")
+    cuda = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 79 GiB in all")
     cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
                        "you tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)")
     for error in (cuda, cpu, MemoryError("Unable to allocate 75. GiB for an array")):

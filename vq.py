@@ -478,6 +478,7 @@ def _draw_phantoms(indices, size, seed, labels=False, levels=None):
     aspect, px = C / R, 2 / R2
     xs = ((np.arange(C2) + 0.5) / C2 * 2 - 1) * aspect
     ys = (np.arange(R2) + 0.5) / R2 * 2 - 1
+    X, Y = xs.astype(np.float32)[None, None, :], ys.astype(np.float32)[None, :, None]  # (1, 1, C2), (1, R2, 1)
     rngs = [np.random.default_rng([seed, i]) for i in indices]
     ps = [_phantom_params(r, aspect, None if levels is None else levels[k]) for k, r in enumerate(rngs)]
     v = {k: np.array([p[k] for p in ps], np.float32)[:, None, None] for k in ps[0]}  # each (n, 1, 1)
@@ -490,14 +491,11 @@ def _draw_phantoms(indices, size, seed, labels=False, levels=None):
         m = reach + 3 * px * np.sqrt(np.maximum(ax / ay, ay / ax))  # beyond this the mask is 0
         box = (slice(np.searchsorted(ys, (cy - ay - m).min()), np.searchsorted(ys, (cy + ay + m).max())),
                slice(np.searchsorted(xs, (cx - ax - m).min()), np.searchsorted(xs, (cx + ax + m).max())))
-        X = xs[box[1]].astype(np.float32)[None, None, :]  # (1, 1, c)
-        Y = ys[box[0]].astype(np.float32)[None, :, None]  # (1, r, 1)
-        q = np.sqrt(((X - cx) / ax) ** 2 + ((Y - cy) / ay) ** 2)  # (n, r, c)
+        q = np.sqrt(((X[..., box[1]] - cx) / ax) ** 2 + ((Y[:, box[0]] - cy) / ay) ** 2)  # (n, r, c)
         return (q - 1) * (np.sqrt(ax * ay) / px), box
 
     def rounded_box(cx, cy, ax, ay):  # between an ellipse and a rectangle, like a pelvis outline
-        x2 = ((xs.astype(np.float32)[None, None, :] - cx) / ax) ** 2
-        y2 = ((ys.astype(np.float32)[None, :, None] - cy) / ay) ** 2
+        x2, y2 = ((X - cx) / ax) ** 2, ((Y - cy) / ay) ** 2
         d = (0.6 * (x2 + y2) + 0.4 * (x2 * x2 + y2 * y2) - 1) * (np.sqrt(ax * ay) / (2.2 * px))
         return d, (slice(None), slice(None))
 
@@ -509,43 +507,38 @@ def _draw_phantoms(indices, size, seed, labels=False, levels=None):
         if labels and label is not None:
             lab[(slice(None), *box)][mask > 0.5] = label
 
+    def walled(g, inner, inset, wall=0.05, label=2, on=1.0):  # a wall (bone cortex, rectal wall), inner inset within
+        paint(g, wall, on=on, label=label)
+        paint(g, inner, inset=inset, on=on)
+
     A, B, cx, cy = v["A"], v["B"], v["cx"], v["cy"]
     paint(rounded_box(cx, cy, A, B), v["fat"], label=1)
     rim = v["rim"] * B
     paint(rounded_box(cx, cy + v["rim_back"] * rim, A - rim, B - rim * (1 + v["rim_back"])), v["muscle"])
     for side in (-1, 1):  # fat planes between the gluteal muscles, posterior arcs only
         g = ellipse(cx + side * 0.6 * A, cy + 0.45 * B, 0.45 * B, 0.35 * B, reach=0.012)
-        back = np.clip((ys[g[1][0]].astype(np.float32)[None, :, None] - cy - 0.3 * B) / (0.2 * B), 0, 1)
+        back = np.clip((Y[:, g[1][0]] - cy - 0.3 * B) / (0.2 * B), 0, 1)
         paint(g, v["plane"] * v["fat"], width=0.012, on=back)
     cw, ch, cyc = v["cav_w"] * B, v["cav_h"] * B, cy + 0.05 * B
     paint(ellipse(cx, cyc, cw, ch), v["cav"])
     bw, hr = v["bone_w"] * B, v["head_r"] * B
     for side in (-1, 1):  # ischium / acetabulum, the femoral head in its cup, pubic bones on low slices
-        g = ellipse(cx + side * (cw + 0.7 * bw), cyc, bw, 0.75 * ch)
-        paint(g, 0.05, label=2)
-        paint(g, v["marrow"], inset=0.05)
-        g = ellipse(cx + side * (cw + 1.3 * bw + 0.7 * hr), cy + v["head_y"] * B, hr, hr)
-        paint(g, 0.05, label=2)
-        paint(g, v["marrow"] + 0.05, inset=0.06)
-        g = ellipse(cx + side * 0.13 * B, cyc - ch, 0.1 * B, 0.15 * B)
-        paint(g, 0.05, on=v["pubis"], label=2)
-        paint(g, v["marrow"], inset=0.04, on=v["pubis"])
+        walled(ellipse(cx + side * (cw + 0.7 * bw), cyc, bw, 0.75 * ch), v["marrow"], 0.05)
+        walled(ellipse(cx + side * (cw + 1.3 * bw + 0.7 * hr), cy + v["head_y"] * B, hr, hr), v["marrow"] + 0.05, 0.06)
+        walled(ellipse(cx + side * 0.13 * B, cyc - ch, 0.1 * B, 0.15 * B), v["marrow"], 0.04, on=v["pubis"])
     g = ellipse(cx + v["bl_x"] * B, cyc - 0.75 * ch + v["bl_h"] * B, v["bl_w"] * B, v["bl_h"] * B, reach=0.015)
     on = (v["bl"] > 0).astype(np.float32)
     paint(g, v["bl"], on=on, label=3)
     paint(g, 0.2, width=0.015, on=on)  # bladder wall
     qx, qy, qw, qh = cx + v["pr_x"] * B, cy + v["pr_y"] * B, v["pr_w"] * B, v["pr_h"] * B
     rr = v["rect_r"] * B
-    g = ellipse(qx, qy + qh + v["gap"] * B + rr, rr, rr)
-    paint(g, 0.15, label=4)
-    paint(g, v["lumen"], inset=0.05)
+    walled(ellipse(qx, qy + qh + v["gap"] * B + rr, rr, rr), v["lumen"], 0.05, wall=0.15, label=4)
     on = (v["pz"] > 0).astype(np.float32)
     g = ellipse(qx, qy, qw, qh, reach=0.012)
     paint(g, v["pz"], on=on, label=5)  # peripheral zone: brighter, posterior
     paint(ellipse(qx, qy - 0.25 * qh, 0.8 * qw, 0.7 * qh), v["tz"], on=on)
     paint(g, 0.2, width=0.012, on=on)  # capsule
 
-    X, Y = xs.astype(np.float32)[None, None, :], ys.astype(np.float32)[None, :, None]
     b = [v[f"bias{k}"] for k in range(5)]  # smooth multiplicative coil field
     img *= 1 + b[0] * X + b[1] * Y + b[2] * X * Y + b[3] * X * X + b[4] * Y * Y
     # coarse tissue texture: learnable at 4x down-sampling, unlike white noise
@@ -655,8 +648,7 @@ def ssim(x, y, data_range=1.0, foreground=None):
     would flatter a blurry reconstruction); NaN for an image with no such pixel."""
     if x.shape != y.shape:
         raise ValueError(f"ssim needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
-    x = x.reshape(-1, 1, *x.shape[-2:])  # (B, 1, H, W)
-    y = y.reshape(-1, 1, *y.shape[-2:])
+    x, y = (t.reshape(-1, 1, *t.shape[-2:]) for t in (x, y))  # (B, 1, H, W) each
     if min(x.shape[-2:]) < 11:
         raise ValueError(f"ssim needs images of at least 11 x 11, got {tuple(x.shape[-2:])}")
     # float64 on every device: float32 loses digits in E[x^2] - E[x]^2, and a GPU may run float32 in TF32
@@ -697,13 +689,11 @@ class Encoder(nn.Module):
         super().__init__()
         n = int(math.log2(downsample))  # 4 or 8 (VQVAEConfig), 2 for a top level
         widths = [channels // 2 ** (n - 1 - i) for i in range(n)]  # widen as resolution drops
-        layers, c = [], in_channels
-        for i, w in enumerate(widths):
+        layers = []
+        for i, (c, w) in enumerate(zip([in_channels, *widths], widths)):
             layers += [nn.Conv2d(c, w, 4, stride=2, padding=1)] + ([nn.ReLU()] if i < n - 1 else [])
-            c = w
-        layers += [nn.Conv2d(c, channels, 3, padding=1)]
-        layers += [ResBlock(channels) for _ in range(n_res_blocks)]
-        layers += [nn.ReLU(), nn.Conv2d(channels, code_dim, 1)]
+        layers += [nn.Conv2d(widths[-1], channels, 3, padding=1), *(ResBlock(channels) for _ in range(n_res_blocks)),
+                   nn.ReLU(), nn.Conv2d(channels, code_dim, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -718,8 +708,7 @@ class Decoder(nn.Module):
     def __init__(self, out_channels, channels, code_dim, downsample, n_res_blocks):
         super().__init__()
         n = int(math.log2(downsample))  # 4 or 8 (VQVAEConfig), 2 for a top level
-        layers = [nn.Conv2d(code_dim, channels, 3, padding=1)]
-        layers += [ResBlock(channels) for _ in range(n_res_blocks)]
+        layers = [nn.Conv2d(code_dim, channels, 3, padding=1), *(ResBlock(channels) for _ in range(n_res_blocks))]
         for i in range(n):  # halve the width as the resolution doubles, to out_channels at the end
             w = out_channels if i == n - 1 else channels // 2 ** (i + 1)
             layers += [nn.ReLU(), nn.ConvTranspose2d(channels // 2 ** i, w, 4, stride=2, padding=1)]
@@ -754,9 +743,7 @@ def nearest_code(z, codebook):
     """
     if len(z) == 0:
         return torch.empty(0, dtype=torch.long, device=z.device), z.new_empty(0, dtype=torch.float32)
-    if _kernel_nearest_code is not None:
-        return _kernel_nearest_code(z, codebook)
-    return _nearest_code_torch(z, codebook)
+    return (_kernel_nearest_code or _nearest_code_torch)(z, codebook)
 
 
 def _histogram(codes, n_codes):
@@ -797,10 +784,9 @@ class VectorQuantizer(nn.Module):
             B, D, h, w = z.shape
             flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (N, D)
             if self.training and not self._seeded:
-                self._seeded = bool(self.initialised)  # read once (a host sync), then known
-                if not self._seeded:
+                if not self.initialised:  # read once (a host sync), then known
                     self._kmeans(flat.detach())
-                    self._seeded = True
+                self._seeded = True
             if cost is None:
                 codes, dist = nearest_code(flat.detach(), self.codebook)
             else:  # one N x K matrix gives the nearest codes, then the choice with their cost
@@ -817,17 +803,14 @@ class VectorQuantizer(nn.Module):
             loss = self.beta * F.mse_loss(z, z_q.detach())
             z_q = z + (z_q - z).detach()  # straight-through: the decoder's gradient reaches the encoder
             p = counts / counts.sum().clamp_min(1)
-            stats = {
-                "perplexity": torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum()),
-                "usage": (counts > 0).float().mean(),
-            }
+            stats = {"perplexity": torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum()),
+                     "usage": (counts > 0).float().mean()}
         return z_q, codes.view(B, h, w), loss, stats
 
     @torch.no_grad()
     def _ema_update(self, flat, codes, counts, dist):
-        embed_sum = torch.zeros_like(self.embed_sum).index_add_(0, codes, flat)  # (K, D)
         counts = _all_reduce(counts.clone())  # every rank sees every rank's vectors
-        _all_reduce(embed_sum)
+        embed_sum = _all_reduce(torch.zeros_like(self.embed_sum).index_add_(0, codes, flat))  # (K, D)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(embed_sum, alpha=1 - self.decay)
         n = self.cluster_size.sum()
@@ -867,9 +850,8 @@ class VectorQuantizer(nn.Module):
             used = counts > 0
             centres[used] = sums[used] / counts[used].unsqueeze(1)
         # the seeding batch stands in for the history of the EMA statistics; empty clusters are dead
-        counts = _histogram(nearest_code(flat, centres)[0], self.n_codes)
         self.codebook.copy_(centres)
-        self.cluster_size.copy_(counts)
+        self.cluster_size.copy_(_histogram(nearest_code(flat, centres)[0], self.n_codes))
         self.embed_sum.copy_(centres * self.cluster_size.unsqueeze(1))
         self.initialised.fill_(True)
         self._broadcast()
@@ -924,9 +906,8 @@ def _require(config, positive, *checks):
 
 
 def _batched(fn, x, model, batch_size):
-    """fn over x (a tensor, or a tuple of tensors split alike) in batches on the model's device, in
-    float32 (no autocast), the model in eval mode (inference: no dropout, no codebook update) and left in the mode
-    it was in; its results (a tensor or a tuple) on x's device."""
+    """fn over x (a tensor, or a tuple of tensors split alike) in batches on the model's device, in float32 (no
+    autocast), under _evaluating(model) (eval mode, then as it was); its results (a tensor or a tuple) on x's device."""
     xs = x if isinstance(x, tuple) else (x,)
     device, home = next(model.parameters()).device, xs[0].device
     outs = []
@@ -1117,10 +1098,9 @@ class GatedLayer(nn.Module):
 
     def __init__(self, channels, dilation, dropout):
         super().__init__()
-        C, d = channels, dilation
-        self.dilation = d
-        self.vconv = nn.Conv2d(C, 2 * C, (2, 3), dilation=d)  # taps: rows i-d, i x columns j-d, j, j+d
-        self.hconv = nn.Conv2d(C, 2 * C, (1, 2), dilation=d)  # taps: columns j-d, j of row i
+        C, self.dilation = channels, dilation
+        self.vconv = nn.Conv2d(C, 2 * C, (2, 3), dilation=dilation)  # taps: rows i-d, i x columns j-d, j, j+d
+        self.hconv = nn.Conv2d(C, 2 * C, (1, 2), dilation=dilation)  # taps: columns j-d, j of row i
         self.v2h = nn.Conv2d(2 * C, 2 * C, 1)  # hands the horizontal stack everything above its row
         self.hout = nn.Conv2d(C, C, 1)
         self.dropout = dropout
@@ -1162,12 +1142,6 @@ class CodeModel(nn.Module):
 
 N_FREQ = 8  # sin / cos pairs that describe a slice position to the prior
 N_MAPS = 4  # position-dependent maps mixed into the position embedding (the anatomy moves with the position)
-
-
-def _position_features(position):
-    """(B,) positions in [0, 1] -> (B, 2 N_FREQ) sines and cosines."""
-    angles = math.pi * position[:, None] * torch.arange(1, N_FREQ + 1, device=position.device, dtype=position.dtype)
-    return torch.cat([angles.sin(), angles.cos()], 1)
 
 
 class PixelCNN(nn.Module):
@@ -1237,7 +1211,9 @@ class PixelCNN(nn.Module):
         out = self.pos.expand(n, -1, -1, -1)
         if c.positional:
             position = torch.as_tensor(position, dtype=self.pos.dtype, device=self.pos.device).expand(n)
-            out = out + torch.einsum("nm,mchw->nchw", self.cond_mix(_position_features(position)), self.cond_maps)
+            angles = math.pi * position[:, None] * torch.arange(1, N_FREQ + 1).to(position)  # (n, N_FREQ)
+            features = torch.cat([angles.sin(), angles.cos()], 1)  # (n, 2 N_FREQ)
+            out = out + torch.einsum("nm,mchw->nchw", self.cond_mix(features), self.cond_maps)
         if c.cond_codes:
             if tuple(cond.shape) != (n, c.height // 2, c.width // 2):
                 raise ValueError(f"cond must be ({n}, {c.height // 2}, {c.width // 2}), got {tuple(cond.shape)}")
@@ -1487,7 +1463,7 @@ def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, te
     """
     if not len(x):
         raise ValueError("surprise needs at least one slice, got none")
-    out = {k: [] for k in ("map", "healed", "score", "bits", "redo", "codes", "healed_codes")}
+    names, parts = ("map", "healed", "score", "bits", "redo", "codes", "healed_codes"), []
     g = generator or torch.Generator(next(prior.parameters()).device).manual_seed(int(torch.randint(2 ** 62, ())))
     for k in range(0, len(x), batch_size):
         xb = x[k:k + batch_size].float().cpu()
@@ -1501,11 +1477,9 @@ def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, te
         cells = torch.stack([F.interpolate(r[:, None].float(), size=xb.shape[-2:]) for r in as_levels(redo)]).amax(0)
         m = _blur((xb - healed).abs().mean(1, keepdim=True) * cells, sigma)  # (b, 1, H, W)
         healed_codes = tuple(c.cpu() for c in healed_codes) if isinstance(codes, tuple) else healed_codes.cpu()
-        for name, v in (("map", m), ("healed", healed), ("score", m.flatten(1).mean(1)), ("bits", bits),
-                        ("redo", redo), ("codes", codes), ("healed_codes", healed_codes)):
-            out[name].append(v)
+        parts.append((m, healed, m.flatten(1).mean(1), bits, redo, codes, healed_codes))  # in the order of names
     cat = lambda vs: tuple(map(torch.cat, zip(*vs))) if isinstance(vs[0], tuple) else torch.cat(vs)  # noqa: E731
-    return {k: cat(v) for k, v in out.items()}
+    return {k: cat(v) for k, v in zip(names, zip(*parts))}
 
 
 @torch.no_grad()
@@ -1557,14 +1531,13 @@ def _no_tf32():
 
 
 class _SamplerState:
-    """Buffers of the cached sampler, so that sampling a row is the same sequence of operations on
-    the same memory for every row (what a CUDA graph replays): the row index lives on the device."""
+    """The cached sampler's buffers: every row is the same operations on the same memory, as a CUDA graph replays."""
 
     def __init__(self, model, g, temperature, pos, keep, keep_logits):
         (H, W), n, C = model.shape, g.shape[0], model.config.prior_channels
         self.m, self.g, self.temperature, self.n, self.keep = model, g, temperature, n, keep
         self.pos = pos.contiguous()  # (n, C, h, w): the position embedding of each map
-        self.i = torch.zeros((), dtype=torch.long, device=g.device)  # the row being sampled
+        self.i = torch.zeros((), dtype=torch.long, device=g.device)  # the row being sampled, read on the device
         self.codes = torch.zeros(n, H, W, dtype=torch.long, device=g.device)
         self.logits = torch.zeros_like(g) if keep_logits else None
         self.row_codes = torch.zeros(n, W, dtype=torch.long, device=g.device)
@@ -1580,8 +1553,7 @@ class _SamplerState:
         self.reset()
 
     def reset(self):
-        self.i.zero_()
-        for t in (*self.vwin, *self.hbuf):
+        for t in (self.i, *self.vwin, *self.hbuf):
             t.zero_()
         for L, vh in zip(self.m.layers, self.vh):  # nothing above row 0: biases only
             vh.copy_((L.v2h.bias + L.hconv.bias).expand_as(vh))

@@ -233,7 +233,7 @@ def generate(args):
         for k in range(0, args.n, 64):  # 64 at a time, each written as drawn: bounded memory, and Ctrl-C keeps them
             part = vq.sample_slices(vqvae, prior, min(64, args.n - k), args.temperature, g, args.position)  # the
             for i, im in enumerate(part, k):  # same draws as all at once: sample_slices draws 64 at a time too
-                _save_nifti(dest / f"sample_{i:03d}.nii.gz", im[0].numpy())  # as stored: the input slices' way up
+                _write_slices(dest / f"sample_{i:03d}.nii.gz", im[None], ckpt["data"]["rot90"])
                 done = i + 1
             if k < GRID_TILES:
                 shown.append(part[:GRID_TILES - k])
@@ -343,9 +343,10 @@ def _count_calls(path, calls, blind):
     return counts
 
 
-def _write_slices(path, x):
-    """(S, 1, H, W) as a float32 NIfTI in the input's orientation: (H, W) for one slice, (H, W, S) for S."""
-    a = np.moveaxis(x[:, 0].numpy(), 0, -1)
+def _write_slices(path, x, rot90):
+    """(S, 1, H, W) in the model's orientation (rot90: its data's) as a float32 NIfTI, turned as NIfTI slices are
+    stored (upright after np.rot90, as _read_inputs reads them): (H, W) for one slice, (H, W, S) for S."""
+    a = np.moveaxis(torch.rot90(x[:, 0], rot90 - 1, (1, 2)).numpy(), 0, -1)
     _save_nifti(path, a[..., 0] if len(x) == 1 else a)
 
 
@@ -385,7 +386,7 @@ def reconstruct(args):
             r = vqvae.reconstruct(x)
             s = vq.ssim(x, r)
             name = _stem(i, path)
-            _write_slices(dest / f"{name}_reconstruction.nii.gz", r)
+            _write_slices(dest / f"{name}_reconstruction.nii.gz", r, rot)
             save_png(dest / f"{name}.png", image_grid(torch.cat([x, r]), ncol=len(x), rot90=rot))
             print(f"{path}: ssim " + " ".join(f"{v:.4f}" for v in s.tolist()))
             results.append(s)
@@ -471,7 +472,7 @@ def surprise(args):
                 at, start = slice(start, start + len(x)), start + len(x)
                 name = _stem(i, path)
                 for kind, image in (("surprise", s["map"][at]), ("healed", s["healed"][at])):
-                    _write_slices(dest / f"{name}_{kind}.nii.gz", image)
+                    _write_slices(dest / f"{name}_{kind}.nii.gz", image, rot)
                 grid = lambda t: image_grid(t, ncol=len(x), rot90=rot)  # noqa: E731
                 heat = grid(s["map"][at] / max(s["map"][at].max().item(), 1e-6))
                 grey = [np.stack([grid(t)] * 3, -1) for t in (x, s["healed"][at])]

@@ -251,8 +251,12 @@ def test_sample_turns_inputs_of_the_other_kind_to_the_models_orientation(tmp_pat
         assert png.shape == nii.shape == (1, 1, *size)
         assert (png - nii).abs().max() < 0.02  # the same anatomy, the same way up (8-bit rounding apart)
         assert (png - nii.flip(2, 3)).abs().max() > 0.2  # which a turn the wrong way would not give
+        sample._write_slices(tmp_path / "out.nii.gz", nii, rot)  # an output: stored as NIfTI slices are
+        assert nib.load(tmp_path / "out.nii.gz").shape == (24, 16)  # as a.nii.gz, whichever the model's way
+        back = sample._read_inputs([tmp_path / "out.nii.gz"], size, rot)[0][1]  # read back the same way up
+        assert back.shape == nii.shape and torch.corrcoef(torch.stack([back.flatten(), nii.flatten()]))[0, 1] > 0.99
     out = capsys.readouterr().out
-    assert out.count("turned the model's way up") == 2 and "trained on NIfTI" in out and "on PNG" in out
+    assert out.count("turned the model's way up") == 3 and "trained on NIfTI" in out and "on PNG" in out  # + out
 
 
 def test_png_pictures_beside_nifti_slices_are_left_out(tmp_path):
@@ -1906,6 +1910,22 @@ def test_train_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, says):
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o" / "vqvae.pt").exists()  # said before anything trains
+
+
+def test_prior_layers_default_grows_to_reach_a_wide_map_and_a_given_one_does_not():
+    # OASIS's 256 x 256 slices make 64 x 64 code maps, which the folder default of 10 layers cannot reach across
+    shared = dict(n_codes=32, positional=False, code_dim=0, prior_dropout=0)
+    for h, w, two, layers in ((64, 32, False, 10), (64, 64, False, 11), (64, 64, True, 11), (64, 96, False, 17)):
+        args, said = train.parse_args(["--data", str(ROOT)]), []
+        cfg = train._prior_config(args, h, w, two, said.append, **shared)
+        for c in cfg.values() if two else [cfg]:
+            assert c.prior_layers == layers == args.prior_layers and c.blind_spot() is None, (h, w)
+        assert vq.PriorConfig(height=h, width=w, prior_layers=layers - 1).blind_spot() or layers == 10  # the fewest
+        assert said == [f"prior_layers {layers}: the fewest that reach every earlier code of a {h} x {w} code map "
+                        f"(10 do not; --prior_layers to choose)"] * (layers > 10)
+    args = train.parse_args(["--data", str(ROOT), "--prior_layers", "10"])  # given: kept, and refused
+    with pytest.raises(train.UsageError, match="prior_layers 10 with .* use prior_layers 11"):
+        train._prior_config(args, 64, 64, False, print, **shared)
 
 
 def test_one_train_py_at_a_time_in_an_out_folder(tmp_path, capsys, monkeypatch):

@@ -136,7 +136,8 @@ def parse_args(argv=None):
     _config_flags(p, vq.VQVAEConfig, skip=("in_channels",), defaults={"rate": "0.25; 0 with --levels 2"})  # one channel
     p.set_defaults(in_channels=1)
     _config_flags(p, vq.PriorConfig, skip=("n_codes", "height", "width", "positional", "cond_codes", "code_dim"),
-                  defaults={"prior_dropout": f"{vq.PriorConfig.prior_dropout}; 0.3 on a small folder"})
+                  defaults={"prior_dropout": f"{vq.PriorConfig.prior_dropout}; 0.3 on a small folder",
+                            "prior_layers": "%(default)s; more where the code map is too wide for them to reach"})
     p.add_argument("--prior_tied", type=_bool, default=True, help="tie the prior's code embedding and logits to "
                    "the codebook (default true; README: fewer bits, nearer wrong draws)")
     known, _ = p.parse_known_args([a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")])
@@ -148,9 +149,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.data_from_model = known.data is None and "data" in recorded
     model_flags, counts = [f.name for f in fields(vq.VQVAEConfig)], ("n_train", "n_val", "n_test")
-    p.set_defaults(**dict.fromkeys(model_flags + list(counts)))  # None: not given
+    p.set_defaults(**dict.fromkeys(model_flags + list(counts) + ["prior_layers"]))  # None: not given
     given = vars(p.parse_args(argv))
     args.model_flags_given = [k for k in model_flags if given[k] is not None]  # --stage prior: as model.pt's or refused
+    args.prior_layers_given = given["prior_layers"] is not None  # else raised where the map needs more (_prior_config)
     if args.levels == 2 and given["rate"] is None:  # the rate model is of one level's codes
         args.rate = 0.0
     for k in counts if data else ():
@@ -801,9 +803,22 @@ def _shifted_codes(vqvae, x, codes, k, seed):
     return tuple(map(torch.cat, zip(*maps))) if isinstance(codes, tuple) else torch.cat(maps)
 
 
-def _prior_config(args, h, w, two, **shared):
-    """The prior's config for an h x w code map (with two levels, a dict of the top's and the bottom's)."""
-    cfg = _config(vq.PriorConfig, args, height=h, width=w, cond_codes=shared["n_codes"] if two else 0, **shared)
+def _prior_config(args, h, w, two, log, **shared):
+    """The prior's config for an h x w code map (with two levels, a dict of the top's and the bottom's). Without
+    --prior_layers, a map too wide for the default to reach every earlier code (OASIS's 64 x 64 codes) takes the
+    fewest layers that do, set in args and logged."""
+    layers, cond = args.prior_layers, shared["n_codes"] if two else 0
+    while True:
+        try:
+            cfg = _config(vq.PriorConfig, args, height=h, width=w, cond_codes=cond, **shared)
+            break
+        except UsageError as e:  # a blind spot that more layers close, not gaps in the dilations
+            if args.prior_layers_given or not str(e).startswith("prior_layers"):
+                raise
+            args.prior_layers += 1
+    if args.prior_layers != layers:
+        log(f"prior_layers {args.prior_layers}: the fewest that reach every earlier code of a {h} x {w} code map "
+            f"({layers} do not; --prior_layers to choose)")
     if two:  # the top prior: the same flags, on the top map, with no coarser map above it
         return {"top": _config(vq.PriorConfig, args, height=h // 2, width=w // 2, cond_codes=0, **shared), "bottom": cfg}
     return cfg
@@ -820,7 +835,7 @@ def train_prior(run, data, vqvae, fingerprint):
     pos = data["positions"]
     shared = dict(n_codes=vqvae.config.n_codes, positional=pos["train"] is not None,
                   code_dim=vqvae.config.code_dim if args.prior_tied else 0)
-    cfg = _prior_config(args, h, w, two, **shared)
+    cfg = _prior_config(args, h, w, two, run.log, **shared)
     torch.manual_seed(seed)
     prior = (vq.TwoLevelPrior(cfg["top"], cfg["bottom"]) if two else vq.PixelCNN(cfg)).to(run.device)
     q = torch.quantile(pos["train"].float(), torch.linspace(0, 1, 101)) if shared["positional"] else None
@@ -996,8 +1011,8 @@ def train(args):
     args.size = args.size or found or [256, 128]  # no header read: the slices will not read either, and say so
     if args.stage == "all":  # the prior's flags too, before the VQ-VAE's hours (dropout None: set by the folder)
         _prior_config(args, args.size[0] // cfg.downsample, args.size[1] // cfg.downsample, cfg.levels == 2,
-                      n_codes=cfg.n_codes, positional=False, code_dim=cfg.code_dim if args.prior_tied else 0,
-                      prior_dropout=args.prior_dropout or 0)
+                      notes.append, n_codes=cfg.n_codes, positional=False, prior_dropout=args.prior_dropout or 0,
+                      code_dim=cfg.code_dim if args.prior_tied else 0)
     run = Run(args)
     for note in notes:
         run.log(note)

@@ -705,6 +705,51 @@ def test_inference_leaves_a_training_vqvae_as_it_was(rate):
     assert model.encode(x[:0]).shape == (0, 8, 8) and model.reconstruct(x[:0]).shape == (0, 1, 32, 32)  # none in
 
 
+def test_the_library_refuses_or_handles_plausible_misuse_as_its_docstrings_say():
+    # found by using vq.py copied alone; each check failed before (a silent wrong result or a raw torch error)
+    torch.manual_seed(2)
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=7, kmeans_init=False))
+    x = vq.phantom_slices(3, (24, 20), seed=6)
+    model.train()
+    model.quantizer.eval()  # a part the caller froze stays frozen through inference
+    codes = model.encode(x)
+    assert model.training and model.encoder.training and not model.quantizer.training
+    with pytest.raises(ValueError, match=r"float images in \[0, 1\], got \(3, 1, 24, 20\) torch.uint8"):
+        model.encode((x * 255).round().byte())  # 0-255 pixels: codes of nonsense before
+    with pytest.raises(ValueError, match=r"got \(24, 20\)"):  # the tensor given, not a batch of it
+        model.encode(x[0, 0])
+    for kind in (torch.int32, torch.int16, torch.uint8):  # any integer codes, as int64 (uint8: once a mask)
+        assert torch.equal(model.decode(codes.to(kind)), model.decode(codes))
+    for value, says in ((-1, r"codes must be in \[0, 7\), got -1 to "), (7, r"to 7$")):  # -1 was decoded as 6
+        bad = codes.clone()
+        bad[1, 2, 3] = value
+        with pytest.raises(ValueError, match=says):
+            model.decode(bad)
+    with pytest.raises(ValueError, match="codes must be integers, got torch.float32"):
+        model.decode(codes.float())
+    prior = small_prior(**RICH)
+    c = torch.randint(0, 7, (4, 6, 5))
+    where = torch.rand(4)
+    prior.train()
+    prior.layers[0].eval()
+    assert torch.equal(vq.code_bits(prior, c.int(), where), vq.code_bits(prior, c, where))  # int32: cross_entropy's
+    assert prior.training and not prior.layers[0].training and prior.layers[1].training
+    for call in (lambda w: vq.code_bits(prior, c, w), lambda w: vq.sample_codes(prior, 4, position=w),
+                 lambda w: prior.generate(4, position=w)):
+        for w, says in ((where * 40, r"in \[0, 1\], a number or \(4,\): got shape \(4,\), "),  # a slice index
+                        (where[:3], r"got shape \(3,\)"), (where[:, None], r"got shape \(4, 1\)")):
+            with pytest.raises(ValueError, match=says):
+                call(w)
+    with pytest.raises(ValueError, match="without slice positions"):
+        small_prior().draw_positions(2)
+    y = (x + 0.1 * torch.rand(3, 3, 24, 20)).clamp(0, 1)  # three channels: one figure an image, their mean
+    x3 = x.expand(-1, 3, -1, -1)
+    per = torch.stack([vq.ssim(x3[:, k], y[:, k]) for k in range(3)], 1)
+    assert torch.allclose(vq.ssim(x3, y), per.mean(1)) and vq.ssim(x3, y).shape == (3,)
+    mse = (x3 - y).pow(2).flatten(1).mean(1)
+    assert torch.allclose(vq.psnr(x3, y), 10 * torch.log10(1 / mse))
+
+
 def test_losses_reach_what_they_should():
     torch.manual_seed(0)
     x = vq.phantom_slices(3, (64, 32), seed=2)

@@ -642,28 +642,29 @@ def _ssim_terms(x, y, data_range=1.0):
 def ssim(x, y, data_range=1.0, foreground=None):
     """Structural similarity per image (B,) float32, equal to scikit-image's `structural_similarity(
     gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=data_range)` (window 11, K1 0.01,
-    K2 0.03, averaged over the pixels at least 5 from the border). x, y: (B, 1, H, W) or (B, H, W), H and W at
-    least 11; x is the original. foreground: None, or a fraction of data_range: average only over the body, where
+    K2 0.03, averaged over the pixels at least 5 from the border). x, y: (B, C, H, W) (C > 1: the mean over
+    channels, as its channel_axis), (B, H, W) or (H, W), H and W at least 11; x is the original. foreground: None, or a fraction of data_range: average only over the body, where
     the Gaussian-weighted local mean of x exceeds it (0.1 leaves out the black background, whose easy SSIM
     would flatter a blurry reconstruction); NaN for an image with no such pixel."""
     if x.shape != y.shape:
         raise ValueError(f"ssim needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
-    x, y = (t.reshape(-1, 1, *t.shape[-2:]) for t in (x, y))  # (B, 1, H, W) each
+    n = len(x) if x.dim() > 2 else 1  # images: a 4-D one's channels are averaged
+    x, y = (t.reshape(-1, 1, *t.shape[-2:]) for t in (x, y))  # (B C, 1, H, W) each
     if min(x.shape[-2:]) < 11:
         raise ValueError(f"ssim needs images of at least 11 x 11, got {tuple(x.shape[-2:])}")
     # float64 on every device: float32 loses digits in E[x^2] - E[x]^2, and a GPU may run float32 in TF32
     s, ux = _ssim_terms(x.double(), y.double(), data_range)
     if foreground is None:
-        return s.mean((-2, -1)).float()
+        return s.mean((-2, -1)).view(n, -1).mean(1).float()
     body = (ux > foreground * data_range).double()
-    return ((s * body).sum((-2, -1)) / body.sum((-2, -1))).float()
+    return ((s * body).sum((-2, -1)) / body.sum((-2, -1))).view(n, -1).mean(1).float()
 
 
 def psnr(x, y, data_range=1.0):
-    """Peak signal-to-noise ratio in dB per image, (B,) float32; x, y as for ssim."""
-    if x.shape != y.shape:
-        raise ValueError(f"psnr needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
-    mse = (x.float() - y.float()).pow(2).reshape(-1, x.shape[-2] * x.shape[-1]).mean(1)  # per (H, W) image
+    """Peak signal-to-noise ratio in dB per image, (B,) float32, of its mean squared error; x, y as for ssim."""
+    if x.shape != y.shape or x.dim() < 2:
+        raise ValueError(f"psnr needs equal shapes of images, got {tuple(x.shape)} and {tuple(y.shape)}")
+    mse = (x.float() - y.float()).pow(2).reshape(len(x) if x.dim() > 2 else 1, -1).mean(1)  # per image
     return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-10))
 
 
@@ -989,6 +990,8 @@ class VQVAE(nn.Module):
     def encode(self, x, batch_size=64):
         """x (B, C, H, W) -> codes (B, h, w) int64, or (top (B, h/2, w/2), bottom (B, h, w)) with two
         levels, on x's device; in batches on the model's device, in float32 (no autocast)."""
+        if x.dim() != 4 or not x.is_floating_point():  # 0-255 pixels would pass as float, far outside [0, 1]
+            raise ValueError(f"x must be (B, C, H, W) float images in [0, 1], got {tuple(x.shape)} {x.dtype}")
         return _batched(lambda xb: self._quantize(xb.float())[1], x, self, batch_size)
 
     @torch.no_grad()
@@ -999,7 +1002,7 @@ class VQVAE(nn.Module):
             if self.config.levels == 2:
                 z_q = torch.cat([z_q, self.decoder_top(self.quantizer_top.codebook[c[0]].permute(0, 3, 1, 2))], 1)
             return self.decoder(z_q).float().clamp(0, 1)
-        return _batched(run, codes, self, batch_size)
+        return _batched(run, _as_codes(as_levels(codes), self.config.n_codes), self, batch_size)
 
     def reconstruct(self, x, batch_size=64):
         """x (B, C, H, W) -> decode(encode(x)): what the model makes of each slice."""
@@ -1055,6 +1058,15 @@ class PriorConfig:
         return (f"prior_layers {L} with prior_dilations {list(cycle)} reach {reach[L - 1]} "
                 f"codes aside, but the scanned map is {rows} rows of {cols} codes: some codes would never see some "
                 f"before them (a blind spot); use prior_layers {layers} or larger dilations")
+
+
+def _as_positions(position, n):
+    """Slice positions, a number or (n,) in [0, 1], as (n,) float32; else a ValueError."""
+    t = torch.as_tensor(position, dtype=torch.float32)
+    if t.dim() > 1 or t.numel() not in (1, n) or not ((t >= 0) & (t <= 1)).all():
+        extent = f", {t.min().item():g} to {t.max().item():g}" if t.numel() else ""
+        raise ValueError(f"positions must be in [0, 1], a number or ({n},): got shape {tuple(t.shape)}{extent}")
+    return t.expand(n)
 
 
 def _rand(shape, generator, device, dtype=torch.float32):
@@ -1238,6 +1250,8 @@ class PixelCNN(nn.Module):
 
     def draw_positions(self, n, generator=None):
         """n slice positions drawn as the training data has them (inverse CDF of its quantiles)."""
+        if not self.config.positional:
+            raise ValueError("this prior was trained without slice positions: it has none to draw")
         u = _rand((n,), generator, self.pos.device) * 100
         q, lo = self.position_quantiles, u.floor().long().clamp(max=99)
         return q[lo] + (q[lo + 1] - q[lo]) * (u - lo)
@@ -1252,8 +1266,8 @@ class PixelCNN(nn.Module):
             raise ValueError(f"n must be an int >= 1, got {n!r} ({type(n).__name__})")
         if self.config.positional and position is None:
             position = self.draw_positions(n, generator)
-        elif position is not None and not ((t := torch.as_tensor(position)) >= 0).all() & (t <= 1).all():
-            raise ValueError(f"positions must be in [0, 1], got {position}")
+        elif position is not None:
+            position = _as_positions(position, n)
         g = _gumbel((n, *self.shape, self.config.n_codes), generator, self.pos.device, self.pos.dtype)
         if keep is not None:  # (codes, redo) in scan order on g's device
             shape = (n, self.config.height, self.config.width)
@@ -1371,6 +1385,16 @@ def as_levels(codes):
     return codes if isinstance(codes, tuple) else (codes,)
 
 
+def _as_codes(levels, n_codes):
+    """Levels of code maps as int64, refused unless integers in [0, n_codes) (a negative one would wrap around)."""
+    for c in levels:
+        if c.is_floating_point() or c.is_complex() or c.dtype == torch.bool:
+            raise ValueError(f"codes must be integers, got {c.dtype}")
+        if c.numel() and not (0 <= c.min().item() and c.max().item() < n_codes):
+            raise ValueError(f"codes must be in [0, {n_codes}), got {c.min().item()} to {c.max().item()}")
+    return tuple(c.long() for c in levels)
+
+
 def code_nats(logits, codes):
     """Mean cross-entropy per code, in nats, of logits (B, K, h, w) for codes (B, h, w), or of
     tuples of them (one per level), averaged over all codes of all levels."""
@@ -1382,8 +1406,8 @@ def code_nats(logits, codes):
 def _per_code(prior, codes, position, fn, batch_size=128):
     """fn(logits, codes) of each level, through one forward of prior without dropout (in _batched's batches):
     a (N, h, w) tensor per level on the codes' device, as a tuple for two levels. position: (N,), a number or None."""
-    levels = as_levels(codes)
-    position = None if position is None else torch.as_tensor(position, dtype=torch.float32).expand(len(levels[0]))
+    levels = _as_codes(as_levels(codes), prior.config.n_codes)
+    position = None if position is None else _as_positions(position, len(levels[0]))
 
     def run(*part):  # the levels' codes, then the positions if given
         given, at = part[:len(levels)], part[len(levels)] if position is not None else None
@@ -1464,10 +1488,11 @@ def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, te
     if not len(x):
         raise ValueError("surprise needs at least one slice, got none")
     names, parts = ("map", "healed", "score", "bits", "redo", "codes", "healed_codes"), []
-    g = generator or torch.Generator(next(prior.parameters()).device).manual_seed(int(torch.randint(2 ** 62, ())))
+    g = torch.Generator(next(prior.parameters()).device).manual_seed(int(torch.randint(2 ** 62, ()))) \
+        if generator is None else generator
     for k in range(0, len(x), batch_size):
         xb = x[k:k + batch_size].float().cpu()
-        pb = None if position is None else torch.as_tensor(position).float().expand(len(x))[k:k + batch_size]
+        pb = None if position is None else _as_positions(position, len(x))[k:k + batch_size]
         codes = vqvae.encode(xb)
         bits = code_bits(prior, codes, pb)
         redo = tuple(b > threshold for b in bits) if isinstance(bits, tuple) else bits > threshold
@@ -1487,7 +1512,7 @@ def sample_codes(prior, n, temperature=1.0, generator=None, position=None, batch
     """n code maps (n, h, w), or (top, bottom) pairs, drawn by prior batch_size at a time (so the noise of a big
     n never sits in memory at once), on position's device (the CPU). position: None, a number, or (n,) positions.
     The noise and positions are drawn batch by batch, so the samples of a seed depend on batch_size too."""
-    where = torch.as_tensor(math.nan if position is None else position, dtype=torch.float32).expand(n)
+    where = torch.full((n,), math.nan) if position is None else _as_positions(position, n)
     return _batched(lambda p: prior.generate(len(p), temperature, generator, None if position is None else p),
                     where, prior, batch_size)
 
@@ -1512,12 +1537,14 @@ def set_tf32(on):
 
 @contextlib.contextmanager
 def _evaluating(model):
-    """model in eval mode for the block (inference: no dropout, no codebook update), then in the mode it was in."""
-    training = model.training
+    """model in eval mode for the block (inference: no dropout, no codebook update), then each of its modules in
+    the mode it was in (a part the caller froze stays frozen)."""
+    modes = [(m, m.training) for m in model.modules()]
     try:
         yield model.eval()
     finally:
-        model.train(training)
+        for m, training in modes:
+            m.training = training
 
 
 @contextlib.contextmanager

@@ -201,8 +201,7 @@ def _normalise(x):
     """(k, h, w) -> (k, h, w) in [0, 1] per slice, percentile range; constant slices become zeros."""
     flat = x.reshape(len(x), -1)
     ks = [round(q / 100 * (flat.shape[1] - 1)) for q in PERCENTILES]
-    part = np.partition(flat, ks, axis=1)
-    lo, hi = part[:, ks[0]], part[:, ks[1]]
+    lo, hi = np.partition(flat, ks, axis=1)[:, ks].T
     sparse = hi <= lo  # e.g. > 99.5% background: keep what little there is via the full range
     lo[sparse], hi[sparse] = flat[sparse].min(1), flat[sparse].max(1)
     scale = np.divide(1, hi - lo, out=np.zeros_like(lo), where=hi > lo)
@@ -273,8 +272,7 @@ def _decode_all(files, size, strict, workers):
     chunk = min(256, max(16, len(files) // (workers * 4) + 1))  # a few tasks per worker balance the load
     chunks = [files[i:i + chunk] for i in range(0, len(files), chunk)]
     parts, skipped, nonfinite, transient, counts = [], [], [], False, []
-    serial = workers == 1 or len(files) < SERIAL_BELOW
-    with concurrent.futures.ThreadPoolExecutor(1 if serial else min(workers, len(chunks))) as pool:
+    with concurrent.futures.ThreadPoolExecutor(1 if len(files) < SERIAL_BELOW else min(workers, len(chunks))) as pool:
         try:
             for got, bad, nf, tr in pool.map(_decode_chunk, chunks, [size] * len(chunks)):  # in order
                 if strict and bad:
@@ -595,14 +593,11 @@ def load_splits(settings, strict=False, files=None):
     if len(set(kinds.values())) > 1:  # one rot90 for all
         raise DataError(f"the splits of {settings['source']} mix PNG and NIfTI slices "
                         f"({', '.join(f'{k} {v}' for k, v in kinds.items())}): give one kind")
-    data, positions, skipped = {}, {}, []
-    for k in SPLITS:
-        info = {}
-        data[k] = load_slices(files[k], size, strict=strict, info=info)
-        skipped += [{"file": str(p), "reason": r} for p, r in info["skipped"]]
-        positions[k] = None if info["positions"] is None else torch.tensor(info["positions"])
-    if any(p is None for p in positions.values()):  # a prior conditioned on positions needs them everywhere
-        positions = dict.fromkeys(SPLITS)
+    infos = {k: {} for k in SPLITS}
+    data = {k: load_slices(files[k], size, strict=strict, info=infos[k]) for k in SPLITS}
+    skipped = [{"file": str(p), "reason": r} for info in infos.values() for p, r in info["skipped"]]
+    found = [info["positions"] for info in infos.values()]  # a prior conditioned on positions needs them everywhere
+    positions = dict.fromkeys(SPLITS) if None in found else {k: torch.tensor(p) for k, p in zip(SPLITS, found)}
     settings = {"source": str(Path(settings["source"]).resolve()), "size": size, "rot90": int(kinds["train"] != "PNG"),
                 "files": files_digest(files, settings["source"])}  # as found: under a symlinked folder, say
     return dict(data, positions=positions, skipped=skipped, settings=settings)
@@ -612,9 +607,8 @@ def load_splits(settings, strict=False, files=None):
 
 
 def _blur(t, sigma=1.5, valid=False):
-    """Gaussian blur of the last two axes of t: the 'valid' outputs only, else all with zero padding; sigma 0
-    leaves t as it is. Two matmuls with banded matrices: on a CPU 5 to 20 times faster than one-channel
-    convolutions, forward and backward."""
+    """Gaussian blur of t's last two axes (sigma 0: none), the 'valid' outputs only or all with zero padding, by two
+    banded matmuls: on a CPU 5 to 20 times faster than one-channel convolutions, forward and backward."""
     if not sigma:
         return t
     radius = int(3.5 * sigma + 0.5)  # scikit-image's rule (truncate 3.5): radius 5, window 11 for sigma 1.5
@@ -631,9 +625,8 @@ def _blur(t, sigma=1.5, valid=False):
 
 def _ssim_terms(x, y, data_range=1.0):
     """x, y (B, 1, H, W) -> (SSIM per pixel of the valid region (B, H-10, W-10), local mean of x), in x's dtype."""
-    # the local moments over the 'valid' region only, the border scikit-image crops away: (B, 5, H-10, W-10)
-    stats = _blur(torch.stack([x, y, x * x, y * y, x * y], 1)[:, :, 0], valid=True)
-    ux, uy, uxx, uyy, uxy = stats.unbind(1)
+    # the local moments over the 'valid' region only, the border scikit-image crops away: (B, H-10, W-10) each
+    ux, uy, uxx, uyy, uxy = _blur(torch.stack([x, y, x * x, y * y, x * y], 1)[:, :, 0], valid=True).unbind(1)
     vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     return ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2)), ux
@@ -641,11 +634,11 @@ def _ssim_terms(x, y, data_range=1.0):
 
 def ssim(x, y, data_range=1.0, foreground=None):
     """Structural similarity per image (B,) float32, equal to scikit-image's `structural_similarity(
-    gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=data_range)` (window 11, K1 0.01,
-    K2 0.03, averaged over the pixels at least 5 from the border). x, y: (B, C, H, W) (C > 1: the mean over
-    channels, as its channel_axis), (B, H, W) or (H, W), H and W at least 11; x is the original. foreground: None, or a fraction of data_range: average only over the body, where
-    the Gaussian-weighted local mean of x exceeds it (0.1 leaves out the black background, whose easy SSIM
-    would flatter a blurry reconstruction); NaN for an image with no such pixel."""
+    gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=data_range)` (window 11, K1 0.01, K2 0.03,
+    averaged over the pixels at least 5 from the border). x, y: (B, C, H, W) (C > 1: the mean over channels, as its
+    channel_axis), (B, H, W) or (H, W), H and W at least 11; x is the original. foreground: None, or a fraction of
+    data_range: average only over the body, where the Gaussian-weighted local mean of x exceeds it (0.1 leaves out the
+    black background, whose easy SSIM would flatter a blurry reconstruction); NaN for an image with no such pixel."""
     if x.shape != y.shape:
         raise ValueError(f"ssim needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
     n = len(x) if x.dim() > 2 else 1  # images: a 4-D one's channels are averaged
@@ -794,8 +787,7 @@ class VectorQuantizer(nn.Module):
                 full = torch.cdist(flat.detach(), self.codebook).pow(2)  # (N, K)
                 full = full.where(self.codebook.isfinite().all(1), math.inf)  # as nearest_code: never a NaN code
                 least, nearest = full.min(1)
-                added = cost(nearest.view(B, h, w), least)
-                codes = (full.view(B, h, w, self.n_codes) + added).argmin(-1).flatten()
+                codes = (full.view(B, h, w, self.n_codes) + cost(nearest.view(B, h, w), least)).argmin(-1).flatten()
                 dist = full.gather(1, codes[:, None])[:, 0]
             counts = _histogram(codes, self.n_codes)  # (K,) no N x K one-hot
             if self.training:
@@ -1010,8 +1002,7 @@ class VQVAE(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path_or_ckpt, map_location="cpu"):
-        ckpt = _as_checkpoint(path_or_ckpt, map_location)
-        return _build(lambda cfg: cls(_config_of(VQVAEConfig, cfg)), ckpt, "vqvae")
+        return _build(lambda c: cls(_config_of(VQVAEConfig, c)), _as_checkpoint(path_or_ckpt, map_location), "vqvae")
 
 
 # ----------------------------------------------------------------------------- prior
@@ -1110,12 +1101,11 @@ class GatedLayer(nn.Module):
 
     def __init__(self, channels, dilation, dropout):
         super().__init__()
-        C, self.dilation = channels, dilation
+        C, self.dilation, self.dropout = channels, dilation, dropout
         self.vconv = nn.Conv2d(C, 2 * C, (2, 3), dilation=dilation)  # taps: rows i-d, i x columns j-d, j, j+d
         self.hconv = nn.Conv2d(C, 2 * C, (1, 2), dilation=dilation)  # taps: columns j-d, j of row i
         self.v2h = nn.Conv2d(2 * C, 2 * C, 1)  # hands the horizontal stack everything above its row
         self.hout = nn.Conv2d(C, C, 1)
-        self.dropout = dropout
 
     def forward(self, v, h):
         d = self.dilation
@@ -1167,8 +1157,7 @@ class PixelCNN(nn.Module):
         # the map as scanned: rows of the scan run along array axis 0 when transposed
         self.shape = (c.width, c.height) if c.prior_transpose else (c.height, c.width)
         self.embed = nn.Embedding(c.n_codes, C)
-        # where in the map a code sits, so the prior can place anatomy consistently
-        self.pos = nn.Parameter(torch.randn(1, C, *self.shape))
+        self.pos = nn.Parameter(torch.randn(1, C, *self.shape))  # where a code sits, so anatomy is placed consistently
         self.layers = nn.ModuleList(GatedLayer(C, c.prior_dilations[k % len(c.prior_dilations)], c.prior_dropout)
                                     for k in range(L))
         if c.positional:  # a mix of N_MAPS maps added to the position embedding: where anatomy sits at
@@ -1257,9 +1246,8 @@ class PixelCNN(nn.Module):
         return q[lo] + (q[lo + 1] - q[lo]) * (u - lo)
 
     def _noise(self, n, temperature, generator, position, keep=None):
-        """Positions (drawn as in the training data when None), Gumbel noise (n, *shape, K) in scan order,
-        drawn up front from generator so both samplers use the same numbers, and keep (None: draw every code) in
-        scan order."""
+        """Positions (drawn as in the training data when None), and in scan order: Gumbel noise (n, *shape, K), drawn
+        up front from generator so both samplers use the same numbers, and keep (None: draw every code)."""
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not isinstance(n, int) or n < 1:
@@ -1292,11 +1280,9 @@ class PixelCNN(nn.Module):
             return self._scan(self._generate_cached(g, temperature, self._condition(n, position, cond), keep)[0])
 
     def _generate_cached(self, g, temperature, pos, keep=None, keep_logits=False):
-        """The cached sampler on noise g (n, *shape, K) and the condition pos (n, C, *shape), keeping the
-        codes of keep (scan order) where it says: returns codes (n, *shape) and, if asked, logits
-        (n, *shape, K), in scan order. On a GPU each row is one replayed CUDA graph."""
+        """The cached sampler on noise g (n, *shape, K) and the condition pos (n, C, *shape), keeping the codes of
+        keep where it says: codes (n, *shape) and, if asked, logits (n, *shape, K), all in scan order."""
         state = _SamplerState(self, g, temperature, pos, keep, keep_logits)
-        rows = self.shape[0]
         if g.is_cuda:  # one graph per row: thousands of small launches become one
             try:
                 side = torch.cuda.Stream(g.device)  # warm-up on a side stream, as capture wants
@@ -1308,13 +1294,13 @@ class PixelCNN(nn.Module):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     state.row()
-                for _ in range(rows):
+                for _ in range(self.shape[0]):
                     graph.replay()
-                rows = 0
+                return state.codes, state.logits
             except RuntimeError as e:  # a driver or build without graph capture: the same rows, eagerly
                 warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0]}); sampling without graphs")
                 state.reset()
-        for _ in range(rows):
+        for _ in range(self.shape[0]):
             state.row()
         return state.codes, state.logits
 
@@ -1376,8 +1362,7 @@ def load_prior(path_or_ckpt, map_location="cpu"):
     ckpt = _as_checkpoint(path_or_ckpt, map_location)
     if "top" not in ckpt.get("prior_config", {}):
         return PixelCNN.from_checkpoint(ckpt)
-    return _build(lambda cfg: TwoLevelPrior(_config_of(PriorConfig, cfg["top"]), _config_of(PriorConfig, cfg["bottom"])),
-                  ckpt, "prior")
+    return _build(lambda c: TwoLevelPrior(*(_config_of(PriorConfig, c[k]) for k in ("top", "bottom"))), ckpt, "prior")
 
 
 def as_levels(codes):
@@ -1572,8 +1557,7 @@ class _SamplerState:
         self.vwin = [g.new_zeros(n, C, L.dilation + 1, W + 2 * L.dilation) for L in model.layers]
         # per layer: horizontal-stack inputs along the row, channel-last, left-padded by d zeros
         self.hbuf = [g.new_zeros(n, L.dilation + W, C) for L in model.layers]
-        # per layer: the row above's share of the horizontal pre-activation, (n, w, 2C)
-        self.vh = [g.new_zeros(n, W, 2 * C) for _ in model.layers]
+        self.vh = [g.new_zeros(n, W, 2 * C) for _ in model.layers]  # per layer: the row above's share of h_pre
         # hconv's two taps as one (2C, 2C) matrix for the (n, 2, C) window [j - d, j]
         self.wh = [L.hconv.weight[:, :, 0].permute(0, 2, 1).reshape(2 * C, 2 * C).t() for L in model.layers]
         self.wo = [L.hout.weight.flatten(1).t() for L in model.layers]

@@ -190,8 +190,7 @@ def _read(path):
         # header + data_from_fileobj: what img.dataobj reads (stored dtype, scl_slope applied, never
         # float64 by default), without building an image: 3x less time than nib.load on a small slice
         kind = nib.Nifti2Header if 540 in sizeof_hdr else nib.Nifti1Header
-        header = kind.from_fileobj(io.BytesIO(raw), check=False)
-        a = header.data_from_fileobj(io.BytesIO(raw))
+        a = kind.from_fileobj(io.BytesIO(raw), check=False).data_from_fileobj(io.BytesIO(raw))
     a = np.abs(a) if np.iscomplexobj(a) else a  # complex MR data: its magnitude, as scanners display it
     with np.errstate(over="ignore"):  # beyond float32: inf, zeroed and counted with NaN as non-finite
         return np.array(np.squeeze(a), dtype=np.float32)  # a writable copy: non-finite values are zeroed in place
@@ -813,10 +812,9 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead(self, flat, dist, counts):
-        # Dead: fewer assignments in this step than dead_threshold of an even share. Early in
-        # training the encoder's outputs drift faster than the EMA codebook follows and leave
-        # codes behind; a test on the EMA counts would notice only hundreds of steps later.
-        # counts are all-reduced, so every rank agrees on `dead`.
+        # Dead: fewer assignments in this step than dead_threshold of an even share. Early in training the encoder's
+        # outputs drift faster than the EMA codebook follows and leave codes behind; a test on the EMA counts would
+        # notice only hundreds of steps later. counts are all-reduced, so every rank agrees on `dead`.
         dead = counts < self.dead_threshold * counts.sum() / self.n_codes
         n_dead = int(dead.sum())
         if n_dead == 0:
@@ -1267,14 +1265,13 @@ class PixelCNN(nn.Module):
 
     @torch.no_grad()
     def generate(self, n, temperature=1.0, generator=None, position=None, cond=None, keep=None):
-        """Sample n code maps in scan order: returns codes (n, h, w) int64. Incremental (_SamplerState: a few
-        (n, 2C) matmuls per position and layer); code (i, j) is argmax(logits / temperature + Gumbel noise drawn
-        up front from `generator`, a torch.Generator on the model's device or a list of one a map), so
-        `generate_naive` gives the same codes (up to rounding at near-ties). n >= 1; temperature > 0 (below 1
-        sharpens). position: for a positional prior, the slices' position in their volume in [0, 1], a number or
-        (n,); None draws positions as the training data has them. cond: the top codes (n, h/2, w/2) of a
-        conditioned prior. keep: None, or (codes (n, h, w), redo (n, h, w) bool): codes with redo False kept, the
-        others drawn given all before."""
+        """Sample n code maps in scan order: returns codes (n, h, w) int64. Incremental (_SamplerState: a few (n, 2C)
+        matmuls per position and layer); code (i, j) is argmax(logits / temperature + Gumbel noise drawn up front from
+        `generator`, a torch.Generator on the model's device or a list of one a map), so `generate_naive` gives the same
+        codes (up to rounding at near-ties). n >= 1; temperature > 0 (below 1 sharpens). position: for a positional
+        prior, the slices' position in their volume in [0, 1], a number or (n,); None draws positions as the training
+        data has them. cond: the top codes (n, h/2, w/2) of a conditioned prior. keep: None, or (codes (n, h, w), redo
+        (n, h, w) bool): codes with redo False kept, the others drawn given all before."""
         position, g, keep = self._noise(n, temperature, generator, position, keep)
         with _no_tf32():
             return self._scan(self._generate_cached(g, temperature, self._condition(n, position, cond), keep)[0])

@@ -16,9 +16,11 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import re
 import shlex
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -75,29 +77,31 @@ MODE_IGNORES = {"reconstruct": ("n", "temperature", "position", "repeats", "seed
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="out", help="the training output folder holding model.pt (default out)")
+    path = os.path.expanduser  # ~ in a path given as --out=~/run, quoted, or in a script
+    p.add_argument("--out", type=path, default="out", help="the training output folder holding model.pt (default out)")
     p.add_argument("--n", type=int, help="number of samples (default 16; grid.png shows the first 256)")
     p.add_argument("--temperature", type=float, help="of the prior's draws (default 1)")
     p.add_argument("--position", type=float, default=None,
                    help="slice position in its volume, 0 (first) to 1 (last); default: drawn as in the training data")
     p.add_argument("--seed", type=int, help="of the draws (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:1 (default cuda when present)")
-    p.add_argument("--dest", default=None, help="where to write (default a folder in OUT named for the mode)")
-    p.add_argument("--reconstruct", nargs="+", metavar="PATH", help="slices to reconstruct (files, or folders of them)")
-    p.add_argument("--surprise", nargs="+", metavar="PATH",
+    p.add_argument("--dest", type=path, help="where to write (default a folder in OUT named for the mode)")
+    p.add_argument("--reconstruct", type=path, nargs="+", metavar="PATH",
+                   help="slices to reconstruct (files, or folders of them)")
+    p.add_argument("--surprise", type=path, nargs="+", metavar="PATH",
                    help="slices (files, or folders of them) to score: surprise map, healed slice and picture each, surprise.json (default dest OUT/surprise)")
     p.add_argument("--evaluate", action="store_true", help="realism report against the test slices, into summary.json")
     p.add_argument("--repeats", type=int, help="with --evaluate: the two-sample score of samples "
                    "averaged over this many draws and critics (its spread on one model is about 0.02 a draw)")
-    p.add_argument("--judge", metavar="PATH", help="with --evaluate: a model.pt whose prior learnt this model's "
-                   "codes in the other scan order (train.py --stage prior --prior_transpose true --overwrite in a "
-                   "copy of OUT, with the --prior_layers it asks for); reports the bits it gives samples beyond "
+    p.add_argument("--judge", type=path, metavar="PATH", help="with --evaluate: a model.pt whose prior learnt this "
+                   "model's codes in the other scan order (train.py --stage prior --prior_transpose true --overwrite "
+                   "in a copy of OUT, with the --prior_layers it asks for); reports the bits it gives samples beyond "
                    "their own (judge_excess_bits_*); one-level models only")
     p.add_argument("--bench", action="store_true", help="time the cached sampler against the naive one")
-    p.add_argument("--blind", metavar="RUN", help="--n samples of OUT and as many of RUN (another training output "
-                   "folder, or 'test' / 'train': OUT's reconstructions of random slices of that split; a folder so "
-                   "named: ./test) shuffled into blind.png, to be judged before blind_key.json says which is which "
-                   "(default dest OUT/blind_RUN_seedS, RUN's folder name)")
+    p.add_argument("--blind", type=path, metavar="RUN", help="--n samples of OUT and as many of RUN (another "
+                   "training output folder, or 'test' / 'train': OUT's reconstructions of random slices of that "
+                   "split; a folder so named: ./test) shuffled into blind.png, to be judged before blind_key.json "
+                   "says which is which (default dest OUT/blind_RUN_seedS, RUN's folder name)")
     p.add_argument("--calls", metavar="0,1,...", help="with --blind: your call on each tile of blind.png in reading "
                    "order (1: say yes, 0: no); counts them by source from blind_key.json, drawing nothing")
     args = p.parse_args(argv)
@@ -132,12 +136,56 @@ def parse_args(argv=None):
     return args
 
 
-def _make_dest(dest):
-    """Create the output folder, or one line (exit 2) saying why it cannot be."""
+def lock_folder(folder, flag, script):
+    """Create folder and take FOLDER/<script's name>.lock for this process (the caller unlinks the path returned):
+    UsageError, one line, when the folder cannot be written or another live run of script holds it. A lock whose
+    process is gone (killed) is taken over."""
     try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create {dest}: {e.strerror}") from None
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, a link to nowhere, a read-only disk
+        why = "it is a file, not a folder" if folder.is_file() else \
+            f"a link to {os.readlink(folder)}, which is missing" if folder.is_symlink() else e.strerror
+        raise UsageError(f"cannot create {flag} {folder}: {why}") from None
+    path, host = folder / f"{script.split('.')[0]}.lock", socket.gethostname()
+    for _ in range(3):
+        try:
+            with open(path, "x") as f:
+                f.write(f"{host} {os.getpid()}")
+            return path
+        except FileExistsError:
+            held, _, pid = (path.read_text() if path.exists() else "").partition(" ")
+            if held == host and pid.isdigit() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)  # its run was killed
+            elif held:
+                raise UsageError(f"{folder} is in use by another {script} (pid {pid} on {held}): wait for it, or "
+                                 f"give another {flag} (delete {path} if no run is writing there)") from None
+        except OSError as e:  # /proc, a read-only folder
+            raise UsageError(f"cannot write in {flag} {folder}: {e.strerror}") from None
+    raise UsageError(f"{folder} is in use by another {script}: delete {path} if no run is writing there")
+
+
+def _alive(pid):
+    """Whether process pid runs here (not this one: a lock of this pid is a killed run's, its number reused)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return pid != os.getpid()
+
+
+_HELD = []  # the --dest locks this process holds, released as main returns
+
+
+def _make_dest(dest, ckpt):
+    """Create the output folder and hold its lock (a second sample.py into it is refused), or one line (exit 2)
+    saying why it cannot be; never inside the model's data folder, where outputs would be read as slices."""
+    data = ckpt["data"].get("source")
+    if data and not ckpt["data"].get("phantom") and dest.resolve().is_relative_to(Path(data).resolve()):
+        raise UsageError(f"--dest {dest} is inside the model's data folder {data}: its outputs would be read as "
+                         "slices there; give another --dest")
+    _HELD.append(lock_folder(dest, "--dest", "sample.py"))
 
 
 def check_seed_and_device(args):
@@ -225,7 +273,7 @@ def generate(args):
     ckpt, vqvae, prior, device = _load(args, need_prior=True)
     where = "" if args.position is None else f"_p{args.position:g}"
     dest = Path(args.dest or Path(args.out) / f"samples_seed{args.seed}_t{args.temperature:g}{where}")
-    _make_dest(dest)
+    _make_dest(dest, ckpt)
     g, shown, done, names, grid = torch.Generator(device).manual_seed(args.seed), [], 0, r"sample_\d{3,}\.nii\.gz", False
     stopped = lambda: f"stopped after {done} of {args.n} samples" + (  # noqa: E731
         f": sample_000 to sample_{done - 1:03d} in {dest} are this run's" + ", not grid.png" * (not grid)) * (done > 0)
@@ -304,7 +352,7 @@ def blind(args):
     shuffle = torch.Generator().manual_seed((args.seed + zlib.crc32(tag.encode())) % 2**63)  # a layout per source
     order = torch.randperm(2 * args.n, generator=shuffle)
     shown, sources = torch.cat(images)[order], ["ab"[i // args.n] for i in order.tolist()]
-    _make_dest(dest)
+    _make_dest(dest, ckpt)
     grid = image_grid(shown, ncol=8, rot90=ckpt["data"]["rot90"])
     scale = max(1, 256 // shown.shape[-2])  # small slices enlarged, to be judged by eye
     save_png(dest / "blind.png", grid.repeat(scale, 0).repeat(scale, 1))
@@ -377,7 +425,7 @@ def reconstruct(args):
     size, rot = tuple(ckpt["data"]["size"]), ckpt["data"]["rot90"]
     dest = Path(args.dest or Path(args.out) / "reconstructions")
     inputs = _read_inputs(args.reconstruct, size, rot)
-    _make_dest(dest)
+    _make_dest(dest, ckpt)
     results, outputs = [], r"\d{3,}_.*(_reconstruction\.nii\.gz|\.png)"
     mine = lambda: {_stem(i, p) + e for i, (p, _) in enumerate(inputs[:len(results)])  # noqa: E731
                     for e in ("_reconstruction.nii.gz", ".png")}  # the outputs of the inputs done
@@ -446,7 +494,7 @@ def surprise(args):
     dest = Path(args.dest or Path(args.out) / "surprise")
     inputs, seen = _read_inputs(args.surprise, size, rot), {}
     positions = [_positions_of(path, len(x), prior, seen) for path, x in inputs]  # the folders read before any write
-    _make_dest(dest)
+    _make_dest(dest, ckpt)
     g = torch.Generator(device).manual_seed(args.seed)
     entries, outputs = [], r"\d{3,}_.*(_surprise\.nii\.gz|_healed\.nii\.gz|\.png)"
     index = lambda: vq.save_json(dest / "surprise.json", {  # noqa: E731
@@ -856,6 +904,8 @@ def evaluate(args):
     ckpt, vqvae, prior, device = _load(args, need_prior=True)
     judge = _judge(args, ckpt, prior, device) if args.judge else None
     data = _own_data(ckpt)
+    if not (writable := os.access(args.out, os.W_OK)):  # said now, not after the report's minutes
+        print(f"{args.out} is read-only to you: the report will be printed, not saved in its summary.json")
     report = realism_report(vqvae, prior, data["test"], data["train"], args.seed, device, rot90=ckpt["data"]["rot90"],
                             temperature=args.temperature, position=data["positions"]["test"], repeats=args.repeats,
                             judge=judge)
@@ -863,7 +913,9 @@ def evaluate(args):
                                 args.seed)[0])
     path = Path(args.out) / "summary.json"
     summary = read_summary(path)
-    if _stamp(model) != stamp:
+    if not writable:
+        print(f"not saved: {args.out} is read-only to you; the report is above")
+    elif _stamp(model) != stamp:
         print(f"not saved: {model} changed while the report ran (a train.py writing there?); the report is above")
     elif summary and summary.get("vqvae_fingerprint") == ckpt.get("vqvae_fingerprint"):  # it describes this model.pt
         # the report's figures, whole: a run without --judge leaves no judge figures of an earlier one
@@ -909,6 +961,9 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C: one line; what was written stays, the model is only ever read
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        while _HELD:
+            _HELD.pop().unlink(missing_ok=True)
 
 
 def _terminated(signum, frame):  # SIGTERM (kill, a scheduler's stop) as Ctrl-C: what was written is said

@@ -1973,6 +1973,40 @@ def test_prior_layers_default_grows_to_reach_a_wide_map_and_a_given_one_does_not
         train._prior_config(args, 64, 64, False, print, **shared)
 
 
+def test_one_sample_py_at_a_time_in_a_dest_and_never_in_the_data_folder(tmp_path, capsys, monkeypatch):
+    _train(tmp_path / "run", "--prior_epochs", "1", "--realism", "false")
+    dest, host = tmp_path / "d", socket.gethostname()
+    dest.mkdir()
+    (dest / "sample.lock").write_text(f"{host} {os.getppid()}")  # a live sample.py writing there
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--out", str(tmp_path / "run"), "--n", "2", "--dest", str(dest)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{dest} is in use by another sample.py (pid {os.getppid()} on {host})" in err
+    assert not list(dest.glob("sample_*"))  # two runs' samples mixed in one folder before
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (dest / "sample.lock").write_text(f"{host} {dead.pid}")  # a killed one's: taken over, and let go after
+    sample.main(["--out", str(tmp_path / "run"), "--n", "2", "--dest", str(dest)])
+    assert sorted(p.name for p in dest.iterdir()) == ["grid.png", "sample_000.nii.gz", "sample_001.nii.gz"]
+    (tmp_path / "link").symlink_to(tmp_path / "gone" / "x")
+    for script, flag in ((lambda a: train.main([*a, *TINY]), "--out"), (lambda a: sample.main(
+            ["--out", str(tmp_path / "run"), "--n", "1", *a]), "--dest")):
+        with pytest.raises(SystemExit):  # was "File exists"
+            script([flag, str(tmp_path / "link")])
+        assert f"a link to {tmp_path / 'gone' / 'x'}, which is missing" in capsys.readouterr().err
+    ckpt = {"data": {"source": str(tmp_path / "data"), "phantom": None}}  # a model of a folder: not into it
+    for inside in (tmp_path / "data", tmp_path / "data" / "keras_slices_test", tmp_path / "data" / "new"):
+        with pytest.raises(sample.UsageError, match="inside the model's data folder .* would be read as slices"):
+            sample._make_dest(inside, ckpt)
+    assert not (tmp_path / "data").exists()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # ~ given where no shell expands it: --out=~/run
+    assert sample.parse_args(["--out=~/r", "--dest=~/d", "--reconstruct", "~/a"]).reconstruct == [
+        str(tmp_path / "home" / "a")]
+    assert train.parse_args(["--data=~/x", "--out=~/o"]).out == str(tmp_path / "home" / "o")
+    monkeypatch.setenv("VQ_CACHE_DIR", "~/cache")  # set in a job script
+    assert vq._cache_file([tmp_path / "x.nii"], (8, 8), None).parent == tmp_path / "home" / "cache"
+
+
 def test_one_train_py_at_a_time_in_an_out_folder(tmp_path, capsys, monkeypatch):
     out, lock = tmp_path / "run", tmp_path / "run" / "train.lock"
     out.mkdir()
@@ -2827,6 +2861,13 @@ def test_evaluate_saves_nothing_when_model_pt_changed_while_the_report_ran(tmp_p
     assert "lesion_n" in report and f"not saved: {model} changed while the report ran" in out
     assert (tmp_path / "summary.json").read_bytes() == before  # not the old prior's figures over the new one's
     monkeypatch.setattr(sample, "realism_report", lambda *a, **kw: {"two_sample_samples": 0.7})
+    real_access = os.access
+    monkeypatch.setattr(sample.os, "access", lambda p, mode: False)  # a run only readable to you (root reads all)
+    sample.main(["--out", str(tmp_path), "--evaluate"])  # said before the report, and no error after it
+    out = capsys.readouterr().out
+    assert out.startswith(f"{tmp_path} is read-only to you: the report will be printed, not saved")
+    assert f"not saved: {tmp_path} is read-only to you" in out and (tmp_path / "summary.json").read_bytes() == before
+    monkeypatch.setattr(sample.os, "access", real_access)
     sample.main(["--out", str(tmp_path), "--evaluate"])  # unchanged: saved
     assert "added to" in capsys.readouterr().out and (tmp_path / "summary.json").read_bytes() != before
 

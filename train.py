@@ -18,7 +18,6 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -31,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 import vq
-from sample import (Parser, UsageError, check_seed_and_device, fail, image_grid, lesion_report, out_of_memory,
-                    read_summary, realism_report, save_png, warnings_as_lines)
+from sample import (Parser, UsageError, check_seed_and_device, fail, image_grid, lesion_report, lock_folder,
+                    out_of_memory, read_summary, realism_report, save_png, warnings_as_lines)
 
 # Without --data: defaults sized so both stages finish in minutes on a 2-core CPU (flags still win).
 # lr, prior_lr: the best measured at the same budget (README). The phantom's VQ-VAE, 1875 steps, at 5e-3
@@ -96,8 +95,9 @@ def _recorded_data(model_path):
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", help="root folder of slices; default: the embedded phantom data set")
-    p.add_argument("--out", default="out", help="output folder (default out)")
+    p.add_argument("--data", type=os.path.expanduser,  # ~ in --data=~/x, quoted, or in a script
+                   help="root folder of slices; default: the embedded phantom data set")
+    p.add_argument("--out", type=os.path.expanduser, default="out", help="output folder (default out)")
     p.add_argument("--stage", choices=["vqvae", "prior", "all"], default="all",
                    help="prior: of the VQ-VAE in OUT/model.pt, on its slices (--data, --size: as it was trained)")
     p.add_argument("--epochs", type=int, help=f"VQ-VAE epochs (default {REAL_EPOCHS}, or {MIN_STEPS} steps' worth on a "
@@ -1027,47 +1027,15 @@ def train(args):
 def _out_locked(run):
     """--out, created, with OUT/train.lock held (by the main process) while this run writes there: a second
     train.py into the same folder is refused, and a folder nothing can be written in is found before any slice
-    is read. A lock whose process is gone (killed) is taken over."""
+    is read (sample.lock_folder)."""
     if not run.main:
         yield
         return
-    try:
-        run.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file of that name, a read-only disk
-        why = "it is a file, not a folder" if run.out.is_file() else e.strerror
-        raise UsageError(f"cannot create --out {run.out}: {why}") from None
-    path, host = run.out / "train.lock", socket.gethostname()
-    for _ in range(3):
-        try:
-            with open(path, "x") as f:
-                f.write(f"{host} {os.getpid()}")
-            break
-        except FileExistsError:
-            held, _, pid = (path.read_text() if path.exists() else "").partition(" ")
-            if held == host and pid.isdigit() and not _alive(int(pid)):
-                path.unlink(missing_ok=True)  # its run was killed
-            elif held:
-                raise UsageError(f"{run.out} is in use by another train.py (pid {pid} on {held}): wait for it, or "
-                                 f"give another --out (delete {path} if no run is writing there)") from None
-        except OSError as e:  # /proc, a read-only folder
-            raise UsageError(f"cannot write in --out {run.out}: {e.strerror}") from None
-    else:  # another run took it and left it, three times over
-        raise UsageError(f"{run.out} is in use by another train.py: delete {path} if no run is writing there")
+    path = lock_folder(run.out, "--out", "train.py")
     try:
         yield
     finally:
         path.unlink(missing_ok=True)
-
-
-def _alive(pid):
-    """Whether process pid runs here (not this one: a lock of this pid is a killed run's, its number reused)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return pid != os.getpid()
 
 
 def _refuse_other_data(args, model_path, old, files):

@@ -290,7 +290,8 @@ def _cache_file(files, size, cache_dir):
     """Where this exact file list decoded at size is cached; None when off (ctime too: cp -p and tar keep mtimes)."""
     if cache_dir is False:
         return None
-    root = Path(cache_dir or os.environ.get("VQ_CACHE_DIR") or Path.home() / ".cache" / "vq_slices")
+    env = os.path.expanduser(os.environ.get("VQ_CACHE_DIR", ""))  # "~/c" set in a script: the home's, not ./~
+    root = Path(cache_dir or env or Path.home() / ".cache" / "vq_slices")
     prints = []
     for f in files:
         try:

@@ -132,7 +132,8 @@ def parse_args(argv=None):
     if args.dest and Path(args.dest).exists() and not Path(args.dest).is_dir():
         fail(f"--dest {args.dest} is a file, not a folder")
     if Path(args.out).is_file():
-        fail(f"--out {args.out} is a file: give the folder train.py wrote (--out {Path(args.out).parent})")
+        fail(f"--out {args.out} is a file: give the folder train.py wrote"
+             + f" (--out {Path(args.out).parent})" * (Path(args.out).name == "model.pt"))
     return args
 
 

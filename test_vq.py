@@ -2102,6 +2102,9 @@ def test_sample_usage_errors(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:  # the checkpoint for the folder: said, not 'no checkpoint at .../model.pt/model.pt'
         sample.main(["--out", str(tmp_path / "model.pt"), "--n", "1"])
     assert e.value.code == 2 and f"give the folder train.py wrote (--out {tmp_path})" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # any other file: no folder to suggest
+        sample.main(["--out", str(tmp_path / "summary.json"), "--n", "1"])
+    assert capsys.readouterr().err.strip().endswith("is a file: give the folder train.py wrote")
     with pytest.raises(SystemExit) as e:  # a folder that cannot be made: one line, not a traceback
         sample.main(["--out", str(tmp_path), "--n", "1", "--dest", str(tmp_path / "a_file" / "x")])
     err = capsys.readouterr().err

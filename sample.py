@@ -181,11 +181,13 @@ _HELD = []  # the --dest locks this process holds, released as main returns
 
 def _make_dest(dest, ckpt):
     """Create the output folder and hold its lock (a second sample.py into it is refused), or one line (exit 2)
-    saying why it cannot be; never inside the model's data folder, where outputs would be read as slices."""
-    data = ckpt["data"].get("source")
-    if data and not ckpt["data"].get("phantom") and dest.resolve().is_relative_to(Path(data).resolve()):
-        raise UsageError(f"--dest {dest} is inside the model's data folder {data}: its outputs would be read as "
-                         "slices there; give another --dest")
+    saying why it cannot be; never the model's data folder or a folder of slices in it, whose outputs would be
+    read as slices (an OUT in the data folder is fine)."""
+    data, here = ckpt["data"].get("source"), dest.resolve()
+    if data and not ckpt["data"].get("phantom") and here.is_relative_to(root := Path(data).resolve()) and (
+            here == root or here.is_dir() and vq._slice_files(here)):
+        raise UsageError(f"--dest {dest} holds slices of the model's data folder {data}: its outputs would be read "
+                         "as slices; give another --dest")
     _HELD.append(lock_folder(dest, "--dest", "sample.py"))
 
 

@@ -1994,11 +1994,13 @@ def test_one_sample_py_at_a_time_in_a_dest_and_never_in_the_data_folder(tmp_path
         with pytest.raises(SystemExit):  # was "File exists"
             script([flag, str(tmp_path / "link")])
         assert f"a link to {tmp_path / 'gone' / 'x'}, which is missing" in capsys.readouterr().err
-    ckpt = {"data": {"source": str(tmp_path / "data"), "phantom": None}}  # a model of a folder: not into it
-    for inside in (tmp_path / "data", tmp_path / "data" / "keras_slices_test", tmp_path / "data" / "new"):
-        with pytest.raises(sample.UsageError, match="inside the model's data folder .* would be read as slices"):
+    ckpt = {"data": {"source": str(tmp_path / "data"), "phantom": None}}  # a model of a folder: not into its slices
+    save(tmp_path / "data" / "keras_slices_test" / "case_1_slice_0.nii.gz", np.ones((16, 16), np.float32))
+    for inside in (tmp_path / "data", tmp_path / "data" / "keras_slices_test"):
+        with pytest.raises(sample.UsageError, match="holds slices of the model's data folder .* would be read as"):
             sample._make_dest(inside, ckpt)
-    assert not (tmp_path / "data").exists()
+    sample._make_dest(tmp_path / "data" / "out" / "samples", ckpt)  # an OUT there (--data .) is no split
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["keras_slices_test", "out"]
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # ~ given where no shell expands it: --out=~/run
     assert sample.parse_args(["--out=~/r", "--dest=~/d", "--reconstruct", "~/a"]).reconstruct == [
         str(tmp_path / "home" / "a")]

@@ -13,7 +13,6 @@
 import argparse
 import contextlib
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -242,6 +241,13 @@ def _own_data(ckpt):
     return data
 
 
+def fewest_layers(cfg):
+    """The fewest prior_layers, from cfg's up, that leave no blind spot on its map (cfg's own where more layers
+    would not help: gaps in the dilations)."""
+    return next((n for n in range(cfg.prior_layers, cfg.prior_layers + cfg.height + cfg.width)
+                 if not dataclasses.replace(cfg, prior_layers=n).blind_spot()), cfg.prior_layers)
+
+
 def _judge(args, ckpt, prior, device):
     """The prior of --judge's model.pt: one of this VQ-VAE's codes, scanning them in the other order."""
     if not isinstance(prior, vq.PixelCNN):
@@ -249,8 +255,7 @@ def _judge(args, ckpt, prior, device):
     judge_ckpt = vq.load_checkpoint(Path(args.judge) / "model.pt" if Path(args.judge).is_dir() else args.judge)
     if "prior" not in judge_ckpt or judge_ckpt.get("vqvae_fingerprint") != ckpt.get("vqvae_fingerprint"):
         flip = dataclasses.replace(prior.config, prior_transpose=not prior.config.prior_transpose)
-        layers = next(n for n in itertools.count(flip.prior_layers)  # as deep as that scan needs
-                      if not dataclasses.replace(flip, prior_layers=n).blind_spot())
+        layers = fewest_layers(flip)  # as deep as that scan needs
         raise UsageError(f"--judge {args.judge} holds no prior of this VQ-VAE's codes: train one in a copy COPY of "
                          f"{args.out}: {_prior_command('COPY')} --overwrite --prior_transpose "
                          f"{str(flip.prior_transpose).lower()} --prior_layers {layers}")

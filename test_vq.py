@@ -748,6 +748,7 @@ def test_the_library_refuses_or_handles_plausible_misuse_as_its_docstrings_say()
     assert torch.allclose(vq.ssim(x3, y), per.mean(1)) and vq.ssim(x3, y).shape == (3,)
     mse = (x3 - y).pow(2).flatten(1).mean(1)
     assert torch.allclose(vq.psnr(x3, y), 10 * torch.log10(1 / mse))
+    assert vq.ssim(x3[:0], y[:0]).shape == vq.psnr(x3[:0], y[:0]).shape == (0,)  # an empty batch: none, no error
 
 
 def test_losses_reach_what_they_should():

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 import vq
-from sample import (Parser, UsageError, check_seed_and_device, fail, image_grid, lesion_report, lock_folder,
-                    out_of_memory, read_summary, realism_report, save_png, warnings_as_lines)
+from sample import (Parser, UsageError, check_seed_and_device, fail, fewest_layers, image_grid, lesion_report,
+                    lock_folder, out_of_memory, read_summary, realism_report, save_png, warnings_as_lines)
 
 # Without --data: defaults sized so both stages finish in minutes on a 2-core CPU (flags still win).
 # lr, prior_lr: the best measured at the same budget (README). The phantom's VQ-VAE, 1875 steps, at 5e-3
@@ -691,6 +691,8 @@ def _config(config_cls, args, **derived):
         config = config_cls(**values, **derived)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if config_cls is vq.PriorConfig and not args.prior_layers_given:  # the default: as deep as a wide map needs
+        config = replace(config, prior_layers=fewest_layers(config))
     if config_cls is vq.PriorConfig and (reason := config.blind_spot()):
         raise UsageError(reason)
     return config
@@ -807,18 +809,11 @@ def _prior_config(args, h, w, two, log, **shared):
     """The prior's config for an h x w code map (with two levels, a dict of the top's and the bottom's). Without
     --prior_layers, a map too wide for the default to reach every earlier code (OASIS's 64 x 64 codes) takes the
     fewest layers that do, set in args and logged."""
-    layers, cond = args.prior_layers, shared["n_codes"] if two else 0
-    while True:
-        try:
-            cfg = _config(vq.PriorConfig, args, height=h, width=w, cond_codes=cond, **shared)
-            break
-        except UsageError as e:  # a blind spot that more layers close, not gaps in the dilations
-            if args.prior_layers_given or not str(e).startswith("prior_layers"):
-                raise
-            args.prior_layers += 1
-    if args.prior_layers != layers:
-        log(f"prior_layers {args.prior_layers}: the fewest that reach every earlier code of a {h} x {w} code map "
-            f"({layers} do not; --prior_layers to choose)")
+    cfg = _config(vq.PriorConfig, args, height=h, width=w, cond_codes=shared["n_codes"] if two else 0, **shared)
+    if cfg.prior_layers != args.prior_layers:
+        log(f"prior_layers {cfg.prior_layers}: the fewest that reach every earlier code of a {h} x {w} code map "
+            f"({args.prior_layers} do not; --prior_layers to choose)")
+        args.prior_layers = cfg.prior_layers  # as the checkpoint records it, for --resume and the top prior
     if two:  # the top prior: the same flags, on the top map, with no coarser map above it
         return {"top": _config(vq.PriorConfig, args, height=h // 2, width=w // 2, cond_codes=0, **shared), "bottom": cfg}
     return cfg

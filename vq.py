@@ -641,23 +641,24 @@ def ssim(x, y, data_range=1.0, foreground=None):
     black background, whose easy SSIM would flatter a blurry reconstruction); NaN for an image with no such pixel."""
     if x.shape != y.shape:
         raise ValueError(f"ssim needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
-    n = len(x) if x.dim() > 2 else 1  # images: a 4-D one's channels are averaged
+    n, c = (len(x), math.prod(x.shape[1:-2])) if x.dim() > 2 else (1, 1)  # images, and channels averaged
     x, y = (t.reshape(-1, 1, *t.shape[-2:]) for t in (x, y))  # (B C, 1, H, W) each
     if min(x.shape[-2:]) < 11:
         raise ValueError(f"ssim needs images of at least 11 x 11, got {tuple(x.shape[-2:])}")
     # float64 on every device: float32 loses digits in E[x^2] - E[x]^2, and a GPU may run float32 in TF32
     s, ux = _ssim_terms(x.double(), y.double(), data_range)
     if foreground is None:
-        return s.mean((-2, -1)).view(n, -1).mean(1).float()
+        return s.mean((-2, -1)).view(n, c).mean(1).float()
     body = (ux > foreground * data_range).double()
-    return ((s * body).sum((-2, -1)) / body.sum((-2, -1))).view(n, -1).mean(1).float()
+    return ((s * body).sum((-2, -1)) / body.sum((-2, -1))).view(n, c).mean(1).float()
 
 
 def psnr(x, y, data_range=1.0):
     """Peak signal-to-noise ratio in dB per image, (B,) float32, of its mean squared error; x, y as for ssim."""
     if x.shape != y.shape or x.dim() < 2:
         raise ValueError(f"psnr needs equal shapes of images, got {tuple(x.shape)} and {tuple(y.shape)}")
-    mse = (x.float() - y.float()).pow(2).reshape(len(x) if x.dim() > 2 else 1, -1).mean(1)  # per image
+    d = (x.float() - y.float()).pow(2)
+    mse = (d.flatten(1) if x.dim() > 2 else d.flatten()[None]).mean(1)  # per image
     return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-10))
 
 
@@ -1211,7 +1212,8 @@ class PixelCNN(nn.Module):
         out = self.pos.expand(n, -1, -1, -1)
         if c.positional:
             position = torch.as_tensor(position, dtype=self.pos.dtype, device=self.pos.device).expand(n)
-            angles = math.pi * position[:, None] * torch.arange(1, N_FREQ + 1).to(position)  # (n, N_FREQ)
+            k = torch.arange(1, N_FREQ + 1, device=position.device, dtype=position.dtype)  # made there: no sync
+            angles = math.pi * position[:, None] * k  # (n, N_FREQ)
             features = torch.cat([angles.sin(), angles.cos()], 1)  # (n, 2 N_FREQ)
             out = out + torch.einsum("nm,mchw->nchw", self.cond_mix(features), self.cond_maps)
         if c.cond_codes:

@@ -735,7 +735,8 @@ def test_the_library_refuses_or_handles_plausible_misuse_as_its_docstrings_say()
     assert torch.equal(vq.code_bits(prior, c.int(), where), vq.code_bits(prior, c, where))  # int32: cross_entropy's
     assert prior.training and not prior.layers[0].training and prior.layers[1].training
     for call in (lambda w: vq.code_bits(prior, c, w), lambda w: vq.sample_codes(prior, 4, position=w),
-                 lambda w: prior.generate(4, position=w)):
+                 lambda w: prior.generate(4, position=w),
+                 lambda w: vq.surprise(model, prior, torch.cat([x, x[:1]]), 1.0, position=w)):
         for w, says in ((where * 40, r"in \[0, 1\], a number or \(4,\): got shape \(4,\), "),  # a slice index
                         (where[:3], r"got shape \(3,\)"), (where[:, None], r"got shape \(4, 1\)")):
             with pytest.raises(ValueError, match=says):
@@ -748,6 +749,8 @@ def test_the_library_refuses_or_handles_plausible_misuse_as_its_docstrings_say()
     assert torch.allclose(vq.ssim(x3, y), per.mean(1)) and vq.ssim(x3, y).shape == (3,)
     mse = (x3 - y).pow(2).flatten(1).mean(1)
     assert torch.allclose(vq.psnr(x3, y), 10 * torch.log10(1 / mse))
+    per_body = torch.stack([vq.ssim(x3[:, k], y[:, k], foreground=0.1) for k in range(3)], 1)
+    assert torch.allclose(vq.ssim(x3, y, foreground=0.1), per_body.mean(1))
     assert vq.ssim(x3[:0], y[:0]).shape == vq.psnr(x3[:0], y[:0]).shape == (0,)  # an empty batch: none, no error
 
 
@@ -1547,6 +1550,7 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     if plotted:
         curves = (tmp_path / "curves.png").read_bytes()
         assert curves[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(curves[16:20], "big") > 3 * 200  # 3 panels
+        assert "needs matplotlib" not in capsys.readouterr().out
     else:
         assert "curves.png needs matplotlib" in capsys.readouterr().out
     assert 0 < s["test_ssim_body_mean"] <= 1 and len(s["test_best"]) == 4

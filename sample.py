@@ -57,15 +57,16 @@ class Parser(argparse.ArgumentParser):
 
 @contextlib.contextmanager
 def warnings_as_lines(say=print, ignore=()):
-    """The warnings of the block said after it by say, one line each (a SkippedFileWarning every time), those of
-    the kinds in ignore dropped: a user reads lines, not Python warnings with their source lines."""
+    """The warnings of the block said after it by say, one line each and each line once (a cache that cannot be
+    written, met by every split, is said once), those of the kinds in ignore dropped: a user reads lines, not Python
+    warnings with their source lines."""
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always", vq.SkippedFileWarning)
         for kind in ignore:
             warnings.simplefilter("ignore", kind)
         yield
-    for note in notes:
-        say(str(note.message))
+    for line in dict.fromkeys(str(note.message) for note in notes):
+        say(line)
 
 
 # The flags each mode leaves unused, refused when given ("n": plain sampling)

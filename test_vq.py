@@ -322,6 +322,13 @@ def test_cache_hit_invalidation_and_location(tmp_path, monkeypatch):
                       r"a full disk\?$"):  # it read "[Errno None] None: '...npy'"
         assert len(load_slices(files[:2], size=(64, 32), cache_dir=tmp_path / "full")) == 2
     assert not list((tmp_path / "full").iterdir())  # no half cache
+    monkeypatch.undo()
+    (tmp_path / "cfile").write_text("")  # VQ_CACHE_DIR set to a file: said so (was "File exists"), once a run
+    said = []
+    with sample.warnings_as_lines(said.append):
+        for _ in range(3):  # as train.py loads its three splits
+            load_slices(files[:2], size=(64, 32), cache_dir=tmp_path / "cfile")
+    assert said == [f"could not write the slice cache in {tmp_path / 'cfile'}: it is a file, not a folder"]
 
 
 def test_cache_from_an_older_version_is_read_again(tmp_path):

@@ -330,7 +330,8 @@ def _write_cache(path, arr, meta):
         _atomic_write(path, lambda f: np.save(f, arr))
         _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))  # last: marks complete
     except OSError as e:
-        warnings.warn(f"could not write the slice cache in {path.parent}: {e.strerror}", stacklevel=3)
+        why = "it is a file, not a folder" if path.parent.is_file() else e.strerror
+        warnings.warn(f"could not write the slice cache in {path.parent}: {why}", stacklevel=3)
 
 
 def _read_cache(path):

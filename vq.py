@@ -290,8 +290,7 @@ def _cache_file(files, size, cache_dir):
     """Where this exact file list decoded at size is cached; None when off (ctime too: cp -p and tar keep mtimes)."""
     if cache_dir is False:
         return None
-    env = os.path.expanduser(os.environ.get("VQ_CACHE_DIR", ""))  # "~/c" set in a script: the home's, not ./~
-    root = Path(cache_dir or env or Path.home() / ".cache" / "vq_slices")
+    root = Path(cache_dir or os.environ.get("VQ_CACHE_DIR") or "~/.cache/vq_slices").expanduser()  # ~ set in a script
     prints = []
     for f in files:
         try:
@@ -368,23 +367,21 @@ def load_slices(files_or_folder, size=(256, 128), strict=False, cache_dir=None, 
     """Read 2D MR slices into one float tensor (N, 1, H, W) in [0, 1].
 
     files_or_folder: a folder (its .nii / .nii.gz / .png slice files, naturally sorted; label files named seg_* and
-    *_seg_* folders are never read, nor PNG files beside NIfTI ones), a single file, or a list of files (kept in
-    order). Each file: singleton axes squeezed; a 2-D array is one image, a 3-D array one per index of its last
-    axis; NaN/inf set to 0; each image mapped to [0, 1] by its 0.5 / 99.5 percentiles (a constant one to zeros),
-    scaled by min(H/h, W/w) (antialiased linear, aspect kept, untouched when already H x W) and zero-padded,
-    centred, to size (H, W). Array axis 0 stays H, as stored.
+    *_seg_* folders are never read, nor PNG files beside NIfTI ones), a single file, or a list of files (kept in order).
+    Each file: singleton axes squeezed; a 2-D array is one image, a 3-D array one per index of its last axis; NaN/inf
+    set to 0; each image mapped to [0, 1] by its 0.5 / 99.5 percentiles (a constant one to zeros), scaled by min(H/h,
+    W/w) (antialiased linear, aspect kept, untouched when already H x W) and zero-padded, centred, to size (H, W). Array
+    axis 0 stays H, as stored.
 
-    Unreadable files (corrupt, empty, not NIfTI, not 2-D/3-D) are each named in a SkippedFileWarning and left
-    out; strict=True raises DataError on the first one. DataError for a missing folder or nothing readable.
-    PNG needs Pillow. Decoding runs on `workers` threads (default: all cores; serial under 64 files); the result
-    is cached as float16 (float16-exact either way) in cache_dir (default $VQ_CACHE_DIR, else
-    ~/.cache/vq_slices; False: off), keyed by each file's path, size, mtime, ctime and inode, size and the
-    preprocessing version; a warm load repeats the warnings.
+    Unreadable files (corrupt, empty, not NIfTI, not 2-D/3-D) are each named in a SkippedFileWarning and left out;
+    strict=True raises DataError on the first one. DataError for a missing folder or nothing readable. PNG needs Pillow.
+    Decoding runs on `workers` threads (default: all cores; serial under 64 files); the result is cached as float16
+    (float16-exact either way) in cache_dir (default $VQ_CACHE_DIR, else ~/.cache/vq_slices; False: off), keyed by each
+    file's path, size, mtime, ctime and inode, size and the preprocessing version; a warm load repeats the warnings.
 
-    info: if a dict, filled with {"skipped": [(path, reason), ...], "nonfinite": NaN/inf zeroed, "files",
-    "cached", "positions": each image's position in its volume in [0, 1] (Z / the largest Z of its volume for
-    names like case_004_week_0_slice_Z; k / (n - 1) for image k of an n-slice file), or None without slice
-    numbers}.
+    info: if a dict, filled with {"skipped": [(path, reason), ...], "nonfinite": NaN/inf zeroed, "files", "cached",
+    "positions": each image's position in its volume in [0, 1] (Z / the largest Z of its volume for names like
+    case_004_week_0_slice_Z; k / (n - 1) for image k of an n-slice file), or None without slice numbers}.
     """
     if not (isinstance(size, (tuple, list)) and len(size) == 2 and min(size) >= 1):
         raise ValueError(f"size must be (H, W), each at least 1, got {size}")
@@ -733,10 +730,9 @@ def _nearest_code_torch(z, codebook, chunk=8192):
 def nearest_code(z, codebook):
     """Index of the nearest codebook row for every row of z, and its squared distance.
 
-    z (N, D) and codebook (K, D), float. Returns int64 codes (N,) and float32 distances (N,).
-    Uses `kernels.nearest_code` (fused Triton kernel on a GPU, chunked torch elsewhere) when the
-    kernels package is importable, else a chunked torch search.
-    """
+    z (N, D) and codebook (K, D), float. Returns int64 codes (N,) and float32 distances (N,). Uses
+    `kernels.nearest_code` (fused Triton kernel on a GPU, chunked torch elsewhere) when the kernels package is
+    importable, else a chunked torch search."""
     if len(z) == 0:
         return torch.empty(0, dtype=torch.long, device=z.device), z.new_empty(0, dtype=torch.float32)
     return (_kernel_nearest_code or _nearest_code_torch)(z, codebook)
@@ -1474,11 +1470,12 @@ def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, te
     if not len(x):
         raise ValueError("surprise needs at least one slice, got none")
     names, parts = ("map", "healed", "score", "bits", "redo", "codes", "healed_codes"), []
+    where = None if position is None else _as_positions(position, len(x))  # checked once, not per batch
     g = torch.Generator(next(prior.parameters()).device).manual_seed(int(torch.randint(2 ** 62, ()))) \
         if generator is None else generator
     for k in range(0, len(x), batch_size):
         xb = x[k:k + batch_size].float().cpu()
-        pb = None if position is None else _as_positions(position, len(x))[k:k + batch_size]
+        pb = None if where is None else where[k:k + batch_size]
         codes = vqvae.encode(xb)
         bits = code_bits(prior, codes, pb)
         redo = tuple(b > threshold for b in bits) if isinstance(bits, tuple) else bits > threshold

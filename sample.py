@@ -181,11 +181,11 @@ _HELD = []  # the --dest locks this process holds, released as main returns
 
 def _make_dest(dest, ckpt):
     """Create the output folder and hold its lock (a second sample.py into it is refused), or one line (exit 2)
-    saying why it cannot be; never the model's data folder or a folder of slices in it, whose outputs would be
-    read as slices (an OUT in the data folder is fine)."""
+    saying why it cannot be; never the model's data folder or a folder of slices directly in it (a split, a patient),
+    whose outputs would be read as slices (an OUT in the data folder, and the outputs in it, are fine)."""
     data, here = ckpt["data"].get("source"), dest.resolve()
-    if data and not ckpt["data"].get("phantom") and here.is_relative_to(root := Path(data).resolve()) and (
-            here == root or here.is_dir() and vq._slice_files(here)):
+    if data and not ckpt["data"].get("phantom") and (here == (root := Path(data).resolve()) or (
+            here.parent == root and here.is_dir() and vq._slice_files(here))):
         raise UsageError(f"--dest {dest} holds slices of the model's data folder {data}: its outputs would be read "
                          "as slices; give another --dest")
     _HELD.append(lock_folder(dest, "--dest", "sample.py"))

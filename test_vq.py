@@ -2011,7 +2011,9 @@ def test_one_sample_py_at_a_time_in_a_dest_and_never_in_the_data_folder(tmp_path
     for inside in (tmp_path / "data", tmp_path / "data" / "keras_slices_test"):
         with pytest.raises(sample.UsageError, match="holds slices of the model's data folder .* would be read as"):
             sample._make_dest(inside, ckpt)
-    sample._make_dest(tmp_path / "data" / "out" / "samples", ckpt)  # an OUT there (--data .) is no split
+    sample._make_dest(tmp_path / "data" / "out" / "samples", ckpt)  # an OUT there (--data .) is no split,
+    save(tmp_path / "data" / "out" / "samples" / "sample_000.nii.gz", np.ones((16, 16), np.float32))
+    sample._make_dest(tmp_path / "data" / "out" / "samples", ckpt)  # nor is it once it holds a run's samples
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["keras_slices_test", "out"]
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # ~ given where no shell expands it: --out=~/run
     assert sample.parse_args(["--out=~/r", "--dest=~/d", "--reconstruct", "~/a"]).reconstruct == [

@@ -471,6 +471,10 @@ def main(argv=None):
     if needs_tree and "tree" not in args.only and not (args.work and (Path(args.work) / "tree").is_dir()):
         p.error(f"--only {' '.join(sorted(needs_tree))} trains on the phantom tree: add tree, or --work a folder "
                 "that holds one")
+    import torch
+
+    if not args.quick and not torch.cuda.is_available():  # its full sizes on a CPU: minutes of failed steps
+        p.error("no CUDA GPU found: the full check measures a GPU (--quick: tiny sizes on the CPU)")
     t0 = time.time()
     out = Path(args.out).resolve()  # the steps run from the repository root: a relative path would move
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_")).resolve()

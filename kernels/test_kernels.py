@@ -601,8 +601,12 @@ def test_gpu_check_refuses_training_steps_without_their_tree(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     for flag in ("--out", "--work"):  # a file where a folder goes: one line, not a traceback
         with pytest.raises(SystemExit) as e:
-            gpu_check.main(["--out", str(tmp_path / "o"), flag, str(tmp_path / "a_file"), "--only", "bench"])
+            gpu_check.main(["--out", str(tmp_path / "o"), flag, str(tmp_path / "a_file"), "--only", "bench", "--quick"])
         assert e.value.code == 2 and f"{flag} {tmp_path / 'a_file'}: a file, not a folder" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the full sizes on a CPU: refused before anything is made
+        with pytest.raises(SystemExit) as e:
+            gpu_check.main(["--out", str(tmp_path / "o2"), "--only", "bench"])
+        assert e.value.code == 2 and "no CUDA GPU found" in capsys.readouterr().err and not (tmp_path / "o2").exists()
 
 
 def test_gpu_check_limits_fit_seven_minutes():

@@ -1835,6 +1835,7 @@ def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert f"9 NaN/inf values set to 0 in {holed}, of 41 files from" in captured.out and "Warning" not in captured.err
     assert "size 32 x 32: the training slices' most common shape" in captured.out  # the empty file's shape: none
+    assert "reading 66 slice files (decoded once, then cached)" in captured.out  # said before the wait, skipped ones too
     s = json.loads((out / "summary.json").read_text())
     # positions from the names (slice_Z of volumes of 4), skipped files and all: the prior is conditioned
     assert torch.load(out / "model.pt", weights_only=True)["prior_config"]["positional"]

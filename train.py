@@ -277,6 +277,8 @@ def load_data(run, files=None):
     """The splits of --data, or the phantom set (files: find_splits' lists, if already found), logged.
     Under DDP rank 0 decodes the slices and fills the cache; the other ranks then read it."""
     args, settings = run.args, _data_settings(run.args)
+    if files:  # the first read decodes them all (HipMRI's 12,660: about 20 s), later ones read the slice cache
+        run.log(f"reading {sum(map(len, files.values()))} slice files (decoded once, then cached)")
     if run.world > 1 and not run.main:
         dist.barrier()
     with warnings_as_lines(run.log, ignore=(vq.SkippedFileWarning,)):  # such as NaN zeroed; skipped files below

@@ -2985,6 +2985,29 @@ def test_ctrl_c_during_the_reports_stops_at_once_with_both_models_saved(tmp_path
     assert "prior_bits_per_code" in summary and "two_sample_samples" not in summary
 
 
+@pytest.mark.parametrize("where", ["_shifted_codes", "evaluate_vqvae"])
+def test_ctrl_c_while_the_prior_encodes_stops_at_once_and_resume_trains_the_prior(tmp_path, capsys, monkeypatch,
+                                                                                 where):
+    shifted, after = getattr(train, where), []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while every slice is encoded (minutes on a CPU at HipMRI's size),
+        os.kill(os.getpid(), signal.SIGINT)  # or as the VQ-VAE's reports run: stopped before the encoding
+        after.append("went on")
+        return shifted(*args, **kwargs)
+    monkeypatch.setattr(train, where, interrupted)
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "--realism", "false")
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "before the prior's first step" in err and "--resume" in err
+    assert after == (["went on"] if where == "evaluate_vqvae" else [])  # the reports end: model.pt holds the VQ-VAE
+    assert "prior" not in torch.load(tmp_path / "model.pt", weights_only=True) and not (tmp_path / "prior.pt").exists()
+    steps = torch.load(tmp_path / "vqvae.pt", weights_only=True)["trainer"]["step"]
+    monkeypatch.setattr(train, where, shifted)
+    _train(tmp_path, "--realism", "false", "--resume")
+    assert isinstance(vq.load_prior(tmp_path / "model.pt"), vq.PixelCNN)
+    assert torch.load(tmp_path / "vqvae.pt", weights_only=True)["trainer"]["step"] == steps  # stage 1 not retrained
+
+
 def test_ctrl_c_while_reading_the_slices_stops_there_and_leaves_no_run(tmp_path, capsys, monkeypatch):
     load, after = vq.load_splits, []  # what ran after the signal
 

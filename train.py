@@ -383,6 +383,11 @@ def _stopped_reading(run):
     return f"stopped by {run.signalled} while reading the slices: nothing was trained or saved"
 
 
+def _stopped_encoding(run):
+    return (f"stopped by {run.signalled} before the prior's first step: {run.out / 'model.pt'} holds the VQ-VAE; "
+            "add --resume to train the prior")
+
+
 @contextlib.contextmanager
 def _stops_at_once(run, line):
     """A signal in the block stops the run at once, with line(run): where the loop has nothing to save (the
@@ -824,10 +829,15 @@ def _prior_config(args, h, w, two, log, **shared):
 def train_prior(run, data, vqvae, fingerprint):
     args = run.args
     t0 = time.time()
-    codes = {k: vqvae.eval().encode(data[k]) for k in vq.SPLITS}  # (N, h, w), or (top, bottom) pairs
-    two = isinstance(codes["train"], tuple)
     seed = args.seed if args.prior_seed is None else args.prior_seed
-    codes["train"] = _shifted_codes(vqvae, data["train"], codes["train"], args.prior_shifts, seed)
+    # minutes on a CPU at HipMRI's size, with nothing to save: a signal stops it at once
+    with _stops_at_once(run, _stopped_encoding) if run.world == 1 else contextlib.nullcontext():
+        if run.signalled and run.world == 1:  # came during the VQ-VAE's reports
+            raise Interrupted(_stopped_encoding(run))
+        run.log(f"prior: encoding {sum(len(data[k]) for k in vq.SPLITS)} slices")
+        codes = {k: vqvae.eval().encode(data[k]) for k in vq.SPLITS}  # (N, h, w), or (top, bottom) pairs
+        codes["train"] = _shifted_codes(vqvae, data["train"], codes["train"], args.prior_shifts, seed)
+    two = isinstance(codes["train"], tuple)
     h, w = (codes["train"][1] if two else codes["train"]).shape[1:]
     pos = data["positions"]
     shared = dict(n_codes=vqvae.config.n_codes, positional=pos["train"] is not None,

@@ -163,6 +163,10 @@ def test_each_slice_scaled_by_its_own_percentiles_so_hot_pixels_clip(tmp_path):
         want = np.clip((img - lo) / (hi - lo), 0, 1)
         assert np.abs(got[k, 0].numpy() - want).max() < 1e-3, k  # float16 storage
         assert 0.3 < got[k, 0].numpy().mean() < 0.7  # min-max scaling would crush it near 0
+    sparse = np.zeros((1, 48, 40), np.float32)  # 10 bright pixels in 1920: both percentiles are background
+    sparse[0, 3, :10] = 5 + np.arange(10)
+    got = vq._normalise(sparse)
+    assert got.max() == 1 and got[0, 3, 0] == pytest.approx(5 / 14) and (got[0, 4:] == 0).all()  # the full range
 
 
 def test_a_broken_link_named_like_a_slice_is_named_as_skipped(tmp_path):
@@ -491,6 +495,12 @@ def test_plain_folder_grouped_by_patient_prefix(tmp_path):
     owners = {k: {f.name[:3] for f in v} for k, v in splits.items()}
     assert sum(len(o) for o in owners.values()) == 10  # every patient in exactly one split
     assert all(len(v) % 4 == 0 for v in splits.values())
+    flair = tmp_path / "flair"  # the slice number is the last number, not the name's end
+    flair.mkdir()
+    for p, z in itertools.product(range(10), range(4)):
+        (flair / f"p{p:02d}_s{z:03d}_flair.nii.gz").write_bytes(b"x")
+    owners = {k: {f.name[:3] for f in v} for k, v in find_splits(flair).items()}
+    assert sum(len(o) for o in owners.values()) == 10 and all(len(v) % 4 == 0 for v in find_splits(flair).values())
     for form in ("patient_{p:03d}_week_{w}_slice_{z}", "sub-{p:02d}_ses-{w}_T2w_{z}", "slice_{z}_Pat{p}_{w}"):
         named = tmp_path / form[:5]  # a patient's id, wherever it is in the name: two weeks, one split
         for p, w, z in itertools.product(range(10), range(2), range(3)):
@@ -656,6 +666,11 @@ def test_psnr():
     assert torch.allclose(vq.psnr(x[0, 0], y[0, 0]), torch.tensor([20.0]), atol=1e-3)  # one (H, W) image, as ssim
     with pytest.raises(ValueError, match="equal shapes"):
         vq.psnr(x, y[:, 0])  # would broadcast to the wrong figures
+    g = torch.Generator().manual_seed(1)  # 8-bit images with data_range 255: the figures of [0, 1] images
+    a, b = torch.rand(3, 1, 23, 17, generator=g), torch.rand(3, 1, 23, 17, generator=g)
+    b = 0.7 * a + 0.3 * b
+    assert torch.allclose(vq.psnr(255 * a, 255 * b, data_range=255), vq.psnr(a, b), atol=1e-4)
+    assert torch.allclose(vq.ssim(255 * a, 255 * b, data_range=255), vq.ssim(a, b), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- quantizer and VQ-VAE
@@ -1537,6 +1552,15 @@ def _train(out, *extra):
     return train.main(["--out", str(out), "--epochs", "2", "--prior_epochs", "2", *TINY, *extra])
 
 
+def test_each_epoch_shuffles_the_slices_its_own_way_and_replays_it():
+    run = types.SimpleNamespace(rank=0, world=1)
+    orders = [train._epoch_order(run, 50, e, seed=3) for e in (0, 1, 0)]
+    assert sorted(orders[0].tolist()) == list(range(50)) and torch.equal(orders[0], orders[2])
+    assert not torch.equal(orders[0], orders[1])
+    halves = [train._epoch_order(types.SimpleNamespace(rank=r, world=2), 50, 1, seed=3) for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), orders[1])  # two ranks split the epoch's order
+
+
 def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     result = _train(tmp_path)
     s = json.loads((tmp_path / "summary.json").read_text())
@@ -1548,6 +1572,7 @@ def test_train_and_sample_end_to_end(tmp_path, capsys, monkeypatch):
     assert 0 < s["test_ssim_min"] <= s["test_ssim_mean"] <= 1
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["stage"] for r in lines] == ["vqvae"] * 2 + ["prior"] * 2
+    assert s["val_ssim_best"] == max(json.loads(r)["val_ssim"] for r in lines[:2])  # model.pt: the best epoch
     plotted = importlib.util.find_spec("matplotlib") is not None  # optional: the tests pass without it
     pictures = ("recon.png", "progress.png", "test_best.png", "test_worst.png", "samples.png", "positions.png",
                 *["curves.png"] * plotted)
@@ -1839,6 +1864,7 @@ def test_train_on_nifti_tree_with_bad_files(tmp_path, capsys, monkeypatch):
     s = json.loads((out / "summary.json").read_text())
     # positions from the names (slice_Z of volumes of 4), skipped files and all: the prior is conditioned
     assert torch.load(out / "model.pt", weights_only=True)["prior_config"]["positional"]
+    assert torch.load(out / "model.pt", weights_only=True)["data"]["rot90"] == 1  # NIfTI: upright after a turn
     assert sorted(Path(f["file"]).name for f in s["skipped_files"]) == sorted(p.name for p in bad)
     assert (s["n_train"], s["n_val"], s["n_test"]) == (40, 12, 12)
     printed = captured.out
@@ -2535,6 +2561,10 @@ def test_realism_report_sanity():
     assert torch.allclose(sample.nearest_ssim(b[:4], torch.cat([a, b[:4]])), torch.ones(4))
     assert sample.nearest_ssim(b[:4], a).max() < 0.99
     assert sample.pair_ssim(a[:1].repeat(6, 1, 1, 1)) == pytest.approx(1.0) and sample.pair_ssim(a) < 0.8
+    assert sample.pair_ssim(a[:2]) == pytest.approx(vq.ssim(a[:1], a[1:2]).item())  # never a slice with itself
+    # the critics mirror left and right (flip_dim), which anatomy allows; upside-down fakes stay told apart
+    upside, _ = sample.two_sample_score(a[:40], b[:40].flip(-1), a[40:], b[40:].flip(-1), steps=300, flip_dim=-2)
+    assert upside > 0.9, upside
 
 
 
@@ -2554,7 +2584,9 @@ def test_the_critics_learn_from_training_slices_spread_over_every_case(monkeypat
     # training slices come sorted by case: the first FIT would be a few patients' (HipMRI: 11,460 slices)
     monkeypatch.setattr(sample, "FIT", 10)
     fits = []
-    monkeypatch.setattr(sample, "two_sample_score", lambda fit, *a, **k: (fits.append(fit), (0.5, (0.5, 0.5)))[1])
+    flips = []
+    monkeypatch.setattr(sample, "two_sample_score",
+                        lambda fit, *a, **k: (fits.append(fit), flips.append(k["flip_dim"]), (0.5, (0.5, 0.5)))[2])
     vqvae = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=7)).eval()
     prior = vq.PixelCNN(PriorConfig(**{**SMALL, "height": 8, "width": 8, "prior_layers": 6})).eval()
     train_x, test_x = torch.rand(46, 1, 32, 32, generator=torch.Generator().manual_seed(1)).split([37, 9])
@@ -2563,6 +2595,8 @@ def test_the_critics_learn_from_training_slices_spread_over_every_case(monkeypat
     assert report["nearest_train_ssim_recon"] == pytest.approx(float(np.median(near)), abs=1e-6)  # decoded, as samples
     rows = [next(i for i in range(37) if torch.equal(train_x[i], f)) for f in fits[0]]  # the floor's critic
     assert len(rows) == 10 and rows[0] == 0 and rows[-1] == 36 and np.diff(rows).min() >= 3, rows
+    sample.realism_report(vqvae, prior, test_x, train_x, log=lambda line: None, rot90=0)  # PNG: rows are upright
+    assert set(flips[:3]) == {-2} and set(flips[3:]) == {-1}  # NIfTI: shown after np.rot90, left-right is axis -2
 
 
 def test_auroc_and_precision_recall_against_their_definitions_with_ties():
@@ -3122,14 +3156,34 @@ def test_lesions_sit_in_their_masks_and_an_oracle_map_scores_perfectly(monkeypat
     assert has.sum() == 6 and torch.equal(masks.flatten(1).any(1), has) and set(sign[has].tolist()) <= {-1.0, 1.0}
     change = (xl - x).abs()
     assert change[masks].mean() > 0.06 and change[masks].mean() > 10 * change[~masks].mean()  # changed where said
+    assert all(sign[i] * (xl - x)[i][masks[i]].mean() > 0 for i in has.nonzero()[:, 0])  # bright up, dark down
+    assert {-1.0, 1.0} <= set(sign[has].tolist())
     oracle = {"map": masks.float(), "score": masks.flatten(1).float().mean(1), "redo": torch.zeros(12, 16, 8).bool()}
     monkeypatch.setattr(vq, "surprise", lambda *a, **k: oracle)  # a surprise map that is the mask itself
     vqvae = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=16, n_res_blocks=1)).eval()
+    seen, reconstruct = [], vqvae.reconstruct
+    vqvae.reconstruct = lambda t: (seen.append(t), reconstruct(t))[1]
     report, _ = sample.lesion_report(vqvae, small_prior(), x, None, {"threshold": 1.0, "sigma": 2.0}, seed=1,
                                      log=lambda line: None)
+    assert len(seen) == 1 and torch.equal(seen[0], xl)  # the residual baseline: of the lesioned slices
     assert report["lesion_slices"] == 6 and report["lesion_surprise_auroc"] == 1.0
     assert report["lesion_surprise_auprc"] == pytest.approx(1.0) and report["lesion_surprise_dice"] == pytest.approx(1.0)
     assert report["lesion_intensity_auprc"] < 0.5  # the baselines are scored on their own maps
+
+
+def test_the_surprise_map_is_the_smoothed_absolute_difference_in_the_redrawn_cells():
+    torch.manual_seed(0)
+    vqvae = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=7, n_res_blocks=1)).eval()
+    with torch.no_grad():
+        vqvae.decoder.net[-1].bias.fill_(0.6)  # healed slices brighter than the background: x - healed < 0 there
+    x = vq.phantom_slices(3, (24, 20), seed=1)  # 6 x 5 code maps, as small_prior's
+    prior = small_prior()
+    threshold = vq.code_bits(prior, vqvae.encode(x)).median().item()  # about half the codes redrawn
+    s = vq.surprise(vqvae, prior, x, threshold, sigma=1.5, generator=torch.Generator().manual_seed(0))
+    cells = s["redo"].float().repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None]
+    assert 0 < cells.mean() < 1 and ((x - s["healed"]) * cells < -0.1).any()  # some kept, some darker than healed
+    want = vq._blur((x - s["healed"]).abs() * cells, 1.5)
+    assert torch.allclose(s["map"], want, atol=1e-6) and torch.allclose(s["score"], want.flatten(1).mean(1))
 
 
 def test_a_lesion_raises_the_surprise_score():

@@ -3067,14 +3067,19 @@ def test_an_interrupted_prior_resumes_with_its_records(tmp_path, capsys, monkeyp
             sent.append(os.kill(os.getpid(), signal.SIGTERM))
         return lr_at(step, total, lr)
 
+    flags = ("--prior_epochs", "3", "--realism", "false", "--prior_dropout", "0.3", "--prior_ema", "0.9")
+    _train(tmp_path / "whole", *flags)
     monkeypatch.setattr(train, "_lr_at", preempted)
     with pytest.raises(SystemExit):
-        _train(tmp_path, "--prior_epochs", "3", "--realism", "false")
+        _train(tmp_path, *flags)
     records = lambda: [(r["stage"], r["epoch"]) for r in train._read_json_lines(tmp_path / "metrics.jsonl")]  # noqa
     assert records() == [("vqvae", 1), ("vqvae", 2), ("prior", 1)]
     monkeypatch.setattr(train, "_lr_at", lr_at)
-    _train(tmp_path, "--prior_epochs", "3", "--realism", "false", "--resume")
+    _train(tmp_path, *flags, "--resume")
     assert records() == [("vqvae", 1), ("vqvae", 2), ("prior", 1), ("prior", 2), ("prior", 3)]
+    for name, part in (("prior.pt", lambda c: c["trainer"]["model"]), ("model.pt", lambda c: c["prior"])):  # average
+        a, b = (part(torch.load(p / name, weights_only=True)) for p in (tmp_path / "whole", tmp_path))
+        assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6, name  # as if never stopped
 
 
 @pytest.mark.parametrize("levels", [1, 2])

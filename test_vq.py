@@ -1342,6 +1342,7 @@ def test_position_reaches_every_logit_only_through_the_condition():
     model.position_quantiles.copy_(torch.linspace(0.8, 0.9, 101))
     drawn, _, _ = model._noise(500, 1.0, torch.Generator().manual_seed(0), None)
     assert 0.8 <= drawn.min() and drawn.max() <= 0.9 and drawn.std() > 0.02
+    assert len(drawn.unique()) > 400  # between the quantiles too, not 100 values
 
 
 @pytest.mark.parametrize("kind", [SMALL, RICH, TRANSPOSED, TIED], ids=["gated", "position", "transposed", "tied"])
@@ -3189,6 +3190,20 @@ def test_the_surprise_map_is_the_smoothed_absolute_difference_in_the_redrawn_cel
     assert 0 < cells.mean() < 1 and ((x - s["healed"]) * cells < -0.1).any()  # some kept, some darker than healed
     want = vq._blur((x - s["healed"]).abs() * cells, 1.5)
     assert torch.allclose(s["map"], want, atol=1e-6) and torch.allclose(s["score"], want.flatten(1).mean(1))
+
+
+def test_the_rate_models_nats_join_the_loss_in_training_only():
+    torch.manual_seed(0)
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=16, n_res_blocks=1, rate=0.25))
+    x = vq.phantom_slices(4, (32, 32), seed=3)
+    model.train()(x)  # k-means seeds the codebook, the rate model sets its scale
+    with torch.no_grad():
+        _, _, trained = model.train()(x)
+        _, _, evaluated = model.eval()(x)
+        z, codes = model.encoder(x), model.encode(x)
+    commit = model.quantizer.beta * F.mse_loss(z, model.quantizer.codebook[codes].permute(0, 3, 1, 2)).item()
+    assert evaluated["commit"].item() == pytest.approx(commit, rel=1e-4)  # no nats in an evaluation's loss
+    assert trained["commit"].item() > commit + 0.5 * trained["rate_bits"].item()  # in training: nats of the codes
 
 
 def test_a_lesion_raises_the_surprise_score():

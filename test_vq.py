@@ -166,6 +166,10 @@ def test_each_slice_scaled_by_its_own_percentiles_so_hot_pixels_clip(tmp_path):
     sparse = np.zeros((1, 48, 40), np.float32)  # 10 bright pixels in 1920: both percentiles are background
     sparse[0, 3, :10] = 5 + np.arange(10)
     got = vq._normalise(sparse)
+    a32 = a[None] * 1.001  # float32, no storage rounding: nearest-rank percentiles exactly
+    ranked = np.sort(a32.ravel())
+    lo, hi = ranked[round(0.005 * (a32.size - 1))], ranked[round(0.995 * (a32.size - 1))]
+    assert np.abs(vq._normalise(a32) - np.clip((a32 - lo) / (hi - lo), 0, 1)).max() < 1e-6
     assert got.max() == 1 and got[0, 3, 0] == pytest.approx(5 / 14) and (got[0, 4:] == 0).all()  # the full range
 
 
@@ -857,6 +861,11 @@ def test_dead_codes_restart_where_the_data_is_worst_served():
     flat = torch.cat([0.01 * torch.randn(4000, 3, generator=g), torch.tensor([8.0, 0, 0]) + torch.randn(40, 3, generator=g)])
     q(flat.T.reshape(1, 3, 4040, 1))
     assert q.codebook[1, 0] > 4  # restarted among the far vectors
+    q = vq.VectorQuantizer(4, 2, kmeans_init=False).train()  # three dead codes, one vector far worse served
+    q.generator = torch.Generator().manual_seed(0)
+    flat = torch.randn(10, 2, generator=g)
+    q._restart_dead(flat, torch.tensor([1000.0] + [1e-3] * 9), torch.tensor([10.0, 0, 0, 0]))
+    assert len(q.codebook[1:].unique(dim=0)) == 3 and (q.codebook[1:] == flat[0]).all(1).sum() == 1  # each once
 
 
 def test_restarts_keep_the_codebook_in_use_from_the_start():
@@ -3175,6 +3184,8 @@ def test_lesions_sit_in_their_masks_and_an_oracle_map_scores_perfectly(monkeypat
     assert report["lesion_slices"] == 6 and report["lesion_surprise_auroc"] == 1.0
     assert report["lesion_surprise_auprc"] == pytest.approx(1.0) and report["lesion_surprise_dice"] == pytest.approx(1.0)
     assert report["lesion_intensity_auprc"] < 0.5  # the baselines are scored on their own maps
+    keep = (sign == -1) | ~has  # a sign's figure: its lesions among every slice without one, as chance is given
+    assert report["lesion_intensity_auprc_dark"] == pytest.approx(sample.precision_recall(xl[keep], masks[keep])[0])
 
 
 def test_the_surprise_map_is_the_smoothed_absolute_difference_in_the_redrawn_cells():

@@ -3208,10 +3208,13 @@ def test_the_rate_models_nats_join_the_loss_in_training_only():
     model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=16, n_res_blocks=1, rate=0.25))
     x = vq.phantom_slices(4, (32, 32), seed=3)
     model.train()(x)  # k-means seeds the codebook, the rate model sets its scale
+    first = model.rate_model.scale.item()
     with torch.no_grad():
         _, _, trained = model.train()(x)
+        model(vq.phantom_slices(4, (32, 32), seed=4))
         _, _, evaluated = model.eval()(x)
         z, codes = model.encoder(x), model.encode(x)
+    assert 0 < abs(model.rate_model.scale.item() / first - 1) < 0.02  # then it moves slowly, 1% of the way a step
     commit = model.quantizer.beta * F.mse_loss(z, model.quantizer.codebook[codes].permute(0, 3, 1, 2)).item()
     assert evaluated["commit"].item() == pytest.approx(commit, rel=1e-4)  # no nats in an evaluation's loss
     assert trained["commit"].item() > commit + 0.5 * trained["rate_bits"].item()  # in training: nats of the codes

@@ -1327,6 +1327,9 @@ def test_code_bits_are_each_codes_cross_entropy():
     assert vq.prior_bits(model, codes, pos)["per_code"] == pytest.approx(reference.mean().item(), rel=1e-5)
     th = vq.surprise_threshold(model, codes, pos, quantile=0.9)
     assert (bits > th).float().mean().item() == pytest.approx(0.1, abs=1 / bits.numel() + 1e-9)
+    for q in (0.9, 0.37, 0.995):  # the nearest rank, as numpy's
+        want = np.quantile(bits.double().numpy(), q, method="nearest")
+        assert vq.surprise_threshold(model, codes, pos, quantile=q) == pytest.approx(want, rel=1e-6), q
     with pytest.raises(ValueError, match="a fraction, not a percentage"):
         vq.surprise_threshold(model, codes, pos, quantile=99.5)
     with torch.no_grad():  # one number stands for every slice's position, as in sample_codes and surprise

@@ -3191,16 +3191,18 @@ def test_lesions_sit_in_their_masks_and_an_oracle_map_scores_perfectly(monkeypat
     assert report["lesion_intensity_auprc_dark"] == pytest.approx(sample.precision_recall(xl[keep], masks[keep])[0])
 
 
-def test_the_surprise_map_is_the_smoothed_absolute_difference_in_the_redrawn_cells():
+@pytest.mark.parametrize("levels", [1, 2])
+def test_the_surprise_map_is_the_smoothed_absolute_difference_in_the_redrawn_cells(levels):
     torch.manual_seed(0)
-    vqvae = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=7, n_res_blocks=1)).eval()
+    vqvae = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=7, n_res_blocks=1, levels=levels)).eval()
     with torch.no_grad():
         vqvae.decoder.net[-1].bias.fill_(0.6)  # healed slices brighter than the background: x - healed < 0 there
-    x = vq.phantom_slices(3, (24, 20), seed=1)  # 6 x 5 code maps, as small_prior's
-    prior = small_prior()
-    threshold = vq.code_bits(prior, vqvae.encode(x)).median().item()  # about half the codes redrawn
-    s = vq.surprise(vqvae, prior, x, threshold, sigma=1.5, generator=torch.Generator().manual_seed(0))
-    cells = s["redo"].float().repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None]
+    x = vq.phantom_slices(3, (24, 20) if levels == 1 else (24, 24), seed=1)  # small_prior's maps, or 3 x 3 and 6 x 6
+    prior, pos = (small_prior(), None) if levels == 1 else (two_level_prior(), torch.tensor([0.2, 0.5, 0.7]))
+    bits = torch.cat([b.flatten() for b in vq.as_levels(vq.code_bits(prior, vqvae.encode(x), pos))])
+    s = vq.surprise(vqvae, prior, x, bits.median().item(), pos, sigma=1.5, generator=torch.Generator().manual_seed(0))
+    cells = torch.stack([r.float().repeat_interleave(24 // r.shape[1], 1).repeat_interleave(x.shape[-1] // r.shape[2], 2)
+                         for r in vq.as_levels(s["redo"])]).amax(0)[:, None]  # a pixel in any level's redrawn cell
     assert 0 < cells.mean() < 1 and ((x - s["healed"]) * cells < -0.1).any()  # some kept, some darker than healed
     want = vq._blur((x - s["healed"]).abs() * cells, 1.5)
     assert torch.allclose(s["map"], want, atol=1e-6) and torch.allclose(s["score"], want.flatten(1).mean(1))

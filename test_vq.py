@@ -1386,6 +1386,11 @@ def test_two_level_cached_sampler_matches_naive(temperature, top):
         naive = model.generate_naive(3, temperature, torch.Generator().manual_seed(4), position=pos)
         assert [c.shape for c in cached] == [(3, h, w), (3, 2 * h, 2 * w)]
         assert all(map(torch.equal, cached, naive))
+    seen = []  # with none given, the levels get one position, drawn once
+    for m in (model.top, model.bottom):
+        m.generate = lambda *a, f=m.generate, **k: (seen.append(a[3]), f(*a, **k))[1]
+    model.generate(3, temperature, torch.Generator().manual_seed(4))
+    assert len(seen) == 2 and seen[0] is not None and torch.equal(seen[0], seen[1])
     bits = vq.prior_bits(model, cached, torch.rand(3), batch_size=2)
     assert bits["per_slice"] == pytest.approx(h * w * bits["per_code_top"] + 4 * h * w * bits["per_code_bottom"])
     assert bits["per_code"] == pytest.approx(bits["per_slice"] / (5 * h * w))

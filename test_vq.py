@@ -2613,8 +2613,11 @@ def test_the_critics_learn_from_training_slices_spread_over_every_case(monkeypat
     assert report["nearest_train_ssim_recon"] == pytest.approx(float(np.median(near)), abs=1e-6)  # decoded, as samples
     rows = [next(i for i in range(37) if torch.equal(train_x[i], f)) for f in fits[0]]  # the floor's critic
     assert len(rows) == 10 and rows[0] == 0 and rows[-1] == 36 and np.diff(rows).min() >= 3, rows
-    sample.realism_report(vqvae, prior, test_x, train_x, log=lambda line: None, rot90=0)  # PNG: rows are upright
+    near = iter([torch.tensor([0.3, 0.6, 0.8, 0.96]), torch.tensor([0.2, 0.5, 0.7, 0.95]), torch.rand(4)])
+    monkeypatch.setattr(sample, "nearest_ssim", lambda x, pool: next(near))  # samples', reconstructions', real
+    report = sample.realism_report(vqvae, prior, test_x, train_x, log=lambda line: None, rot90=0)  # PNG: upright
     assert set(flips[:3]) == {-2} and set(flips[3:]) == {-1}  # NIfTI: shown after np.rot90, left-right is axis -2
+    assert report["copies"] == 0.25  # samples nearer a training slice than any reconstruction is
 
 
 def test_auroc_and_precision_recall_against_their_definitions_with_ties():

@@ -277,7 +277,7 @@ def load_data(run, files=None):
     """The splits of --data, or the phantom set (files: find_splits' lists, if already found), logged.
     Under DDP rank 0 decodes the slices and fills the cache; the other ranks then read it."""
     args, settings = run.args, _data_settings(run.args)
-    if files:  # the first read decodes them all (HipMRI's 12,660: about 20 s), later ones read the slice cache
+    if files:  # the first read decodes them all (HipMRI's 12,660: 16 to 40 s on 2 cores), later ones read the cache
         run.log(f"reading {sum(map(len, files.values()))} slice files (decoded once, then cached)")
     if run.world > 1 and not run.main:
         dist.barrier()
@@ -384,14 +384,18 @@ def _stopped_reading(run):
 
 
 def _stopped_encoding(run):
-    return (f"stopped by {run.signalled} before the prior's first step: {run.out / 'model.pt'} holds the VQ-VAE; "
-            "add --resume to train the prior")
+    go_on = ("run the same command again" if run.args.resume or run.args.stage == "prior" else  # it trained no prior
+             "add --resume to go on without training the VQ-VAE again")
+    return (f"stopped by {run.signalled} while the prior's slices were encoded: {run.out / 'model.pt'} holds the "
+            f"VQ-VAE; {go_on}")
 
 
 @contextlib.contextmanager
 def _stops_at_once(run, line):
-    """A signal in the block stops the run at once, with line(run): where the loop has nothing to save (the
-    slices being read, or the reports once model.pt is complete)."""
+    """A signal in the block stops the run at once, with line(run), as does one that came before it: where the
+    loop has nothing to save (the slices being read or encoded, or the reports once model.pt is complete)."""
+    if run.signalled:
+        raise Interrupted(line(run))
     run.at_once = line
     try:
         yield
@@ -830,11 +834,10 @@ def train_prior(run, data, vqvae, fingerprint):
     args = run.args
     t0 = time.time()
     seed = args.seed if args.prior_seed is None else args.prior_seed
-    # minutes on a CPU at HipMRI's size, with nothing to save: a signal stops it at once
+    # minutes on a CPU at HipMRI's size, with nothing to save: a signal (or one during the VQ-VAE's reports) stops it
     with _stops_at_once(run, _stopped_encoding) if run.world == 1 else contextlib.nullcontext():
-        if run.signalled and run.world == 1:  # came during the VQ-VAE's reports
-            raise Interrupted(_stopped_encoding(run))
-        run.log(f"prior: encoding {sum(len(data[k]) for k in vq.SPLITS)} slices")
+        run.log("prior: encoding the slices of every split" + (f" and {args.prior_shifts - 1} shifted copies of each "
+                                                                 "training slice" if args.prior_shifts > 1 else ""))
         codes = {k: vqvae.eval().encode(data[k]) for k in vq.SPLITS}  # (N, h, w), or (top, bottom) pairs
         codes["train"] = _shifted_codes(vqvae, data["train"], codes["train"], args.prior_shifts, seed)
     two = isinstance(codes["train"], tuple)
@@ -1145,9 +1148,7 @@ def _stages(run, files):
                 f"(unigram {summary['unigram_bits_per_code']:.3f})")
         write(final, summary)  # the prior is kept before the reports run
         if run.main:
-            if run.signalled:  # came after the last step: the models are saved, so stop before the reports
-                raise Interrupted(_stopped_in_reports(run))
-            with _stops_at_once(run, _stopped_in_reports):
+            with _stops_at_once(run, _stopped_in_reports):  # also one after the last step: the models are saved
                 summary.update(report_prior(run, data, vqvae, prior, parts["surprise"]))
             run.log(f"samples in {run.out / 'samples.png'}")
     summary["seconds_total"] = round(time.time() - run.t0, 1)

@@ -591,7 +591,7 @@ def test_gpu_check_training_steps_never_report_a_kept_works_run(tmp_path, monkey
     assert seen["train_compile"] == ["model.pt"] and "worker_seconds" not in compiled  # no old prior.pt to refuse it
 
 
-def test_gpu_check_refuses_training_steps_without_their_tree(tmp_path, capsys):
+def test_gpu_check_refuses_training_steps_without_their_tree(tmp_path, capsys, monkeypatch):
     from kernels import gpu_check
 
     with pytest.raises(SystemExit) as e:
@@ -607,6 +607,10 @@ def test_gpu_check_refuses_training_steps_without_their_tree(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             gpu_check.main(["--out", str(tmp_path / "o2"), "--only", "bench"])
         assert e.value.code == 2 and "no CUDA GPU found" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+        monkeypatch.setattr(gpu_check, "start_tree", lambda ctx, limit: "started")  # the tree alone: any machine
+        monkeypatch.setattr(gpu_check, "STEPS", [("tree", lambda ctx, limit: {"status": "ok"})])
+        gpu_check.main(["--out", str(tmp_path / "o3"), "--only", "tree"])
+        assert (tmp_path / "o3" / "gpu_check.json").exists()
 
 
 def test_gpu_check_limits_fit_seven_minutes():

@@ -3243,6 +3243,21 @@ def test_the_rate_models_nats_join_the_loss_in_training_only():
     assert trained["commit"].item() > commit + 0.5 * trained["rate_bits"].item()  # in training: nats of the codes
 
 
+def test_a_two_level_loss_commits_both_levels():
+    torch.manual_seed(0)
+    m = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=16, n_res_blocks=1, levels=2, rate=0))
+    x = vq.phantom_slices(4, (32, 32), seed=3)
+    m.train()(x)  # k-means seeds both codebooks
+    with torch.no_grad():
+        _, _, stats = m.eval()(x)
+        top, bottom = m.encode(x)
+        z = m.encoder(x)
+        at = lambda q, c: q.codebook[c].permute(0, 3, 1, 2)  # noqa: E731 (codes -> their vectors)
+        merged = m.merge(torch.cat([z, m.decoder_top(at(m.quantizer_top, top))], 1))
+        want = F.mse_loss(m.encoder_top(z), at(m.quantizer_top, top)) + F.mse_loss(merged, at(m.quantizer, bottom))
+    assert stats["commit"].item() == pytest.approx(m.quantizer.beta * want.item(), rel=1e-4)
+
+
 def test_a_lesion_raises_the_surprise_score():
     torch.manual_seed(0)
     vqvae = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=16, n_res_blocks=1))

@@ -848,6 +848,20 @@ def test_unused_codes_stay_finite_and_dead_codes_restart():
     assert q.codebook[8:].abs().max() < 10
 
 
+def test_kmeans_seeding_reaches_lloyds_distortion():
+    g = torch.Generator().manual_seed(2)  # 12 overlapping blobs in 3-D, 16 codes seeded at random data vectors
+    flat = (torch.randn(12, 3, generator=g) * 2).repeat_interleave(50, 0) + torch.randn(600, 3, generator=g)
+    q = vq.VectorQuantizer(16, 3).train()
+    q.generator = torch.Generator().manual_seed(1)
+    q._kmeans(flat)
+    distortion = lambda c: torch.cdist(flat.double(), c.double()).min(1).values.pow(2).mean().item()  # noqa: E731
+    c = flat[torch.randint(600, (16,), generator=torch.Generator().manual_seed(1))].double()  # the same seeds
+    for _ in range(100):  # Lloyd's iterations to convergence, in float64
+        a = torch.cdist(flat.double(), c).argmin(1)
+        c = torch.stack([flat[a == k].double().mean(0) if (a == k).any() else c[k] for k in range(16)])
+    assert distortion(q.codebook) <= 1.1 * distortion(c)  # 10 iterations: 2.8% above; 1 iteration: 39%
+
+
 def test_dead_codes_restart_where_the_data_is_worst_served():
     # 4000 vectors in a tight background cluster that code 0 serves, 40 far apart, one dead code:
     # a uniform draw would restart it in the background 99 times in 100

@@ -385,7 +385,7 @@ def _stopped_reading(run):
 
 def _stopped_encoding(run):
     go_on = ("run the same command again" if run.args.resume or run.args.stage == "prior" else  # it trained no prior
-             "add --resume to go on without training the VQ-VAE again")
+             "add --resume to go on")
     return (f"stopped by {run.signalled} while the prior's slices were encoded: {run.out / 'model.pt'} holds the "
             f"VQ-VAE; {go_on}")
 

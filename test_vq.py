@@ -3208,6 +3208,11 @@ def test_lesions_sit_in_their_masks_and_an_oracle_map_scores_perfectly(monkeypat
     assert change[masks].mean() > 0.06 and change[masks].mean() > 10 * change[~masks].mean()  # changed where said
     assert all(sign[i] * (xl - x)[i][masks[i]].mean() > 0 for i in has.nonzero()[:, 0])  # bright up, dark down
     assert {-1.0, 1.0} <= set(sign[has].tolist())
+    many = vq.phantom_slices(64, (64, 32), seed=6)  # each lesion centred well inside the body, not on its rim
+    _, rings, drawn, _ = sample.draw_lesions(many, seed=2)
+    for i in drawn.nonzero()[:, 0]:
+        cy, cx = rings[i, 0].nonzero().float().mean(0).round().long()  # the centre of a whole ellipse
+        assert vq._blur(many, 3.0)[i, 0, cy, cx] > 0.25
     oracle = {"map": masks.float(), "score": masks.flatten(1).float().mean(1), "redo": torch.zeros(12, 16, 8).bool()}
     monkeypatch.setattr(vq, "surprise", lambda *a, **k: oracle)  # a surprise map that is the mask itself
     vqvae = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=16, n_res_blocks=1)).eval()

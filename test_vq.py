@@ -3112,7 +3112,8 @@ def test_an_interrupted_prior_resumes_with_its_records(tmp_path, capsys, monkeyp
             sent.append(os.kill(os.getpid(), signal.SIGTERM))
         return lr_at(step, total, lr)
 
-    flags = ("--prior_epochs", "3", "--realism", "false", "--prior_dropout", "0.3", "--prior_ema", "0.9")
+    flags = ("--prior_epochs", "3", "--realism", "false", "--prior_dropout", "0.3", "--prior_ema", "0.9",
+             "--device", "cpu")  # dropout: random draws to replay; the CPU: no nondeterministic kernels
     _train(tmp_path / "whole", *flags)
     monkeypatch.setattr(train, "_lr_at", preempted)
     with pytest.raises(SystemExit):

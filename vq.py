@@ -645,9 +645,7 @@ def ssim(x, y, data_range=1.0, foreground=None):
         raise ValueError(f"ssim needs images of at least 11 x 11, got {tuple(x.shape[-2:])}")
     # float64 on every device: float32 loses digits in E[x^2] - E[x]^2, and a GPU may run float32 in TF32
     s, ux = _ssim_terms(x.double(), y.double(), data_range)
-    if foreground is None:
-        return s.mean((-2, -1)).view(n, c).mean(1).float()
-    body = (ux > foreground * data_range).double()
+    body = torch.ones_like(s) if foreground is None else (ux > foreground * data_range).double()  # where it counts
     return ((s * body).sum((-2, -1)) / body.sum((-2, -1))).view(n, c).mean(1).float()
 
 
@@ -1471,8 +1469,7 @@ def surprise(vqvae, prior, x, threshold, position=None, sigma=SURPRISE_SIGMA, te
         raise ValueError("surprise needs at least one slice, got none")
     names, parts = ("map", "healed", "score", "bits", "redo", "codes", "healed_codes"), []
     where = None if position is None else _as_positions(position, len(x))  # checked once, not per batch
-    g = torch.Generator(next(prior.parameters()).device).manual_seed(int(torch.randint(2 ** 62, ()))) \
-        if generator is None else generator
+    g = generator or torch.Generator(next(prior.parameters()).device).manual_seed(int(torch.randint(2 ** 62, ())))
     for k in range(0, len(x), batch_size):
         xb = x[k:k + batch_size].float().cpu()
         pb = None if where is None else where[k:k + batch_size]

@@ -1088,6 +1088,18 @@ class _Evil:
         return (os.system, (f"touch {_Evil.marker}",))
 
 
+def test_an_interrupt_just_after_a_write_lands_stays_an_interrupt(tmp_path, monkeypatch):
+    replace = os.replace
+
+    def replaced_then_interrupted(a, b):  # Ctrl-C or SIGTERM between os.replace and the return
+        replace(a, b)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(vq.os, "replace", replaced_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):  # not a FileNotFoundError for the temporary file, gone by then
+        vq.save_checkpoint({"w": torch.ones(3)}, tmp_path / "m.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"] and torch.load(tmp_path / "m.pt")["w"].sum() == 3
+
+
 def test_checkpoint_that_runs_code_is_refused(tmp_path):
     _Evil.marker = tmp_path / "pwned"
     torch.save({"vqvae": _Evil()}, tmp_path / "evil.pt")

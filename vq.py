@@ -314,8 +314,8 @@ def _atomic_write(path, write):
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would hide the file from colleagues
         os.replace(tmp, path)
     except BaseException as e:
-        if tmp:
-            os.unlink(tmp)
+        if tmp:  # gone already when a signal came after os.replace
+            Path(tmp).unlink(missing_ok=True)
         why = e if isinstance(e, OSError) else e.__context__  # torch.save wraps a failed write in a RuntimeError
         if isinstance(why, OSError):  # a full disk: one OSError naming the file, whoever wrote it
             raise OSError(why.errno, why.strerror or f"write cut short ({why or 'no reason given'}): a full disk?",

@@ -1880,6 +1880,85 @@ def test_blind_comparison_shuffles_two_sources_and_keys_them(tmp_path, capsys, m
         assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, (argv, err)
 
 
+def test_sample_beyond_one_batch_writes_each_sample_under_its_own_index_and_defaults_to_16(tmp_path, capsys):
+    run = tmp_path / "run"
+    _train(run, "--realism", "false")
+    ckpt = vq.load_checkpoint(run / "model.pt")
+    vqvae, prior = vq.VQVAE.from_checkpoint(ckpt), vq.load_prior(ckpt)
+    shown = sample.main(["--out", str(run), "--n", "65", "--seed", "1"])  # more than the 64 drawn at a time
+    folder = run / "samples_seed1_t1"
+    assert sorted(p.name for p in folder.glob("sample_*.nii.gz")) == [f"sample_{i:03d}.nii.gz" for i in range(65)]
+    want = vq.sample_slices(vqvae, prior, 65, generator=torch.Generator().manual_seed(1))  # the same draws
+    assert len(shown) == 65 and torch.allclose(shown, want, atol=1e-5)
+    for i in (0, 63, 64):  # each file holds the sample of its index, the first not overwritten by the 65th
+        arr = np.asanyarray(nib.load(str(folder / f"sample_{i:03d}.nii.gz")).dataobj)
+        assert np.allclose(arr, want[i, 0].numpy(), atol=1e-5), i
+    assert "wrote 65 samples" in capsys.readouterr().out
+    default = sample.main(["--out", str(run)])  # no --n: 16, as --help says
+    assert len(default) == 16 and len(list((run / "samples_seed0_t1").glob("sample_*.nii.gz"))) == 16
+
+
+def test_blind_against_a_split_takes_up_to_all_its_slices_picked_by_seed_and_keys_the_run_resolved(
+        tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    _train(run, "--realism", "false")
+    ckpt = vq.load_checkpoint(run / "model.pt")
+    test = vq.load_splits(ckpt["data"])["test"]
+    recon = vq.VQVAE.from_checkpoint(ckpt).reconstruct(test)
+
+    def which(tiles):  # the index in the test split of each tile (its reconstruction), each slice at most once
+        gap = (tiles[:, None] - recon[None]).abs().flatten(2).amax(2)
+        assert (gap.min(1).values < 1e-5).all()
+        picked = gap.argmin(1).tolist()
+        assert len(set(picked)) == len(picked)
+        return set(picked)
+
+    shown, sources = sample.main(["--out", str(run), "--blind", "test", "--n", str(len(test)), "--seed", "2"])
+    assert which(shown[torch.tensor([s == "b" for s in sources])]) == set(range(len(test)))  # the whole split
+    picks = []
+    for seed in (4, 5):  # fewer than the split: a random pick, its own for each seed
+        shown, sources = sample.main(["--out", str(run), "--blind", "test", "--n", "5", "--seed", str(seed)])
+        picks.append(which(shown[torch.tensor([s == "b" for s in sources])]))
+    assert len(picks[0]) == len(picks[1]) == 5 and picks[0] != picks[1]
+    monkeypatch.chdir(tmp_path)  # --blind given relative: the key names the run's folder, wherever it is read from
+    sample.main(["--out", "run", "--blind", "run", "--n", "1", "--dest", str(tmp_path / "self")])
+    assert json.loads((tmp_path / "self" / "blind_key.json").read_text())["b"] == str(run.resolve())
+
+
+def test_blind_calls_are_zeros_and_ones_spaces_allowed(tmp_path, capsys):
+    tiles = ["a", "b", "b", "a", "b", "a"]  # a key as blind.png's drawing writes it; counting draws nothing
+    (tmp_path / "blind_test_seed0").mkdir()
+    (tmp_path / "blind_test_seed0" / "blind_key.json").write_text(json.dumps({"a": str(tmp_path), "b": "test",
+                                                                               "tiles": tiles}))
+    calls = [1, 0, 1, 1, 1, 0]
+    want = {a: sum(c for c, t in zip(calls, tiles) if t == a) for a in "ab"}
+    for typed in (",".join(map(str, calls)), ", ".join(map(str, calls))):
+        assert sample.main(["--out", str(tmp_path), "--blind", "test", "--calls", typed]) == want, typed
+    for typed in ("1,0,2,1,1,0", "1,0,1,1,1,-1", "1,0,1,1,1,yes"):  # not a yes or a no: refused, not counted
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--out", str(tmp_path), "--blind", "test", "--calls", typed])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "give 6 calls of 0 or 1" in err and len(err.strip().splitlines()) == 1, typed
+
+
+def test_sample_flag_bounds_are_inclusive_and_each_mode_refuses_what_it_ignores(tmp_path, capsys):
+    out = ["--out", str(tmp_path)]
+    for k in ("0", "1", "0.5"):  # the first and last slice of a volume are positions too
+        assert sample.parse_args([*out, "--position", k]).position == float(k)
+    assert sample.parse_args([*out, "--evaluate", "--repeats", "1"]).repeats == 1
+    assert [sample.parse_args([*out, "--seed", str(k)]).seed for k in (0, 2**63 - 1)] == [0, 2**63 - 1]
+    for argv, says in ((["--position", "1.01"], "--position must be between 0 and 1"),
+                       (["--position", "-0.1"], "--position must be between 0 and 1"),
+                       (["--evaluate", "--repeats", "0"], "--repeats must be at least 1"),
+                       (["--seed", "-1"], "--seed must be between 0 and 2**63 - 1"),
+                       (["--blind", "test", "--repeats", "2"], "--repeats does nothing with --blind"),
+                       (["--surprise", "x.nii", "--n", "4"], "--n does nothing with --surprise")):
+        with pytest.raises(SystemExit) as e:
+            sample.parse_args([*out, *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, argv
+
+
 def test_realism_false_trains_both_stages_without_the_report(tmp_path, capsys):
     # what kernels.gpu_check's timing runs pass: the report's host SSIM searches are not what they time
     train.main(["--out", str(tmp_path), "--epochs", "1", "--prior_epochs", "1", *TINY, "--realism", "false"])

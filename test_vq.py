@@ -2502,6 +2502,60 @@ def test_small_folders_get_small_batches(tmp_path, capsys):
     assert e.value.code == 2 and "batch size 6" in capsys.readouterr().err
 
 
+def test_a_given_zero_is_kept_on_a_small_folder(tmp_path):
+    """--prior_dropout 0 and --epochs 0 are given, not left out: a small folder's defaults fill only the others."""
+    args = train.parse_args(["--data", str(tmp_path), "--prior_dropout", "0", "--epochs", "0"])
+    train._fill_defaults(types.SimpleNamespace(args=args, world=1, log=print), 100)
+    assert (args.prior_dropout, args.epochs) == (0, 0)
+    assert args.prior_shifts == 4 and args.prior_epochs > train.REAL_EPOCHS  # the flags not given: filled
+
+
+def test_default_batch_sizes_are_those_help_gives(tmp_path):
+    for argv, n, size in (([], 2000, 16), (["--data", str(tmp_path)], 5000, 32),  # "default 32 (phantom 16)"
+                          (["--data", str(tmp_path)], 100, 100 // 8)):  # a small folder: 8 steps an epoch
+        args = train.parse_args(argv)
+        assert train._batch_size(types.SimpleNamespace(args=args, world=1), n, args.batch_size) == size
+
+
+def test_summary_records_the_epochs_and_slices_a_stopped_run_trained_on(tmp_path):
+    _train(tmp_path, "--minutes", "0.0001", "--n_val", "8", "--realism", "false")  # each stage: one step, in epoch 1
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert (s["n_train"], s["n_val"], s["n_test"]) == (48, 8, 16)  # TINY's, --n_val 8 given last
+    records = train._read_json_lines(tmp_path / "metrics.jsonl")
+    for stage in ("vqvae", "prior"):
+        done = torch.load(tmp_path / f"{stage}.pt", weights_only=True)["trainer"]["epoch"]
+        assert s[f"epochs_{stage}"] == done == len([r for r in records if r["stage"] == stage]) == 0
+
+
+def test_a_new_prior_replaces_the_old_priors_metrics(tmp_path):
+    _train(tmp_path, "--realism", "false")  # two epochs of each stage
+    _train(tmp_path, "--stage", "prior", "--overwrite", "--prior_epochs", "1", "--prior_seed", "7",
+           "--realism", "false")
+    records = train._read_json_lines(tmp_path / "metrics.jsonl")
+    assert [(r["stage"], r["epoch"]) for r in records] == [("vqvae", 1), ("vqvae", 2), ("prior", 1)]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["epochs_prior"] == 1 and s["prior_val_bits_best"] == records[-1]["val_bits"]
+
+
+def test_a_run_stopped_in_its_vqvae_stage_resumes_as_it_says(tmp_path, capsys, monkeypatch):
+    lr_at, sent = train._lr_at, []
+
+    def preempted(step, total, lr):  # SIGTERM during the VQ-VAE's step 5: no prior.pt yet
+        if step == 5 and not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        return lr_at(step, total, lr)
+
+    monkeypatch.setattr(train, "_lr_at", preempted)
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "--realism", "false")
+    assert e.value.code == 130 and "add --resume to continue" in capsys.readouterr().err
+    assert (tmp_path / "vqvae.pt").exists() and not (tmp_path / "prior.pt").exists()
+    monkeypatch.setattr(train, "_lr_at", lr_at)
+    _train(tmp_path, "--resume", "--realism", "false")  # what it said: both stages finish
+    assert torch.load(tmp_path / "vqvae.pt", weights_only=True)["trainer"]["step"] == 12
+    assert torch.load(tmp_path / "prior.pt", weights_only=True)["trainer"]["step"] == 12
+
+
 def test_budget_spent_on_an_epochs_last_batch_stops_there(tmp_path, monkeypatch):
     # out of time right after the last step of epoch 1: that epoch is validated, nothing more runs
     monkeypatch.setattr(train.Trainer, "_stop", lambda self, elapsed, done: "budget" if done == self.steps_per_epoch

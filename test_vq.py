@@ -1381,6 +1381,32 @@ def test_position_reaches_every_logit_only_through_the_condition():
     assert len(drawn.unique()) > 400  # between the quantiles too, not 100 values
 
 
+def test_drawn_positions_follow_the_training_quantiles():
+    # inverse CDF of the quantiles: the CDF is piecewise linear through (q[k], k / 100), so it is checked
+    # at every quantile and midway between them, on uneven quantile steps
+    model = small_prior(**RICH)
+    g = torch.Generator().manual_seed(3)
+    q = torch.cat([torch.zeros(1), (torch.rand(100, generator=g) * 4 + 0.2).cumsum(0)])  # uneven steps
+    model.position_quantiles.copy_(q / q[-1])
+    q = model.position_quantiles.double()
+    n = 200_000
+    drawn = model.draw_positions(n, torch.Generator().manual_seed(4)).double().sort().values
+    assert 0 <= drawn[0] and drawn[-1] <= 1
+    at = torch.cat([q, (q[:-1] + q[1:]) / 2])
+    want = torch.cat([torch.arange(101) / 100, (torch.arange(100) + 0.5) / 100]).double()
+    got = torch.searchsorted(drawn, at, right=True).double() / n
+    assert (got - want).abs().max() < 0.005  # about 4.5 standard errors at worst
+
+
+def test_boolean_codes_are_refused_as_codes():
+    prior = small_prior(**RICH)
+    c = torch.randint(0, 2, (3, SMALL["height"], SMALL["width"]), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(vq.code_bits(prior, c.int(), 0.5), vq.code_bits(prior, c, 0.5))  # integers are codes
+    for call in (vq.code_bits, vq.prior_bits, vq.surprise_threshold):  # a mask is not
+        with pytest.raises(ValueError, match="codes must be integers, got torch.bool"):
+            call(prior, c.bool(), 0.5)
+
+
 @pytest.mark.parametrize("kind", [SMALL, RICH, TRANSPOSED, TIED], ids=["gated", "position", "transposed", "tied"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_cached_sampler_matches_naive(kind, temperature):
@@ -3389,6 +3415,25 @@ def test_the_surprise_map_is_the_smoothed_absolute_difference_in_the_redrawn_cel
     assert 0 < cells.mean() < 1 and ((x - s["healed"]) * cells < -0.1).any()  # some kept, some darker than healed
     want = vq._blur((x - s["healed"]).abs() * cells, 1.5)
     assert torch.allclose(s["map"], want, atol=1e-6) and torch.allclose(s["score"], want.flatten(1).mean(1))
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_surprise_redraws_exactly_the_codes_above_the_threshold(levels):
+    # thresholds from surprise_threshold are some code's bits: that code is not above it, so it is kept
+    torch.manual_seed(0)
+    vqvae = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=7, n_res_blocks=1, levels=levels)).eval()
+    x = vq.phantom_slices(3, (24, 20) if levels == 1 else (24, 24), seed=2)
+    prior, pos = (small_prior(), None) if levels == 1 else (two_level_prior(), torch.tensor([0.3, 0.6, 0.9]))
+    codes = vqvae.encode(x)
+    bits = vq.as_levels(vq.code_bits(prior, codes, pos))
+    for q in (0.5, 0.8, 1.0):  # 1.0: the largest bits, so nothing is redrawn
+        th = vq.surprise_threshold(prior, codes, pos, quantile=q)
+        assert any((b == th).any() for b in bits)
+        s = vq.surprise(vqvae, prior, x, th, pos, generator=torch.Generator().manual_seed(1))
+        for b, sb, r, c, h in zip(bits, *(vq.as_levels(s[k]) for k in ("bits", "redo", "codes", "healed_codes"))):
+            assert torch.equal(sb, b) and torch.equal(r, b > th) and torch.equal(h[~r], c[~r])
+    assert not any(r.any() for r in vq.as_levels(s["redo"])) and (s["score"] == 0).all()
+    assert all(map(torch.equal, vq.as_levels(s["healed_codes"]), vq.as_levels(codes)))
 
 
 def test_the_rate_models_nats_join_the_loss_in_training_only():

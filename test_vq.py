@@ -352,6 +352,19 @@ def test_cache_from_an_older_version_is_read_again(tmp_path):
     assert not info["cached"] and torch.equal(again, first) and info["positions"] == [0.0, 0.5, 1.0]
 
 
+def test_cache_keyed_by_size_so_the_same_files_at_another_size_are_decoded_again(tmp_path):
+    rng = np.random.default_rng(6)
+    for z in range(2):
+        save(tmp_path / "d" / f"case_001_slice_{z}.nii.gz", rng.uniform(0, 9, (32, 16)).astype(np.float32))
+    small = load_slices(tmp_path / "d", size=(32, 16), cache_dir=tmp_path / "c")
+    info = {}
+    big = load_slices(tmp_path / "d", size=(48, 24), cache_dir=tmp_path / "c", info=info)
+    assert not info["cached"] and big.shape == (2, 1, 48, 24)
+    assert torch.equal(big, load_slices(tmp_path / "d", size=(48, 24), cache_dir=False))
+    assert torch.equal(small, load_slices(tmp_path / "d", size=(32, 16), cache_dir=tmp_path / "c", info=info))
+    assert info["cached"]
+
+
 def test_cache_keeps_no_reading_failure(tmp_path, monkeypatch):
     files = [save(tmp_path / "d" / f"case_001_slice_{z}.nii.gz", np.random.default_rng(z).uniform(0, 9, (32, 16)))
              for z in range(3)]
@@ -487,6 +500,17 @@ def test_find_splits_plain_folder_by_case(tmp_path):
         (few / name).write_bytes(b"x")
     with pytest.raises(DataError, match="at least 3 cases \\(found 2: case_001, case_002\\)"):
         find_splits(few)
+
+
+def test_each_split_of_a_plain_folder_keeps_its_volumes_in_slice_order(tmp_path):
+    zs = (10, 2, 1, 11)  # as text slice_10 < slice_2: a split sorted as text scrambles each volume
+    for c in range(6):
+        for z in zs:
+            (tmp_path / f"case_{c:03d}_slice_{z}.nii").write_bytes(b"x")
+    splits = find_splits(tmp_path)
+    for s, files in splits.items():
+        got = [(f.name.split("_slice_")[0], int(f.name.split("_slice_")[1].split(".")[0])) for f in files]
+        assert got == sorted(got) and len(got) % len(zs) == 0, s
 
 
 def test_plain_folder_grouped_by_patient_prefix(tmp_path):

@@ -513,6 +513,26 @@ def test_each_split_of_a_plain_folder_keeps_its_volumes_in_slice_order(tmp_path)
         assert got == sorted(got) and len(got) % len(zs) == 0, s
 
 
+def test_a_zip_unpacked_on_a_mac_and_a_val_folder(tmp_path):
+    # macOS zips add __MACOSX/<the same tree> of ._ resource files: never a second data set; _val names a split
+    for top in ("keras_slices_data", "__MACOSX/keras_slices_data"):
+        for split, n in (("train", 3), ("val", 2), ("test", 1)):
+            d = tmp_path / top / f"keras_slices_{split}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                (d / f"{'._' * top.startswith('_')}case_{split}{i}_slice_0.nii.gz").write_bytes(b"x")
+    splits = find_splits(tmp_path)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 3, "validate": 2, "test": 1}
+    assert {p.parent.relative_to(tmp_path).as_posix() for p in splits["validate"]} == {"keras_slices_data/keras_slices_val"}
+
+
+def test_positions_need_a_slice_number_in_every_name():
+    named = [Path(f"case_001_slice_{z}.nii.gz") for z in (0, 4)]
+    assert vq._positions(named, [1, 1], scan=False) == [0.0, 1.0]
+    assert vq._positions([*named, Path("case_001_extra.nii.gz")], [1, 1, 1], scan=False) is None  # not [0, 1]
+    assert vq._positions([*named, Path("vol.nii.gz")], [1, 1, 3], scan=False) == [0.0, 1.0, 0.0, 0.5, 1.0]
+
+
 def test_plain_folder_grouped_by_patient_prefix(tmp_path):
     for p in range(10):  # no case_XXX: patient 'p07', slice 's012'
         for z in range(4):
@@ -2124,6 +2144,10 @@ def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):
     assert "--epochs" in lines[0] and "prior" not in lines[0].split(":")[1]
     _, lines = filled(100, "--stage", "prior")
     assert "--epochs" not in lines[0] and "--prior_epochs" in lines[0]
+    args, lines = filled(1500, "--prior_batch_size", "64")  # 47 steps an epoch, the prior's 24: only the prior short
+    assert (args.epochs, args.prior_epochs, args.prior_shifts, args.prior_dropout) == (30, 42, 4, 0.3)
+    assert lines == ["a small folder (1500 training slices, 47 steps an epoch): --prior_epochs 42, --prior_shifts 4, "
+                     "--prior_dropout 0.3"]
     args, _ = filled(100, "--epochs", "5", "--prior_shifts", "2", "--prior_dropout", "0.05")  # given flags win
     assert (args.epochs, args.prior_shifts, args.prior_dropout) == (5, 2, 0.05) and args.prior_epochs > 30
     args = train.parse_args([])  # the phantom has its own defaults
@@ -2150,7 +2174,7 @@ def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):
     (["--seed", "-1"], "--seed"),
     (["--prior_seed", "-1"], "--prior_seed"),
     (["--device", "gpu"], "expected cpu, cuda"),
-    (["--size", "8", "8"], "at least 16"),
+    (["--size", "8", "8"], "at least 16"), (["--size", "16", "15"], "at least 16 x 16 (SSIM's window is 11), got 16 15"),
     (["--channels", "1"], "channels must be at least 8"),
     (["--levels", "3"], "levels must be 1 or 2"),
     (["--compile", "--device", "cpu"], "--compile is for CUDA"),
@@ -2170,6 +2194,10 @@ def test_train_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, says):
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o" / "vqvae.pt").exists()  # said before anything trains
+
+
+def test_size_16_is_the_smallest_taken():
+    assert train.parse_args(["--size", "16", "16"]).size == [16, 16]  # "at least 16 x 16": 16 itself is taken
 
 
 def test_prior_layers_default_grows_to_reach_a_wide_map_and_a_given_one_does_not():

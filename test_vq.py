@@ -688,7 +688,8 @@ def test_ssim_batched_identity_and_errors():
 
 def test_blur_matches_convolution():
     gen = torch.Generator().manual_seed(3)
-    for shape, sigma in [((2, 1, 13, 29), 1.5), ((3, 2, 40, 17), 2.0), ((1, 1, 11, 11), 0.7)]:
+    # sigma 1.0: 3.5 sigma + 0.5 rounds up to radius 4, where truncating 3.5 sigma alone would give 3
+    for shape, sigma in [((2, 1, 13, 29), 1.5), ((3, 2, 40, 17), 2.0), ((1, 1, 11, 11), 0.7), ((2, 1, 12, 15), 1.0)]:
         x = torch.rand(shape, generator=gen, dtype=torch.float64)
         r = int(3.5 * sigma + 0.5)  # scipy's and scikit-image's window: truncate 3.5
         g = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / sigma) ** 2)
@@ -717,6 +718,29 @@ def test_psnr():
     b = 0.7 * a + 0.3 * b
     assert torch.allclose(vq.psnr(255 * a, 255 * b, data_range=255), vq.psnr(a, b), atol=1e-4)
     assert torch.allclose(vq.ssim(255 * a, 255 * b, data_range=255), vq.ssim(a, b), atol=1e-5)
+
+
+def test_psnr_of_identical_images_is_finite():
+    # the mean squared error is floored at 1e-10: identical images score 100 dB (for data_range 1), not inf,
+    # so a mean over a batch that holds one perfect reconstruction stays a number
+    x = torch.rand(3, 1, 19, 13, generator=torch.Generator().manual_seed(4))
+    y = x.clone()
+    y[1] += 0.05
+    got = vq.psnr(x, y)
+    assert torch.isfinite(got).all() and torch.allclose(got[[0, 2]], torch.full((2,), 100.0))
+    assert abs(got[1].item() - 10 * math.log10(1 / 0.05**2)) < 1e-3
+
+
+def test_ssim_foreground_is_a_fraction_of_data_range():
+    # foreground is a fraction of data_range: 8-bit slices with data_range 255 keep the same body as [0, 1] ones
+    ph = vq.phantom_slices(2, (128, 64), seed=7)  # a sixth to a tenth of the valid region is background
+    g = torch.Generator().manual_seed(2)
+    y = (0.8 * ph + 0.05 + 0.02 * torch.randn(ph.shape, generator=g)).clamp(0, 1)  # contrast change, some noise
+    body = vq.ssim(ph, y, foreground=0.1)
+    assert torch.allclose(vq.ssim(255 * ph, 255 * y, data_range=255, foreground=0.1), body, atol=1e-5)
+    assert (body - vq.ssim(ph, y)).abs().min() > 1e-3  # the background counts: a body mask that covered it all fails
+    for i in range(2):
+        assert abs(body[i].item() - _ssim_reference(ph[i, 0], y[i, 0], foreground=0.1)) < 1e-4
 
 
 # ----------------------------------------------------------------------------- quantizer and VQ-VAE
@@ -990,6 +1014,73 @@ def test_kmeans_init_puts_codes_on_the_data():
     assert nearest.max() < 0.1
 
 
+def test_perplexity_and_usage_count_only_the_codes_in_use():
+    # most codes far from every input: p = 0 for them must add 0 to the entropy (0 log 0), not NaN
+    q = vq.VectorQuantizer(12, 3, kmeans_init=False).eval()
+    q.codebook[4:] += 100.0
+    z = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(8))
+    _, codes, _, stats = q(z)
+    counts = torch.bincount(codes.flatten(), minlength=12).double()
+    p = counts[counts > 0] / counts.sum()
+    assert (counts[4:] == 0).all() and (counts > 0).sum() >= 2
+    assert stats["perplexity"].item() == pytest.approx(torch.exp(-(p * p.log()).sum()).item(), rel=1e-5)
+    assert stats["usage"].item() == pytest.approx((counts > 0).double().mean().item())
+
+
+def test_ema_update_smooths_counts_as_laplace_says():
+    # eps large enough to see: smoothed counts (size + eps) / (n + K eps) n keep the total n; the unused code
+    # divides its decayed sum by a smoothed count, not by the raw one
+    torch.manual_seed(4)
+    q = vq.VectorQuantizer(6, 3, decay=0.8, dead_threshold=0, kmeans_init=False, eps=0.5).train()
+    q.codebook[5] += 50.0  # never chosen
+    q.embed_sum.copy_(q.codebook)
+    old = q.codebook.clone()
+    z = torch.randn(3, 3, 4, 5)
+    q(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 3).double()
+    want = torch.cdist(flat, old.double()).argmin(1)
+    counts = torch.bincount(want, minlength=6).double()
+    assert counts[5] == 0
+    size = 0.8 * 1 + 0.2 * counts
+    embed = 0.8 * old.double() + 0.2 * torch.zeros(6, 3, dtype=torch.float64).index_add_(0, want, flat)
+    n = size.sum()
+    smoothed = (size + 0.5) / (n + 6 * 0.5) * n
+    assert torch.allclose(q.cluster_size.double(), size, rtol=1e-6)
+    assert torch.allclose(q.codebook.double(), embed / smoothed[:, None], rtol=1e-5, atol=1e-6)
+
+
+def test_restarts_draw_uniformly_when_every_vector_sits_on_its_code():
+    # all distances 0 (a black background on its code), or all NaN (a diverged run): still a draw, no error,
+    # each dead code at a different vector of the batch
+    g = torch.Generator().manual_seed(3)
+    flat = torch.randn(10, 2, generator=g)
+    for dist in (torch.zeros(10), torch.full((10,), float("nan"))):
+        q = vq.VectorQuantizer(4, 2, kmeans_init=False).train()
+        q.generator = torch.Generator().manual_seed(0)
+        q._restart_dead(flat, dist, torch.tensor([10.0, 0, 0, 0]))
+        at = (q.codebook[1:, None] == flat[None]).all(-1)  # (3, 10): which vector each restarted code sits on
+        assert (at.sum(1) == 1).all() and len(at.nonzero()[:, 1].unique()) == 3
+        assert torch.isfinite(q.codebook).all() and torch.isfinite(q.embed_sum).all()
+
+
+def test_kmeans_keeps_empty_clusters_on_the_data_and_seeds_the_ema_statistics():
+    # 4 distinct vectors (far from the origin), 8 codes: seeds repeat, ties leave some clusters empty. An empty
+    # cluster keeps its seed (a data vector), and the batch's assignments stand in for the EMA history
+    base = torch.tensor([[50.0, 0, 0], [0, 50.0, 0], [0, 0, 50.0], [30.0, 30, 30]])
+    flat = base.repeat(10, 1) + torch.tensor([[1.0, 2, 3]])
+    q = vq.VectorQuantizer(8, 3).train()
+    q.generator = torch.Generator().manual_seed(0)
+    q._kmeans(flat)
+    on = (q.codebook[:, None] == flat[None]).all(-1)  # (8, 40)
+    assert on.any(1).all()  # every code sits on a data vector, empty or not
+    size = q.cluster_size
+    assert size.sum() == 40 and ((size == 0).sum() >= 4)  # 8 seeds among 4 vectors: at least 4 repeats
+    for k in range(8):  # a used code counts every copy of its vector; an empty one none
+        assert size[k] in (0, 10) and (size[k] == 0 or on[k].sum() == 10)
+    assert {tuple(c) for c in q.codebook[size > 0].tolist()} == {tuple(c) for c in flat[:4].tolist()}
+    assert torch.allclose(q.embed_sum, q.codebook * size[:, None])  # codebook = embed_sum / count
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -1056,6 +1147,102 @@ def test_rate_chooses_the_code_of_least_distance_plus_cost_and_its_model_learns(
     assert not (model.encode(x) == got[0, 0, 0]).any()
     with pytest.raises(ValueError, match="rate"):
         vq.VQVAEConfig(rate=0.5, levels=2)
+
+
+def test_rate_search_never_picks_a_code_with_any_non_finite_entry():
+    # one NaN or infinite entry makes a code's distance NaN or inf: it must lose to every finite code with
+    # a cost too, as nearest_code does (one NaN column would win every argmin)
+    g = torch.Generator().manual_seed(9)
+    q = vq.VectorQuantizer(9, 4, kmeans_init=False).eval()
+    z = torch.randn(2, 4, 5, 6, generator=g)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    q.codebook[3], q.codebook[6] = flat[0], flat[1]  # each the nearest code of some vector, before it broke
+    q.codebook[3, 1], q.codebook[6, 0] = float("nan"), float("inf")
+    table = 0.3 * torch.rand(9, 9, generator=g)  # the cost of each code, given the nearest one
+    _, codes, _, _ = q(z, cost=lambda nearest, dist: table[nearest])
+    finite = torch.tensor([k not in (3, 6) for k in range(9)])
+    d2 = torch.cdist(flat.double(), q.codebook.double()).pow(2).where(finite, math.inf)
+    want = (d2 + table.double()[d2.argmin(1)]).argmin(1)
+    assert torch.equal(codes.flatten(), want) and not finite[codes].logical_not().any()
+
+
+def test_rate_restarts_weigh_each_vector_by_its_chosen_codes_distance():
+    # with a cost the chosen code need not be the nearest: the distances that weigh the restart draw are
+    # to the code each vector got, the one it will be reconstructed from
+    g = torch.Generator().manual_seed(10)
+    q = vq.VectorQuantizer(8, 3, kmeans_init=False).train()
+    seen = []
+    q._restart_dead = lambda flat, dist, counts: seen.append(dist.clone())
+    old = q.codebook.clone()
+    z = torch.randn(2, 3, 4, 4, generator=g)
+    table = torch.rand(8, 8, generator=g)  # of the order of the distances: often another code wins
+    _, codes, _, _ = q(z, cost=lambda nearest, dist: table[nearest])
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 3)
+    d2 = torch.cdist(flat.double(), old.double()).pow(2)
+    assert (codes.flatten() != d2.argmin(1)).any()
+    assert torch.allclose(seen[0].double(), d2.gather(1, codes.view(-1, 1))[:, 0], atol=1e-5)
+
+
+def test_rate_bits_are_the_chosen_codes_cross_entropy_in_bits():
+    # rate_bits: the mean over codes of -log2 p(chosen code | the nearest codes before it) under the rate model
+    torch.manual_seed(5)
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=16, n_res_blocks=1, rate=0.5))
+    x = vq.phantom_slices(3, (32, 32), seed=6)
+    model.train()(x)  # k-means seeds the codebook, the rate model sets its scale
+    with torch.no_grad():
+        _, _, stats = model.eval()(x)
+        flat = model.encoder(x).permute(0, 2, 3, 1).reshape(-1, 8).double()
+        nearest = torch.cdist(flat, model.quantizer.codebook.double()).argmin(1).view(3, 8, 8)
+        logp = torch.log_softmax(model.rate_model(nearest).double(), 1)
+        codes = model.encode(x)
+    want = -logp.gather(1, codes[:, None]).mean() / math.log(2)
+    assert stats["rate_bits"].item() == pytest.approx(want.item(), rel=1e-4)
+    assert (codes != nearest).any()  # the rate moved some code: the nats are not just those of the nearest
+
+
+def test_rate_scale_moves_a_hundredth_of_the_way_to_the_batch_mean_distance():
+    # the scale that prices a nat: set by the first training batch, then 1% of the way toward each batch's
+    # mean squared distance to the nearest code (under the codebook the batch is searched with)
+    torch.manual_seed(7)
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=16, n_res_blocks=1, rate=0.3)).train()
+    x = vq.phantom_slices(6, (32, 32), seed=8)
+    with torch.no_grad():
+        model(x[:3])  # k-means seeds the codebook, the first batch sets the scale
+        before, book = model.rate_model.scale.clone(), model.quantizer.codebook.clone()
+        flat = model.encoder(x[3:]).permute(0, 2, 3, 1).reshape(-1, 8).double()
+        mean = torch.cdist(flat, book.double()).pow(2).min(1).values.mean()
+        model(x[3:])
+    assert abs(mean.item() / before.item() - 1) > 0.05  # far enough apart to tell the step's size
+    want = before.double() + 0.01 * (mean - before.double())
+    assert model.rate_model.scale.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_vqvae_config_refuses_each_out_of_range_field():
+    # each bound of VQVAEConfig: the value on it is taken, one just beyond it is refused with its field's name
+    for ok in (dict(channels=8), dict(dead_threshold=0.0), dict(n_codes=2), dict(ssim_weight=0.0), dict(rate=0.0),
+               dict(decay=0.999), dict(downsample=8), dict(levels=2), dict(beta=1e-6), dict(n_res_blocks=1)):
+        vq.VQVAEConfig(**ok)
+    bad = [("channels", 7), ("dead_threshold", 1.0), ("dead_threshold", -0.01), ("n_codes", 1),
+           ("ssim_weight", -0.1), ("ssim_weight", math.inf), ("decay", 0.0), ("decay", 1.0), ("downsample", 2),
+           ("downsample", 16), ("levels", 3), ("rate", -0.1), ("rate", math.inf), ("in_channels", 0),
+           ("n_res_blocks", 0), ("code_dim", 0), ("beta", 0.0), ("beta", math.inf), ("beta", math.nan),
+           ("decay", math.nan), ("dead_threshold", math.nan)]
+    for field, value in bad:
+        with pytest.raises(ValueError, match=field):
+            vq.VQVAEConfig(**{field: value})
+
+
+def test_the_decoder_sees_the_decoded_top_map_beside_the_bottom_codes():
+    # with two levels the decoder's input is the bottom codes and the decoded top map side by side: the
+    # reconstruction's gradient reaches the top decoder directly, not only through merge into the bottom quantizer
+    torch.manual_seed(3)
+    model = vq.VQVAE(vq.VQVAEConfig(channels=16, code_dim=8, n_codes=16, n_res_blocks=1, levels=2)).eval()
+    with torch.no_grad():
+        model.merge.weight.zero_()  # the path through merge carries no gradient now
+    x = vq.phantom_slices(2, (32, 32), seed=2)
+    F.mse_loss(model(x)[0], x).backward()
+    grads = [p.grad for p in model.decoder_top.parameters()]
+    assert all(gr is not None for gr in grads) and sum(gr.abs().sum() for gr in grads) > 0
 
 
 @pytest.mark.parametrize("levels", [1, 2])

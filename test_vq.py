@@ -721,7 +721,7 @@ def test_psnr():
 
 
 def test_psnr_of_identical_images_is_finite():
-    # the mean squared error is floored at 1e-10: identical images score 100 dB (for data_range 1), not inf,
+    # the mean squared error is floored at 1e-10 of data_range squared: identical images score 100 dB, not inf,
     # so a mean over a batch that holds one perfect reconstruction stays a number
     x = torch.rand(3, 1, 19, 13, generator=torch.Generator().manual_seed(4))
     y = x.clone()
@@ -729,6 +729,7 @@ def test_psnr_of_identical_images_is_finite():
     got = vq.psnr(x, y)
     assert torch.isfinite(got).all() and torch.allclose(got[[0, 2]], torch.full((2,), 100.0))
     assert abs(got[1].item() - 10 * math.log10(1 / 0.05**2)) < 1e-3
+    assert torch.allclose(vq.psnr(255 * x, 255 * y, data_range=255), got, atol=1e-3)  # 8-bit: the same, 100 dB too
 
 
 def test_ssim_foreground_is_a_fraction_of_data_range():

@@ -157,7 +157,10 @@ def test_non_finite_codes_never_win(backend, N, K, D):
     _assert_matches_reference(z, codebook[finite], (finite.cumsum(0) - 1)[codes], dist)
     if backend.startswith("triton-tf32-"):  # nor do they send every row to the recheck (an inf or NaN bound did)
         assert nc._launch(z.to(DEVICE), codebook.to(DEVICE), "tf32", backend.split("-")[2])[2].item() < N
-    assert torch.equal(run(z, codebook.where(~finite[:, None], float("nan")))[0], torch.zeros(N, dtype=torch.int64))
+    codes, dist = run(z, codebook.where(~finite[:, None], float("nan")))
+    assert torch.equal(codes, torch.zeros(N, dtype=torch.int64))
+    if backend != "reference":  # the distance to code 0 itself, all NaN, not to a zeroed stand-in for it
+        assert dist.isnan().all()
 
 
 @needs_triton
@@ -402,6 +405,8 @@ def test_switch_picks_path(monkeypatch):
     (_randn(10, 3), _randn(0, 3), "K >= 1"),
     (torch.ones(10, 3, dtype=torch.int64), _randn(4, 3), "floating point"),
     (_randn(10, 3), torch.empty(4, 3, device="meta"), "codebook is on meta"),
+    (_randn(10, 3), torch.ones(4, 3, dtype=torch.int64), "floating point"),  # an integer codebook, float z
+    (_randn(10, 0), _randn(4, 0), "D >= 1"),
 ])
 def test_bad_inputs(backend, z, codebook, message, monkeypatch):
     # CPU tensors, also outside the interpreter, where the Triton path has no device for them (as on a
@@ -675,3 +680,123 @@ def test_bench_steps_times_every_row_and_restores_the_blur_and_the_dropout(capsy
                              "ssim loss, conv blur", "ssim loss, matmul blur", "vqvae step", "vqvae step, bf16"]
     assert all(t > 0 for t in times.values()) and bench.vq._blur is blur and bench.vq.byte_dropout is dropout
     assert "batch 2 of 32x16 (codes 8x4)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend", [pytest.param(f"triton-tf32-{v}", marks=needs_triton) for v in nc.VARIANTS])
+def test_near_ties_within_one_slot_are_not_proven(backend, monkeypatch):
+    # Codes j and j + 256 share a slot of the running argmin (256 is a multiple of every BLOCK_K), so the
+    # runner-up of a row near both is the slot's own second best, not another slot's best: the tf32 pass
+    # must not prove such a row. z sits between the two, a near-tie (about 2e-3 of the distance: above fp32
+    # rounding, below tf32's bound) that tf32 rounding may get wrong; the other codes are far away. Every
+    # such row is queued, and the recheck makes it exact. tf32x3 has no proof: nothing queued, no recheck.
+    variant = backend.split("-")[2]
+    codebook = _randn(512, 40, seed=30)
+    codebook[256:] = codebook[:256] + 0.3 * _randn(256, 40, seed=29)  # code j + 256 beside code j
+    g = torch.Generator().manual_seed(31)
+    j = torch.randint(0, 256, (300,), generator=g)
+    a, b = codebook[j], codebook[j + 256]
+    side = torch.where(torch.rand(300, 1, generator=g) < 0.5, 1.0, -1.0)
+    z = (a + b) / 2 + side * 2e-4 * (a - b) + 1e-5 * _randn(300, 40, seed=32)
+    want = nearest_code_reference(z, codebook)[0]
+    assert ((want == j) | (want == j + 256)).all() and (want == j).any() and (want != j).any()
+    codes, dist = search(z, codebook, backend)
+    assert torch.equal(codes, want)
+    _assert_matches_reference(z, codebook, codes, dist)
+    queued = []
+    monkeypatch.setattr(nc, "_recheck", lambda z, c, codes, dist, queue, count: queued.append(count.item()))
+    nc._launch(z.to(DEVICE), codebook.to(DEVICE), "tf32", variant)
+    assert queued == [300]
+    assert nc._launch(z.to(DEVICE), codebook.to(DEVICE), "tf32x3", variant)[2].item() == 0 and queued == [300]
+
+
+@needs_triton
+def test_prepared_codebook_pads_k_to_the_next_multiple():
+    for K, Kp in [(1, 256), (256, 256), (257, 512), (512, 512)]:
+        assert nc._prepare(_randn(K, 8).to(DEVICE), "tf32", nc._d_blocks(8))[2] == Kp
+
+
+@needs_triton
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_packed_at_its_largest_codebook(precision):
+    # K = 8192 on 32-code tiles: 256 tiles, the most a packed key's 8 low bits can number. Rows sit beside
+    # codes of the first and the last tiles (well separated codes: every code is exact).
+    codebook = 10 * _randn(8192, 5, seed=33)
+    g = torch.Generator().manual_seed(34)
+    truth = torch.cat([torch.arange(8160, 8192), torch.arange(0, 32), torch.randint(0, 8192, (64,), generator=g)])
+    z = codebook[truth] + 1e-3 * _randn(128, 5, seed=35)
+    assert torch.equal(nearest_code_reference(z, codebook)[0], truth)
+    codes, dist, _ = nc._launch(z.to(DEVICE), codebook.to(DEVICE), precision, "packed",
+                                blocks=dict(BLOCK_N=64, BLOCK_K=nc._MIN_BLOCK_K))
+    assert torch.equal(codes.cpu(), truth)
+    _assert_matches_reference(z, codebook, codes.cpu(), dist.cpu())
+    with pytest.raises(ValueError, match="K <= 8192"):  # one code more needs a 257th tile
+        nc._launch(z[:1].to(DEVICE), _randn(8193, 5).to(DEVICE), precision, "packed")
+
+
+@needs_triton
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's tf32 emulation; a GPU rounds in its tensor cores")
+@pytest.mark.parametrize("variant", ["base", "prepared"])
+def test_interpreted_tf32_pass_truncates_both_operands(variant, monkeypatch):
+    # The tf32 pass (recheck taken away, no bound) scores ||c||^2 - 2 z.c with both z and c truncated to
+    # tf32's 10 mantissa bits, as a tensor core may: the proof is tested against that rounding only if
+    # both operands get it. Its codes minimise that score, up to fp32 rounding, on every row.
+    codebook = _randn(513, 40, seed=36)
+    z = _randn(3000, 40, seed=37)
+    monkeypatch.setattr(nc, "_recheck", lambda *args: None)
+    codes = nc._launch(z, codebook, "tf32", variant, eps=0.0)[0]
+    trunc = lambda x: (x.view(torch.int32) & -0x2000).view(torch.float32).double()  # noqa: E731
+    score = codebook.double().pow(2).sum(1) - 2 * trunc(z) @ trunc(codebook).T  # (N, K)
+    chosen, best = score.gather(1, codes[:, None])[:, 0], score.min(1).values
+    assert (chosen - best <= 1e-4).all()
+    assert (codes != nearest_code_reference(z, codebook)[0]).any()  # and tf32 rounding does change codes
+
+
+@needs_triton
+def test_compile_failure_is_remembered_per_precision_and_variant(monkeypatch):
+    # A kernel that did not compile is the one of that precision and variant: the others still run theirs.
+    tried = []
+
+    def launch(z, codebook, precision, variant="base", *args, **kwargs):
+        tried.append((precision, variant))
+        if (precision, variant) == ("tf32", "prepared"):
+            raise nc.CompilationError(None, None, "no tf32 prepared kernel here")
+        return (*nearest_code_torch(z, codebook), None)
+
+    monkeypatch.setattr(nc, "_launch", launch)
+    monkeypatch.setattr(nc, "_COMPILE_FAILED", {})
+    z, codebook = _randn(30, 8, seed=38), _randn(20, 8, seed=39)
+    with pytest.warns(RuntimeWarning, match="tf32, prepared.*did not compile"):
+        search(z, codebook, "triton-tf32-prepared")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for backend in ("triton-tf32-prepared", "triton-tf32x3-prepared", "triton-tf32-base", "triton-tf32-packed"):
+            search(z, codebook, backend)
+    assert tried == [("tf32", "prepared"), ("tf32x3", "prepared"), ("tf32", "base"), ("tf32", "packed")]
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", nc.VARIANTS)
+def test_tf32_proof_is_sound_when_d_streams(variant, monkeypatch):
+    # As test_tf32_proof_is_sound, at D = 200 (z and codes stream in D chunks, the last one partial), with
+    # ||z|| about 600 times ||c||: the bound then rests on the ||z|| term, so ||z||^2 must be summed
+    # over every chunk (z's last chunk is zero here: it alone would give a bound that proves wrong rows).
+    # A third of the rows point along a code (provable), the rest sit at near-ties between two codes (a gap of
+    # 3% of ||c||^2: far below the bound, far above what a bound from z's last chunk alone would be).
+    codebook = 5e-3 * _randn(257, 200, seed=40)
+    g = torch.Generator().manual_seed(42)
+    t, i = torch.randint(0, 257, (500,), generator=g), torch.randint(0, 257, (1000,), generator=g)
+    j = (i + torch.randint(1, 257, (1000,), generator=g)) % 257
+    c, head = codebook.double(), torch.arange(200) < 192
+    tie, u = head * 300 * (c[i] + c[j]), head * (c[i] - c[j])  # z's last chunk is zero
+    gap = (c[i].pow(2).sum(1) - c[j].pow(2).sum(1)) - 2 * (tie * u).sum(1)  # score of i - score of j
+    side = torch.where(torch.rand(1000, generator=g) < 0.5, 1.0, -1.0)
+    tie += ((gap - side * 0.03 * c[i].pow(2).sum(1)) / (2 * u.pow(2).sum(1)))[:, None] * u
+    z = torch.cat([head * 600 * codebook[t], tie.float()])
+    want = nearest_code_reference(z, codebook)[0]
+    assert torch.equal(want[:500], t) and torch.equal(want[500:], torch.where(side > 0, j, i))
+    queued = []
+    monkeypatch.setattr(nc, "_recheck", lambda z, c, codes, dist, queue, count: queued.append(queue[:count.item()]))
+    codes = nc._launch(z.to(DEVICE), codebook.to(DEVICE), "tf32", variant)[0].cpu()
+    proven = torch.ones(len(z), dtype=torch.bool)
+    proven[queued[0].cpu()] = False
+    assert (codes == want)[proven].all() and proven[:500].all()

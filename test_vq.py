@@ -523,7 +523,8 @@ def test_a_zip_unpacked_on_a_mac_and_a_val_folder(tmp_path):
                 (d / f"{'._' * top.startswith('_')}case_{split}{i}_slice_0.nii.gz").write_bytes(b"x")
     splits = find_splits(tmp_path)
     assert {k: len(v) for k, v in splits.items()} == {"train": 3, "validate": 2, "test": 1}
-    assert {p.parent.relative_to(tmp_path).as_posix() for p in splits["validate"]} == {"keras_slices_data/keras_slices_val"}
+    where = {p.parent.relative_to(tmp_path).as_posix() for p in splits["validate"]}
+    assert where == {"keras_slices_data/keras_slices_val"}
 
 
 def test_positions_need_a_slice_number_in_every_name():
@@ -2362,7 +2363,8 @@ def test_small_folder_trains_longer_and_regularises_its_prior(tmp_path):
     (["--seed", "-1"], "--seed"),
     (["--prior_seed", "-1"], "--prior_seed"),
     (["--device", "gpu"], "expected cpu, cuda"),
-    (["--size", "8", "8"], "at least 16"), (["--size", "16", "15"], "at least 16 x 16 (SSIM's window is 11), got 16 15"),
+    (["--size", "8", "8"], "at least 16"),
+    (["--size", "16", "15"], "at least 16 x 16 (SSIM's window is 11), got 16 15"),
     (["--channels", "1"], "channels must be at least 8"),
     (["--levels", "3"], "levels must be 1 or 2"),
     (["--compile", "--device", "cpu"], "--compile is for CUDA"),

@@ -901,6 +901,16 @@ def test_fallback_search_never_picks_a_non_finite_code():
     assert (vq._nearest_code_torch(z, torch.full_like(codebook, nan))[0] == 0).all()
 
 
+def test_nearest_code_of_no_rows_is_empty_and_still_checked(monkeypatch):
+    codebook = torch.randn(9, 6, generator=torch.Generator().manual_seed(2))
+    for search in (vq._nearest_code_torch, vq._kernel_nearest_code):  # vq.py copied alone, and with kernels/
+        monkeypatch.setattr(vq, "_kernel_nearest_code", None if search is vq._nearest_code_torch else search)
+        codes, dist = vq.nearest_code(torch.empty(0, 6), codebook)
+        assert (codes.shape, codes.dtype, dist.shape, dist.dtype) == ((0,), torch.int64, (0,), torch.float32)
+    with pytest.raises(ValueError, match="z has D=5 but codebook has D=6"):  # no rows: the shapes still count
+        vq.nearest_code(torch.empty(0, 5), codebook)
+
+
 def test_unused_codes_stay_finite_and_dead_codes_restart():
     torch.manual_seed(0)
     q = vq.VectorQuantizer(16, 4, dead_threshold=0.0, kmeans_init=False).train()  # restarts off

@@ -730,9 +730,7 @@ def nearest_code(z, codebook):
 
     z (N, D) and codebook (K, D), float. Returns int64 codes (N,) and float32 distances (N,). Uses
     `kernels.nearest_code` (fused Triton kernel on a GPU, chunked torch elsewhere) when the kernels package is
-    importable, else a chunked torch search."""
-    if len(z) == 0:
-        return torch.empty(0, dtype=torch.long, device=z.device), z.new_empty(0, dtype=torch.float32)
+    importable, else a chunked torch search. N may be 0."""
     return (_kernel_nearest_code or _nearest_code_torch)(z, codebook)
 
 

@@ -756,11 +756,15 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
         log(f"realism: {n} test and {len(fit)} training slices are too few for the two-sample scores (8 of each "
             "needed); left out")
     near_samples, near_recon = nearest_ssim(samples, train), nearest_ssim(recon, train)  # both decoded
+    h, w = test.shape[-2] // 4, test.shape[-1] // 4
+    centre = lambda t: t[..., h:t.shape[-2] - h, w:t.shape[-1] - w]  # noqa: E731 (the organs, not the outline)
     report.update({
         "nearest_train_ssim_samples": near_samples.median().item(),
         "nearest_train_ssim_real": nearest_ssim(test, train).median().item(),
         "nearest_train_ssim_recon": near_recon.median().item(),  # the decoder's smoothing alone raises it
         "copies": (near_samples > near_recon.max()).float().mean().item(),
+        **{f"nearest_train_ssim_centre_{k}": nearest_ssim(centre(v), centre(train)).median().item()
+           for k, v in (("samples", samples), ("real", test), ("recon", recon))},
         "diversity_samples": pair_ssim(samples, seed=seed), "diversity_real": pair_ssim(test, seed=seed),
         "diversity_recon": pair_ssim(recon, seed=seed),  # the decoder's own smoothing raises it above real
         **{f"teacher_forced_{k}": v for k, v in vq.teacher_forced(
@@ -777,7 +781,9 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
                   f"{report['two_sample_prior']:.3f}) | ")
     log(f"realism | {scores}nearest training slice ssim {report['nearest_train_ssim_samples']:.3f} (real test "
         f"slices {report['nearest_train_ssim_real']:.3f}, reconstructed {report['nearest_train_ssim_recon']:.3f}; "
-        f"copies {report['copies']:.1%}) | pair ssim "
+        f"copies {report['copies']:.1%}; centre {report['nearest_train_ssim_centre_samples']:.3f}, real "
+        f"{report['nearest_train_ssim_centre_real']:.3f}, reconstructed "
+        f"{report['nearest_train_ssim_centre_recon']:.3f}) | pair ssim "
         f"{_f(report['diversity_samples'])} (real {_f(report['diversity_real'])}, reconstructions "
         f"{_f(report['diversity_recon'])}) | teacher-forced redraw: "
         f"{report['teacher_forced_changed']:.1%} of codes changed, ssim to the reconstruction "

@@ -3041,13 +3041,19 @@ def test_the_critics_learn_from_training_slices_spread_over_every_case(monkeypat
     report = sample.realism_report(vqvae, prior, test_x, train_x, log=lambda line: None)
     near = [vq.ssim(r.expand_as(train_x), train_x).max().item() for r in vqvae.reconstruct(test_x)]  # all 37
     assert report["nearest_train_ssim_recon"] == pytest.approx(float(np.median(near)), abs=1e-6)  # decoded, as samples
+    c = lambda t: t[..., 8:24, 8:24]  # noqa: E731 (the central half of each side of 32 x 32)
+    near = [vq.ssim(c(r).expand_as(c(train_x)), c(train_x)).max().item() for r in vqvae.reconstruct(test_x)]
+    assert report["nearest_train_ssim_centre_recon"] == pytest.approx(float(np.median(near)), abs=1e-6)
     rows = [next(i for i in range(37) if torch.equal(train_x[i], f)) for f in fits[0]]  # the floor's critic
     assert len(rows) == 10 and rows[0] == 0 and rows[-1] == 36 and np.diff(rows).min() >= 3, rows
     near = iter([torch.tensor([0.3, 0.6, 0.8, 0.96]), torch.tensor([0.2, 0.5, 0.7, 0.95]), torch.rand(4)])
-    monkeypatch.setattr(sample, "nearest_ssim", lambda x, pool: next(near))  # samples', reconstructions', real
+    monkeypatch.setattr(sample, "nearest_ssim", lambda x, pool: next(near) if x.shape[-1] == 32  # samples', recons',
+                        else x.mean((1, 2, 3)))  # real; a centre (16 wide): its mean, to tell whose it is
     report = sample.realism_report(vqvae, prior, test_x, train_x, log=lambda line: None, rot90=0)  # PNG: upright
     assert set(flips[:3]) == {-2} and set(flips[3:]) == {-1}  # NIfTI: shown after np.rot90, left-right is axis -2
     assert report["copies"] == 0.25  # samples nearer a training slice than any reconstruction is
+    for k, x in (("real", test_x), ("recon", vqvae.reconstruct(test_x))):
+        assert report[f"nearest_train_ssim_centre_{k}"] == pytest.approx(c(x).mean((1, 2, 3)).median().item())
 
 
 def test_auroc_and_precision_recall_against_their_definitions_with_ties():

@@ -756,8 +756,11 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
         log(f"realism: {n} test and {len(fit)} training slices are too few for the two-sample scores (8 of each "
             "needed); left out")
     near_samples, near_recon = nearest_ssim(samples, train), nearest_ssim(recon, train)  # both decoded
-    h, w = test.shape[-2] // 4, test.shape[-1] // 4
-    centre = lambda t: t[..., h:t.shape[-2] - h, w:t.shape[-1] - w]  # noqa: E731 (the organs, not the outline)
+
+    def centre(t):  # the central half of each side (the organs, not the outline), 11 px at least (SSIM's window)
+        (h, w), m = t.shape[-2:], lambda n: (n - max(n - 2 * (n // 4), 11)) // 2  # noqa: E731
+        return t[..., m(h):h - m(h), m(w):w - m(w)]
+
     report.update({
         "nearest_train_ssim_samples": near_samples.median().item(),
         "nearest_train_ssim_real": nearest_ssim(test, train).median().item(),

@@ -758,7 +758,7 @@ def realism_report(vqvae, prior, test, train, seed=0, device="cpu", log=print, r
     near_samples, near_recon = nearest_ssim(samples, train), nearest_ssim(recon, train)  # both decoded
 
     def centre(t):  # the central half of each side (the organs, not the outline), 11 px at least (SSIM's window)
-        (h, w), cut = t.shape[-2:], lambda n: (n - max(n - 2 * (n // 4), 11)) // 2  # noqa: E731 (a margin)
+        (h, w), cut = t.shape[-2:], lambda n: min(n // 4, (n - 11) // 2)  # noqa: E731 (a margin)
         return t[..., cut(h):h - cut(h), cut(w):w - cut(w)]
 
     report.update({

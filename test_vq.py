@@ -3039,10 +3039,11 @@ def test_the_critics_learn_from_training_slices_spread_over_every_case(monkeypat
     prior = vq.PixelCNN(PriorConfig(**{**SMALL, "height": 8, "width": 8, "prior_layers": 6})).eval()
     train_x, test_x = torch.rand(46, 1, 32, 32, generator=torch.Generator().manual_seed(1)).split([37, 9])
     report = sample.realism_report(vqvae, prior, test_x, train_x, log=lambda line: None)
-    near = [vq.ssim(r.expand_as(train_x), train_x).max().item() for r in vqvae.reconstruct(test_x)]  # all 37
+    recon = vqvae.reconstruct(test_x)
+    near = [vq.ssim(r.expand_as(train_x), train_x).max().item() for r in recon]  # all 37
     assert report["nearest_train_ssim_recon"] == pytest.approx(float(np.median(near)), abs=1e-6)  # decoded, as samples
     c = lambda t: t[..., 8:24, 8:24]  # noqa: E731 (the central half of each side of 32 x 32)
-    near = [vq.ssim(c(r).expand_as(c(train_x)), c(train_x)).max().item() for r in vqvae.reconstruct(test_x)]
+    near = [vq.ssim(c(r).expand_as(c(train_x)), c(train_x)).max().item() for r in recon]
     assert report["nearest_train_ssim_centre_recon"] == pytest.approx(float(np.median(near)), abs=1e-6)
     rows = [next(i for i in range(37) if torch.equal(train_x[i], f)) for f in fits[0]]  # the floor's critic
     assert len(rows) == 10 and rows[0] == 0 and rows[-1] == 36 and np.diff(rows).min() >= 3, rows
@@ -3052,7 +3053,7 @@ def test_the_critics_learn_from_training_slices_spread_over_every_case(monkeypat
     report = sample.realism_report(vqvae, prior, test_x, train_x, log=lambda line: None, rot90=0)  # PNG: upright
     assert set(flips[:3]) == {-2} and set(flips[3:]) == {-1}  # NIfTI: shown after np.rot90, left-right is axis -2
     assert report["copies"] == 0.25  # samples nearer a training slice than any reconstruction is
-    for k, x in (("real", test_x), ("recon", vqvae.reconstruct(test_x))):
+    for k, x in (("real", test_x), ("recon", recon)):
         assert report[f"nearest_train_ssim_centre_{k}"] == pytest.approx(c(x).mean((1, 2, 3)).median().item())
 
 

@@ -995,7 +995,7 @@ class VQVAE(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path_or_ckpt, map_location="cpu"):
-        return _build(lambda c: cls(_config_of(VQVAEConfig, c)), _as_checkpoint(path_or_ckpt, map_location), "vqvae")
+        return _build(lambda c: cls(_config_of(VQVAEConfig, c)), load_checkpoint(path_or_ckpt, map_location), "vqvae")
 
 
 # ----------------------------------------------------------------------------- prior
@@ -1313,7 +1313,7 @@ class PixelCNN(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path_or_ckpt, map_location="cpu"):
-        ckpt = _as_checkpoint(path_or_ckpt, map_location)
+        ckpt = load_checkpoint(path_or_ckpt, map_location)
         if "top" in ckpt.get("prior_config", {}):
             raise CheckpointError("the checkpoint holds a two-level prior: load it with vq.load_prior")
         return _build(lambda cfg: cls(_config_of(PriorConfig, cfg)), ckpt, "prior")
@@ -1352,7 +1352,7 @@ class TwoLevelPrior(nn.Module):
 
 def load_prior(path_or_ckpt, map_location="cpu"):
     """The prior a checkpoint holds: a PixelCNN, or a TwoLevelPrior for a two-level VQ-VAE."""
-    ckpt = _as_checkpoint(path_or_ckpt, map_location)
+    ckpt = load_checkpoint(path_or_ckpt, map_location)
     if "top" not in ckpt.get("prior_config", {}):
         return PixelCNN.from_checkpoint(ckpt)
     return _build(lambda c: TwoLevelPrior(*(_config_of(PriorConfig, c[k]) for k in ("top", "bottom"))), ckpt, "prior")
@@ -1613,7 +1613,9 @@ def save_checkpoint(obj, path):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load with weights_only=True, so a checkpoint can hold tensors and plain data, never code."""
+    """Load with weights_only=True, so a checkpoint can hold tensors and plain data, never code (a dict: as it is)."""
+    if isinstance(path, dict):  # already loaded: from_checkpoint and load_prior take either
+        return path
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -1628,10 +1630,6 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint (a dict of models and data)")
     return ckpt
-
-
-def _as_checkpoint(path_or_ckpt, map_location):
-    return path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt, map_location)
 
 
 def _config_of(config_cls, values):
